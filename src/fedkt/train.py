@@ -1,0 +1,121 @@
+"""One small training loop: AdamW, warmup + schedule, gradient accumulation, clipping, seeds, progress.
+
+Only parameters with ``requires_grad`` train (for a peft model: the LoRA adapter).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from fedkt import progress
+from fedkt.config import TrainConfig
+from fedkt.data.collate import SFTExample, collate_sft, make_sft_example
+from fedkt.data.prompts import training_text
+from fedkt.data.tasks import Example
+from fedkt.losses import answer_ce
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    examples: int
+    mean_loss: float
+    last_loss: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(opt, total_steps: int, warmup_ratio: float, schedule: str):
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total_steps <= warmup:
+            return 1.0
+        frac = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        return max(0.0, 1.0 - frac)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def tokenize_examples(tok, examples: Sequence[Example], max_length: int) -> list[SFTExample]:
+    return [make_sft_example(tok, *training_text(ex), max_length) for ex in examples]
+
+
+def batch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Batches of indices: a fresh seeded shuffle every epoch; a fractional epoch takes its first batches."""
+    rng = random.Random(seed)
+    per_epoch = math.ceil(n / batch_size)
+    total = max(1, math.ceil(per_epoch * epochs))
+    batches: list[list[int]] = []
+    while len(batches) < total:
+        order = list(range(n))
+        rng.shuffle(order)
+        batches.extend(order[i:i + batch_size] for i in range(0, n, batch_size))
+    return batches[:total]
+
+
+def sft(model, tok, examples: Sequence[Example], cfg: TrainConfig, seed: int, epochs: float | None = None,
+        desc: str = "train", lr: float | None = None) -> TrainStats:
+    """Answer-only supervised fine-tuning of the trainable parameters of ``model`` on ``examples``."""
+    data = tokenize_examples(tok, examples, cfg.max_length)
+    return train_loop(model, data, lambda m, b: answer_ce(m(input_ids=b["input_ids"],
+                                                            attention_mask=b["attention_mask"]).logits,
+                                                          b["labels"]),
+                      cfg, seed, tok.pad_token_id, epochs=epochs, desc=desc, lr=lr)
+
+
+def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainConfig, seed: int,
+               pad_id: int, epochs: float | None = None, desc: str = "train", lr: float | None = None
+               ) -> TrainStats:
+    seed_everything(seed)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("model has no trainable parameters (add a LoRA adapter first)")
+    batches = batch_order(len(data), cfg.batch_size, cfg.epochs if epochs is None else epochs, seed)
+    steps = math.ceil(len(batches) / cfg.grad_accum)
+    if cfg.max_steps > 0:
+        steps = min(steps, cfg.max_steps)
+        batches = batches[: steps * cfg.grad_accum]
+    opt = make_optimizer(params, cfg.lr if lr is None else lr, cfg.weight_decay)
+    sched = make_scheduler(opt, steps, cfg.warmup_ratio, cfg.schedule)
+    model.train()
+    losses: list[float] = []
+    with progress.bar(desc, steps) as pb:
+        for s in range(steps):
+            group = batches[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]
+            total = 0.0
+            for idx in group:
+                batch = collate_sft([data[i] for i in idx], pad_id)
+                loss = loss_fn(model, batch) / len(group)
+                loss.backward()
+                total += loss.item()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total)
+            pb.advance(loss=total)
+    model.eval()
+    return TrainStats(steps=steps, examples=len(data), mean_loss=sum(losses) / max(1, len(losses)),
+                      last_loss=losses[-1] if losses else float("nan"))

@@ -1,0 +1,69 @@
+import pytest
+
+from fedkt.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_override(tmp_path):
+    cfg = load_config(write(tmp_path, 'name = "x"\n[train]\nlr = 0.001\n'), ["train.batch_size=4", "eval.limit=10",
+                                                                              'model.slm="some/dir"'])
+    assert cfg.train.lr == 0.001 and cfg.train.batch_size == 4 and cfg.eval.limit == 10
+    assert cfg.model.slm == "some/dir"
+    assert cfg.eval_tasks == ["arc_easy"]
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrr in \[train\]; allowed keys: lr, epochs"):
+        load_config(write(tmp_path, "[train]\nlrr = 1\n"))
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key trian in the top level"):
+        load_config(write(tmp_path, "[trian]\nlr = 1\n"))
+
+
+def test_bad_enum_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"partition.scheme = 'random' is not allowed; allowed values: 'iid', 'dirichlet', 'files'"):
+        load_config(write(tmp_path, '[partition]\nscheme = "random"\n'))
+
+
+def test_bad_method_and_task(tmp_path):
+    with pytest.raises(ConfigError, match=r"methods\[1\] = 'fedprox' is not a method; allowed values: zero_shot"):
+        load_config(write(tmp_path, 'methods = ["fedavg", "fedprox"]\n'))
+    with pytest.raises(ConfigError, match=r"data.tasks\[0\] = 'mmlu' is not a task"):
+        load_config(write(tmp_path, '[data]\ntasks = ["mmlu"]\n'))
+
+
+def test_type_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.batch_size must be an integer, got 'eight'"):
+        load_config(None, ['train.batch_size="eight"'])
+    with pytest.raises(ConfigError, match=r"train.batch_size must be > 0"):
+        load_config(None, ["train.batch_size=0"])
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(ConfigError, match="method 'fedcollm' needs a server LLM: set model.llm"):
+        load_config(None, ['methods=["fedcollm"]'])
+    with pytest.raises(ConfigError, match="partition.files lists 1 files but partition.num_clients = 4"):
+        load_config(None, ['partition.scheme="files"', 'partition.files=["a.jsonl"]'])
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[train\n"))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_examples_parse():
+    from pathlib import Path
+
+    for p in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
+        load_config(p)

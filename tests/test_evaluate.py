@@ -1,0 +1,56 @@
+import torch
+
+from fedkt.data.collate import encode_pair
+from fedkt.data.prompts import context, continuation
+from fedkt.data.tasks import parse_row
+from fedkt.evaluate import loglikelihoods, score_multiple_choice
+from fedkt.models import load_model
+
+from conftest import MC_ROWS
+
+
+def _examples():
+    return [parse_row({"id": str(i), "question": q, "choices": {"text": ch, "label": [chr(65 + j) for j in range(len(ch))]},
+                       "answerKey": k}, "arc_easy", str(i)) for i, (q, ch, k) in enumerate(MC_ROWS * 2)]
+
+
+@torch.no_grad()
+def naive_loglikelihood(model, tok, ctx, cont):
+    c, k = encode_pair(tok, ctx, cont)
+    ids = torch.tensor([c + k])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    return logp[torch.arange(len(targets)), targets][-len(k):].sum().item()
+
+
+def test_batched_mc_scoring_equals_naive_loop(model_dirs, tok):
+    model, _ = load_model(str(model_dirs["llm"]))
+    exs = _examples()
+    requests = [(context(e), continuation(c)) for e in exs for c in e.choices]
+    batched = loglikelihoods(model, tok, requests, batch_size=5)
+    naive = [naive_loglikelihood(model, tok, *r) for r in requests]
+    assert torch.allclose(torch.tensor(batched), torch.tensor(naive), atol=1e-4)
+    # and the accuracy is the argmax of the naive scores
+    res = score_multiple_choice(model, tok, exs, batch_size=7)
+    i, correct, correct_norm = 0, 0, 0
+    for e in exs:
+        s = naive[i:i + len(e.choices)]
+        n = [x / len(continuation(c).encode()) for x, c in zip(s, e.choices)]
+        correct += max(range(len(s)), key=s.__getitem__) == e.answer
+        correct_norm += max(range(len(n)), key=n.__getitem__) == e.answer
+        i += len(e.choices)
+    assert res == {"acc": correct / len(exs), "acc_norm": correct_norm / len(exs), "n": len(exs)}
+
+
+def test_generation_exact_match(model_dirs, tok, monkeypatch):
+    from fedkt import evaluate as ev
+
+    model, _ = load_model(str(model_dirs["slm"]))
+    exs = [parse_row({"question": "q1", "answer": "x\n#### 12"}, "gsm8k", "a"),
+           parse_row({"question": "q2", "answer": "y\n#### 7"}, "gsm8k", "b")]
+    monkeypatch.setattr("fedkt.generate.generate", lambda *a, **k: ["so it is 12", "The answer is 8."])
+    assert ev.score_generation(model, tok, exs) == {"acc": 0.5, "exact_match": 0.5, "n": 2}
+    # real generation runs and returns a score in [0, 1]
+    monkeypatch.undo()
+    r = ev.evaluate(model, tok, exs, max_new_tokens=4)
+    assert r["n"] == 2 and 0.0 <= r["acc"] <= 1.0

@@ -1,0 +1,58 @@
+import torch
+import torch.nn.functional as F
+
+from fedkt.config import LoraSettings, TrainConfig
+from fedkt.data.collate import IGNORE, collate_sft, make_sft_example
+from fedkt.data.tasks import parse_row
+from fedkt.losses import answer_ce
+from fedkt.models import add_lora, get_adapter_state, load_model
+from fedkt.train import batch_order, sft
+
+
+def test_answer_only_labels(tok):
+    ex = make_sft_example(tok, "Question: Which planet?\nAnswer:", " Mercury", 64)
+    n_prompt = sum(1 for x in ex.labels if x == IGNORE)
+    assert ex.labels[:n_prompt] == [IGNORE] * n_prompt
+    assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:] and ex.labels[-1] == tok.eos_token_id
+    long = make_sft_example(tok, "Question: " + "water " * 200 + "\nAnswer:", " Mercury", 32)
+    assert len(long.input_ids) == 32 and long.labels[-1] == tok.eos_token_id  # answer kept, prompt cut
+
+
+def test_answer_ce_matches_manual():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, IGNORE], [IGNORE, 1, 2, 6, 0]])
+    manual, n = 0.0, 0
+    for b in range(2):
+        for t in range(1, 5):
+            if labels[b, t] != IGNORE:
+                manual += -F.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
+                n += 1
+    assert torch.allclose(answer_ce(logits, labels), manual / n)
+
+
+def test_batch_order_epochs():
+    b = batch_order(10, 4, 1.0, seed=0)
+    assert len(b) == 3 and sorted(i for x in b for i in x) == list(range(10))
+    assert len(batch_order(10, 4, 2.5, seed=0)) == 8
+    assert batch_order(10, 4, 2, seed=1) == batch_order(10, 4, 2, seed=1)
+
+
+def test_sft_lowers_loss_and_is_seeded(model_dirs, tok):
+    exs = [parse_row({"id": str(i), "question": "Which planet is closest to the Sun?",
+                      "choices": ["Mercury", "Mars"], "answer": 0}, "t", str(i)) for i in range(8)]
+    cfg = TrainConfig(lr=5e-3, epochs=6, batch_size=4, warmup_ratio=0.0)
+    results = []
+    for _ in range(2):
+        model, _ = load_model(str(model_dirs["slm"]))
+        pm = add_lora(model, LoraSettings(r=4, dropout=0.0))
+        stats = sft(pm, tok, exs, cfg, seed=3)
+        results.append((stats, get_adapter_state(pm)))
+    (s1, a1), (s2, a2) = results
+    assert s1.steps == 12 and s1.last_loss < s1.mean_loss
+    batch = collate_sft([make_sft_example(tok, "Question: Which planet is closest to the Sun?\nAnswer:", " Mercury", 64)],
+                        tok.pad_token_id)
+    assert all(torch.equal(a1[k], a2[k]) for k in a1)  # same seed -> bit-identical adapters
+    model, _ = load_model(str(model_dirs["slm"]))
+    fresh = answer_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]).item()
+    assert s1.last_loss < fresh
