@@ -1,0 +1,129 @@
+"""End-to-end runs on tiny models: the CLI, results.json shape, bytes, reports, resume."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedkt.cli import app
+from fedkt.config import load_config
+from fedkt.experiment import Checkpoints
+from fedkt.federation import codec, Message
+from fedkt.models import load_adapter_state
+from fedkt.runs import run_experiment
+
+
+def tiny_config(tmp_path, model_dirs, data_dir, methods, **extra):
+    sets = [f'model.slm="{model_dirs["slm"]}"', f'data.dir="{data_dir}"', f"methods={json.dumps(methods)}",
+            "partition.num_clients=3", "partition.aux_size=8", "federation.rounds=2", "train.batch_size=4",
+            "train.epochs=1.0", "train.lr=0.005", "eval.batch_size=16", "lora.r=4",
+            'lora.target_modules=["q_proj","v_proj"]', "fedcollm.kd_steps=3", "fedcollm.batch_size=4"]
+    if "fedcollm" in methods or extra.pop("llm", False):
+        sets.append(f'model.llm="{model_dirs["llm"]}"')
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, sets), sets
+
+
+def test_cli_run_all_baselines(tmp_path, model_dirs, data_dir):
+    _, sets = tiny_config(tmp_path, model_dirs, data_dir, ["zero_shot", "standalone", "fedavg", "centralized"])
+    cfg_file = tmp_path / "exp.toml"
+    cfg_file.write_text('name = "tiny"\n')
+    out = tmp_path / "run"
+    args = ["run", str(cfg_file), "--out", str(out), "--quiet"]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "## Client SLMs" in res.output and "FedAvg" in res.output
+    results = json.loads((out / "results.json").read_text())
+    methods = results["methods"]
+    assert list(methods) == ["zero_shot", "standalone", "fedavg", "centralized"]
+    for m in methods.values():
+        a = m["slm"]["arc_easy"]
+        assert set(a) >= {"acc", "acc_norm", "n"} and a["n"] == 12 and 0 <= a["acc"] <= 1
+    # 64 train rows, 8 aux -> 56 over 3 clients
+    assert results["data"] == {"clients": [19, 19, 18], "aux": 8, "eval": {"arc_easy": 12}}
+    # FedAvg moves exactly the serialised adapter each way, per client per round
+    comm = methods["fedavg"]["comm"]
+    assert len(comm["per_round"]) == 2 and set(comm["per_round"][0]["clients"]) == {"client0", "client1", "client2"}
+    adapter = load_adapter_state(out / "adapters" / "fedavg" / "slm")
+    down = len(codec.encode(Message(tensors=adapter, meta={"round": 1, "epochs": 1.0})))
+    assert comm["per_round"][0]["clients"]["client0"]["down_bytes"] == down
+    assert comm["down_bytes"] == 2 * 3 * down
+    up0 = comm["per_round"][0]["clients"]["client0"]["up_bytes"]
+    assert sum(v.numel() * 4 for v in adapter.values()) < up0 < down + 200
+    assert results["models"]["slm"]["adapter_bytes"] == sum(v.numel() * 4 for v in adapter.values())
+    # standalone: each client reports only metrics; the mean over clients is the result
+    per_client = methods["standalone"]["per_client"]
+    mean = sum(c["arc_easy"]["acc"] for c in per_client.values()) / 3
+    assert methods["standalone"]["slm"]["arc_easy"]["acc"] == pytest.approx(mean)
+    assert methods["standalone"]["comm"]["up_bytes"] < 1000
+    assert (out / "clients" / "client1" / "standalone" / "slm" / "adapter_model.safetensors").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Communication" in report and "## Accuracy per round" in report
+    assert (out / "accuracy_per_round.png").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for x in lines if x["method"] == "fedavg") == 2
+    # fedkt report re-renders; fedkt eval scores a saved adapter
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    r = CliRunner().invoke(app, ["eval", "--model", str(model_dirs["slm"]), "--adapter",
+                                 str(out / "adapters" / "fedavg" / "slm"), "--data-dir", str(data_dir)])
+    assert r.exit_code == 0 and f"acc={methods['fedavg']['slm']['arc_easy']['acc']:.4f}" in r.output
+
+
+def test_cli_errors_are_clear(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[train]\nlr = 1\nfoo = 2\n")
+    from fedkt.cli import main
+    import sys
+
+    old = sys.argv
+    sys.argv = ["fedkt", "run", str(cfg)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2
+    finally:
+        sys.argv = old
+
+
+def test_existing_run_dir_is_not_clobbered(tmp_path, model_dirs, data_dir):
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["zero_shot"])
+    run_experiment(cfg, tmp_path / "r")
+    from fedkt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        run_experiment(cfg, tmp_path / "r")
+    other, _ = tiny_config(tmp_path, model_dirs, data_dir, ["zero_shot"], **{"train.lr": 0.1})
+    with pytest.raises(ConfigError, match="config differs"):
+        run_experiment(other, tmp_path / "r", resume=True)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedcollm"])
+def test_resumed_run_equals_uninterrupted(tmp_path, model_dirs, data_dir, monkeypatch, method):
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, [method], **{"federation.rounds": 3})
+    full = run_experiment(cfg, tmp_path / "full")
+
+    orig = Checkpoints.save
+
+    def save_then_die(self, round, tensors, state):
+        orig(self, round, tensors, state)
+        if round == 2:
+            raise Interrupt()
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
+    with pytest.raises(Interrupt):
+        run_experiment(cfg, tmp_path / "cut")
+    monkeypatch.setattr(Checkpoints, "save", orig)
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True)
+    for role in (["slm"] if method == "fedavg" else ["slm", "llm"]):
+        a = load_adapter_state(tmp_path / "full" / "adapters" / method / role)
+        b = load_adapter_state(tmp_path / "cut" / "adapters" / method / role)
+        assert all(torch.equal(a[k], b[k]) for k in a), role
+    f, r = full["methods"][method], resumed["methods"][method]
+    assert f["per_round"] == r["per_round"] and f["comm"] == r["comm"]
