@@ -27,9 +27,11 @@ def test_batched_mc_scoring_equals_naive_loop(model_dirs, tok):
     model, _ = load_model(str(model_dirs["llm"]))
     exs = _examples()
     requests = [(context(e), continuation(c)) for e in exs for c in e.choices]
-    batched = loglikelihoods(model, tok, requests, batch_size=5)
-    naive = [naive_loglikelihood(model, tok, *r) for r in requests]
-    assert torch.allclose(torch.tensor(batched), torch.tensor(naive), atol=1e-4)
+    naive = torch.tensor([naive_loglikelihood(model, tok, *r) for r in requests])
+    for bs in (1, 2, 5, 64):  # fewer rows than one question's choices, uneven chunks, one chunk
+        for share in (True, False):
+            batched = loglikelihoods(model, tok, requests, batch_size=bs, share_context=share)
+            assert torch.allclose(torch.tensor(batched), naive, atol=1e-4), (bs, share)
     # and the accuracy is the argmax of the naive scores
     res = score_multiple_choice(model, tok, exs, batch_size=7)
     i, correct, correct_norm = 0, 0, 0

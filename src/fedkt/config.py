@@ -126,8 +126,10 @@ class DeriveConfig:
     layers: list[int] = field(default_factory=list)
     """Explicit parent layer indices to keep; empty uses ``num_layers``."""
     num_layers: int = 9
-    strategy: Literal["spread", "first", "ends"] = "spread"
-    steps: int = 300
+    strategy: Literal["spread", "first", "ends"] = "ends"
+    """How ``num_layers`` are chosen: "ends" keeps the bottom ceil(n/2) and top floor(n/2) blocks
+    (measured best for SmolLM2 before healing), "spread" evenly spaced, "first" the bottom n."""
+    steps: int = 400
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 5e-4

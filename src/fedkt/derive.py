@@ -319,7 +319,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ default pair
 
-DEFAULT_SLM = DeriveConfig(parent="builtin:smollm2-135m", num_layers=9, strategy="spread")
+DEFAULT_SLM = DeriveConfig(parent="builtin:smollm2-135m", num_layers=9, strategy="ends", steps=400)
 
 
 def ensure_default_slm() -> Path:

@@ -2,8 +2,8 @@
 
 Multiple choice follows lm-evaluation-harness: each choice is scored by the summed log-probability of
 its continuation tokens given the context; ``acc`` takes the argmax of that sum, ``acc_norm`` the
-argmax of the sum divided by the continuation's length in bytes. All (question, choice) requests of a
-task are sorted by length and batched together, left-padded so every continuation ends the row.
+argmax of the sum divided by the continuation's length in bytes. The context of a question runs once and
+its KV cache is shared by all its choices; questions are sorted by length and batched.
 """
 
 from __future__ import annotations
@@ -20,40 +20,74 @@ from fedkt.data.tasks import Example, final_number
 
 @torch.no_grad()
 def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: int = 32,
-                   max_length: int = 1024, desc: str = "score") -> list[float]:
-    """Summed log p(continuation | context) for each (context, continuation) pair."""
-    encoded = []
-    for ctx, cont in requests:
+                   max_length: int = 1024, desc: str = "score", share_context: bool = True) -> list[float]:
+    """Summed log p(continuation | context) for each (context, continuation) pair.
+
+    Requests that share a context (the choices of one question) share its forward pass: the contexts of
+    a batch run once, left-padded, and their KV cache is fanned out to every continuation, which then
+    runs on top of it. ``batch_size`` bounds the continuation rows per batch. ``share_context=False``
+    runs every request on its own copy of the context (same scores, more compute).
+    """
+    groups: dict[tuple, tuple[list[int], list[tuple[int, list[int]]]]] = {}
+    for i, (ctx, cont) in enumerate(requests):
         c, k = encode_pair(tok, ctx, cont)
-        full = (c + k)[-(max_length + 1):]
-        encoded.append((full[:-1], k))  # inputs; the last len(k) logits predict the continuation
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    out = [0.0] * len(encoded)
+        if not k:
+            raise ValueError(f"empty continuation for request {i}: {cont!r}")
+        c = c[-max(1, max_length - len(k)):] if len(c) + len(k) > max_length else c
+        key = tuple(c) if share_context else (i, *c)
+        groups.setdefault(key, (c, []))[1].append((i, k))
+    contexts = sorted(groups, key=lambda g: len(groups[g][0]), reverse=True)
+    out = [0.0] * len(requests)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    with progress.bar(desc, len(order)) as pb:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i][0]) for i in idx)
-            keep = max(len(encoded[i][1]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            targets = torch.full((len(idx), keep), 0, dtype=torch.long)
-            tmask = torch.zeros((len(idx), keep), dtype=torch.bool)
-            for r, i in enumerate(idx):
-                inp, cont = encoded[i]
-                ids[r, width - len(inp):] = torch.tensor(inp)
-                mask[r, width - len(inp):] = 1
-                targets[r, keep - len(cont):] = torch.tensor(cont)
-                tmask[r, keep - len(cont):] = True
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            sums = (logp * tmask).sum(-1)
-            for r, i in enumerate(idx):
-                out[i] = sums[r].item()
-            pb.advance(len(idx))
+    with progress.bar(desc, len(requests)) as pb:
+        start = 0
+        while start < len(contexts):
+            chunk, rows = [], 0
+            while start < len(contexts) and (not chunk or rows + len(groups[contexts[start]][1]) <= batch_size):
+                chunk.append(groups[contexts[start]])
+                rows += len(groups[contexts[start]][1])
+                start += 1
+            _score_chunk(model, chunk, pad, out)
+            pb.advance(rows)
     return out
+
+
+def _score_chunk(model, chunk, pad: int, out: list[float]) -> None:
+    """Score one batch: ``chunk`` is a list of (context tokens, [(request index, continuation tokens)])."""
+    width = max(len(c) for c, _ in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for r, (c, _) in enumerate(chunk):
+        ids[r, width - len(c):] = torch.tensor(c)
+        mask[r, width - len(c):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first_logp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
+    owners, members = [], []
+    for r, (_, group) in enumerate(chunk):
+        for i, k in group:
+            owners.append(r)
+            members.append((i, k))
+    owner_idx = torch.tensor(owners)
+    cache = first.past_key_values
+    cache.reorder_cache(owner_idx)
+    lmax = max(len(k) for _, k in members)
+    cont = torch.full((len(members), lmax), pad, dtype=torch.long)
+    cmask = torch.zeros((len(members), lmax), dtype=torch.long)
+    for r, (_, k) in enumerate(members):
+        cont[r, :len(k)] = torch.tensor(k)
+        cmask[r, :len(k)] = 1
+    full_mask = torch.cat([mask[owner_idx], cmask], dim=1)
+    cpos = mask.sum(-1)[owner_idx].unsqueeze(1) + torch.arange(lmax).unsqueeze(0)
+    scores = first_logp[owner_idx].gather(-1, cont[:, :1]).squeeze(-1)
+    if lmax > 1:
+        rest = model(input_ids=cont[:, :-1], attention_mask=full_mask[:, :-1], position_ids=cpos[:, :-1],
+                     past_key_values=cache, use_cache=True).logits
+        logp = torch.log_softmax(rest.float(), dim=-1).gather(-1, cont[:, 1:].unsqueeze(-1)).squeeze(-1)
+        scores = scores + (logp * cmask[:, 1:]).sum(-1)
+    for r, (i, _) in enumerate(members):
+        out[i] = scores[r].item()
 
 
 def score_multiple_choice(model, tok, examples: Sequence[Example], batch_size: int = 32,
