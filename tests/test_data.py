@@ -106,3 +106,21 @@ def test_split_aux_and_subsample():
         split_aux(exs, 50, seed=0)
     s = subsample(exs, 5, seed=3)
     assert len(s) == 5 and s == subsample(exs, 5, seed=3) and [int(e.id) for e in s] == sorted(int(e.id) for e in s)
+
+
+def test_hf_source_uses_datasets(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return [{"id": "x", "question_stem": "Stem?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+                 "answerKey": "B"}]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    rows = load_task("openbookqa", "test", "hf:")
+    assert calls == [("allenai/openbookqa", "main", "test")] and rows[0].question == "Stem?" and rows[0].answer == 1

@@ -127,3 +127,11 @@ def test_resumed_run_equals_uninterrupted(tmp_path, model_dirs, data_dir, monkey
         assert all(torch.equal(a[k], b[k]) for k in a), role
     f, r = full["methods"][method], resumed["methods"][method]
     assert f["per_round"] == r["per_round"] and f["comm"] == r["comm"]
+
+
+def test_eval_only_last_round(tmp_path, model_dirs, data_dir):
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedavg"], **{"eval.every_round": "false",
+                                                                         "federation.rounds": 2})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fedavg"]
+    assert "slm" not in res["per_round"][0] and res["per_round"][1]["slm"] == res["slm"]
+    assert res["timings"]["eval_s"] > 0

@@ -79,19 +79,20 @@ def run(env: Env) -> dict:
         fed.ledger = type(fed.ledger).from_list(saved["ledger"])
         start = last + 1
         progress.log(f"fedavg: resuming after round {last}")
-    slm_metrics = per_round[-1]["slm"] if per_round else {}
+    slm_metrics = per_round[-1].get("slm", {}) if per_round else {}
     for rnd in range(start, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
         state = fit_round(fed, state, rnd, cfg.train.epochs)
         client_s = fed.timings.pop("fit", 0.0)
         timings["client_train_s"] += client_s
         timings["aggregate_s"] += time.perf_counter() - t0 - client_s
+        entry = {"round": rnd}
         if cfg.eval.every_round or rnd == cfg.federation.rounds:
             t2 = time.perf_counter()
-            slm_metrics = env.evaluate("slm", state, f"fedavg r{rnd}")
+            slm_metrics = entry["slm"] = env.evaluate("slm", state, f"fedavg r{rnd}")
             timings["eval_s"] += time.perf_counter() - t2
-        per_round.append({"round": rnd, "slm": slm_metrics})
-        env.log_metrics(method="fedavg", round=rnd, role="slm", metrics=slm_metrics)
+            env.log_metrics(method="fedavg", round=rnd, role="slm", metrics=slm_metrics)
+        per_round.append(entry)
         ckpt.save(rnd, {"slm": state}, {"per_round": per_round, "timings": timings,
                                           "ledger": fed.ledger.to_list()})
     model, tok, _ = env.slm

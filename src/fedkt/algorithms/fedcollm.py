@@ -144,8 +144,8 @@ def run(env: Env) -> dict:
         fed.ledger = type(fed.ledger).from_list(saved["ledger"])
         start = last + 1
         progress.log(f"fedcollm: resuming after round {last}")
-    slm_metrics = per_round[-1]["slm"] if per_round else {}
-    llm_metrics = per_round[-1]["llm"] if per_round else {}
+    slm_metrics = per_round[-1].get("slm", {}) if per_round else {}
+    llm_metrics = per_round[-1].get("llm", {}) if per_round else {}
     for rnd in range(start, cfg.federation.rounds + 1):
         # 1–3: broadcast θᵗ, local fine-tuning, FedAvg (timed inside fit_round's federation calls)
         t0 = time.perf_counter()
@@ -166,13 +166,14 @@ def run(env: Env) -> dict:
         progress.log(f"round {rnd}: distill KL(f‖g) {stats['kl_g_first']:.4f}->{stats['kl_g_last']:.4f} "
                      f"KL(g‖f) {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
         # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here. Evaluate both.
+        entry = {"round": rnd, "distill": stats}
         if cfg.eval.every_round or rnd == cfg.federation.rounds:
-            slm_metrics = env.evaluate("slm", theta, f"fedcollm r{rnd}")
-            llm_metrics = env.evaluate("llm", omega, f"fedcollm r{rnd}")
-        timings["eval_s"] += time.perf_counter() - t2
-        per_round.append({"round": rnd, "slm": slm_metrics, "llm": llm_metrics, "distill": stats})
-        env.log_metrics(method="fedcollm", round=rnd, role="slm", metrics=slm_metrics)
+            slm_metrics = entry["slm"] = env.evaluate("slm", theta, f"fedcollm r{rnd}")
+            llm_metrics = entry["llm"] = env.evaluate("llm", omega, f"fedcollm r{rnd}")
+            env.log_metrics(method="fedcollm", round=rnd, role="slm", metrics=slm_metrics)
         env.log_metrics(method="fedcollm", round=rnd, role="llm", metrics=llm_metrics, distill=stats)
+        timings["eval_s"] += time.perf_counter() - t2
+        per_round.append(entry)
         ckpt.save(rnd, {"slm": theta, "llm": omega},
                   {"per_round": per_round, "timings": timings, "ledger": fed.ledger.to_list()})
     save_adapter(slm, theta, env.out / "adapters" / "fedcollm" / "slm")

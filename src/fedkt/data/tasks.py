@@ -109,7 +109,7 @@ def parse_row(row: dict, task: str, fallback_id: str) -> Example:
     if not isinstance(row, dict):
         raise ValueError("row is not a JSON object")
     rid = str(row.get("id", fallback_id))
-    q = row.get("question")
+    q = row.get("question", row.get("question_stem"))  # HF allenai/openbookqa names it question_stem
     if isinstance(q, dict):  # AI2 original schema
         stem = q.get("stem")
         choices = q.get("choices")
@@ -185,5 +185,46 @@ def load_jsonl(path: str | Path, task: str = "custom", on_bad_line: str = "error
     return out
 
 
+HF_DATASETS = {
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+    "openbookqa": ("allenai/openbookqa", "main"),
+    "commonsense_qa": ("tau/commonsense_qa", None),
+    "gsm8k": ("openai/gsm8k", "main"),
+}
+
+
+def load_hf_task(task: str, split: str, on_bad_line: str = "error") -> list[Example]:
+    """Load a task from the Hugging Face hub with ``datasets`` (online only; ``data.dir = "hf:"``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError('data.dir = "hf:" needs the datasets package: pip install datasets') from None
+    if task not in HF_DATASETS:
+        raise DataError(f"no hub dataset is known for task {task!r}; known: {', '.join(HF_DATASETS)}")
+    path, name = HF_DATASETS[task]
+    try:
+        rows = datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # noqa: BLE001 - offline or unknown split
+        raise DataError(f"could not load {path} ({name}) split {split!r} from the hub: {e}. Offline, "
+                        f"point data.dir at a directory of TASK/SPLIT.jsonl files instead.") from None
+    out, bad = [], 0
+    for i, row in enumerate(rows):
+        try:
+            out.append(parse_row(dict(row), task, f"{task}-{split}-{i}"))
+        except (ValueError, KeyError, TypeError) as e:
+            if on_bad_line != "skip":
+                raise DataError(f"hub {path}/{split} row {i}: {e}") from None
+            bad += 1
+    if bad:
+        import warnings
+
+        warnings.warn(f"hub {path}/{split}: skipped {bad} bad row(s)", stacklevel=2)
+    return out
+
+
 def load_task(task: str, split: str, data_dir: str | Path = "", on_bad_line: str = "error") -> list[Example]:
+    """A task's split from ``DATA_DIR/TASK/SPLIT.jsonl``, the bundled copy (empty dir) or the hub ("hf:")."""
+    if str(data_dir) == "hf:":
+        return load_hf_task(task, split, on_bad_line)
     return load_jsonl(task_path(task, split, data_dir), task=task, on_bad_line=on_bad_line)
