@@ -11,7 +11,7 @@ from fedkt import progress
 
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] = (), desc: str = "generate") -> list[str]:
     """Continue each prompt; returns only the new text, cut at the first stop string."""
     old_side = tok.padding_side
@@ -28,7 +28,7 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, batc
                               eos_token_id=tok.eos_token_id, do_sample=do_sample)
                 if do_sample:
                     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                    kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                    kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
                 else:
                     kwargs.update(temperature=None, top_p=None, top_k=None)
                 out = model.generate(**enc, **kwargs)
