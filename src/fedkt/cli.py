@@ -149,6 +149,10 @@ def models(fetch: Optional[str] = typer.Option(None, help="Build a built-in mode
 
 
 def main() -> None:
+    import warnings
+
+    # peft asks transformers about gradient checkpointing through a name transformers 5 deprecates
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from fedkt.builtin import ModelFetchError
     from fedkt.config import ConfigError
     from fedkt.data.tasks import DataError
