@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+ORDER = ["zero_shot", "standalone", "fedavg", "fedcollm", "centralized"]
 NAMES = {"zero_shot": "Zero-shot", "standalone": "Standalone", "fedavg": "FedAvg",
          "centralized": "Centralized", "fedcollm": "FedCoLLM"}
 TASK_NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA",
@@ -20,8 +21,14 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def _ordered(results: dict[str, Any]) -> list[tuple[str, dict]]:
+    """Methods in the papers' order (baselines, federated, centralized), whatever order they ran in."""
+    rank = {m: i for i, m in enumerate(ORDER)}
+    return sorted(results["methods"].items(), key=lambda kv: rank.get(kv[0], len(ORDER)))
+
+
 def accuracy_table(results: dict[str, Any], role: str) -> str:
-    rows = [(m, r[role]) for m, r in results["methods"].items() if r.get(role)]
+    rows = [(m, r[role]) for m, r in _ordered(results) if r.get(role)]
     if not rows:
         return ""
     tasks = list(rows[0][1])
@@ -53,7 +60,7 @@ def comm_table(results: dict[str, Any]) -> str:
     lines = ["| Method | Rounds | Up / client / round | Down / client / round | Total up | Total down |"
              " % of SLM adapter | % of full SLM |", "|---|---|---|---|---|---|---|---|"]
     any_row = False
-    for m, r in results["methods"].items():
+    for m, r in _ordered(results):
         comm = r.get("comm")
         if not comm or not comm["per_round"]:
             continue
@@ -131,7 +138,7 @@ def render(results: dict[str, Any], out: Path | None = None) -> str:
     comm = comm_table(results)
     if comm:
         parts += ["## Communication", "", comm, ""]
-    timing = [(m, r["wall_s"], r.get("timings")) for m, r in results["methods"].items() if "wall_s" in r]
+    timing = [(m, r["wall_s"], r.get("timings")) for m, r in _ordered(results) if "wall_s" in r]
     if timing:
         parts += ["## Wall time", "", "| Method | Total (s) | Breakdown (s) |", "|---|---|---|"]
         for m, w, t in timing:
