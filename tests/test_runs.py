@@ -135,3 +135,39 @@ def test_eval_only_last_round(tmp_path, model_dirs, data_dir):
     res = run_experiment(cfg, tmp_path / "r")["methods"]["fedavg"]
     assert "slm" not in res["per_round"][0] and res["per_round"][1]["slm"] == res["slm"]
     assert res["timings"]["eval_s"] > 0
+
+
+def test_files_scheme_and_skip_policy(tmp_path, model_dirs, data_dir, monkeypatch):
+    from conftest import write_arc
+
+    files = [write_arc(tmp_path / f"c{i}.jsonl", 6 + i, start=500 + 100 * i) for i in range(2)]
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedavg"], **{
+        "partition.scheme": '"files"', "partition.num_clients": 2,
+        "partition.files": json.dumps([str(f) for f in files]), "partition.aux_size": 4,
+        "federation.on_client_failure": '"skip"', "federation.rounds": 1})
+    import fedkt.algorithms.fedavg as fa
+
+    orig = fa.sft
+
+    def flaky(model, tok, examples, *a, **k):
+        if len(examples) == 7:  # client1's file has 7 rows
+            raise RuntimeError("client1 crashed")
+        return orig(model, tok, examples, *a, **k)
+
+    monkeypatch.setattr(fa, "sft", flaky)
+    res = run_experiment(cfg, tmp_path / "r")
+    assert res["data"]["clients"] == [6, 7] and res["data"]["aux"] == 4
+    m = res["methods"]["fedavg"]
+    assert [f["client"] for f in m["failures"]] == ["client1"] and "client1 crashed" in m["failures"][0]["error"]
+    assert set(m["comm"]["per_round"][0]["clients"]) == {"client0"}
+
+
+def test_derive_cli(tmp_path, model_dirs):
+    out = tmp_path / "d"
+    r = CliRunner().invoke(app, ["derive-slm", "--parent", str(model_dirs["llm"]), "--out", str(out),
+                                 "--layers", "0,3", "--steps", "2", "--set", "num_prompts=4",
+                                 "--set", "eval_texts=2", "--set", "gen_tokens=8", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["layers_kept"] == [0, 3] and (out / "config.json").is_file()
+    bad = CliRunner().invoke(app, ["derive-slm", "--parent", str(model_dirs["llm"]), "--set", "stepz=3"])
+    assert bad.exit_code != 0 and "unknown key derive.stepz" in str(bad.exception)
