@@ -171,3 +171,26 @@ def test_derive_cli(tmp_path, model_dirs):
     assert json.loads(r.stdout)["layers_kept"] == [0, 3] and (out / "config.json").is_file()
     bad = CliRunner().invoke(app, ["derive-slm", "--parent", str(model_dirs["llm"]), "--set", "stepz=3"])
     assert bad.exit_code != 0 and "unknown key derive.stepz" in str(bad.exception)
+
+
+def test_fedcollm_experiment_with_all_methods(tmp_path, model_dirs, data_dir):
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir,
+                         ["zero_shot", "fedcollm", "fedavg", "standalone", "centralized"],
+                         **{"federation.rounds": 1, "data.eval_tasks": '["arc_easy"]'})
+    res = run_experiment(cfg, tmp_path / "r")
+    m = res["methods"]
+    assert set(m["zero_shot"]) >= {"slm", "llm"} and set(m["centralized"]) >= {"slm", "llm"}
+    assert "llm" in m["fedcollm"] and m["fedcollm"]["per_round"][0]["distill"]["steps"] == 3
+    assert m["fedcollm"]["comm"] == m["fedavg"]["comm"]  # same client protocol, same bytes
+    assert set(m["fedcollm"]["timings"]) == {"client_train_s", "aggregate_s", "distill_s", "eval_s"}
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert report.index("## Server LLM") < report.index("## Client SLMs")
+    slm_table = report[report.index("## Client SLMs"):report.index("## Communication")]
+    rows = [line.split("|")[1].strip() for line in slm_table.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["Zero-shot", "Standalone", "FedAvg", "FedCoLLM", "Centralized"]
+    from peft import PeftModel
+
+    from fedkt.models import load_model
+
+    base, _ = load_model(str(model_dirs["llm"]))
+    PeftModel.from_pretrained(base, str(tmp_path / "r" / "adapters" / "centralized" / "llm"))
