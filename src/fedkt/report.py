@@ -86,11 +86,17 @@ def comm_table(results: dict[str, Any]) -> str:
 
 
 def plot_rounds(results: dict[str, Any], out: Path) -> str | None:
+    """Accuracy per round of the federated methods (round 0 = zero-shot, where it ran), with the other
+    methods as horizontal reference lines; one panel per task."""
+    methods = dict(_ordered(results))
+    zero = methods.get("zero_shot", {})
     series = []
-    for m, r in results["methods"].items():
+    for m, r in methods.items():
         for role in ("slm", "llm"):
             pts = [(x["round"], x[role]) for x in r.get("per_round", []) if x.get(role)]
             if pts:
+                if zero.get(role):
+                    pts = [(0, zero[role])] + pts
                 series.append((m, role, pts))
     if not series:
         return None
@@ -99,21 +105,27 @@ def plot_rounds(results: dict[str, Any], out: Path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(series[0][2][0][1])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    tasks = list(series[0][2][-1][1])
+    colors = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for m, role, pts in series:
             ax.plot([p[0] for p in pts], [100 * p[1][task]["acc"] for p in pts], marker="o",
+                    linestyle="-" if role == "slm" else "--", color=colors.get(m),
                     label=f"{NAMES.get(m, m)} {role.upper()}")
-        for m, r in results["methods"].items():
-            for role, style in (("slm", ":"), ("llm", "--")):
-                if not r.get("per_round") and r.get(role) and task in r[role]:
-                    ax.axhline(100 * r[role][task]["acc"], linestyle=style, linewidth=1, color="gray")
-                    ax.annotate(f"{NAMES.get(m, m)} {role.upper()}", (0.02, 100 * r[role][task]["acc"]),
-                                xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+        for m, r in methods.items():
+            if r.get("per_round") or m == "zero_shot":
+                continue
+            for role, style in (("slm", ":"), ("llm", "-.")):
+                if r.get(role) and task in r[role]:
+                    ax.axhline(100 * r[role][task]["acc"], linestyle=style, linewidth=1.2, color=colors.get(m),
+                               label=f"{NAMES.get(m, m)} {role.upper()}")
+        rounds = sorted({p[0] for _, _, pts in series for p in pts})
+        ax.set_xticks(rounds)
         ax.set_title(TASK_NAMES.get(task, task))
-        ax.set_xlabel("round")
+        ax.set_xlabel("round (0 = zero-shot)")
         ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "accuracy_per_round.png"
