@@ -54,6 +54,11 @@ def test_cli_run_all_baselines(tmp_path, model_dirs, data_dir):
     up0 = comm["per_round"][0]["clients"]["client0"]["up_bytes"]
     assert sum(v.numel() * 4 for v in adapter.values()) < up0 < down + 200
     assert results["models"]["slm"]["adapter_bytes"] == sum(v.numel() * 4 for v in adapter.values())
+    from fedkt.models import count_parameters, load_model
+
+    plain, _ = load_model(str(model_dirs["slm"]))
+    assert results["models"]["slm"]["params"] == count_parameters(plain)  # LoRA weights not counted
+    assert results["models"]["slm"]["model_bytes"] == 4 * count_parameters(plain)
     # standalone: each client reports only metrics; the mean over clients is the result
     per_client = methods["standalone"]["per_client"]
     mean = sum(c["arc_easy"]["acc"] for c in per_client.values()) / 3

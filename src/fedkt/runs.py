@@ -31,11 +31,13 @@ def _model_meta(env: Env) -> dict[str, Any]:
         if loaded is None:
             continue
         model, _, init = loaded
-        base = model.get_base_model()
+        # the base model's own weights: peft injects the LoRA tensors into it, so take them out again
         adapter = adapter_nbytes(get_adapter_state(model))
-        full = model_nbytes(base)
-        meta[role] = {"spec": getattr(env.cfg.model, role), "params": count_parameters(base),
-                      "model_bytes": full, "adapter_params": sum(v.numel() for v in init.values()),
+        adapter_params = sum(v.numel() for v in init.values())
+        base = model.get_base_model()
+        full = model_nbytes(base) - adapter
+        meta[role] = {"spec": getattr(env.cfg.model, role), "params": count_parameters(base) - adapter_params,
+                      "model_bytes": full, "adapter_params": adapter_params,
                       "adapter_bytes": adapter, "adapter_fraction": adapter / full}
     return meta
 
