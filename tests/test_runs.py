@@ -199,3 +199,12 @@ def test_fedcollm_experiment_with_all_methods(tmp_path, model_dirs, data_dir):
 
     base, _ = load_model(str(model_dirs["llm"]))
     PeftModel.from_pretrained(base, str(tmp_path / "r" / "adapters" / "centralized" / "llm"))
+
+
+def test_fedcollm_logs_llm_metrics_only_when_evaluated(tmp_path, model_dirs, data_dir):
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedcollm"], **{"eval.every_round": "false"})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fedcollm"]
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    llm = {x["round"]: x for x in lines if x["role"] == "llm"}
+    assert "metrics" not in llm[1] and "distill" in llm[1]
+    assert llm[2]["metrics"] == res["llm"] and "llm" not in res["per_round"][0]

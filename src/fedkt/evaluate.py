@@ -36,17 +36,17 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
         c = c[-max(1, max_length - len(k)):] if len(c) + len(k) > max_length else c
         key = tuple(c) if share_context else (i, *c)
         groups.setdefault(key, (c, []))[1].append((i, k))
-    contexts = sorted(groups, key=lambda g: len(groups[g][0]), reverse=True)
+    ordered = sorted(groups.values(), key=lambda g: len(g[0]), reverse=True)
     out = [0.0] * len(requests)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with progress.bar(desc, len(requests)) as pb:
         start = 0
-        while start < len(contexts):
+        while start < len(ordered):
             chunk, rows = [], 0
-            while start < len(contexts) and (not chunk or rows + len(groups[contexts[start]][1]) <= batch_size):
-                chunk.append(groups[contexts[start]])
-                rows += len(groups[contexts[start]][1])
+            while start < len(ordered) and (not chunk or rows + len(ordered[start][1]) <= batch_size):
+                chunk.append(ordered[start])
+                rows += len(ordered[start][1])
                 start += 1
             _score_chunk(model, chunk, pad, out)
             pb.advance(rows)
@@ -132,3 +132,10 @@ def evaluate(model, tok, examples: Sequence[Example], batch_size: int = 32, max_
     else:
         r = score_generation(model, tok, examples, max(1, batch_size // 2), max_new_tokens, desc)
     return r
+
+
+def evaluate_tasks(model, tok, eval_sets: dict[str, Sequence[Example]], batch_size: int = 32,
+                   max_new_tokens: int = 256, desc: str = "eval") -> dict[str, dict[str, float]]:
+    """``evaluate`` on every task of ``eval_sets`` ({task: examples}) -> {task: metrics}."""
+    return {t: evaluate(model, tok, exs, batch_size, max_new_tokens, desc=f"{desc} {t}")
+            for t, exs in eval_sets.items()}

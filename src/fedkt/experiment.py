@@ -22,7 +22,7 @@ from fedkt import progress
 from fedkt.config import ExperimentConfig
 from fedkt.data.partition import partition, split_aux, subsample
 from fedkt.data.tasks import Example, load_jsonl, load_task
-from fedkt.evaluate import evaluate
+from fedkt.evaluate import evaluate_tasks
 from fedkt.federation import ClientContext, LocalFederation
 from fedkt.models import add_lora, get_adapter_state, load_model, set_adapter_state
 
@@ -118,9 +118,8 @@ class Env:
     def evaluate(self, which: str, state: dict[str, torch.Tensor] | None, desc: str) -> dict[str, dict]:
         model, tok, init = self.slm if which == "slm" else self.llm
         set_adapter_state(model, init if state is None else state)
-        return {t: evaluate(model, tok, exs, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens,
-                            desc=f"{desc} {which} {t}")
-                for t, exs in self.eval_sets.items()}
+        return evaluate_tasks(model, tok, self.eval_sets, self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens,
+                              desc=f"{desc} {which}")
 
     # -- federation --------------------------------------------------------------------------------
     def federation(self, handlers: dict, method: str) -> LocalFederation:

@@ -14,7 +14,7 @@ from typing import Any
 from fedkt import __version__, progress
 from fedkt.config import ConfigError, ExperimentConfig, dump_toml
 from fedkt.experiment import Env, write_json_atomic
-from fedkt.models import adapter_nbytes, count_parameters, get_adapter_state, model_nbytes
+from fedkt.models import adapter_nbytes, count_parameters, model_nbytes
 
 
 def new_run_dir(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
@@ -32,7 +32,7 @@ def _model_meta(env: Env) -> dict[str, Any]:
             continue
         model, _, init = loaded
         # the base model's own weights: peft injects the LoRA tensors into it, so take them out again
-        adapter = adapter_nbytes(get_adapter_state(model))
+        adapter = adapter_nbytes(init)
         adapter_params = sum(v.numel() for v in init.values())
         base = model.get_base_model()
         full = model_nbytes(base) - adapter

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 
-from fedkt.evaluate import evaluate
+from fedkt.evaluate import evaluate_tasks
 from fedkt.experiment import Env, derive_seed
 from fedkt.federation import Message
 from fedkt.models import get_adapter_state, save_adapter, set_adapter_state
@@ -36,9 +36,8 @@ def client_train_and_evaluate(ctx, msg: Message) -> Message:
                 epochs=msg.meta["epochs"], desc=f"standalone {ctx.cid} train")
     if ctx.workdir is not None:
         save_adapter(model, None, ctx.workdir / "slm")
-    metrics = {t: evaluate(model, tok, exs, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                           desc=f"standalone {ctx.cid} {t}")
-               for t, exs in ctx.shared["eval_sets"].items()}
+    metrics = evaluate_tasks(model, tok, ctx.shared["eval_sets"], cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                             desc=f"standalone {ctx.cid}")
     return Message(meta={"metrics": metrics, "loss": stats.mean_loss, "num_examples": len(ctx.data)})
 
 

@@ -167,11 +167,13 @@ def run(env: Env) -> dict:
                      f"KL(g‖f) {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
         # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here. Evaluate both.
         entry = {"round": rnd, "distill": stats}
+        evaluated = {}
         if cfg.eval.every_round or rnd == cfg.federation.rounds:
             slm_metrics = entry["slm"] = env.evaluate("slm", theta, f"fedcollm r{rnd}")
             llm_metrics = entry["llm"] = env.evaluate("llm", omega, f"fedcollm r{rnd}")
             env.log_metrics(method="fedcollm", round=rnd, role="slm", metrics=slm_metrics)
-        env.log_metrics(method="fedcollm", round=rnd, role="llm", metrics=llm_metrics, distill=stats)
+            evaluated = {"metrics": llm_metrics}
+        env.log_metrics(method="fedcollm", round=rnd, role="llm", distill=stats, **evaluated)
         timings["eval_s"] += time.perf_counter() - t2
         per_round.append(entry)
         ckpt.save(rnd, {"slm": theta, "llm": omega},
