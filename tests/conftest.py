@@ -39,14 +39,15 @@ def make_tokenizer():
     return tok
 
 
-def make_llama(tok, layers: int = 4, seed: int = 0, hidden: int = 32):
+def make_llama(tok, layers: int = 4, seed: int = 0, hidden: int = 32, init_range: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      initializer_range=init_range)
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model

@@ -1,0 +1,99 @@
+"""Shared by the golden tests: a fixed tiny experiment and fingerprints of its outcome.
+
+The golden numbers in ``tests/golden/*.json`` were recorded from the code *before* the architecture
+refactor (commit 6c0911c's algorithms) by ``python tests/golden_helpers.py``; they must never be
+regenerated to make a failing test pass — a difference means behaviour changed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def golden_config(model_dirs, data_dir, methods):
+    from fedkt.config import load_config
+
+    sets = [f'model.slm="{model_dirs["slm"]}"', f'data.dir="{data_dir}"', f"methods={json.dumps(methods)}",
+            "partition.num_clients=3", "partition.aux_size=8", "federation.rounds=2", "train.batch_size=4",
+            "train.epochs=2.0", "train.lr=0.03", "eval.batch_size=16", "lora.r=8",
+            'lora.target_modules=["q_proj","v_proj","up_proj","down_proj"]', "fedcollm.kd_steps=3",
+            "fedcollm.batch_size=4"]
+    if "fedcollm" in methods:
+        sets.append(f'model.llm="{model_dirs["llm"]}"')
+    return load_config(None, sets)
+
+
+def make_golden_assets(root: Path) -> tuple[dict[str, Path], Path]:
+    """Two tiny same-tokenizer Llamas (initialised wide enough to learn) and a data dir whose test
+    questions are training questions (so accuracy moves)."""
+    from conftest import make_llama, make_tokenizer, write_arc
+
+    tok = make_tokenizer()
+    dirs = {}
+    for name, layers, hidden, seed in (("slm", 2, 32, 1), ("llm", 4, 48, 2)):
+        d = root / name
+        make_llama(tok, layers=layers, hidden=hidden, seed=seed, init_range=0.3).save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs[name] = d
+    data = root / "data"
+    write_arc(data / "arc_easy" / "train.jsonl", 64)
+    write_arc(data / "arc_easy" / "test.jsonl", 12, start=0)
+    return dirs, data
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Order-independent numbers that change if any adapter weight changes."""
+    keys = sorted(state)
+    flat = torch.cat([state[k].double().flatten() for k in keys])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) / flat.numel()
+    return {"sum": flat.sum().item(), "abs": flat.abs().sum().item(), "sq": (flat ** 2).sum().item(),
+            "weighted": (flat * weights).sum().item()}
+
+
+def run_golden(root: Path, dirs, data, method: str) -> dict:
+    """Run the golden experiment for ``method``; return its recorded outcome."""
+    import fedkt.train as T
+    from fedkt.models import load_adapter_state
+    from fedkt.runs import run_experiment
+
+    losses: list[float] = []
+    orig = T.train_loop
+
+    def recording(*a, **k):
+        stats = orig(*a, **k)
+        losses.append(stats.mean_loss)
+        return stats
+
+    T.train_loop = recording
+    try:
+        res = run_experiment(golden_config(dirs, data, [method]), root / method)["methods"][method]
+    finally:
+        T.train_loop = orig
+    roles = ["slm"] if method == "fedavg" else ["slm", "llm"]
+    return {
+        "client_losses": losses,
+        "adapters": {r: fingerprint(load_adapter_state(root / method / "adapters" / method / r)) for r in roles},
+        "acc": [{r: x[r]["arc_easy"] for r in roles if r in x} for x in res["per_round"]],
+        "distill": [{k: v for k, v in x.get("distill", {}).items() if k.endswith(("_first", "_last"))}
+                    for x in res["per_round"]],
+        "comm": [[p["up_bytes"], p["down_bytes"]] for p in res["comm"]["per_round"]],
+    }
+
+
+if __name__ == "__main__":  # record the golden numbers (only ever from the pre-refactor code)
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(2)
+    root = Path(tempfile.mkdtemp())
+    dirs, data = make_golden_assets(root)
+    GOLDEN_DIR.mkdir(exist_ok=True)
+    for m in ("fedavg", "fedcollm"):
+        (GOLDEN_DIR / f"{m}.json").write_text(json.dumps(run_golden(root, dirs, data, m), indent=1) + "\n")
+        print("wrote", GOLDEN_DIR / f"{m}.json")
