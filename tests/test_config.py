@@ -33,8 +33,8 @@ def test_bad_enum_lists_allowed_values(tmp_path):
 
 
 def test_bad_method_and_task(tmp_path):
-    with pytest.raises(ConfigError, match=r"methods\[1\] = 'fedprox' is not a method; allowed values: zero_shot"):
-        load_config(write(tmp_path, 'methods = ["fedavg", "fedprox"]\n'))
+    with pytest.raises(ConfigError, match=r"methods\[1\] = 'fedfoo' is not a method; allowed values: zero_shot"):
+        load_config(write(tmp_path, 'methods = ["fedavg", "fedfoo"]\n'))
     with pytest.raises(ConfigError, match=r"data.tasks\[0\] = 'mmlu' is not a task"):
         load_config(write(tmp_path, '[data]\ntasks = ["mmlu"]\n'))
 

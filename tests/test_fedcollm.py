@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from fedkt.algorithms.fedcollm import check_shared_vocabulary, kd_divergence, mutual_distill, mutual_losses
-from fedkt.config import FedCoLLMConfig, LoraSettings, TrainConfig
+from fedkt.algorithms.fedcollm import (FedCoLLMConfig, check_shared_vocabulary, kd_divergence, mutual_distill,
+                                       mutual_losses)
+from fedkt.config import LoraSettings, TrainConfig
 from fedkt.data.collate import collate_sft
 from fedkt.data.tasks import parse_row
 from fedkt.losses import answer_ce
@@ -70,9 +71,9 @@ def test_lambda_zero_reduces_to_plain_sft(model_dirs):
     kd_s, kd_l = get_adapter_state(slm), get_adapter_state(llm)
 
     slm2, llm2, _ = pair(model_dirs)
-    tcfg = TrainConfig(batch_size=8, epochs=1, warmup_ratio=0.0, schedule="constant", max_grad_norm=1.0)
-    sft(slm2, tok, aux, tcfg, seed=0, lr=1e-2)
-    sft(llm2, tok, aux, tcfg, seed=0, lr=2e-2)
+    tcfg = dict(batch_size=8, epochs=1, warmup_ratio=0.0, schedule="constant", max_grad_norm=1.0)
+    sft(slm2, tok, aux, TrainConfig(lr=1e-2, **tcfg), seed=0)
+    sft(llm2, tok, aux, TrainConfig(lr=2e-2, **tcfg), seed=0)
     for a, b in ((kd_s, get_adapter_state(slm2)), (kd_l, get_adapter_state(llm2))):
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # and with λ > 0 the result differs

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from fedkt.cli import app
 from fedkt.config import load_config
-from fedkt.experiment import Checkpoints
+from fedkt.rounds import Checkpoints
 from fedkt.federation import codec, Message
 from fedkt.models import load_adapter_state
 from fedkt.runs import run_experiment

@@ -15,13 +15,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedkt: federated knowledge transfer between a server LLM and clients' SLMs.")
 
 
-@app.command()
+def _methods_help() -> str:
+    from fedkt import registry
+
+    return "\n\n".join(f"{name}: {spec.summary}" for name, spec in registry.methods().items())
+
+
+@app.command(help="Run the methods an experiment lists; write results.json and report.md.\n\nMethods:\n\n"
+             + _methods_help())
 def run(config: Path = typer.Argument(..., help="Experiment TOML (see examples/)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/NAME-TIME)."),
         set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.lr=1e-4."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")):
-    """Run the methods an experiment lists; write results.json and report.md."""
     from fedkt.config import load_config
     from fedkt.report import render
     from fedkt.runs import new_run_dir, run_experiment
@@ -51,28 +57,13 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
           seed: int = typer.Option(0),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
     """Score a model (optionally with a LoRA adapter) on tasks."""
-    from fedkt.config import TASKS, ConfigError
-    from fedkt.data.partition import subsample
-    from fedkt.data.tasks import load_task
-    from fedkt.evaluate import evaluate
-    from fedkt.experiment import derive_seed
-    from fedkt.models import load_model
+    from fedkt.evaluate import evaluate_model
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    for t in names:
-        if t not in TASKS:
-            raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")
     progress.enable()
     try:
-        m, tok = load_model(model)
-        if adapter is not None:
-            from peft import PeftModel
-
-            m = PeftModel.from_pretrained(m, str(adapter))
-        scores = {}
-        for t in names:
-            exs = subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t))
-            scores[t] = evaluate(m, tok, exs, batch_size, desc=f"eval {t}")
+        scores = evaluate_model(model, names, adapter=adapter, split=split, data_dir=data_dir, limit=limit,
+                                batch_size=batch_size, seed=seed)
     finally:
         progress.disable()
     for t, s in scores.items():
@@ -100,24 +91,12 @@ def derive_slm(config: Optional[Path] = typer.Argument(None, help="TOML with a [
                set_: List[str] = typer.Option([], "--set", help="Override a derive key, e.g. --set lr=1e-3."),
                quiet: bool = typer.Option(False, "--quiet")):
     """Derive a smaller same-tokenizer model from a parent by layer selection + distillation healing."""
-    from fedkt.config import ConfigError, DeriveConfig, apply_overrides, from_dict
+    from fedkt.config import ConfigError, DeriveConfig, load_section
     from fedkt.derive import derive
 
-    data: dict = {}
-    if config is not None:
-        import tomllib
-
-        if not config.is_file():
-            raise ConfigError(f"config file {config} does not exist")
-        data = tomllib.loads(config.read_text()).get("derive", {})
-    apply_overrides(data, set_)
-    for key, val in (("parent", parent), ("out", str(out) if out else None), ("num_layers", num_layers),
-                     ("steps", steps)):
-        if val is not None:
-            data[key] = val
-    if layers:
-        data["layers"] = [int(x) for x in layers.split(",")]
-    cfg = from_dict(DeriveConfig, data, prefix="derive.")
+    cfg = load_section(DeriveConfig, config, "derive", set_, values={
+        "parent": parent, "out": str(out) if out else None, "num_layers": num_layers, "steps": steps,
+        "layers": [int(x) for x in layers.split(",")] if layers else None})
     if not cfg.out:
         raise ConfigError("derive.out: give the output directory (--out DIR)")
     if not quiet:
@@ -156,12 +135,13 @@ def main() -> None:
     from fedkt.builtin import ModelFetchError
     from fedkt.config import ConfigError
     from fedkt.data.tasks import DataError
-    from fedkt.federation import ClientFailure
+    from fedkt.federation import AllClientsFailed, ClientFailure
     from fedkt.models import ModelLoadError
 
     try:
         app()
-    except (ConfigError, DataError, ModelLoadError, ModelFetchError, ClientFailure, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelLoadError, ModelFetchError, ClientFailure, AllClientsFailed,
+            FileNotFoundError) as e:
         progress.disable()
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)

@@ -15,11 +15,27 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "gsm8k")
-METHODS = ("zero_shot", "standalone", "fedavg", "centralized", "fedcollm")
 
 
 class ConfigError(ValueError):
     """A configuration mistake; the message names the key and the allowed values."""
+
+
+class FieldError(ConfigError):
+    """Raised by a config dataclass's own ``__post_init__`` checks with a key relative to its section;
+    :func:`from_dict` prefixes the section (``batch_size must be > 0`` -> ``train.batch_size must be > 0``)."""
+
+
+def check(condition: bool, message: str) -> None:
+    """For ``__post_init__`` validation: raise :class:`FieldError` with ``message`` unless ``condition``."""
+    if not condition:
+        raise FieldError(message)
+
+
+def check_positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        check(v > 0, f"{n} must be > 0, got {v}")
 
 
 @dataclass
@@ -40,6 +56,11 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
+    def __post_init__(self):
+        check_positive(self, "r")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(bool(self.target_modules), "target_modules must name at least one module")
+
 
 @dataclass
 class DataConfig:
@@ -55,6 +76,11 @@ class DataConfig:
     """Cap on training examples per task before partitioning (0 = all); a seeded subsample."""
     on_bad_line: Literal["error", "skip"] = "error"
 
+    def __post_init__(self):
+        for key, tasks in (("tasks", self.tasks), ("eval_tasks", self.eval_tasks)):
+            for i, t in enumerate(tasks):
+                check(t in TASKS, f"{key}[{i}] = {t!r} is not a task; allowed values: {', '.join(TASKS)}")
+
 
 @dataclass
 class PartitionConfig:
@@ -68,6 +94,10 @@ class PartitionConfig:
     """One JSONL file per client (scheme = "files")."""
     aux_size: int = 200
     """Examples held out of the training data as the server's auxiliary (public) set."""
+
+    def __post_init__(self):
+        check_positive(self, "num_clients", "alpha")
+        check(self.aux_size >= 0, f"aux_size must be >= 0, got {self.aux_size}")
 
 
 @dataclass
@@ -85,6 +115,10 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
 
+    def __post_init__(self):
+        check_positive(self, "batch_size", "grad_accum", "max_length", "lr")
+        check(self.epochs > 0 or self.max_steps > 0, "epochs must be > 0 (or set train.max_steps)")
+
 
 @dataclass
 class EvalConfig:
@@ -96,6 +130,9 @@ class EvalConfig:
     max_new_tokens: int = 256
     """GSM8K greedy generation budget."""
 
+    def __post_init__(self):
+        check_positive(self, "batch_size", "max_new_tokens")
+
 
 @dataclass
 class FederationConfig:
@@ -103,20 +140,8 @@ class FederationConfig:
     on_client_failure: Literal["stop", "skip"] = "stop"
     """A failing client stops the run ("stop") or is reported and left out of the round ("skip")."""
 
-
-@dataclass
-class FedCoLLMConfig:
-    kd_steps: int = 20
-    """R: optimizer steps of mutual distillation on the auxiliary set per round."""
-    kd_lambda: float = 1.0
-    temperature: float = 2.0
-    top_k: int = 0
-    """0: KL over the full vocabulary; k > 0: over the teacher's top-k logits (FATE default 128)."""
-    lr_slm: float = 3e-4
-    lr_llm: float = 3e-4
-    batch_size: int = 8
-    kd_tokens: Literal["all", "answer"] = "all"
-    """Positions the KL is taken over: every non-padding token, or only the answer tokens."""
+    def __post_init__(self):
+        check_positive(self, "rounds")
 
 
 @dataclass
@@ -142,6 +167,8 @@ class DeriveConfig:
     task_fraction: float = 0.5
     eval_texts: int = 32
     checkpoint_every: int = 50
+    seed: int = 0
+    """Seeds the healing prompts, their sampling, the task-text mix and the batch order."""
 
 
 @dataclass
@@ -156,14 +183,30 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    fedcollm: FedCoLLMConfig = field(default_factory=FedCoLLMConfig)
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"toml": False})
+    """Method sections (``[fedcollm]``, ...), one per registered method that has a config; read with
+    :meth:`section`. Each is the method's own config dataclass (see ``fedkt.registry``)."""
 
     @property
     def eval_tasks(self) -> list[str]:
         return self.data.eval_tasks or self.data.tasks
 
+    def section(self, method: str) -> Any:
+        """The config of ``method``'s own section (its defaults when the TOML has none)."""
+        if method not in self.sections:
+            from fedkt import registry
+
+            self.sections[method] = registry.default_section(method)
+        return self.sections[method]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        from fedkt import registry
+
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+               else getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("toml", True)}
+        for name in registry.config_sections():
+            out[name] = dataclasses.asdict(self.section(name))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,56 +260,50 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and ill-typed values."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("toml", True)]
+    sections: dict[str, type] = {}
+    if cls is ExperimentConfig:
+        from fedkt import registry
+
+        sections = registry.config_sections()
+    unknown = [k for k in data if k not in names and k not in sections]
     if unknown:
         where = f"[{prefix[:-1]}]" if prefix else "the top level"
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} in {where}; allowed keys: {', '.join(names)}"
+            f"unknown key {prefix}{unknown[0]!s} in {where}; allowed keys: {', '.join(names + list(sections))}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items() if k in names}
+    if sections:
+        kwargs["sections"] = {}
+        for name, section_cls in sections.items():
+            value = data.get(name, {})
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{name}] must be a table, got {value!r}")
+            kwargs["sections"][name] = from_dict(section_cls, value, prefix=name + ".")
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-section checks that no single section can make (each section validates itself)."""
+    from fedkt import registry
+
+    known = registry.methods()
     for i, m in enumerate(cfg.methods):
-        if m not in METHODS:
-            raise ConfigError(f"methods[{i}] = {m!r} is not a method; allowed values: {', '.join(METHODS)}")
-    for key, tasks in (("data.tasks", cfg.data.tasks), ("data.eval_tasks", cfg.data.eval_tasks)):
-        for i, t in enumerate(tasks):
-            if t not in TASKS:
-                raise ConfigError(f"{key}[{i}] = {t!r} is not a task; allowed values: {', '.join(TASKS)}")
+        if m not in known:
+            raise ConfigError(f"methods[{i}] = {m!r} is not a method; allowed values: {', '.join(known)}")
     if not cfg.data.tasks and cfg.partition.scheme != "files":
         raise ConfigError("data.tasks must name at least one task")
-    positive = {
-        "partition.num_clients": cfg.partition.num_clients,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.max_length": cfg.train.max_length,
-        "eval.batch_size": cfg.eval.batch_size,
-        "federation.rounds": cfg.federation.rounds,
-        "lora.r": cfg.lora.r,
-        "fedcollm.batch_size": cfg.fedcollm.batch_size,
-    }
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{key} must be > 0, got {v}")
-    for key, v in {"train.lr": cfg.train.lr, "fedcollm.temperature": cfg.fedcollm.temperature,
-                   "partition.alpha": cfg.partition.alpha}.items():
-        if v <= 0:
-            raise ConfigError(f"{key} must be > 0, got {v}")
-    if cfg.fedcollm.kd_lambda < 0:
-        raise ConfigError(f"fedcollm.kd_lambda must be >= 0, got {cfg.fedcollm.kd_lambda}")
-    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
-        raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
     if cfg.partition.scheme == "files" and len(cfg.partition.files) != cfg.partition.num_clients:
         raise ConfigError(
             f"partition.files lists {len(cfg.partition.files)} files but partition.num_clients = "
             f"{cfg.partition.num_clients}; give one file per client"
         )
-    if "fedcollm" in cfg.methods and not cfg.model.llm:
-        raise ConfigError("method 'fedcollm' needs a server LLM: set model.llm")
+    for m in cfg.methods:
+        if known[m].needs_llm and not cfg.model.llm:
+            raise ConfigError(f"method {m!r} needs a server LLM: set model.llm")
     return cfg
 
 
@@ -309,7 +346,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(from_dict(ExperimentConfig, data))
 
 
+def load_section(cls: type, path: str | Path | None, section: str, overrides: list[str] | None = None,
+                 values: dict[str, Any] | None = None) -> Any:
+    """One table of a TOML file (e.g. ``[derive]``) as ``cls``, with ``--set key=value`` overrides
+    (keys relative to the table) and explicit ``values`` (e.g. from command-line flags) on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text()).get(section, {})
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    apply_overrides(data, overrides or [])
+    data.update({k: v for k, v in (values or {}).items() if v is not None})
+    return from_dict(cls, data, prefix=section + ".")
+
+
 def dump_toml(cfg: Any) -> str:
     import tomli_w
 
-    return tomli_w.dumps(dataclasses.asdict(cfg))
+    return tomli_w.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg))

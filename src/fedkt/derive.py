@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fedkt.seeds import derive_seed
 from fedkt import progress
 from fedkt.config import DeriveConfig
 from fedkt.losses import kd_kl
@@ -207,9 +208,9 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
     if texts_file.is_file():
         texts = json.loads(texts_file.read_text())
     else:
-        prompts = healing_prompts(tok, cfg.num_prompts + cfg.eval_texts, seed=1234)
+        prompts = healing_prompts(tok, cfg.num_prompts + cfg.eval_texts, seed=derive_seed(cfg.seed, "derive", "prompts"))
         gens = generate(parent, tok, prompts, max_new_tokens=cfg.gen_tokens, batch_size=32, do_sample=True,
-                        temperature=0.8, top_p=0.95, seed=1234, desc="derive: parent writes healing text")
+                        temperature=0.8, top_p=0.95, seed=derive_seed(cfg.seed, "derive", "sample"), desc="derive: parent writes healing text")
         texts = [p + g for p, g in zip(prompts, gens)]
         texts_file.write_text(json.dumps(texts))
     heldout, train_texts = texts[:cfg.eval_texts], texts[cfg.eval_texts:]
@@ -217,7 +218,7 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
     if cfg.task_texts:
         extra = task_texts(cfg.task_texts)
         n_task = int(round(len(train_texts) * cfg.task_fraction / max(1e-9, 1 - cfg.task_fraction)))
-        rng = random.Random(99)
+        rng = random.Random(derive_seed(cfg.seed, "derive", "task-mix"))
         train_texts = train_texts + [rng.choice(extra) for _ in range(n_task)]
 
     before = heldout_kd(child, parent, tok, heldout, cfg.seq_len, cfg.temperature) if heldout else {}
@@ -239,7 +240,7 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
         step, tokens, losses = st["step"], st["tokens"], st["losses"]
         progress.log(f"derive: resuming healing at step {step}/{cfg.steps}")
 
-    rng = random.Random(cfg.steps * 7 + len(train_texts))
+    rng = random.Random(derive_seed(cfg.seed, "derive", "order", cfg.steps, len(train_texts)))
     order: list[int] = []
     while len(order) < cfg.steps * cfg.batch_size:
         perm = list(range(len(train_texts)))

@@ -139,3 +139,26 @@ def evaluate_tasks(model, tok, eval_sets: dict[str, Sequence[Example]], batch_si
     """``evaluate`` on every task of ``eval_sets`` ({task: examples}) -> {task: metrics}."""
     return {t: evaluate(model, tok, exs, batch_size, max_new_tokens, desc=f"{desc} {t}")
             for t, exs in eval_sets.items()}
+
+
+def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "test", data_dir: str = "",
+                   limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: str = "float32"
+                   ) -> dict[str, dict[str, float]]:
+    """Load model ``spec`` (plus a peft ``adapter`` directory) and score it on ``tasks``' ``split``, each a
+    seeded subsample of ``limit`` questions (0 = all): what ``fedkt eval`` runs."""
+    from fedkt.config import TASKS, ConfigError
+    from fedkt.data.partition import subsample
+    from fedkt.data.tasks import load_task
+    from fedkt.models import load_model
+    from fedkt.seeds import derive_seed
+
+    for t in tasks:
+        if t not in TASKS:
+            raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")
+    model, tok = load_model(spec, dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    sets = {t: subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t)) for t in tasks}
+    return {t: evaluate(model, tok, exs, batch_size, desc=f"eval {t}") for t, exs in sets.items()}

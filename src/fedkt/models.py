@@ -9,6 +9,7 @@ A model spec is one of:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,47 @@ def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"adapter state does not match the model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
     set_peft_model_state_dict(model, state)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with a LoRA adapter: what a role (server LLM, server SLM, a client's SLM) holds.
+
+    ``init_adapter`` is the fresh adapter the model was wrapped with (B = 0: the identity), from the seed
+    the caller chose; two loads of the same spec with the same LoRA settings and seed have equal ones."""
+
+    spec: str
+    model: Any
+    """peft model; base weights frozen, only the adapter trains."""
+    tokenizer: Any
+    init_adapter: dict[str, torch.Tensor]
+
+    @property
+    def base_params(self) -> int:
+        """The base model's own parameters (peft's injected adapter weights taken out again)."""
+        return count_parameters(self.model.get_base_model()) - sum(v.numel() for v in self.init_adapter.values())
+
+    @property
+    def base_nbytes(self) -> int:
+        return model_nbytes(self.model.get_base_model()) - adapter_nbytes(self.init_adapter)
+
+    def use(self, state: dict[str, torch.Tensor] | None) -> Any:
+        """Set ``state`` (None: the initial adapter) into the model and return the model."""
+        set_adapter_state(self.model, self.init_adapter if state is None else state)
+        return self.model
+
+    def describe(self) -> dict[str, Any]:
+        adapter = adapter_nbytes(self.init_adapter)
+        return {"spec": self.spec, "params": self.base_params, "model_bytes": self.base_nbytes,
+                "adapter_params": sum(v.numel() for v in self.init_adapter.values()),
+                "adapter_bytes": adapter, "adapter_fraction": adapter / self.base_nbytes}
+
+
+def load_lora_model(spec: str, dtype: str, lora: LoraSettings, seed: int) -> LoadedModel:
+    """``load_model`` + a fresh LoRA adapter initialised from ``seed``."""
+    model, tok = load_model(spec, dtype)
+    model = add_lora(model, lora, seed=seed)
+    return LoadedModel(spec, model, tok, get_adapter_state(model))
 
 
 def adapter_nbytes(state: dict[str, Any]) -> int:

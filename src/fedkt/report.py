@@ -1,4 +1,8 @@
-"""results.json -> report.md: paper-style tables (client SLMs, server LLM, communication) + a plot."""
+"""results.json -> report.md: paper-style tables (client SLMs, server LLM, communication) + a plot.
+
+Reads :class:`~fedkt.results.RunResults`; method labels and their order come from the method registry
+(baselines, federated methods, centralized), so a newly registered method appears without edits here.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-ORDER = ["zero_shot", "standalone", "fedavg", "fedcollm", "centralized"]
-NAMES = {"zero_shot": "Zero-shot", "standalone": "Standalone", "fedavg": "FedAvg",
-         "centralized": "Centralized", "fedcollm": "FedCoLLM"}
+from fedkt import registry
+from fedkt.results import RunResults
+
 TASK_NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA",
               "commonsense_qa": "CQA", "gsm8k": "GSM8K"}
 
@@ -21,13 +25,18 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _ordered(results: dict[str, Any]) -> list[tuple[str, dict]]:
-    """Methods in the papers' order (baselines, federated, centralized), whatever order they ran in."""
-    rank = {m: i for i, m in enumerate(ORDER)}
-    return sorted(results["methods"].items(), key=lambda kv: rank.get(kv[0], len(ORDER)))
+def _name(method: str) -> str:
+    return registry.label(method)
 
 
-def accuracy_table(results: dict[str, Any], role: str) -> str:
+def _ordered(results: RunResults) -> list[tuple[str, dict]]:
+    """Methods in the papers' order (baselines, federated, centralized), whatever order they ran in, as
+    their results.json entries."""
+    rank = {m: i for i, m in enumerate(registry.methods())}
+    return sorted(((m, r.to_dict()) for m, r in results.methods.items()), key=lambda kv: rank.get(kv[0], len(rank)))
+
+
+def accuracy_table(results: RunResults, role: str) -> str:
     rows = [(m, r[role]) for m, r in _ordered(results) if r.get(role)]
     if not rows:
         return ""
@@ -46,7 +55,7 @@ def accuracy_table(results: dict[str, Any], role: str) -> str:
             else:
                 cells.append(f"{100 * x['acc']:.1f}")
         avg = f"{100 * sum(accs) / len(accs):.1f}" if accs else "–"
-        lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + f" | {avg} |")
+        lines.append(f"| {_name(m)} | " + " | ".join(cells) + f" | {avg} |")
     n = {t: rows[0][1][t].get("n") for t in tasks}
     lines.append("")
     lines.append("acc in %, acc_norm (length-normalised) in parentheses; questions scored: "
@@ -54,8 +63,8 @@ def accuracy_table(results: dict[str, Any], role: str) -> str:
     return "\n".join(lines)
 
 
-def comm_table(results: dict[str, Any]) -> str:
-    models = results.get("models", {})
+def comm_table(results: RunResults) -> str:
+    models = results.models or {}
     slm = models.get("slm", {})
     lines = ["| Method | Rounds | Up / client / round | Down / client / round | Total up | Total down |"
              " % of SLM adapter | % of full SLM |", "|---|---|---|---|---|---|---|---|"]
@@ -66,12 +75,14 @@ def comm_table(results: dict[str, Any]) -> str:
             continue
         any_row = True
         pr = comm["per_round"]
-        nclients = max(len(x["clients"]) for x in pr)
-        up = comm["up_bytes"] / len(pr) / nclients
-        down = comm["down_bytes"] / len(pr) / nclients
+        # per client per round: divide by the client-rounds that really took part (skipped clients and
+        # rounds with fewer clients are not counted as if they had sent something)
+        client_rounds = sum(len(x["clients"]) for x in pr)
+        up = comm["up_bytes"] / client_rounds
+        down = comm["down_bytes"] / client_rounds
         pa = f"{100 * up / slm['adapter_bytes']:.1f}%" if slm.get("adapter_bytes") else "–"
         pf = f"{100 * up / slm['model_bytes']:.2f}%" if slm.get("model_bytes") else "–"
-        lines.append(f"| {NAMES.get(m, m)} | {len(pr)} | {_fmt_bytes(up)} | {_fmt_bytes(down)} | "
+        lines.append(f"| {_name(m)} | {len(pr)} | {_fmt_bytes(up)} | {_fmt_bytes(down)} | "
                      f"{_fmt_bytes(comm['up_bytes'])} | {_fmt_bytes(comm['down_bytes'])} | {pa} | {pf} |")
     if not any_row:
         return ""
@@ -85,7 +96,7 @@ def comm_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\nBytes are the serialised payloads (adapter tensors + JSON metadata). " + "; ".join(note) + "."
 
 
-def plot_rounds(results: dict[str, Any], out: Path) -> str | None:
+def plot_rounds(results: RunResults, out: Path) -> str | None:
     """Accuracy per round of the federated methods (round 0 = zero-shot, where it ran), with the other
     methods as horizontal reference lines; one panel per task."""
     methods = dict(_ordered(results))
@@ -106,20 +117,20 @@ def plot_rounds(results: dict[str, Any], out: Path) -> str | None:
     import matplotlib.pyplot as plt
 
     tasks = list(series[0][2][-1][1])
-    colors = {m: f"C{i}" for i, m in enumerate(ORDER)}
+    colors = {m: f"C{i}" for i, m in enumerate(registry.methods())}
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for m, role, pts in series:
             ax.plot([p[0] for p in pts], [100 * p[1][task]["acc"] for p in pts], marker="o",
                     linestyle="-" if role == "slm" else "--", color=colors.get(m),
-                    label=f"{NAMES.get(m, m)} {role.upper()}")
+                    label=f"{_name(m)} {role.upper()}")
         for m, r in methods.items():
             if r.get("per_round") or m == "zero_shot":
                 continue
             for role, style in (("slm", ":"), ("llm", "-.")):
                 if r.get(role) and task in r[role]:
                     ax.axhline(100 * r[role][task]["acc"], linestyle=style, linewidth=1.2, color=colors.get(m),
-                               label=f"{NAMES.get(m, m)} {role.upper()}")
+                               label=f"{_name(m)} {role.upper()}")
         rounds = sorted({p[0] for _, _, pts in series for p in pts})
         ax.set_xticks(rounds)
         ax.set_title(TASK_NAMES.get(task, task))
@@ -134,9 +145,11 @@ def plot_rounds(results: dict[str, Any], out: Path) -> str | None:
     return path.name
 
 
-def render(results: dict[str, Any], out: Path | None = None) -> str:
-    parts = [f"# {results.get('name', 'fedkt run')}", ""]
-    data = results.get("data")
+def render(results: RunResults | dict[str, Any], out: Path | None = None) -> str:
+    if isinstance(results, dict):
+        results = RunResults.from_dict(results)
+    parts = [f"# {results.name}", ""]
+    data = results.data
     if data:
         parts += [f"Clients: {len(data['clients'])} with {data['clients']} training examples; server "
                   f"auxiliary set: {data['aux']} examples.", ""]
@@ -155,7 +168,7 @@ def render(results: dict[str, Any], out: Path | None = None) -> str:
         parts += ["## Wall time", "", "| Method | Total (s) | Breakdown (s) |", "|---|---|---|"]
         for m, w, t in timing:
             br = ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in (t or {}).items())
-            parts.append(f"| {NAMES.get(m, m)} | {w:.0f} | {br or '–'} |")
+            parts.append(f"| {_name(m)} | {w:.0f} | {br or '–'} |")
         parts.append("")
     if out is not None:
         png = plot_rounds(results, out)
@@ -164,7 +177,7 @@ def render(results: dict[str, Any], out: Path | None = None) -> str:
     return "\n".join(parts)
 
 
-def write_report(results: dict[str, Any], out: Path) -> Path:
+def write_report(results: RunResults | dict[str, Any], out: Path) -> Path:
     path = out / "report.md"
     path.write_text(render(results, out))
     return path
@@ -175,4 +188,4 @@ def report_from_dir(run_dir: str | Path) -> Path:
     f = run_dir / "results.json"
     if not f.is_file():
         raise FileNotFoundError(f"{run_dir} holds no results.json (is it a fedkt run directory?)")
-    return write_report(json.loads(f.read_text()), run_dir)
+    return write_report(RunResults.from_dict(json.loads(f.read_text())), run_dir)

@@ -75,18 +75,17 @@ def batch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[list[
 
 
 def sft(model, tok, examples: Sequence[Example], cfg: TrainConfig, seed: int, epochs: float | None = None,
-        desc: str = "train", lr: float | None = None) -> TrainStats:
+        desc: str = "train") -> TrainStats:
     """Answer-only supervised fine-tuning of the trainable parameters of ``model`` on ``examples``."""
     data = tokenize_examples(tok, examples, cfg.max_length)
     return train_loop(model, data, lambda m, b: answer_ce(m(input_ids=b["input_ids"],
                                                             attention_mask=b["attention_mask"]).logits,
                                                           b["labels"]),
-                      cfg, seed, tok.pad_token_id, epochs=epochs, desc=desc, lr=lr)
+                      cfg, seed, tok.pad_token_id, epochs=epochs, desc=desc)
 
 
 def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainConfig, seed: int,
-               pad_id: int, epochs: float | None = None, desc: str = "train", lr: float | None = None
-               ) -> TrainStats:
+               pad_id: int, epochs: float | None = None, desc: str = "train") -> TrainStats:
     seed_everything(seed)
     params = trainable_parameters(model)
     if not params:
@@ -96,7 +95,7 @@ def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainC
     if cfg.max_steps > 0:
         steps = min(steps, cfg.max_steps)
         batches = batches[: steps * cfg.grad_accum]
-    opt = make_optimizer(params, cfg.lr if lr is None else lr, cfg.weight_decay)
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
     sched = make_scheduler(opt, steps, cfg.warmup_ratio, cfg.schedule)
     model.train()
     losses: list[float] = []

@@ -1,12 +1,5 @@
-"""Federated algorithms and baselines. Each module holds a server procedure and the client handlers it
-calls; ``METHODS`` maps a config method name to its server procedure ``run(env) -> result dict``."""
+"""Federated algorithms and baselines. Each module holds a server procedure (or round step) and the
+client handlers it calls, and registers itself with :func:`fedkt.registry.register`; importing this
+package registers the built-in methods."""
 
-from fedkt.algorithms import baselines, fedavg, fedcollm
-
-METHODS = {
-    "zero_shot": baselines.zero_shot,
-    "standalone": baselines.standalone,
-    "centralized": baselines.centralized,
-    "fedavg": fedavg.run,
-    "fedcollm": fedcollm.run,
-}
+from fedkt.algorithms import baselines, fedavg, fedcollm, fedprox  # noqa: F401

@@ -6,37 +6,40 @@
   clients is the result (as the papers report it).
 * centralized: one adapter trained on the pooled data of all clients, for the same epochs; when a server
   LLM is configured it is also fine-tuned on all clients' data plus the auxiliary set (the FedCoLLM
-  paper's centralized upper bound for the LLM).
+  paper's centralized upper bound for the LLM). It exists only in simulation, where pooling is possible.
 """
 
 from __future__ import annotations
 
 import statistics
 
+from fedkt.clients import ClientContext
 from fedkt.evaluate import evaluate_tasks
-from fedkt.experiment import Env, derive_seed
-from fedkt.federation import Message
-from fedkt.models import get_adapter_state, save_adapter, set_adapter_state
+from fedkt.federation.base import Message
+from fedkt.models import get_adapter_state, save_adapter
+from fedkt.registry import MethodSpec, register
+from fedkt.results import MethodResult
+from fedkt.seeds import derive_seed
+from fedkt.server import ServerContext
 from fedkt.train import sft
 
 
-def zero_shot(env: Env) -> dict:
-    result = {"slm": env.evaluate("slm", None, "zero-shot")}
-    if env.has_llm:
-        result["llm"] = env.evaluate("llm", None, "zero-shot")
-    return result
+def zero_shot(server: ServerContext) -> MethodResult:
+    metrics = {"slm": server.evaluate("slm", None, "zero-shot")}
+    if server.has_llm:
+        metrics["llm"] = server.evaluate("llm", None, "zero-shot")
+    return MethodResult(metrics=metrics)
 
 
-def client_train_and_evaluate(ctx, msg: Message) -> Message:
+def client_train_and_evaluate(ctx: ClientContext, msg: Message) -> Message:
     """Standalone: train from the common initial adapter on local data, evaluate locally, keep the
     adapter in the client's workdir; only metrics leave the client."""
-    model, tok, cfg = ctx.shared["model"], ctx.shared["tok"], ctx.shared["cfg"]
-    set_adapter_state(model, ctx.shared["init_adapter"])
-    stats = sft(model, tok, ctx.data, cfg.train, seed=derive_seed(cfg.seed, "standalone", ctx.cid),
-                epochs=msg.meta["epochs"], desc=f"standalone {ctx.cid} train")
+    model, tok = ctx.slm.use(None), ctx.slm.tokenizer
+    stats = sft(model, tok, ctx.data, ctx.train, seed=ctx.seed_for("standalone"), epochs=msg.meta["epochs"],
+                desc=f"standalone {ctx.cid} train")
     if ctx.workdir is not None:
         save_adapter(model, None, ctx.workdir / "slm")
-    metrics = evaluate_tasks(model, tok, ctx.shared["eval_sets"], cfg.eval.batch_size, cfg.eval.max_new_tokens,
+    metrics = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
                              desc=f"standalone {ctx.cid}")
     return Message(meta={"metrics": metrics, "loss": stats.mean_loss, "num_examples": len(ctx.data)})
 
@@ -51,35 +54,39 @@ def mean_metrics(per_client: list[dict[str, dict]]) -> dict[str, dict]:
     return out
 
 
-def standalone(env: Env) -> dict:
-    cfg = env.cfg
-    fed = env.federation({"train_and_evaluate": client_train_and_evaluate}, "standalone")
-    epochs = cfg.train.epochs * cfg.federation.rounds
-    replies = fed.broadcast("train_and_evaluate", Message(meta={"epochs": epochs}), round=0)
+def standalone(server: ServerContext) -> MethodResult:
+    epochs = server.cfg.train.epochs * server.cfg.federation.rounds
+    with server.federation(STANDALONE) as fed:
+        replies = fed.broadcast("train_and_evaluate", Message(meta={"epochs": epochs}), round=0)
     per_client = {cid: r.meta["metrics"] for cid, r in replies.items()}
     for cid, m in per_client.items():
-        env.log_metrics(method="standalone", client=cid, role="slm", metrics=m)
-    return {"slm": mean_metrics(list(per_client.values())), "per_client": per_client,
-            "comm": fed.ledger.summary(), "failures": fed.failures}
+        server.log_metrics(method="standalone", client=cid, role="slm", metrics=m)
+    return MethodResult(metrics={"slm": mean_metrics(list(per_client.values()))}, per_client=per_client,
+                        comm=fed.ledger.summary(), failures=list(fed.failures))
 
 
-def centralized(env: Env) -> dict:
-    cfg = env.cfg
+def centralized(server: ServerContext) -> MethodResult:
+    cfg = server.cfg
     epochs = cfg.train.epochs * cfg.federation.rounds
-    pooled = [e for c in env.clients_data for e in c]
-    model, tok, init = env.slm
-    set_adapter_state(model, init)
-    sft(model, tok, pooled, cfg.train, seed=derive_seed(cfg.seed, "centralized", "slm"), epochs=epochs,
-        desc="centralized slm train")
-    state = get_adapter_state(model)
-    save_adapter(model, state, env.out / "adapters" / "centralized" / "slm")
-    result = {"slm": env.evaluate("slm", state, "centralized")}
-    if env.has_llm:
-        llm, ltok, linit = env.llm
-        set_adapter_state(llm, linit)
-        sft(llm, ltok, pooled + env.aux, cfg.train, seed=derive_seed(cfg.seed, "centralized", "llm"),
-            epochs=epochs, desc="centralized llm train")
-        lstate = get_adapter_state(llm)
-        save_adapter(llm, lstate, env.out / "adapters" / "centralized" / "llm")
-        result["llm"] = env.evaluate("llm", lstate, "centralized")
-    return result
+    pooled = server.client_data()
+    roles = {"slm": pooled} | ({"llm": pooled + server.aux} if server.has_llm else {})
+    metrics = {}
+    for role, data in roles.items():
+        m = server.model(role)
+        sft(m.use(None), m.tokenizer, data, cfg.train, seed=derive_seed(cfg.seed, "centralized", role),
+            epochs=epochs, desc=f"centralized {role} train")
+        state = get_adapter_state(m.model)
+        server.save_adapter(role, state, "centralized")
+        metrics[role] = server.evaluate(role, state, "centralized")
+    return MethodResult(metrics=metrics)
+
+
+ZERO_SHOT = register(MethodSpec(name="zero_shot", label="Zero-shot", rank=0, run=zero_shot,
+                                summary="the pretrained models as they are"))
+STANDALONE = register(MethodSpec(
+    name="standalone", label="Standalone", rank=10, run=standalone,
+    handlers={"train_and_evaluate": client_train_and_evaluate},
+    summary="each client fine-tunes a LoRA adapter alone; the mean over clients"))
+CENTRALIZED = register(MethodSpec(
+    name="centralized", label="Centralized", rank=90, run=centralized,
+    summary="one adapter on the pooled client data (and the LLM on pooled + auxiliary data); simulation only"))

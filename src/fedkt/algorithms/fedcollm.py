@@ -27,18 +27,45 @@ resumed from a round checkpoint equals an uninterrupted one.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from fedkt import progress
 from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
 from fedkt.algorithms.fedavg import fit_round
-from fedkt.config import FedCoLLMConfig
+from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
-from fedkt.experiment import Checkpoints, Env, derive_seed
 from fedkt.losses import answer_ce, kd_kl
-from fedkt.models import get_adapter_state, save_adapter, set_adapter_state
+from fedkt.models import get_adapter_state
+from fedkt.registry import MethodSpec, register
+from fedkt.rounds import RoundAlgorithm, RoundOutcome
+from fedkt.seeds import derive_seed
 from fedkt.train import batch_order, make_optimizer, seed_everything, tokenize_examples, trainable_parameters
+
+
+@dataclass
+class FedCoLLMConfig:
+    """The ``[fedcollm]`` section."""
+
+    kd_steps: int = 20
+    """R: optimizer steps of mutual distillation on the auxiliary set per round."""
+    kd_lambda: float = 1.0
+    temperature: float = 2.0
+    top_k: int = 0
+    """0: KL over the full vocabulary; k > 0: over the teacher's top-k logits (FATE default 128)."""
+    lr_slm: float = 3e-4
+    lr_llm: float = 3e-4
+    batch_size: int = 8
+    kd_tokens: Literal["all", "answer"] = "all"
+    """Positions the KL is taken over: every non-padding token, or only the answer tokens."""
+
+    def __post_init__(self):
+        check_positive(self, "kd_steps", "batch_size", "temperature", "lr_slm", "lr_llm")
+        check(self.kd_lambda >= 0, f"kd_lambda must be >= 0, got {self.kd_lambda}")
+        check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+
 
 # Clients do exactly what FedAvg clients do; everything new happens on the server.
 HANDLERS = FEDAVG_HANDLERS
@@ -128,57 +155,35 @@ def kd_divergence(slm, llm, tok, examples, cfg: FedCoLLMConfig, max_length: int)
     return {k: v / n for k, v in tot.items()}
 
 
-def run(env: Env) -> dict:
-    cfg = env.cfg
-    slm, tok, slm_init = env.slm
-    llm, llm_tok, llm_init = env.llm
-    check_shared_vocabulary(tok, llm_tok, slm, llm)
-    fed = env.federation(HANDLERS, "fedcollm")
-    ckpt = Checkpoints(env.out, "fedcollm")
-    theta, omega, per_round, start = slm_init, llm_init, [], 1
-    timings = {"client_train_s": 0.0, "aggregate_s": 0.0, "distill_s": 0.0, "eval_s": 0.0}
-    resumed = ckpt.latest()
-    if resumed:
-        last, tensors, saved = resumed
-        theta, omega, per_round, timings = tensors["slm"], tensors["llm"], saved["per_round"], saved["timings"]
-        fed.ledger = type(fed.ledger).from_list(saved["ledger"])
-        start = last + 1
-        progress.log(f"fedcollm: resuming after round {last}")
-    slm_metrics = per_round[-1].get("slm", {}) if per_round else {}
-    llm_metrics = per_round[-1].get("llm", {}) if per_round else {}
-    for rnd in range(start, cfg.federation.rounds + 1):
-        # 1–3: broadcast θᵗ, local fine-tuning, FedAvg (timed inside fit_round's federation calls)
+class FedCoLLM(RoundAlgorithm):
+    roles = ("slm", "llm")
+    phases = ("client_train_s", "aggregate_s", "distill_s")
+
+    def setup(self, server, fed):
+        check_shared_vocabulary(server.slm.tokenizer, server.llm.tokenizer, server.slm.model, server.llm.model)
+
+    def round(self, server, fed, state, rnd):
+        cfg, kd = server.cfg, server.cfg.section("fedcollm")
+        # 1–3: broadcast θᵗ, local fine-tuning, FedAvg
         t0 = time.perf_counter()
-        theta = fit_round(fed, theta, rnd, cfg.train.epochs)
+        theta = fit_round(fed, state["slm"], rnd, cfg.train.epochs)
         t1 = time.perf_counter()
-        client_s = fed.timings.pop("fit", 0.0)
-        timings["client_train_s"] += client_s
-        timings["aggregate_s"] += (t1 - t0) - client_s
+        client_s = fed.take_timing("fit")
         # 4: mutual knowledge transfer on Dᵃ
-        set_adapter_state(slm, theta)
-        set_adapter_state(llm, omega)
-        stats = mutual_distill(slm, llm, tok, env.aux, cfg.fedcollm, cfg.train.max_length,
+        slm, llm = server.slm.use(theta), server.llm.use(state["llm"])
+        stats = mutual_distill(slm, llm, server.slm.tokenizer, server.aux, kd, cfg.train.max_length,
                                cfg.train.max_grad_norm, seed=derive_seed(cfg.seed, "kd", rnd),
                                desc=f"round {rnd} server distill")
         theta, omega = get_adapter_state(slm), get_adapter_state(llm)
-        t2 = time.perf_counter()
-        timings["distill_s"] += t2 - t1
         progress.log(f"round {rnd}: distill KL(f‖g) {stats['kl_g_first']:.4f}->{stats['kl_g_last']:.4f} "
                      f"KL(g‖f) {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
-        # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here. Evaluate both.
-        entry = {"round": rnd, "distill": stats}
-        evaluated = {}
-        if cfg.eval.every_round or rnd == cfg.federation.rounds:
-            slm_metrics = entry["slm"] = env.evaluate("slm", theta, f"fedcollm r{rnd}")
-            llm_metrics = entry["llm"] = env.evaluate("llm", omega, f"fedcollm r{rnd}")
-            env.log_metrics(method="fedcollm", round=rnd, role="slm", metrics=slm_metrics)
-            evaluated = {"metrics": llm_metrics}
-        env.log_metrics(method="fedcollm", round=rnd, role="llm", distill=stats, **evaluated)
-        timings["eval_s"] += time.perf_counter() - t2
-        per_round.append(entry)
-        ckpt.save(rnd, {"slm": theta, "llm": omega},
-                  {"per_round": per_round, "timings": timings, "ledger": fed.ledger.to_list()})
-    save_adapter(slm, theta, env.out / "adapters" / "fedcollm" / "slm")
-    save_adapter(llm, omega, env.out / "adapters" / "fedcollm" / "llm")
-    return {"slm": slm_metrics, "llm": llm_metrics, "comm": fed.ledger.summary(), "per_round": per_round,
-            "timings": timings, "failures": fed.failures}
+        # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here
+        return RoundOutcome({"slm": theta, "llm": omega}, entry={"distill": stats}, logs={"llm": {"distill": stats}},
+                            timings={"client_train_s": client_s, "aggregate_s": (t1 - t0) - client_s,
+                                     "distill_s": time.perf_counter() - t1})
+
+
+register(MethodSpec(
+    name="fedcollm", label="FedCoLLM", rank=30, algorithm=FedCoLLM, handlers=HANDLERS, config=FedCoLLMConfig,
+    needs_llm=True,
+    summary="FedAvg of SLM adapters + mutual LLM/SLM distillation on the server's auxiliary data"))

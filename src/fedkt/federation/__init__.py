@@ -1,6 +1,6 @@
 """Transport-agnostic federation: the call interface, payload codec and the in-process runtime."""
 
-from fedkt.federation.base import ByteLedger, ClientFailure, Federation, Message
-from fedkt.federation.local import ClientContext, LocalFederation
+from fedkt.federation.base import (AllClientsFailed, ByteLedger, ClientFailure, Delivery, Federation,
+                                   Message)
 
-__all__ = ["ByteLedger", "ClientContext", "ClientFailure", "Federation", "LocalFederation", "Message"]
+__all__ = ["AllClientsFailed", "ByteLedger", "ClientFailure", "Delivery", "Federation", "Message"]

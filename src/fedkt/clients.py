@@ -1,0 +1,147 @@
+"""The client side: what a client is built from, what its handlers see, and what survives between calls.
+
+A client is built by a :class:`ClientFactory` from its own :class:`ClientSpec` (its model, LoRA settings,
+its private data, its training and evaluation settings): nothing of the server's is reachable from it.
+Handlers are plain functions ``handler(ctx: ClientContext, msg: Message) -> Message``.
+
+* In-process simulation: the partitioner hands each simulated client its shard (``ClientSpec.examples``)
+  and :class:`ClientFactory` shares one frozen base model among all simulated clients with the same
+  model spec (each client sets its own adapter into it before use), so memory grows with the adapter,
+  not the model, per client.
+* Real deployment: each client reads its own files (``ClientSpec.data_files``) and loads its own model.
+
+Client state that must survive between calls (adapter, optimizer or accountant state, a privacy kit)
+lives in :class:`StateStore`; a runtime that rebuilds clients per message (Flower) persists it with
+``to_bytes``/``from_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fedkt.config import EvalConfig, LoraSettings, TrainConfig
+from fedkt.data.tasks import Example
+from fedkt.federation.base import Message
+from fedkt.models import LoadedModel, load_lora_model
+from fedkt.seeds import derive_seed
+
+
+@dataclass
+class ClientSpec:
+    """Everything a client is built from; serialisable (JSON) except the in-process ``examples``."""
+
+    cid: str
+    model: str
+    """The client's SLM spec (``builtin:NAME``, a directory, a ``.gguf`` file)."""
+    dtype: str = "float32"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    """The experiment seed; handlers derive per-purpose seeds from it (``derive_seed(seed, ...)``)."""
+    examples: list[Example] | None = None
+    """The client's private training data, handed over in-process by the partitioner."""
+    data_files: list[str] = field(default_factory=list)
+    """Or: JSONL files the client reads itself (a real deployment)."""
+    data_task: str = "custom"
+    eval_sets: dict[str, list[Example]] = field(default_factory=dict)
+    """Evaluation data the client scores locally (standalone baseline)."""
+    workdir: Path | None = None
+
+
+class StateStore:
+    """Per-client state that survives between calls: JSON values and named tensor dicts."""
+
+    def __init__(self):
+        self.values: dict[str, Any] = {}
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values or key in self.tensors
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def to_bytes(self) -> bytes:
+        from fedkt.federation import codec
+
+        flat = {f"{name}/{k}": v for name, sd in self.tensors.items() for k, v in sd.items()}
+        return codec.encode(Message(tensors=flat, meta={"values": self.values, "groups": sorted(self.tensors)}))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "StateStore":
+        from fedkt.federation import codec
+
+        msg = codec.decode(data)
+        store = cls()
+        store.values = msg.meta["values"]
+        store.tensors = {g: {} for g in msg.meta["groups"]}
+        for key, v in msg.tensors.items():
+            g, k = key.split("/", 1)
+            store.tensors[g][k] = v
+        return store
+
+
+@dataclass
+class ClientContext:
+    """What a client handler sees: its own model, data, settings, state and workdir."""
+
+    cid: str
+    slm: LoadedModel | None = None
+    """The client's SLM (None for clients of methods that need no model, e.g. in runtime tests)."""
+    data: list[Example] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    eval_sets: dict[str, list[Example]] = field(default_factory=dict)
+    state: StateStore = field(default_factory=StateStore)
+    workdir: Path | None = None
+
+    def seed_for(self, *purpose: Any) -> int:
+        """A seed for one purpose of this client (e.g. ``ctx.seed_for("fit", round)``)."""
+        return derive_seed(self.seed, *purpose, self.cid)
+
+
+Handler = Callable[[ClientContext, Message], Message]
+
+
+def lora_seed(seed: int, role: str = "slm") -> int:
+    """The seed a role's fresh LoRA adapter is drawn from: the same on the server and every client."""
+    return derive_seed(seed, "lora", role)
+
+
+class ClientFactory:
+    """Builds :class:`ClientContext` objects from specs; loads each distinct base model once.
+
+    ``share_base=True`` (in-process simulation) keeps one loaded model per (model, dtype, LoRA) and hands it
+    to every client with that spec; a deployment builds one client per process anyway."""
+
+    def __init__(self, share_base: bool = True):
+        self.share_base = share_base
+        self._models: dict[tuple, LoadedModel] = {}
+
+    def load(self, spec: ClientSpec) -> LoadedModel:
+        key = (spec.model, spec.dtype, repr(spec.lora), spec.seed)
+        if not self.share_base or key not in self._models:
+            self._models[key] = load_lora_model(spec.model, spec.dtype, spec.lora, lora_seed(spec.seed))
+        return self._models[key]
+
+    def build(self, spec: ClientSpec) -> ClientContext:
+        if spec.examples is not None:
+            data = list(spec.examples)
+        else:
+            from fedkt.data.tasks import load_jsonl
+
+            data = [e for f in spec.data_files for e in load_jsonl(f, task=spec.data_task)]
+        return ClientContext(cid=spec.cid, slm=self.load(spec), data=data, train=spec.train, eval=spec.eval,
+                             seed=spec.seed, eval_sets=spec.eval_sets, workdir=spec.workdir)

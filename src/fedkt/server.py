@@ -1,0 +1,95 @@
+"""The server side of a run: its config, its own data and models, evaluation, metrics, adapter saving.
+
+A method's server procedure (or round step) sees a :class:`ServerContext` and the :class:`Federation`
+it opens with :meth:`ServerContext.federation`; it never sees a client object. Models load lazily (a
+method that needs no LLM never loads one) and are the server's own copies, distinct from any client's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from fedkt import progress
+from fedkt.clients import lora_seed
+from fedkt.config import ExperimentConfig
+from fedkt.data.tasks import Example
+from fedkt.evaluate import evaluate_tasks
+from fedkt.models import LoadedModel, load_lora_model, save_adapter
+
+if TYPE_CHECKING:
+    from fedkt.federation.base import Federation
+    from fedkt.registry import MethodSpec
+
+FederationFactory = Callable[["MethodSpec"], "Federation"]
+
+
+@dataclass
+class ServerContext:
+    cfg: ExperimentConfig
+    out: Path
+    open_federation: FederationFactory
+    """Given by the runtime: opens a federation whose clients answer a method's handlers."""
+    aux: list[Example] = field(default_factory=list)
+    """The server's own auxiliary (public) data."""
+    eval_sets: dict[str, list[Example]] = field(default_factory=dict)
+    pooled_client_data: Callable[[], list[Example]] | None = None
+    """Only in simulation: the union of the clients' data, for the centralized upper bound."""
+    _models: dict[str, LoadedModel] = field(default_factory=dict)
+
+    # -- models --------------------------------------------------------------------------------------
+    def model(self, role: str) -> LoadedModel:
+        """The server's ``"slm"`` or ``"llm"`` (loaded on first use, with a fresh LoRA adapter)."""
+        if role not in self._models:
+            spec = self.cfg.model.slm if role == "slm" else self.cfg.model.llm
+            if not spec:
+                raise ValueError("this method needs a server LLM: set model.llm")
+            t0 = time.perf_counter()
+            self._models[role] = load_lora_model(spec, self.cfg.model.dtype, self.cfg.lora, lora_seed(self.cfg.seed, role))
+            progress.log(f"loaded {role} {spec} in {time.perf_counter() - t0:.1f}s")
+        return self._models[role]
+
+    @property
+    def slm(self) -> LoadedModel:
+        return self.model("slm")
+
+    @property
+    def llm(self) -> LoadedModel:
+        return self.model("llm")
+
+    @property
+    def has_llm(self) -> bool:
+        return bool(self.cfg.model.llm)
+
+    def loaded_models(self) -> dict[str, LoadedModel]:
+        return dict(self._models)
+
+    # -- federation, evaluation, outputs ---------------------------------------------------------------
+    def federation(self, method: "MethodSpec") -> "Federation":
+        return self.open_federation(method)
+
+    def client_data(self) -> list[Example]:
+        if self.pooled_client_data is None:
+            raise RuntimeError("the clients' pooled data exists only in simulation (centralized baseline)")
+        return self.pooled_client_data()
+
+    def evaluate(self, role: str, state: dict[str, torch.Tensor] | None, desc: str) -> dict[str, dict]:
+        """Metrics per task of the server's ``role`` model with adapter ``state`` (None: the initial one)."""
+        m = self.model(role)
+        return evaluate_tasks(m.use(state), m.tokenizer, self.eval_sets, self.cfg.eval.batch_size,
+                              self.cfg.eval.max_new_tokens, desc=f"{desc} {role}")
+
+    def save_adapter(self, role: str, state: dict[str, torch.Tensor], method: str) -> Path:
+        path = self.out / "adapters" / method / role
+        save_adapter(self.model(role).model, state, path)
+        return path
+
+    def log_metrics(self, **row: Any) -> None:
+        row = {"time": round(time.time(), 3), **row}
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")

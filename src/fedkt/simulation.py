@@ -1,0 +1,91 @@
+"""In-process simulation of a federation: split the data, build each client from its own spec, run them
+behind a :class:`~fedkt.federation.local.LocalFederation`.
+
+This is the only place that sees every client's data at once (it plays the partitioner). The server
+gets its auxiliary set and the evaluation sets; each client gets a :class:`~fedkt.clients.ClientSpec`
+holding its shard, and the :class:`~fedkt.clients.ClientFactory` builds it (sharing one frozen base
+model among all simulated clients).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedkt.clients import ClientFactory, ClientSpec
+from fedkt.config import ExperimentConfig
+from fedkt.data.partition import partition, split_aux, subsample
+from fedkt.data.tasks import Example, load_jsonl, load_task
+from fedkt.federation.local import LocalFederation
+from fedkt.registry import MethodSpec
+from fedkt.seeds import derive_seed
+from fedkt.server import ServerContext
+
+
+def content_key(ex: Example) -> tuple:
+    """What makes two examples the same question, whatever their task tag or id."""
+    return (" ".join(ex.question.split()).lower(), tuple(" ".join(c.split()).lower() for c in ex.choices))
+
+
+def load_client_data(cfg: ExperimentConfig) -> tuple[list[list[Example]], list[Example]]:
+    """Clients' private training sets and the server's auxiliary set (disjoint, seeded)."""
+    d, p = cfg.data, cfg.partition
+    if p.scheme == "files":
+        clients = [load_jsonl(f, task=d.tasks[0] if d.tasks else "custom", on_bad_line=d.on_bad_line)
+                   for f in p.files]
+        aux: list[Example] = []
+        if p.aux_size:
+            # the server's public set comes from the tasks' train splits, minus anything a client holds
+            # (compared by content: client rows carry their file's ids and the first task's tag)
+            held = {content_key(e) for c in clients for e in c}
+            candidates = [e for t in d.tasks for e in load_task(t, d.train_split, d.dir, d.on_bad_line)
+                          if content_key(e) not in held]
+            if len(candidates) < p.aux_size:
+                from fedkt.config import ConfigError
+
+                raise ConfigError(f"partition.aux_size = {p.aux_size} but only {len(candidates)} examples of "
+                                  f"data.tasks are not held by a client; lower partition.aux_size")
+            aux = subsample(candidates, p.aux_size, derive_seed(cfg.seed, "aux"))
+        return clients, aux
+    pooled: list[Example] = []
+    for t in d.tasks:
+        rows = load_task(t, d.train_split, d.dir, d.on_bad_line)
+        pooled += subsample(rows, d.max_train_examples, derive_seed(cfg.seed, "train", t))
+    rest, aux = split_aux(pooled, p.aux_size, derive_seed(cfg.seed, "aux"))
+    return partition(rest, p.num_clients, p.scheme, derive_seed(cfg.seed, "partition"), p.alpha, p.key), aux
+
+
+def load_eval_sets(cfg: ExperimentConfig) -> dict[str, list[Example]]:
+    return {t: subsample(load_task(t, cfg.data.eval_split, cfg.data.dir, cfg.data.on_bad_line),
+                         cfg.eval.limit, derive_seed(cfg.seed, "eval", t))
+            for t in cfg.eval_tasks}
+
+
+class Simulation:
+    """The clients of one run, simulated in this process."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self.clients_data, self.aux = load_client_data(cfg)
+        self.eval_sets = load_eval_sets(cfg)
+        self.factory = ClientFactory(share_base=True)
+
+    def client_spec(self, i: int, method: str) -> ClientSpec:
+        cfg = self.cfg
+        cid = f"client{i}"
+        return ClientSpec(cid=cid, model=cfg.model.slm, dtype=cfg.model.dtype, lora=cfg.lora, train=cfg.train,
+                          eval=cfg.eval, seed=cfg.seed, examples=self.clients_data[i], eval_sets=self.eval_sets,
+                          workdir=self.out / "clients" / cid / method)
+
+    def federation(self, method: MethodSpec) -> LocalFederation:
+        """Fresh clients (fresh state) for ``method``, answering its handlers."""
+        contexts = [self.factory.build(self.client_spec(i, method.name)) for i in range(len(self.clients_data))]
+        return LocalFederation(contexts, method.handlers, on_failure=self.cfg.federation.on_client_failure)
+
+    def server(self) -> ServerContext:
+        return ServerContext(cfg=self.cfg, out=self.out, open_federation=self.federation, aux=self.aux,
+                             eval_sets=self.eval_sets,
+                             pooled_client_data=lambda: [e for c in self.clients_data for e in c])
+
+    def data_summary(self) -> dict:
+        return {"clients": [len(c) for c in self.clients_data], "aux": len(self.aux),
+                "eval": {t: len(e) for t, e in self.eval_sets.items()}}
