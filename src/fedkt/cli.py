@@ -72,6 +72,17 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
         json_out.write_text(json.dumps(scores, indent=2))
 
 
+@app.command("methods")
+def methods_():
+    """List the registered methods (name, whether it needs a server LLM, its config section)."""
+    from fedkt import registry
+
+    for name, spec in registry.methods().items():
+        extra = ", ".join(x for x in ("needs model.llm" if spec.needs_llm else "",
+                                      f"settings: [{name}]" if spec.config else "") if x)
+        typer.echo(f"{name:12s} {spec.label:12s} {spec.summary}" + (f" ({extra})" if extra else ""))
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory holding results.json.")):
     """Re-render report.md (tables + plot) from a run's results.json."""
