@@ -78,6 +78,18 @@ def test_client_side_modules_never_import_the_server_side():
         assert not {m for m in names if any(m == s or m.startswith(s + ".") for s in server_side)}, f
 
 
+def test_deployed_client_reads_its_own_files(tmp_path, model_dirs):
+    from conftest import write_arc
+
+    from fedkt.clients import ClientFactory, ClientSpec
+
+    files = [str(write_arc(tmp_path / f"part{i}.jsonl", 3, start=10 * i)) for i in range(2)]
+    ctx = ClientFactory(share_base=False).build(ClientSpec(cid="hospital-a", model=str(model_dirs["slm"]),
+                                                           data_files=files, data_task="arc_easy"))
+    assert [e.id for e in ctx.data] == ["q0", "q1", "q2", "q10", "q11", "q12"] and ctx.data[0].task == "arc_easy"
+    assert ctx.slm.tokenizer is not None and ctx.seed_for("fit", 1) != ctx.seed_for("fit", 2)
+
+
 def test_state_store_round_trip():
     s = StateStore()
     s["round"] = 3

@@ -82,7 +82,7 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
         if resumed:
             last, state, saved = resumed
             per_round, timings = saved["per_round"], saved["timings"]
-            fed.load_state_dict(saved["federation"])
+            fed.load_state_dict(saved.get("federation", {"ledger": saved.get("ledger", [])}))  # pre-0.2 checkpoints
             start = last + 1
             progress.log(f"{name}: resuming after round {last}")
         for rnd in range(start, cfg.federation.rounds + 1):
