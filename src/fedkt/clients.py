@@ -51,6 +51,8 @@ class ClientSpec:
     eval_sets: dict[str, list[Example]] = field(default_factory=dict)
     """Evaluation data the client scores locally (standalone baseline)."""
     workdir: Path | None = None
+    secret_seed: int | None = None
+    """The client's own secret seed (text-DP sampling); None in simulation (derived, see ClientContext)."""
 
 
 class StateStore:
@@ -107,9 +109,26 @@ class ClientContext:
     state: StateStore = field(default_factory=StateStore)
     workdir: Path | None = None
 
+    secret_seed: int | None = None
+    """Seeds randomness whose secrecy a privacy guarantee rests on (text-DP sampling). A deployed client
+    sets its own (ClientSpec.secret_seed); in simulation it derives from the config seed, which keeps runs
+    reproducible but is known to the server: simulation only."""
+
     def seed_for(self, *purpose: Any) -> int:
         """A seed for one purpose of this client (e.g. ``ctx.seed_for("fit", round)``)."""
         return derive_seed(self.seed, *purpose, self.cid)
+
+    def secret_seed_for(self, *purpose: Any) -> int:
+        base = self.secret_seed if self.secret_seed is not None else derive_seed(self.seed, "secret", self.cid)
+        return derive_seed(base, *purpose)
+
+    def save_state(self) -> None:
+        """Persist the state store to the workdir (a resumed run finds it there)."""
+        if self.workdir is not None and (self.state.values or self.state.tensors):
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            tmp = self.workdir / "state.fkt.tmp"
+            tmp.write_bytes(self.state.to_bytes())
+            tmp.replace(self.workdir / "state.fkt")
 
 
 Handler = Callable[[ClientContext, Message], Message]
@@ -143,5 +162,9 @@ class ClientFactory:
             from fedkt.data.tasks import load_jsonl
 
             data = [e for f in spec.data_files for e in load_jsonl(f, task=spec.data_task)]
+        state = StateStore()
+        if spec.workdir is not None and (spec.workdir / "state.fkt").is_file():
+            state = StateStore.from_bytes((spec.workdir / "state.fkt").read_bytes())
         return ClientContext(cid=spec.cid, slm=self.load(spec), data=data, train=spec.train, eval=spec.eval,
-                             seed=spec.seed, eval_sets=spec.eval_sets, workdir=spec.workdir)
+                             seed=spec.seed, eval_sets=spec.eval_sets, state=state, workdir=spec.workdir,
+                             secret_seed=spec.secret_seed)

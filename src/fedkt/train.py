@@ -85,7 +85,11 @@ def sft(model, tok, examples: Sequence[Example], cfg: TrainConfig, seed: int, ep
 
 
 def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainConfig, seed: int,
-               pad_id: int, epochs: float | None = None, desc: str = "train") -> TrainStats:
+               pad_id: int, epochs: float | None = None, desc: str = "train",
+               collate: Callable | None = None) -> TrainStats:
+    """Optimise ``loss_fn(model, batch)`` over ``data``; ``collate(items, pad_id)`` builds a batch
+    (default: ``collate_sft``, for multi-part items pass your own)."""
+    collate = collate or collate_sft
     seed_everything(seed)
     params = trainable_parameters(model)
     if not params:
@@ -104,7 +108,7 @@ def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainC
             group = batches[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]
             total = 0.0
             for idx in group:
-                batch = collate_sft([data[i] for i in idx], pad_id)
+                batch = collate([data[i] for i in idx], pad_id)
                 loss = loss_fn(model, batch) / len(group)
                 loss.backward()
                 total += loss.item()

@@ -2,4 +2,4 @@
 client handlers it calls, and registers itself with :func:`fedkt.registry.register`; importing this
 package registers the built-in methods."""
 
-from fedkt.algorithms import baselines, fedavg, fedcollm, fedprox  # noqa: F401
+from fedkt.algorithms import baselines, fedavg, fedcollm, fedcot, fedprox  # noqa: F401

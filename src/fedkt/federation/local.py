@@ -28,7 +28,9 @@ class LocalFederation(Federation):
         for cid, msg in payloads.items():
             down = codec.encode(msg)
             try:
-                reply = handler(self._contexts[cid], codec.decode(down))
+                ctx = self._contexts[cid]
+                reply = handler(ctx, codec.decode(down))
+                ctx.save_state()
                 up = codec.encode(reply)
             except Exception as e:  # noqa: BLE001 - reported per client, the policy decides
                 out[cid] = Delivery(error=e, down_bytes=len(down))

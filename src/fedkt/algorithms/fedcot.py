@@ -1,0 +1,292 @@
+"""FedCoT: privacy-preserving chain-of-thought distillation from the server LLM to the clients' SLMs
+(Fan et al., EMNLP Findings 2025; first version "PDSS", arXiv 2406.12403), with the multi-task objective
+of "Distilling step-by-step" (Hsieh et al. 2023).
+
+Round 1 (the paper's protocol, for every client k in parallel):
+  1. encode (client): render each private training example (question + choices) and perturb every
+     token with token-level text DP — the exponential mechanism over the server LLM's public token
+     embeddings (``fedkt.privacy.text_dp``), ε per token, seeded with the client's *secret* seed. Only
+     the perturbed prompts leave the client;
+  2. generate (server): the LLM writes a rationale for each perturbed prompt with a few-shot
+     chain-of-thought prompt in its chat format (a local model, or an OpenAI-compatible server);
+  3. decode (client): the SLM turns (perturbed prompt, perturbed rationale, original question) into a
+     rationale for the original question by in-context learning; the client keeps it;
+  4. train (client): multi-task distillation on the SLM's LoRA,
+         L = α·CE(rationale | "Explain" prompt) + (1−α)·CE(answer | task prompt),
+     and uploads the adapter; the server averages the adapters (FedAvg, sample-weighted).
+Rounds r ≥ 2 (a federated extension of the paper, documented as such): clients re-train on their kept
+rationales from the averaged adapter, and the server averages again. No prompt is perturbed twice, so a
+client's privacy cost is that of round 1 whatever the number of rounds. rounds = 1 is the paper's
+setting (plus one averaging step so the server can report a single model).
+
+Evaluation scores the task prompt only ("Predict"), exactly as every other method. The adapters that
+FedAvg uploads are trained on private data as in FedAvg; text DP protects the prompts, not the adapters
+(docs/fedcot.md).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedkt import progress
+from fedkt.algorithms.fedavg import aggregate
+from fedkt.clients import ClientContext
+from fedkt.config import check
+from fedkt.data.collate import collate_sft, make_sft_example
+from fedkt.data.prompts import training_text
+from fedkt.data.tasks import Example
+from fedkt.federation.base import Message
+from fedkt.losses import answer_ce
+from fedkt.models import get_adapter_state
+from fedkt.registry import MethodSpec, register
+from fedkt.rounds import RoundAlgorithm, RoundOutcome
+from fedkt.train import train_loop
+
+
+@dataclass
+class FedCoTConfig:
+    """The ``[fedcot]`` section."""
+
+    epsilon: float = 3.0
+    """Text-DP ε per token (``inf``: no perturbation). A prompt of n tokens costs n·ε (basic composition)."""
+    client_epsilons: list[float] = field(default_factory=list)
+    """Per-client ε (client i gets entry i); empty: every client uses ``epsilon``."""
+    kit_neighbors: int = 64
+    """N: neighbours per token in the embedding kit (see docs/text-dp.md)."""
+    kit_model: str = ""
+    """Local model whose public tokenizer + input embeddings define the kit; empty = ``model.llm`` (needed
+    when the LLM is an ``openai:`` server)."""
+    alpha: float = 0.5
+    """α: weight of the rationale loss; 1 − α weighs the label loss."""
+    rationale_tokens: int = 96
+    """Server LLM budget per rationale."""
+    decode_tokens: int = 96
+    """Client SLM budget per decoded rationale."""
+    empty_rationales: bool = False
+    """Ablation: the server returns empty rationales (what the LLM contributes through the decoder)."""
+    gen_batch_size: int = 16
+
+    def __post_init__(self):
+        check(self.epsilon > 0, f"epsilon must be > 0 (inf for no perturbation), got {self.epsilon}")
+        for i, e in enumerate(self.client_epsilons):
+            check(e > 0, f"client_epsilons[{i}] must be > 0, got {e}")
+        check(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
+        for name in ("kit_neighbors", "rationale_tokens", "decode_tokens", "gen_batch_size"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+TEACHER_SYSTEM = ("You are a patient science teacher. Explain step by step how to find the correct answer to "
+                  "the multiple-choice question, in two or three short sentences, then state the answer.")
+FEW_SHOT = [
+    ("Question: Which gas do plants take in from the air to make food?\nChoices: (A) oxygen (B) carbon dioxide "
+     "(C) nitrogen (D) helium",
+     "Plants make food by photosynthesis. Photosynthesis uses water, light and carbon dioxide from the air, and "
+     "gives off oxygen. So the answer is (B) carbon dioxide."),
+    ("Question: What happens to water when it freezes?\nChoices: (A) it becomes a gas (B) it becomes a solid "
+     "(C) it disappears (D) it gets hotter",
+     "Freezing is the change from liquid to solid when water is cooled below 0 degrees Celsius. Ice is solid "
+     "water. So the answer is (B) it becomes a solid."),
+]
+STOP = ["\n\n", "\nQuestion:", "<|im_end|>", "<|endoftext|>"]
+
+
+def render_question(ex: Example) -> str:
+    """What the client perturbs: the question and its lettered choices."""
+    choices = " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(ex.choices))
+    return f"Question: {ex.question}\nChoices: {choices}" if choices else f"Question: {ex.question}"
+
+
+def explain_prompt(ex: Example) -> str:
+    """The rationale task's prompt (the label task uses the ordinary task prompt)."""
+    return render_question(ex) + "\nExplain step by step:"
+
+
+def decode_prompt(perturbed: str, rationale: str, ex: Example) -> str:
+    """In-context decoding: the perturbed question with the LLM's rationale as a worked example, then the
+    original question (only the client sees it)."""
+    return (f"{perturbed}\nExplanation: {rationale.strip()}\n\n"
+            f"{render_question(ex)}\nExplanation:")
+
+
+# ---------------------------------------------------------------------------------------------- client
+def client_encode(ctx: ClientContext, msg: Message) -> Message:
+    """Step 1: perturb every private prompt with text DP; only the perturbed prompts leave."""
+    from fedkt.privacy.text_dp import EmbeddingKit, perturb_batch, tokenizer_fingerprint
+
+    eps = float(msg.meta["epsilon"])
+    tok = ctx.slm.tokenizer
+    originals = [render_question(ex) for ex in ctx.data]
+    if math.isinf(eps):
+        texts, n_tokens, n_changed = originals, [len(tok(t, add_special_tokens=False)["input_ids"]) for t in originals], 0
+    else:
+        kit = EmbeddingKit.load(msg.meta["kit"])
+        if kit.meta.get("tokenizer_sha256") not in (None, tokenizer_fingerprint(tok)):
+            raise ValueError("the text-DP kit was built for another tokenizer than this client's SLM: FedCoT "
+                             "perturbs in the LLM's token space, so the SLM must share the LLM's tokenizer")
+        results = perturb_batch(originals, kit, tok, eps, seed=ctx.secret_seed_for("textdp"))
+        texts = [r.text for r in results]
+        n_tokens = [r.n_tokens for r in results]
+        n_changed = sum(r.n_changed for r in results)
+    ctx.state["perturbed"] = texts
+    prompt_eps = [n * eps for n in n_tokens]
+    return Message(texts=texts, meta={
+        "epsilon_per_token": eps, "tokens": sum(n_tokens), "changed_fraction": n_changed / max(1, sum(n_tokens)),
+        "prompt_epsilon_mean": statistics.fmean(prompt_eps) if prompt_eps else 0.0,
+        "prompt_epsilon_max": max(prompt_eps, default=0.0)})
+
+
+def decode_rationales(ctx: ClientContext, rationales: list[str], decode_tokens: int, batch_size: int) -> list[str]:
+    """Step 3: the SLM writes a rationale for each original question from the perturbed example."""
+    from fedkt.generate import generate
+
+    perturbed = ctx.state["perturbed"]
+    if len(rationales) != len(perturbed):
+        raise ValueError(f"got {len(rationales)} rationales for {len(perturbed)} prompts")
+    prompts = [decode_prompt(p, r, ex) for p, r, ex in zip(perturbed, rationales, ctx.data)]
+    return [r.strip() for r in generate(ctx.slm.model, ctx.slm.tokenizer, prompts, max_new_tokens=decode_tokens,
+                                        batch_size=batch_size, stop=STOP, desc=f"{ctx.cid} decode rationales")]
+
+
+def multitask_loss(model, batch: dict[str, dict[str, torch.Tensor]], alpha: float) -> torch.Tensor:
+    """L = α·CE(rationale | explain prompt) + (1−α)·CE(answer | task prompt), each a token mean."""
+    def ce(b):
+        return answer_ce(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+
+    parts = []
+    if alpha > 0:
+        parts.append(alpha * ce(batch["explain"]))
+    if alpha < 1:
+        parts.append((1 - alpha) * ce(batch["predict"]))
+    return sum(parts)
+
+
+def multitask_data(tok, examples: list[Example], rationales: list[str], max_length: int) -> list[tuple]:
+    return [(make_sft_example(tok, explain_prompt(ex), " " + r, max_length),
+             make_sft_example(tok, *training_text(ex), max_length)) for ex, r in zip(examples, rationales)]
+
+
+def collate_multitask(items: list[tuple], pad_id: int) -> dict[str, dict[str, torch.Tensor]]:
+    return {"explain": collate_sft([e for e, _ in items], pad_id), "predict": collate_sft([p for _, p in items], pad_id)}
+
+
+def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
+    """Steps 3–4: decode the LLM's rationales (round 1), then multi-task training from the global adapter."""
+    rnd, m = msg.meta["round"], msg.meta
+    model = ctx.slm.use(msg.tensors or None)
+    if "rationales" not in ctx.state:
+        ctx.state["rationales"] = decode_rationales(ctx, msg.texts, m["decode_tokens"], m["gen_batch_size"])
+    tok = ctx.slm.tokenizer
+    data = multitask_data(tok, ctx.data, ctx.state["rationales"], ctx.train.max_length)
+    stats = train_loop(model, data, lambda mdl, b: multitask_loss(mdl, b, m["alpha"]), ctx.train,
+                       seed=ctx.seed_for("fit", rnd), pad_id=tok.pad_token_id, epochs=m.get("epochs", ctx.train.epochs),
+                       desc=f"round {rnd} {ctx.cid} train", collate=collate_multitask)
+    return Message(tensors=get_adapter_state(model),
+                   meta={"num_examples": len(ctx.data), "loss": stats.mean_loss, "steps": stats.steps})
+
+
+HANDLERS = {"encode": client_encode, "decode_train": client_decode_train}
+
+
+# ---------------------------------------------------------------------------------------------- server
+def teacher_prompts(generator, perturbed: list[str]) -> list[str]:
+    return [generator.chat_prompt(TEACHER_SYSTEM, p, FEW_SHOT) for p in perturbed]
+
+
+class FedCoT(RoundAlgorithm):
+    roles = ("slm",)
+    phases = ("encode_s", "generate_s", "client_train_s", "aggregate_s")
+
+    def setup(self, server, fed):
+        self.cfg = server.cfg.section("fedcot")
+        self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed)) else ""
+
+    def epsilons(self, fed) -> dict[str, float]:
+        eps = self.cfg.client_epsilons
+        if eps and len(eps) != len(fed.clients):
+            raise ValueError(f"fedcot.client_epsilons lists {len(eps)} values for {len(fed.clients)} clients")
+        return {c: (eps[i] if eps else self.cfg.epsilon) for i, c in enumerate(fed.clients)}
+
+    def round(self, server, fed, state, rnd):
+        cfg, timings, entry = self.cfg, {}, {}
+        meta = {"round": rnd, "epochs": server.cfg.train.epochs, "alpha": cfg.alpha,
+                "decode_tokens": cfg.decode_tokens, "gen_batch_size": cfg.gen_batch_size}
+        texts: dict[str, list[str]] = {c: [] for c in fed.clients}
+        if rnd == 1:  # later rounds train on the rationales each client kept (in its state)
+            t0 = time.perf_counter()
+            eps = self.epsilons(fed)
+            encoded = fed.call("encode", {c: Message(meta={"epsilon": e, "kit": self.kit_path}) for c, e in eps.items()},
+                               rnd)
+            timings["encode_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            texts = self.rationales(server, {c: r.texts for c, r in encoded.items()})
+            timings["generate_s"] = time.perf_counter() - t1
+            entry["privacy"] = {c: {k: r.meta[k] for k in ("epsilon_per_token", "tokens", "changed_fraction",
+                                                          "prompt_epsilon_mean", "prompt_epsilon_max")}
+                                for c, r in encoded.items()}
+            entry["generation"] = {"prompts": sum(len(t) for t in texts.values()),
+                                   "empty": sum(1 for t in texts.values() for x in t if not x.strip())}
+        t2 = time.perf_counter()
+        replies = fed.call("decode_train", {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta)
+                                            for c in fed.clients}, rnd)
+        client_s = fed.take_timing("decode_train")
+        theta = aggregate([r.tensors for r in replies.values()], [r.meta["num_examples"] for r in replies.values()])
+        progress.log(f"round {rnd}: client train loss " + str({c: round(r.meta['loss'], 4) for c, r in replies.items()}))
+        timings.update(client_train_s=client_s, aggregate_s=time.perf_counter() - t2 - client_s)
+        return RoundOutcome({"slm": theta}, entry=entry, timings=timings)
+
+    def rationales(self, server, perturbed: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Step 2: the LLM's rationales for every client's perturbed prompts, in one batched pass."""
+        if self.cfg.empty_rationales:
+            return {c: [""] * len(p) for c, p in perturbed.items()}
+        gen = teacher(server, self.cfg)
+        flat = [p for ps in perturbed.values() for p in ps]
+        outs = gen.generate(teacher_prompts(gen, flat), max_new_tokens=self.cfg.rationale_tokens, stop=STOP)
+        out, i = {}, 0
+        for c, ps in perturbed.items():
+            out[c] = [o.strip() for o in outs[i:i + len(ps)]]
+            i += len(ps)
+        return out
+
+
+def teacher(server, cfg: FedCoTConfig):
+    """The server LLM as a text generator: an ``openai:`` server, or the local LLM (its initial adapter)."""
+    from fedkt.backends import HFGenerator, make_generator
+
+    spec = server.cfg.model.llm
+    if spec.startswith("openai:"):
+        return make_generator(spec, batch_size=cfg.gen_batch_size)
+    return HFGenerator(server.llm.use(None), server.llm.tokenizer, batch_size=cfg.gen_batch_size, name=spec,
+                       desc="server LLM writes rationales")
+
+
+def kit_for(server, cfg: FedCoTConfig) -> str:
+    """Build (once, cached on disk) the text-DP kit of the LLM's public tokenizer + input embeddings; the
+    clients load it by path (in a deployment each client holds a copy of this public file)."""
+    from fedkt.privacy.text_dp import EmbeddingKit
+
+    spec = cfg.kit_model or server.cfg.model.llm
+    if spec.startswith("openai:"):
+        raise ValueError("model.llm is an openai: server, whose embeddings fedkt cannot read: set fedcot.kit_model "
+                         "to a local model with the same tokenizer (e.g. the SLM) to build the text-DP kit")
+    if spec == server.cfg.model.llm:
+        model, tok = server.llm.model, server.llm.tokenizer
+    else:
+        from fedkt.models import load_model
+
+        model, tok = load_model(spec)
+    kit = EmbeddingKit.for_model(tok, model.get_input_embeddings().weight.detach(), n_neighbors=cfg.kit_neighbors)
+    return str(kit.path)
+
+
+register(MethodSpec(
+    name="fedcot", label="FedCoT", rank=40, algorithm=FedCoT, handlers=HANDLERS, config=FedCoTConfig,
+    needs_llm=True,
+    summary="clients send text-DP-perturbed prompts, the LLM writes rationales, clients decode them and "
+            "distil step by step"))
