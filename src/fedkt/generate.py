@@ -1,44 +1,277 @@
-"""Batched greedy generation (left-padded), with stop strings."""
+"""Batched generation with a KV cache that stops as soon as each row is done; chat prompts.
+
+``generate(model, tok, prompts, ...)`` continues every prompt and returns only the new text, cut at the
+first stop string. The method, and why:
+
+* **Own decode loop, not ``model.generate``.** One prefill forward on a left-padded batch (only the last
+  position's logits are computed: ``logits_to_keep=1`` saves a ``prompt_len x vocab`` matmul), then one
+  forward per new token with the KV cache. Position ids are ``cumsum(attention_mask) - 1`` so a padded
+  row sees exactly the positions it would see alone; batched greedy output equals one-at-a-time greedy
+  output token for token (tested).
+* **Real stopping.** A row is finished when it emits an EOS token (the tokenizer's and the model's
+  ``generation_config`` ones) or when its text contains a stop string. Stop strings are detected on the
+  text, not on token ids (a string such as ``"\\nQuestion:"`` can be tokenised many ways): each step
+  decodes only the last ``max(len(stop)) + 4`` tokens of every live row, and a hit is confirmed on the
+  row's full decoded text. The loop ends when every row is finished, not at ``max_new_tokens``.
+* **Finished rows leave the batch.** When rows finish, they are dropped from the batch and the KV cache
+  (``Cache.batch_select_indices``), so the remaining rows run at the cost of a smaller batch. Prompts
+  are bucketed by token length (sorted, then cut into batches) so little compute goes to padding;
+  outputs come back in the input order.
+* **Deterministic sampling.** Sampling draws from one ``torch.Generator`` seeded with ``seed`` (the
+  global RNG is untouched); batches run in a fixed order, so a call is reproducible given its seed,
+  prompts and ``batch_size``. Temperature, then top-k, then top-p (nucleus), as in transformers.
+
+``chat_prompt(tok, system, user, few_shot)`` renders a conversation with the tokenizer's chat template
+(plain ``User:``/``Assistant:`` text when the tokenizer has none) ending where the assistant speaks.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from fedkt import progress
 
+_STOP_WINDOW_SLACK = 4  # tokens decoded beyond the longest stop string's length when looking for it
+
+
+@dataclass
+class Generation:
+    """What a generation call produced, for callers that want more than the texts."""
+
+    texts: list[str]
+    new_tokens: list[int]  # tokens generated per prompt, up to and including its EOS / stop string
+    token_ids: list[list[int]] = field(default_factory=list)  # the generated ids (EOS included, if any)
+    forward_calls: int = 0  # model forwards (prefills + decode steps) over all batches
+    seconds: float = 0.0
+    per_batch_steps: list[int] = field(default_factory=list)
+
+    @property
+    def total_new_tokens(self) -> int:
+        return sum(self.new_tokens)
+
+
+def eos_token_ids(model, tok) -> list[int]:
+    """EOS ids from the tokenizer and the model's generation config (which may list several)."""
+    ids: set[int] = set()
+    for src in (tok.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return sorted(ids)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+            gen: torch.Generator) -> torch.Tensor:
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        drop_sorted[:, 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+
+def _forward(model, **kw):
+    try:
+        return model(**kw)
+    except TypeError as e:  # a model without logits_to_keep: compute all logits
+        if "logits_to_keep" not in str(e) or "logits_to_keep" not in kw:
+            raise
+        kw.pop("logits_to_keep")
+        return model(**kw)
+
+
+def _has_stop(text: str, stop: Sequence[str]) -> bool:
+    return any(s in text for s in stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if 0 <= i < cut:
+            cut = i
+    return text[:cut]
+
+
+def _decode_batch(model, tok, rows: list[list[int]], max_new_tokens: int, pad_id: int, eos: torch.Tensor,
+                  stop: Sequence[str], sampler, on_finish) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Generate for one batch of token-id prompts. Returns (tokens (B, T), new-token counts (B,), forwards)."""
+    b = len(rows)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding
+        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        attn[i, width - len(r):] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = _forward(model, input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                   logits_to_keep=1)
+    forwards = 1
+    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    next_pos = pos[:, -1] + 1
+    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)
+    n_new = torch.zeros(b, dtype=torch.long)
+    live = torch.arange(b)  # batch rows still generating, in cache order
+    window = max((len(s) for s in stop), default=0) + _STOP_WINDOW_SLACK
+    if not hasattr(cache, "batch_select_indices"):
+        raise TypeError(f"{type(model).__name__} returned a {type(cache).__name__} KV cache without "
+                        f"batch_select_indices; fedkt.generate needs a transformers Cache (transformers >= 5)")
+    for t in range(max_new_tokens):
+        nxt = sampler(logits)
+        tokens[live, t] = nxt
+        n_new[live] = t + 1
+        done = torch.isin(nxt, eos)
+        if stop:
+            lo = max(0, t + 1 - window)
+            tails = tok.batch_decode(tokens[live, lo:t + 1].tolist(), skip_special_tokens=True)
+            for j, tail in enumerate(tails):  # a loop over rows; the text check has no tensor form
+                if not done[j] and _has_stop(tail, stop):
+                    full = tok.decode(tokens[live[j], :t + 1].tolist(), skip_special_tokens=True)
+                    done[j] = _has_stop(full, stop)
+        n_done = int(done.sum())
+        if n_done:
+            on_finish(n_done)
+        if t == max_new_tokens - 1 or n_done == len(live):
+            if t == max_new_tokens - 1 and n_done < len(live):
+                on_finish(len(live) - n_done)
+            break
+        attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+        if n_done:
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, nxt, attn, next_pos = live[keep], nxt[keep], attn[keep], next_pos[keep]
+        out = _forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+        forwards += 1
+        logits = out.logits[:, -1, :]
+        next_pos = next_pos + 1
+    return tokens, n_new, forwards
+
 
 @torch.no_grad()
+def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
+                do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                seed: int = 0, stop: Sequence[str] = (), desc: str = "generate") -> Generation:
+    """``generate`` with counts: texts, tokens generated per prompt, model forwards and wall time."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stop = [s for s in stop if s]
+    t0 = time.perf_counter()
+    n = len(prompts)
+    if n == 0:
+        return Generation([], [])
+    ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+    for i, r in enumerate(ids):
+        if not r:
+            if tok.bos_token_id is None:
+                raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS token to start from; "
+                                 f"give every prompt some text")
+            ids[i] = [tok.bos_token_id]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_token_ids(model, tok)[0]
+    eos = torch.tensor(eos_token_ids(model, tok), dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    if do_sample:
+        sampler = lambda logits: _sample(logits, temperature, top_k, top_p, gen)  # noqa: E731
+    else:
+        sampler = lambda logits: logits.argmax(-1)  # noqa: E731
+    order = sorted(range(n), key=lambda i: -len(ids[i]))  # length buckets, longest first (stable)
+    texts: list[str] = [""] * n
+    counts: list[int] = [0] * n
+    res = Generation(texts, counts, [[] for _ in range(n)])
+    was_training = model.training
+    model.eval()
+    made = 0
+    try:
+        with progress.bar(desc, n) as pb:
+            def on_finish(k: int) -> None:
+                pb.advance(k, tok_s=(made + 0.0) / max(time.perf_counter() - t0, 1e-9))
+
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                tokens, n_new, fw = _decode_batch(model, tok, [ids[i] for i in idx], max_new_tokens, pad_id, eos,
+                                                  stop, sampler, on_finish)
+                res.forward_calls += fw
+                res.per_batch_steps.append(fw - 1)
+                new_ids = [tokens[j, :int(n_new[j])].tolist() for j in range(len(idx))]
+                decoded = tok.batch_decode(new_ids, skip_special_tokens=True)
+                for j, i in enumerate(idx):
+                    texts[i] = cut_at_stop(decoded[j], stop)
+                    counts[i] = len(new_ids[j])
+                    res.token_ids[i] = new_ids[j]
+                made += int(n_new.sum())
+    finally:
+        model.train(was_training)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
 def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] = (), desc: str = "generate") -> list[str]:
-    """Continue each prompt; returns only the new text, cut at the first stop string."""
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    outs: list[str] = []
-    gen = torch.Generator().manual_seed(seed)
-    model.eval()
-    try:
-        with progress.bar(desc, len(prompts)) as pb:
-            for start in range(0, len(prompts), batch_size):
-                chunk = list(prompts[start:start + batch_size])
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id, do_sample=do_sample)
-                if do_sample:
-                    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                    kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-                else:
-                    kwargs.update(temperature=None, top_p=None, top_k=None)
-                out = model.generate(**enc, **kwargs)
-                new = out[:, enc["input_ids"].shape[1]:]
-                for text in tok.batch_decode(new, skip_special_tokens=True):
-                    for s in stop:
-                        if s in text:
-                            text = text[: text.index(s)]
-                    outs.append(text)
-                pb.advance(len(chunk))
-    finally:
-        tok.padding_side = old_side
-    return outs
+    """Continue each prompt; returns only the new text, cut at the first stop string.
+
+    Greedy unless ``do_sample``; sampling is reproducible given ``seed`` (and ``batch_size``). Each row
+    stops at EOS or its first stop string; the call returns when every row has stopped or reached
+    ``max_new_tokens``.
+    """
+    return generate_ex(model, tok, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p, top_k,
+                       seed, stop, desc).texts
+
+
+# --------------------------------------------------------------------------------------------------
+# chat prompts
+
+
+def chat_messages(system: str | None, user: str,
+                  few_shot: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """OpenAI-style messages: optional system turn, few-shot (user, assistant) pairs, the user turn."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for u, a in few_shot:
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    return msgs + [{"role": "user", "content": user}]
+
+
+def render_plain(messages: Sequence[dict[str, str]]) -> str:
+    """Plain-text chat for models without a template: ``User: …\\nAssistant: …`` turns, open at the end.
+    Use ``stop=["\\nUser:"]`` so the model does not write the next user turn."""
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"] + "\n\n")
+        else:
+            parts.append(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n")
+    return "".join(parts) + "Assistant:"
+
+
+def render_chat(tok, messages: Sequence[dict[str, str]]) -> str:
+    """Messages -> prompt text with ``tok``'s chat template (generation prompt added), or plain text."""
+    if getattr(tok, "chat_template", None):
+        try:
+            return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template without a system role (e.g. Gemma): fold it into the first turn
+            if not messages or messages[0]["role"] != "system" or len(messages) < 2:
+                raise
+            first = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
+            try:
+                return tok.apply_chat_template([first, *messages[2:]], tokenize=False, add_generation_prompt=True)
+            except Exception:
+                raise e from None
+    return render_plain(messages)
+
+
+def chat_prompt(tok, system: str | None, user: str, few_shot: Sequence[tuple[str, str]] = ()) -> str:
+    """A prompt that asks the model, as the assistant, to answer ``user`` (after ``few_shot`` examples)."""
+    return render_chat(tok, chat_messages(system, user, few_shot))

@@ -1,0 +1,225 @@
+"""Batched early-stopping generation: equals one-at-a-time generation, stops early, samples reproducibly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedkt.generate import (_sample, chat_prompt, cut_at_stop, eos_token_ids, generate, generate_ex,
+                            render_plain)
+
+PROMPTS = ["Question: Which planet", "The answer is", "oxygen nitrogen helium hydrogen water rock sand", "A",
+           "Question: What force pulls objects toward Earth?\nAnswer:", "rain snow", "Mercury", "42. Natalia sold"]
+N_NEW = 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when the 2 cores are busy with other work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """An untied tiny Llama with a wide init: its greedy text varies (a tied one repeats the last token)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, initializer_range=0.3, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def one_at_a_time(model, tok, prompt: str, eos: list[int], n: int = N_NEW) -> list[int]:
+    """Reference: transformers' own greedy generate on the prompt alone (no padding)."""
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                         temperature=None, top_p=None, top_k=None)
+    ids = out[0, enc["input_ids"].shape[1]:].tolist()
+    for i, t in enumerate(ids):  # transformers pads after EOS; cut there, EOS included
+        if t in eos:
+            return ids[:i + 1]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def free_run(model, tok):
+    """Greedy continuations by transformers, one prompt at a time, ending at </s> or after N_NEW tokens."""
+    return [one_at_a_time(model, tok, p, [tok.eos_token_id]) for p in PROMPTS]
+
+
+def test_prompts_differ_in_length(tok):
+    lens = {len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS}
+    assert len(lens) >= 5  # left padding really happens
+
+
+@pytest.mark.parametrize("bs", [1, 3, 8])
+def test_batched_greedy_equals_one_at_a_time(model, tok, free_run, bs):
+    g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs)
+    assert g.token_ids == free_run
+    assert g.new_tokens == [len(r) for r in free_run]
+    assert g.texts == [tok.decode(r, skip_special_tokens=True) for r in free_run]
+    assert generate(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs) == g.texts
+
+
+def _eos_candidate(free_run) -> int:
+    """A token that rows first emit at different steps (and some rows never): rows finish at different times."""
+    best, best_key = None, None
+    for t in {x for r in free_run for x in r}:
+        firsts = [r.index(t) for r in free_run if t in r]
+        key = (len(set(firsts)), len(firsts) < len(free_run))
+        if key[1] and (best_key is None or key > best_key):
+            best, best_key = t, key
+    return best
+
+
+def test_eos_at_different_steps_per_row(model, tok, free_run):
+    x = _eos_candidate(free_run)
+    eos = [tok.eos_token_id, x]
+    refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
+    lengths = [len(r) for r in refs]
+    assert len(set(lengths)) >= 3 and N_NEW in lengths  # rows stop at several steps, one never stops
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos  # a second EOS id, as chat models have (<|im_end|>, <|endoftext|>)
+    try:
+        assert eos_token_ids(model, tok) == sorted(eos)
+        for bs in (1, 3, 8):
+            g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs)
+            assert g.token_ids == refs, bs
+            assert g.new_tokens == lengths
+    finally:
+        model.generation_config.eos_token_id = old
+
+
+def _stop_candidate(tok, texts: list[str]) -> str:
+    """A 2-character string found in several rows' texts at different offsets, absent from at least one."""
+    best, best_key = None, None
+    for t in texts:
+        for i in range(len(t) - 1):
+            s = t[i:i + 2]
+            if "\ufffd" in s:
+                continue
+            offs = [u.find(s) for u in texts if s in u]
+            key = (len(set(offs)), -len(offs))
+            if len(offs) < len(texts) and (best_key is None or key > best_key):
+                best, best_key = s, key
+    return best
+
+
+def test_stop_strings_cut_text_and_stop_each_row(model, tok, free_run):
+    full_texts = [tok.decode(r, skip_special_tokens=True) for r in free_run]
+    stop = _stop_candidate(tok, full_texts)
+    expected = [cut_at_stop(t, [stop]) for t in full_texts]
+    assert len({len(e) for e in expected}) >= 3 and any(stop not in t for t in full_texts)
+    for bs in (1, 3, 8):
+        g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs, stop=[stop])
+        assert g.texts == expected
+        for ids, ref, t in zip(g.token_ids, free_run, full_texts):
+            assert ids == ref[:len(ids)]  # same tokens as free-running, cut at the step the stop string appears
+            if stop in t:  # the row stopped at the first step whose text holds the stop string
+                k = len(ids)
+                assert stop in tok.decode(ids, skip_special_tokens=True)
+                assert stop not in tok.decode(ids[:k - 1], skip_special_tokens=True)
+            else:
+                assert len(ids) == len(ref)
+
+
+class CountingForward:
+    """Wraps a model's forward; records the batch rows of every call."""
+
+    def __init__(self, model):
+        self.model, self.inner, self.rows = model, model.forward, []
+
+    def __enter__(self):
+        def forward(*a, **k):
+            self.rows.append(int(k["input_ids"].shape[0]))
+            return self.inner(*a, **k)
+
+        self.model.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+def test_generation_stops_early_and_drops_finished_rows(model, tok, free_run):
+    x = _eos_candidate(free_run)
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, x]
+    limit = 200
+    try:
+        with CountingForward(model) as c:
+            g = generate_ex(model, tok, PROMPTS[:4], max_new_tokens=limit, batch_size=4)
+    finally:
+        model.generation_config.eos_token_id = old
+    assert max(g.new_tokens) < limit and len(set(g.new_tokens)) >= 3  # all rows hit an EOS, at different steps
+    # one prefill + one forward per further step of the longest row, not `limit` forwards
+    assert len(c.rows) == g.forward_calls == max(g.new_tokens)
+    # a row that made n tokens took part in exactly n forwards (prefill + n-1 steps): finished rows leave
+    assert sum(c.rows) == sum(g.new_tokens) < len(g.new_tokens) * max(g.new_tokens)
+    assert c.rows[0] == 4 and c.rows[-1] == 1
+
+
+def test_stop_string_ends_the_loop(model, tok, free_run):
+    text = tok.decode(free_run[0], skip_special_tokens=True)
+    stop = text[3:5]
+    with CountingForward(model) as c:
+        g = generate_ex(model, tok, PROMPTS[:1], max_new_tokens=100, stop=[stop])
+    assert g.texts == [cut_at_stop(text, [stop])]
+    assert len(c.rows) == g.new_tokens[0] < 10
+
+
+def test_sampling_is_reproducible_by_seed(model, tok):
+    kw = dict(max_new_tokens=16, batch_size=3, do_sample=True, temperature=1.0, top_p=0.95, top_k=50)
+    rng = torch.get_rng_state()
+    a = generate(model, tok, PROMPTS, seed=7, **kw)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
+    torch.manual_seed(123)  # and does not matter
+    assert generate(model, tok, PROMPTS, seed=7, **kw) == a
+    b = generate(model, tok, PROMPTS, seed=8, **kw)
+    assert b != a
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=16)
+    assert a != greedy
+    # top_k=1 sampling is greedy decoding
+    assert generate(model, tok, PROMPTS, max_new_tokens=16, do_sample=True, top_k=1, seed=3) == greedy
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    draws = _sample(logits, 1.0, 0, 0.7, gen)  # nucleus: 0.5 < 0.7, 0.5 + 0.3 >= 0.7 -> {0, 1}
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[2] == counts[3] == 0
+    p0 = counts[0].item() / 4000  # renormalised: 0.5 / 0.8 = 0.625, sd = sqrt(.625*.375/4000) = 0.0077
+    assert abs(p0 - 0.625) < 0.03
+    draws = _sample(logits, 1.0, 3, 1.0, gen)  # top-k 3: {0, 1, 2} with 0.5/0.95 for token 0
+    counts = torch.bincount(draws, minlength=4)
+    assert counts[3] == 0 and abs(counts[0].item() / 4000 - 0.5 / 0.95) < 0.03
+
+
+def test_empty_prompt_list_and_bad_arguments(model, tok):
+    assert generate(model, tok, []) == []
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tok, ["a"], max_new_tokens=0)
+
+
+def test_chat_prompt_plain_and_template(tok):
+    few = [("What is 2+2?", "4")]
+    assert chat_prompt(tok, "Be brief.", "What is 3+3?", few) == (
+        "Be brief.\n\nUser: What is 2+2?\nAssistant: 4\nUser: What is 3+3?\nAssistant:")
+    assert render_plain([{"role": "user", "content": "hi"}]) == "User: hi\nAssistant:"
+    t = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
+    t.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert chat_prompt(t, "Be brief.", "What is 3+3?", few) == (
+        "<system>Be brief.</s><user>What is 2+2?</s><assistant>4</s><user>What is 3+3?</s><assistant>")
+    # a template that rejects the system role: the system text is folded into the first user turn
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                       "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    assert chat_prompt(t, "Be brief.", "Hi") == "<user>Be brief.\n\nHi<assistant>"
