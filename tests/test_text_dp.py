@@ -37,12 +37,17 @@ def tkit(tok):
     return emb, EmbeddingKit.build(emb, tok, n_neighbors=8)
 
 
-def theoretical(emb: torch.Tensor, t: int, eps: float, n: int = N_TOY) -> torch.Tensor:
+def theoretical(emb: torch.Tensor, t: int, eps: float, n: int = N_TOY, utility: str = "rank") -> torch.Tensor:
     """P(. | t) straight from the definition on the dense distance matrix (independent of the kit)."""
     d = torch.cdist(emb.double(), emb.double())[t]
-    r = torch.sort(d).values[n]  # distance to the (N+1)-th nearest, t itself being the 1st
-    u = -(d / r).clamp(max=1.0)
-    return torch.softmax(eps * u / 2, 0)
+    if utility == "rank":
+        rank = torch.empty(len(d), dtype=torch.float64)
+        rank[torch.argsort(d)] = torch.arange(len(d), dtype=torch.float64)
+        u = torch.where(rank < n, -rank / n, -1.0)
+    else:
+        r = torch.sort(d).values[n]  # distance to the (N+1)-th nearest, t itself being the 1st
+        return torch.softmax(eps * -(d / r).clamp(max=1.0) / 2, 0)  # exponent eps u / (2 du), du = 1
+    return torch.softmax(eps * u, 0)  # rank: every token has the same multiset of utilities, so eps u / du
 
 
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -68,6 +73,11 @@ def test_kit_matches_definition_and_is_o_vn(toy):
     assert torch.all(kit.utility[:, 0] == 0) and kit.utility.min() >= -1 and kit.utility.max() <= 0
     for t in (0, 7, 39):
         assert torch.allclose(kit.transition_probs(t, 4.0), theoretical(emb, t, 4.0), atol=1e-6)
+    dist = EmbeddingKit.build(emb, None, n_neighbors=N_TOY, utility="distance", search_dtype=torch.float32)
+    assert torch.equal(dist.neighbors, kit.neighbors) and dist.meta["utility"] == "distance"
+    for t in (0, 7, 39):
+        assert torch.allclose(dist.transition_probs(t, 4.0), theoretical(emb, t, 4.0, utility="distance"), atol=1e-6)
+    assert not torch.allclose(theoretical(emb, 7, 4.0), theoretical(emb, 7, 4.0, utility="distance"), atol=1e-3)
 
 
 def test_exponential_mechanism_frequencies_chi2(toy):
@@ -79,12 +89,19 @@ def test_exponential_mechanism_frequencies_chi2(toy):
     assert chi2_pvalue(counts, theoretical(emb, t, 6.0)) < 1e-6  # the wrong epsilon is rejected
 
 
-def test_pure_dp_bound_between_any_two_tokens(toy):
-    _, kit = toy
+def test_pure_dp_bound_between_any_two_tokens(toy, tok, tkit):
+    emb, kit = toy
+    dist = EmbeddingKit.build(emb, None, n_neighbors=N_TOY, utility="distance", search_dtype=torch.float32)
+    _, tk = tkit  # real tokenizer classes: covered and uncovered (uniform) inputs mixed, per class
+    uncovered = torch.nonzero(~tk.covered).flatten()[:20].tolist()
     for eps in (0.5, 3.0, 10.0):
-        logp = torch.stack([kit.transition_probs(t, eps) for t in range(V_TOY)]).log()
-        worst = (logp[:, None, :] - logp[None, :, :]).max()
-        assert eps / 2 < worst <= eps + 1e-9  # the bound holds and is not vacuous
+        for k, tokens, low in ((kit, range(V_TOY), 0.9), (dist, range(V_TOY), 0.3),
+                               (tk, list(range(0, 300, 7)) + uncovered, 0.9)):
+            logp = torch.stack([k.transition_probs(t, eps) for t in tokens]).log()
+            same = (tk.token_class[list(tokens)][:, None] == tk.token_class[list(tokens)][None]) if k is tk else True
+            diff = (logp[:, None, :] - logp[None, :, :]).nan_to_num(nan=-math.inf)  # -inf - -inf: other class
+            worst = diff.masked_fill(~torch.as_tensor(same)[..., None], -math.inf).max()
+            assert low * eps < worst <= eps + 1e-9  # the bound holds (and is tight for the rank utility)
 
 
 def test_eps_inf_is_the_identity(tok, tkit):
@@ -165,7 +182,7 @@ def test_for_model_builds_once_in_the_cache(tmp_path, monkeypatch, tok, tkit):
     assert textdp_cache_dir() == tmp_path / "textdp"
     kit = EmbeddingKit.for_model(tok, emb, n_neighbors=8)
     [cached] = list((tmp_path / "textdp").iterdir())
-    assert cached.name.endswith("-n8-word_start") and (cached / "kit.safetensors").is_file()
+    assert cached.name.endswith("-n8-word_start-rank") and (cached / "kit.safetensors").is_file()
     monkeypatch.setattr(EmbeddingKit, "build", classmethod(lambda *a, **k: pytest.fail("rebuilt")))
     again = EmbeddingKit.for_model(tok, emb, n_neighbors=8)
     assert torch.equal(again.neighbors, kit.neighbors)

@@ -37,7 +37,7 @@ def map_attack(kit: EmbeddingKit, observed: torch.Tensor, epsilon: float) -> tor
     observed = torch.as_tensor(observed, dtype=torch.long)
     if math.isinf(epsilon):
         return observed.clone()
-    a = epsilon / 2
+    a = epsilon * kit.exponent_scale
     V, N = kit.vocab_size, kit.n_neighbors
     members, offsets, sizes = kit.class_members()
     cls = kit.token_class.long()

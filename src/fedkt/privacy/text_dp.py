@@ -76,8 +76,12 @@ import torch
 KIT_FORMAT = "fedkt-textdp-kit/1"
 DEFAULT_N = 64
 SENSITIVITY = 1.0
-UTILITY_DEF = ("u(t,t') = -min(||e_t - e_t'||_2 / r(t), 1) for t' among the N nearest covered tokens of "
-               "class(t) (t itself included), else -1; r(t) = distance to the (N+1)-th nearest; u in [-1, 0]")
+UTILITIES = {
+    "rank": ("u(t, t_j) = -j/N for t_j the j-th nearest covered token of class(t) by euclidean distance "
+             "(j = 0..N-1, t_0 = t), else -1; u in [-1, 0]"),
+    "distance": ("u(t,t') = -min(||e_t - e_t'||_2 / r(t), 1) for t' among the N nearest covered tokens of "
+                 "class(t) (t itself included), else -1; r(t) = distance to the (N+1)-th nearest; u in [-1, 0]"),
+}
 CLASS_SCHEMES = ("word_start", "none")
 _WORD_START_MARKS = ("Ġ", "▁", "Ċ", "ĉ")
 
@@ -188,6 +192,11 @@ class EmbeddingKit:
         return int(self.neighbors.shape[1])
 
     @property
+    def exponent_scale(self) -> float:
+        """``c`` in ``P(t'|t) ∝ exp(c * eps * u(t, t'))``: 1 for the rank utility, 1/2 for distance."""
+        return 1.0 if self.meta.get("utility", "rank") == "rank" else 0.5
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
                    (self.neighbors, self.utility, self.radius, self.token_class, self.covered))
@@ -206,11 +215,14 @@ class EmbeddingKit:
 
     @classmethod
     def build(cls, embeddings: torch.Tensor, tok=None, n_neighbors: int = DEFAULT_N, classes: str = "word_start",
+              utility: str = "rank",
               search_dtype: torch.dtype = torch.bfloat16, margin: int = 64, chunk: int = 1024) -> "EmbeddingKit":
         """Build the kit from an input-embedding matrix [V, d] and its tokenizer (``tok=None``: one class,
         every finite row covered). ``search_dtype=torch.float32`` makes the candidate search exact."""
         if n_neighbors < 1:
             raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
+        if utility not in UTILITIES:
+            raise ValueError(f"utility = {utility!r} is not allowed; allowed values: {tuple(UTILITIES)}")
         t0 = time.perf_counter()
         emb = _as_f32(embeddings)
         V, d = emb.shape
@@ -221,23 +233,24 @@ class EmbeddingKit:
         covered &= torch.isfinite(emb).all(dim=1)
         N = n_neighbors
         neighbors = torch.arange(V, dtype=torch.int32)[:, None].repeat(1, N)  # unused rows: self, u = -1
-        utility = torch.full((V, N), -1.0)
+        util = torch.full((V, N), -1.0)
         radius = torch.zeros(V)
         for k in range(int(tclass.max()) + 1):
             members = torch.nonzero(covered & (tclass == k)).flatten()
             if len(members) == 0:
                 raise ValueError(f"token class {k} has no covered token; build with classes='none'")
-            nb, ut, rad = _class_neighbors(emb[members], N, search_dtype, margin, chunk)
+            nb, ut, rad = _class_neighbors(emb[members], N, utility, search_dtype, margin, chunk)
             neighbors[members] = members[nb].to(torch.int32)
-            utility[members] = ut
+            util[members] = ut
             radius[members] = rad
-        kit = cls(neighbors, utility, radius, tclass, covered, {})
+        kit = cls(neighbors, util, radius, tclass, covered, {})
         sizes = kit.class_members()[2].tolist()
         kit.meta = {
             "format": KIT_FORMAT, "vocab_size": V, "dim": d,
             "embedding_sha256": embedding_fingerprint(emb),
             "tokenizer_sha256": tokenizer_fingerprint(tok) if tok is not None else None,
-            "n_neighbors": N, "classes": classes, "utility": UTILITY_DEF, "sensitivity": SENSITIVITY,
+            "n_neighbors": N, "classes": classes, "utility": utility, "utility_def": UTILITIES[utility],
+            "sensitivity": SENSITIVITY,
             "n_covered": int(covered.sum()), "class_sizes": sizes,
             "search": f"{str(search_dtype).replace('torch.', '')} prefilter of N+1+{margin} candidates, float32 re-rank",
             "build_seconds": round(time.perf_counter() - t0, 3),
@@ -246,15 +259,15 @@ class EmbeddingKit:
 
     @classmethod
     def for_model(cls, tok, embeddings: torch.Tensor, n_neighbors: int = DEFAULT_N, classes: str = "word_start",
-                  cache_dir: str | Path | None = None) -> "EmbeddingKit":
+                  utility: str = "rank", cache_dir: str | Path | None = None) -> "EmbeddingKit":
         """The kit for this (tokenizer, embeddings), loaded from the cache or built once and cached there."""
         fp = embedding_fingerprint(embeddings)
         tfp = tokenizer_fingerprint(tok) if tok is not None else "none"
         root = Path(cache_dir) if cache_dir is not None else textdp_cache_dir()
-        path = root / f"{fp[:16]}-{tfp[:8]}-n{n_neighbors}-{classes}"
+        path = root / f"{fp[:16]}-{tfp[:8]}-n{n_neighbors}-{classes}-{utility}"
         if (path / "kit.json").is_file():
             return cls.load(path, tok=tok, embeddings=embeddings)
-        kit = cls.build(embeddings, tok, n_neighbors=n_neighbors, classes=classes)
+        kit = cls.build(embeddings, tok, n_neighbors=n_neighbors, classes=classes, utility=utility)
         kit.save(path)
         return kit
 
@@ -327,53 +340,64 @@ class EmbeddingKit:
             p[token] = 1.0
             return p
         logw = torch.full((self.vocab_size,), -math.inf, dtype=torch.float64)
-        logw[grp] = -epsilon / 2
+        a = epsilon * self.exponent_scale
+        logw[grp] = -a
         if self.covered[token]:
             u = self.utility[token].double()
             nb = self.neighbors[token].long()
             valid = u > -1
-            logw[nb[valid]] = epsilon / 2 * u[valid]
+            logw[nb[valid]] = a * u[valid]
         return torch.softmax(logw, 0)
 
 
-def _class_neighbors(e: torch.Tensor, N: int, search_dtype: torch.dtype, margin: int, chunk: int):
+def _class_neighbors(e: torch.Tensor, N: int, utility: str, search_dtype: torch.dtype, margin: int, chunk: int):
     """Top-N (by euclidean distance) within the rows of ``e`` [M, d], chunked over rows.
 
-    Returns local indices [M, N] int64, utilities [M, N] float32, radius [M] float32."""
+    Returns local indices [M, N] int64, utilities [M, N] float32, radius [M] float32. Score buffers are
+    allocated once and reused (fresh ~100 MB allocations per chunk cost more in page faults than the
+    matmul itself on a small machine)."""
     M = e.shape[0]
     n_keep = min(N + 1, M)  # N stored + the (N+1)-th that defines r(t)
     n_cand = min(N + 1 + margin, M)
+    m = min(N, n_keep)
     es = e.to(search_dtype)
     half_sq = -0.5 * (e * e).sum(1)
     idx_out = torch.empty((M, N), dtype=torch.long)
     ut_out = torch.full((M, N), -1.0)
     rad_out = torch.empty(M)
+    chunk = min(chunk, M)
+    buf_s = torch.empty((chunk, M), dtype=search_dtype)
+    buf_f = torch.empty((chunk, M), dtype=torch.float32) if search_dtype != torch.float32 else buf_s
+    rank_u = -torch.arange(m, dtype=torch.float32) / N
     for s in range(0, M, chunk):
         rows = torch.arange(s, min(s + chunk, M))
+        n = len(rows)
         # score_j = e_i . e_j - |e_j|^2 / 2 = (|e_i|^2 - |e_i - e_j|^2) / 2: larger is nearer
-        score = (es[rows] @ es.T).float().add_(half_sq)
-        score[torch.arange(len(rows)), rows] = math.inf  # the token itself always comes first
+        torch.matmul(es[rows], es.T, out=buf_s[:n])
+        score = buf_f[:n]
+        if score is not buf_s[:n]:
+            score.copy_(buf_s[:n])
+        score.add_(half_sq)
+        score[torch.arange(n), rows] = math.inf  # the token itself always comes first
         cand = torch.topk(score, n_cand, dim=1, sorted=False).indices
-        del score
-        for s2 in range(0, len(rows), 256):  # exact float32 re-rank, in sub-chunks to bound memory
-            r2 = rows[s2: s2 + 256]
-            c2 = cand[s2: s2 + 256]
-            d2 = (e[c2] - e[r2][:, None, :]).pow(2).sum(-1)
+        for s2 in range(0, n, 64):  # exact float32 re-rank, in sub-chunks to bound memory
+            r2 = rows[s2: s2 + 64]
+            c2 = cand[s2: s2 + 64]
+            d2 = (e[c2] - e[r2][:, None, :]).pow_(2).sum(-1)
             d2[c2 == r2[:, None]] = -1.0  # self first, even before an identical embedding
             d2, order = torch.sort(d2, dim=1, stable=True)
             d2.clamp_(min=0.0)
             c2 = torch.gather(c2, 1, order)[:, :n_keep]
             dist = d2[:, :n_keep].sqrt()
-            if n_keep == N + 1:
-                r = dist[:, N]
-            else:  # the class has <= N tokens: all are stored; the farthest gets u = -1
-                r = dist[:, -1]
-            r = r.clamp_min(1e-12)
-            m = min(N, n_keep)
+            # r(t): distance to the (N+1)-th; a class of <= N tokens stores them all, the farthest at u = -1
+            r = (dist[:, N] if n_keep == N + 1 else dist[:, -1]).clamp_min(1e-12)
             idx_out[r2, :m] = c2[:, :m]
             if m < N:  # padding: self with u = -1 (weight 0 in the neighbour component)
                 idx_out[r2, m:] = r2[:, None]
-            ut_out[r2, :m] = -(dist[:, :m] / r[:, None]).clamp(max=1.0)
+            if utility == "rank":
+                ut_out[r2, :m] = rank_u
+            else:
+                ut_out[r2, :m] = -(dist[:, :m] / r[:, None]).clamp(max=1.0)
             rad_out[r2] = r
     return idx_out, ut_out, rad_out
 
@@ -397,9 +421,9 @@ def _check_epsilon(epsilon: float) -> float:
 
 
 def neighbour_log_weights(kit: EmbeddingKit, ids: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """log(e^{a u} - e^{-a}) [T, N] float64 (a = eps/2): the neighbour component of the mixture;
-    -inf for padded entries (u = -1) and for uncovered input tokens."""
-    a = epsilon / 2
+    """log(e^{a u} - e^{-a}) [T, N] float64 (a = eps * kit.exponent_scale): the neighbour component of the
+    mixture; -inf for padded entries (u = -1) and for uncovered input tokens."""
+    a = epsilon * kit.exponent_scale
     u = kit.utility[ids].double()
     logw = a * u + torch.log1p(-torch.exp(-a * (1.0 + u)))
     logw[~kit.covered[ids]] = -math.inf
@@ -421,7 +445,7 @@ def sample_replacements(ids: torch.Tensor, kit: EmbeddingKit, epsilon: float,
     members, offsets, sizes = kit.class_members()
     k = kit.token_class[flat].long()
     logw_nb = neighbour_log_weights(kit, flat, epsilon)  # [T, N]
-    logw_tail = torch.log(sizes[k].double()) - epsilon / 2  # [T]: uniform over the class
+    logw_tail = torch.log(sizes[k].double()) - epsilon * kit.exponent_scale  # [T]: uniform over the class
     logits = torch.cat([logw_nb, logw_tail[:, None]], dim=1)
     u = torch.rand(logits.shape, generator=g, dtype=torch.float64)
     choice = torch.argmax(logits - torch.log(-torch.log(u)), dim=1)  # Gumbel-max
