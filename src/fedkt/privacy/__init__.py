@@ -1,0 +1,24 @@
+"""Privacy mechanisms run on the client side: token-level text DP (``text_dp``) and its audit (``audit``)."""
+
+from fedkt.privacy.audit import CanaryHit, map_attack, render_audit_table, scan_for_canaries, text_dp_audit
+from fedkt.privacy.text_dp import (
+    DEFAULT_N,
+    SENSITIVITY,
+    EmbeddingKit,
+    KitMismatchError,
+    PerturbResult,
+    embedding_fingerprint,
+    perturb,
+    perturb_batch,
+    sample_replacements,
+    textdp_cache_dir,
+    tokenizer_fingerprint,
+    total_epsilon,
+)
+
+__all__ = [
+    "CanaryHit", "DEFAULT_N", "EmbeddingKit", "KitMismatchError", "PerturbResult", "SENSITIVITY",
+    "embedding_fingerprint", "map_attack", "perturb", "perturb_batch", "render_audit_table",
+    "sample_replacements", "scan_for_canaries", "text_dp_audit", "textdp_cache_dir", "tokenizer_fingerprint",
+    "total_epsilon",
+]
