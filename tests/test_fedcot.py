@@ -95,6 +95,12 @@ def plant_canary(data_dir):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def canaries_held_by_clients(cfg, tmp_path):
+    from fedkt.simulation import Simulation
+
+    return sum(CANARY in e.question for c in Simulation(cfg, tmp_path / "sim").clients_data for e in c)
+
+
 def scan(up):
     from fedkt.privacy.audit import scan_for_canaries
 
@@ -113,7 +119,7 @@ def test_fedcot_end_to_end_and_canaries_never_leave(tmp_path, model_dirs, data_d
     assert "privacy" not in res["per_round"][1]  # nothing is perturbed (or spent) again in round 2
     encoded = [m for method, _, m in recorded if method == "encode"]
     assert len(encoded) == 3 and sum(len(m.texts) for m in encoded) == sum(out["data"]["clients"])
-    assert scan(recorded) == []
+    assert canaries_held_by_clients(cfg, tmp_path) > 10 and scan(recorded) == []
     # round 2 re-trains on the kept rationales: only adapters travel, no texts either way
     assert all(not m.texts for method, _, m in recorded if method == "decode_train")
     assert set(res["timings"]) == {"encode_s", "generate_s", "client_train_s", "aggregate_s", "eval_s"}
@@ -122,10 +128,9 @@ def test_fedcot_end_to_end_and_canaries_never_leave(tmp_path, model_dirs, data_d
 def test_canary_scan_catches_an_unprotected_run(tmp_path, model_dirs, data_dir, recorded):
     """Positive control: with ε = ∞ the prompts go out verbatim, and the scan must see the canary."""
     plant_canary(data_dir)
-    run_experiment(fedcot_config(tmp_path, model_dirs, data_dir, **{"fedcot.epsilon": "inf",
-                                                                     "federation.rounds": 1}), tmp_path / "r")
-    hits = scan(recorded)
-    assert len(hits) == 20
+    cfg = fedcot_config(tmp_path, model_dirs, data_dir, **{"fedcot.epsilon": "inf", "federation.rounds": 1})
+    run_experiment(cfg, tmp_path / "r")
+    assert len(scan(recorded)) == canaries_held_by_clients(cfg, tmp_path) > 10
 
 
 def test_empty_rationale_ablation_and_resume(tmp_path, model_dirs, data_dir, monkeypatch, recorded):

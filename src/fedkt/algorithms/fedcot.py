@@ -205,7 +205,7 @@ class FedCoT(RoundAlgorithm):
 
     def setup(self, server, fed):
         self.cfg = server.cfg.section("fedcot")
-        self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed)) else ""
+        self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
 
     def epsilons(self, fed) -> dict[str, float]:
         eps = self.cfg.client_epsilons
@@ -282,7 +282,8 @@ def kit_for(server, cfg: FedCoTConfig) -> str:
 
         model, tok = load_model(spec)
     kit = EmbeddingKit.for_model(tok, model.get_input_embeddings().weight.detach(), n_neighbors=cfg.kit_neighbors)
-    return str(kit.path)
+    # the public file the clients load (built once per model in the cache; copied into the run directory)
+    return str(kit.save(server.out / "public" / "textdp_kit"))
 
 
 register(MethodSpec(
