@@ -158,3 +158,45 @@ def test_empty_rationale_ablation_and_resume(tmp_path, model_dirs, data_dir, mon
     b = load_adapter_state(tmp_path / "cut" / "adapters" / "fedcot" / "slm")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["per_round"] == full["per_round"]
+
+
+def test_report_has_privacy_and_audit_tables(tmp_path, model_dirs, data_dir, recorded):
+    cfg = fedcot_config(tmp_path, model_dirs, data_dir, **{"federation.rounds": 1})
+    out = run_experiment(cfg, tmp_path / "r")
+    audit = out["methods"]["fedcot"]["per_round"][0]["audit"]
+    assert [r["epsilon"] for r in audit] == [1.0, 2.0, 3.0, 6.0, 10.0, math.inf]
+    assert audit[-1]["unchanged"] == 1.0 and audit[0]["unchanged"] < audit[-2]["unchanged"]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "## Privacy: FedCoT" in report and "| client0 | 2 |" in report and "recovered: MAP" in report
+
+
+from test_backends import Stub, make_handler  # noqa: E402
+
+
+@pytest.fixture()
+def stub():
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    s = Stub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(s))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    s.base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield s
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_fedcot_with_an_openai_compatible_llm(tmp_path, model_dirs, data_dir, recorded, stub):
+    """The server LLM behind an OpenAI-compatible server (vLLM, llama.cpp): only perturbed prompts reach it."""
+    plant_canary(data_dir)
+    cfg = fedcot_config(tmp_path, model_dirs, data_dir, **{
+        "model.llm": f'"openai:{stub.base}#stub-model"', "fedcot.kit_model": f'"{model_dirs["llm"]}"',
+        "federation.rounds": 1})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fedcot"]
+    sent = [p for r in stub.requests if r["body"] for p in r["body"]["prompt"]]
+    assert len(sent) == res["per_round"][0]["generation"]["prompts"] > 0
+    assert all(CANARY not in p for p in sent) and all(r["body"]["model"] == "stub-model" for r in stub.requests)
+    assert res["slm"]["arc_easy"]["n"] == 12

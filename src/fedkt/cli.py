@@ -72,6 +72,38 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
         json_out.write_text(json.dumps(scores, indent=2))
 
 
+@app.command("audit-text-dp")
+def audit_text_dp(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM whose public tokenizer and "
+                                            "input embeddings define the text-DP kit."),
+                  task: str = typer.Option("arc_easy", help="Task whose prompts are perturbed."),
+                  split: str = typer.Option("test"),
+                  data_dir: str = typer.Option("", help="Directory of TASK/SPLIT.jsonl (default: bundled data)."),
+                  limit: int = typer.Option(200, help="Prompts (a seeded subsample; 0 = all)."),
+                  epsilons: str = typer.Option("1,3,6,10,inf", help="Comma-separated ε per token."),
+                  neighbors: int = typer.Option(64, help="N: neighbours per token in the kit."),
+                  seed: int = typer.Option(0)):
+    """Audit token-level text DP: what a server-side embedding-inversion attacker recovers at each ε."""
+    from fedkt.algorithms.fedcot import render_question
+    from fedkt.data.partition import subsample
+    from fedkt.data.tasks import load_task
+    from fedkt.models import load_model
+    from fedkt.privacy.audit import render_audit_table, text_dp_audit
+    from fedkt.privacy.text_dp import EmbeddingKit
+    from fedkt.seeds import derive_seed
+
+    eps = [float(e) for e in epsilons.split(",") if e.strip()]
+    progress.enable()
+    try:
+        m, tok = load_model(model)
+        kit = EmbeddingKit.for_model(tok, m.get_input_embeddings().weight.detach(), n_neighbors=neighbors)
+        exs = subsample(load_task(task, split, data_dir), limit, derive_seed(seed, "audit", task))
+        rows = text_dp_audit([render_question(e) for e in exs], kit, tok, eps, seed=seed, top_k=min(10, neighbors))
+    finally:
+        progress.disable()
+    typer.echo(f"{len(exs)} {task} {split} prompts, kit N={neighbors} ({model})\n")
+    typer.echo(render_audit_table(rows))
+
+
 @app.command("methods")
 def methods_():
     """List the registered methods (name, whether it needs a server LLM, its config section)."""

@@ -58,6 +58,9 @@ def resolve(spec: str) -> str | Path:
         return ensure_builtin(spec.split(":", 1)[1])
     if spec.startswith("hf:"):
         return spec[3:]
+    if spec.startswith("openai:"):
+        raise ModelLoadError(f"model {spec!r} is an OpenAI-compatible server: fedkt can only ask it for text (FedCoT's "
+                             f"rationales); methods that score or train the LLM need a local model")
     p = Path(spec).expanduser()
     if p.exists():
         return p

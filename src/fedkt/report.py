@@ -96,6 +96,31 @@ def comm_table(results: RunResults) -> str:
     return "\n".join(lines) + "\n\nBytes are the serialised payloads (adapter tensors + JSON metadata). " + "; ".join(note) + "."
 
 
+def privacy_tables(results: RunResults) -> str:
+    """Per-client privacy budgets and the text-DP audit, for methods whose rounds report them."""
+    parts = []
+    for m, r in _ordered(results):
+        first = next((e for e in r.get("per_round") or [] if e.get("privacy")), None)
+        if not first:
+            continue
+        lines = [f"## Privacy: {_name(m)}", "", "| Client | ε per token | tokens sent | mean ε per prompt | max ε per prompt "
+                 "| tokens changed |", "|---|---|---|---|---|---|"]
+        for cid, p in first["privacy"].items():
+            eps = "∞" if p["epsilon_per_token"] == float("inf") else f"{p['epsilon_per_token']:g}"
+            mean = "∞" if p["prompt_epsilon_mean"] == float("inf") else f"{p['prompt_epsilon_mean']:.0f}"
+            mx = "∞" if p["prompt_epsilon_max"] == float("inf") else f"{p['prompt_epsilon_max']:.0f}"
+            lines.append(f"| {cid} | {eps} | {p['tokens']} | {mean} | {mx} | {100 * p['changed_fraction']:.1f}% |")
+        lines += ["", "ε is pure ε-DP per token (exponential mechanism); a prompt's total is its token count × ε under "
+                  "basic composition. Later rounds reuse the kept rationales and spend nothing more."]
+        if first.get("audit"):
+            from fedkt.privacy.audit import render_audit_table
+
+            lines += ["", f"Text-DP audit on {first['audit'][0]['n_texts']} public prompts of the same format "
+                      "(server-side attacker; docs/text-dp.md):", "", render_audit_table(first["audit"])]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def plot_rounds(results: RunResults, out: Path) -> str | None:
     """Accuracy per round of the federated methods (round 0 = zero-shot, where it ran), with the other
     methods as horizontal reference lines; one panel per task."""
@@ -163,6 +188,9 @@ def render(results: RunResults | dict[str, Any], out: Path | None = None) -> str
     comm = comm_table(results)
     if comm:
         parts += ["## Communication", "", comm, ""]
+    privacy = privacy_tables(results)
+    if privacy:
+        parts += [privacy, ""]
     timing = [(m, r["wall_s"], r.get("timings")) for m, r in _ordered(results) if "wall_s" in r]
     if timing:
         parts += ["## Wall time", "", "| Method | Total (s) | Breakdown (s) |", "|---|---|---|"]

@@ -95,6 +95,8 @@ FEW_SHOT = [
      "water. So the answer is (B) it becomes a solid."),
 ]
 STOP = ["\n\n", "\nQuestion:", "<|im_end|>", "<|endoftext|>"]
+AUDIT_EPSILONS = (1.0, 3.0, 6.0, 10.0, math.inf)
+AUDIT_PROMPTS = 100
 
 
 def render_question(ex: Example) -> str:
@@ -207,6 +209,20 @@ class FedCoT(RoundAlgorithm):
         self.cfg = server.cfg.section("fedcot")
         self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
 
+    def audit(self, server, fed) -> list[dict]:
+        """The text-DP audit on the server's own public prompts (aux set, same format as the clients'): what
+        a server-side embedding-inversion attacker recovers at the run's ε values and the standard ones."""
+        from fedkt.privacy.audit import text_dp_audit
+        from fedkt.privacy.text_dp import EmbeddingKit
+
+        if not self.kit_path or not server.aux:
+            return []
+        kit = EmbeddingKit.load(self.kit_path)
+        tok = server.slm.tokenizer
+        eps = sorted({*self.epsilons(fed).values(), *AUDIT_EPSILONS})
+        return text_dp_audit([render_question(e) for e in server.aux[:AUDIT_PROMPTS]], kit, tok, eps,
+                             seed=server.cfg.seed, top_k=min(10, kit.n_neighbors))
+
     def epsilons(self, fed) -> dict[str, float]:
         eps = self.cfg.client_epsilons
         if eps and len(eps) != len(fed.clients):
@@ -232,6 +248,7 @@ class FedCoT(RoundAlgorithm):
                                 for c, r in encoded.items()}
             entry["generation"] = {"prompts": sum(len(t) for t in texts.values()),
                                    "empty": sum(1 for t in texts.values() for x in t if not x.strip())}
+            entry["audit"] = self.audit(server, fed)
         t2 = time.perf_counter()
         replies = fed.call("decode_train", {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta)
                                             for c in fed.clients}, rnd)
