@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200, help="ARC-Easy questions")
     ap.add_argument("--neighbors", type=int, default=64)
+    ap.add_argument("--utility", default="rank", choices=("rank", "distance"))
     ap.add_argument("--data", default="/work/shared/assets/data/arc_easy/test.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -77,13 +79,17 @@ def main() -> None:
 
     reset_peak_rss()
     base = rss_mb("VmRSS")
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    kit = EmbeddingKit.build(emb, tok, n_neighbors=args.neighbors)
+    kit = EmbeddingKit.build(emb, tok, n_neighbors=args.neighbors, utility=args.utility)
     build_s = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     peak = rss_mb("VmHWM") - base
     m = kit.meta
-    print(f"kit build: {build_s:.1f} s, peak RSS growth {peak:.0f} MB, kit tensors {kit.nbytes / 2**20:.1f} MB "
-          f"(N={kit.n_neighbors}); covered {m['n_covered']} of {m['vocab_size']}; class sizes "
+    print(f"kit build: {build_s:.1f} s wall, {cpu_s:.1f} s CPU ({torch.get_num_threads()} threads), "
+          f"peak RSS growth {peak:.0f} MB, kit tensors {kit.nbytes / 2**20:.1f} MB "
+          f"(N={kit.n_neighbors}, utility={m['utility']}); covered {m['n_covered']} of {m['vocab_size']}; class sizes "
           f"(continuation, word-start) {m['class_sizes']}")
     rows = torch.nonzero(kit.covered).flatten()
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:256]]

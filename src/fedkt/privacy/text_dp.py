@@ -3,33 +3,43 @@
 FedCoT clients perturb a private prompt before the server LLM sees it (InferDPT / RANTEXT style): every
 token ``t`` of the prompt is replaced by a token ``t'`` drawn with probability
 
-    P(t' | t) = exp(eps * u(t, t') / (2 * du)) / Z(t),      t' ranging over the output range C(t),
+    P(t' | t) = exp(c * eps * u(t, t') / du) / Z(t),      t' ranging over the covered tokens of t's class,
 
 where ``u`` is a similarity computed from the server LLM's *public* input embeddings. The pieces:
 
-**Utility and sensitivity.** ``u(t, t') = -min(||e_t - e_t'|| / r(t), 1)`` for ``t'`` among the ``N``
-nearest tokens of ``t`` (itself included, ``u(t, t) = 0``), and ``u(t, t') = -1`` for every other token;
-``r(t)`` is the distance from ``t`` to its (N+1)-th nearest token, so the top-N table is *exact*, not a
-truncation: every token outside it would have been clipped to -1 anyway. ``u`` takes values in
-``[-1, 0]`` for every pair, so for any two inputs ``t1, t2`` and any output ``t'``,
-``|u(t1, t') - u(t2, t')| <= 1 = du``. The exponential mechanism with ``eps / (2 du)`` is then
-``eps``-DP for one token, between *any* two tokens of the same class (pure DP, no delta): the likelihood
-ratio is ``exp(eps * du / 2)`` from the numerator times at most ``exp(eps * du / 2)`` from the
-normalisers. (The per-token radius ``r(t)`` does not change this: the range argument only needs every
-utility in ``[-1, 0]``.) A prompt of ``n`` tokens costs ``n * eps`` under basic composition.
+**Utility and sensitivity.** Two utilities, both in ``[-1, 0]`` for every pair, so ``du = 1``:
+
+* ``rank`` (default): ``u(t, t_j) = -j / N`` for ``t_j`` the j-th nearest token of ``t`` by euclidean
+  distance (``t_0 = t``, j < N), ``-1`` for every other token. Every token's utilities are then the
+  same multiset, so ``Z(t)`` is the same for all covered tokens, the likelihood ratio between two inputs
+  is the numerator's alone, at most ``exp(eps * du)``, and ``c = 1`` gives ``eps``-DP.
+* ``distance``: ``u(t, t') = -min(||e_t - e_t'|| / r(t), 1)`` with ``r(t)`` the distance to the
+  (N+1)-th nearest token (so every token outside the top-N table has u = -1 exactly: the table is exact,
+  not a truncation). ``Z(t)`` varies, so the textbook ``c = 1/2`` is needed: ``exp(eps/2)`` from the
+  numerator times at most ``exp(eps/2)`` from the normalisers.
+
+Either way the mechanism is ``eps``-DP for one token, between *any* two tokens of the same class (pure
+DP, no delta), and a prompt of ``n`` tokens costs ``n * eps`` under basic composition. Why rank is the
+default: SmolLM2's embeddings live in 576 dimensions where distances concentrate (a token's nearest
+neighbour is on average at 77% of the distance to its 65th), so the distance utility hardly tells
+neighbours from the rest and the mechanism degenerates into "keep the token or draw uniformly" (the
+benchmark measures this). The rank utility keeps the euclidean neighbour order and spreads it over
+``[-1, 0]``, so replacements are mostly near synonyms (" signify" -> " signifies", " Paris" -> " London").
 
 **Output range, and why the top-N table suffices.** The output range is the *whole* covered vocabulary
 of the token's class, not just its N neighbours: an input-dependent candidate set (what InferDPT's
 reference code does) gives outputs that are impossible under one input and possible under another, an
 unbounded privacy loss. We sample the full-vocabulary distribution exactly in O(N) per token by writing
-each weight as ``w(t, t') = e^{-a} + [t' in N(t)] * (e^{a u(t,t')} - e^{-a})`` with ``a = eps/2``:
+each weight as ``w(t, t') = e^{-a} + [t' in N(t)] * (e^{a u(t,t')} - e^{-a})`` with ``a = c * eps``:
 with probability ``|C| e^{-a} / Z`` draw uniformly from the class, else draw a neighbour with weight
 ``e^{a u} - e^{-a} >= 0``. All tokens of a batch are drawn at once with the Gumbel-max trick.
 
-**N.** ``N = 64`` by default: the kit then holds 64 (int32 index, float32 utility) pairs per token,
-25 MB for SmolLM2's 49,152 tokens, and the neighbour list already carries almost all of the mass that is
-not the uniform tail (the weights decay as ``e^{a u}`` and most of a list's utilities are well below 0).
-``N`` is part of the utility's definition (through ``r(t)``) and is recorded in the kit's fingerprint.
+**N.** ``N = 64`` by default. Memory: 64 (int32 index, float32 utility) pairs per token, 24 MB for
+SmolLM2's 49,152 tokens. Semantics: with the rank utility, neighbour ``j`` weighs ``exp(-eps j / N)``
+relative to the token itself, so N sets how far down the neighbour list the mass spreads; with N = 64
+at eps = 10-15 most of it falls on the first ~10 neighbours, which on SmolLM2 are still near synonyms
+or inflections (further down they drift off topic). N is part of the utility's definition and of the
+kit's cache key.
 
 **Classes (word boundaries).** Byte-level BPE vocabularies hold word-start pieces (``Ġthe`` = " the")
 and continuation pieces (``ing``). Replacing one by the other glues or splits words, so by default
@@ -252,7 +262,8 @@ class EmbeddingKit:
             "n_neighbors": N, "classes": classes, "utility": utility, "utility_def": UTILITIES[utility],
             "sensitivity": SENSITIVITY,
             "n_covered": int(covered.sum()), "class_sizes": sizes,
-            "search": f"{str(search_dtype).replace('torch.', '')} prefilter of N+1+{margin} candidates, float32 re-rank",
+            "search": (f"{str(search_dtype).replace('torch.', '')} prefilter of N+1+{margin} candidates, "
+                       "float32 re-rank"),
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
         return kit
