@@ -5,7 +5,8 @@
 SmolLM2-135M-Instruct writes a short explanation for N ARC-Easy questions (chat prompt, greedy,
 ``max_new_tokens`` 96, stop string "\\n\\n" and the model's EOS). Three paths:
 
-* ``batched``   fedkt.generate: length-bucketed batches, KV cache, rows leave the batch when done
+* ``batched``   fedkt.generate: length-bucketed batches, KV cache, shared prefix computed once, rows
+  leave the batch when done
 * ``single``    the same decode loop with batch_size=1 (what a simple per-prompt loop costs)
 * ``run-to-max`` the previous implementation: ``model.generate`` per batch until every row hits EOS or
   ``max_new_tokens``, stop strings cut afterwards
@@ -113,7 +114,8 @@ def main() -> None:
     useful = g.total_new_tokens
     print(f"useful tokens generated: {useful} (per prompt min {min(g.new_tokens)}, mean "
           f"{useful / len(prompts):.1f}, max {max(g.new_tokens)}; {sum(n == a.max_new_tokens for n in g.new_tokens)} "
-          f"rows hit the limit)")
+          f"rows hit the limit); prompts {sum(len(x) for x in tok(prompts)['input_ids']) / len(prompts):.0f} tokens "
+          f"on average, {g.shared_prefix_tokens} of them a shared prefix computed once")
     print(f"{'path':18s} {'wall s':>8s} {'tokens':>7s} {'tok/s':>7s} {'time / batched':>14s}  same text  notes")
     for name, sec, ntok, texts, note in rows:
         same = sum(x == y for x, y in zip(texts, g.texts))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -130,14 +132,15 @@ def test_stop_strings_cut_text_and_stop_each_row(model, tok, free_run):
 
 
 class CountingForward:
-    """Wraps a model's forward; records the batch rows of every call."""
+    """Wraps a model's forward; records the batch rows and input width of every call."""
 
     def __init__(self, model):
-        self.model, self.inner, self.rows = model, model.forward, []
+        self.model, self.inner, self.rows, self.widths = model, model.forward, [], []
 
     def __enter__(self):
         def forward(*a, **k):
             self.rows.append(int(k["input_ids"].shape[0]))
+            self.widths.append(int(k["input_ids"].shape[1]))
             return self.inner(*a, **k)
 
         self.model.forward = forward
@@ -223,3 +226,21 @@ def test_chat_prompt_plain_and_template(tok):
     t.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
                        "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
     assert chat_prompt(t, "Be brief.", "Hi") == "<user>Be brief.\n\nHi<assistant>"
+
+
+def test_shared_prefix_is_computed_once_and_changes_nothing(model, tok):
+    from fedkt.generate import MIN_SHARED_PREFIX
+
+    head = "Question: Which gas do plants take in for photosynthesis?\nAnswer: carbon dioxide\n"
+    prompts = [head + p for p in PROMPTS]
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    plen = len(os.path.commonprefix(ids))
+    assert plen >= MIN_SHARED_PREFIX and len({len(r) - plen for r in ids}) >= 5  # suffixes of different lengths
+    refs = [one_at_a_time(model, tok, p, [tok.eos_token_id]) for p in prompts]
+    for bs in (1, 3, 8):
+        with CountingForward(model) as c:
+            g = generate_ex(model, tok, prompts, max_new_tokens=N_NEW, batch_size=bs)
+        assert g.token_ids == refs, bs
+        assert g.shared_prefix_tokens == plen
+        assert c.rows[0] == 1 and c.widths[0] == plen  # the prefix, once
+        assert max(c.widths[1:]) == max(len(r) for r in ids) - plen  # later prefills only see suffixes

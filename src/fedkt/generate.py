@@ -17,6 +17,10 @@ first stop string. The method, and why:
   (``Cache.batch_select_indices``), so the remaining rows run at the cost of a smaller batch. Prompts
   are bucketed by token length (sorted, then cut into batches) so little compute goes to padding;
   outputs come back in the input order.
+* **A shared prompt prefix is computed once.** When all prompts start with the same tokens (a system
+  prompt, few-shot examples: FedCoT's rationale prompts), that prefix runs once with batch 1 and its KV
+  cache is copied into every batch; each row then holds ``[prefix][left padding][own suffix]``, the
+  padding masked and positions continuing from the prefix, so results equal a plain prefill.
 * **Deterministic sampling.** Sampling draws from one ``torch.Generator`` seeded with ``seed`` (the
   global RNG is untouched); batches run in a fixed order, so a call is reproducible given its seed,
   prompts and ``batch_size``. Temperature, then top-k, then top-p (nucleus), as in transformers.
@@ -27,6 +31,8 @@ first stop string. The method, and why:
 
 from __future__ import annotations
 
+import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -36,6 +42,7 @@ import torch
 from fedkt import progress
 
 _STOP_WINDOW_SLACK = 4  # tokens decoded beyond the longest stop string's length when looking for it
+MIN_SHARED_PREFIX = 8  # shared prompt prefixes at least this long (tokens) are computed once per call
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Generation:
     forward_calls: int = 0  # model forwards (prefills + decode steps) over all batches
     seconds: float = 0.0
     per_batch_steps: list[int] = field(default_factory=list)
+    shared_prefix_tokens: int = 0  # length of the prompt prefix computed once for all prompts
 
     @property
     def total_new_tokens(self) -> int:
@@ -105,8 +113,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def _decode_batch(model, tok, rows: list[list[int]], max_new_tokens: int, pad_id: int, eos: torch.Tensor,
-                  stop: Sequence[str], sampler, on_finish) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Generate for one batch of token-id prompts. Returns (tokens (B, T), new-token counts (B,), forwards)."""
+                  stop: Sequence[str], sampler, on_finish, prefix=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Generate for one batch of token-id prompts. Returns (tokens (B, T), new-token counts (B,), forwards).
+
+    ``prefix`` = (KV cache of a shared prefix of P tokens, batch 1; P): ``rows`` are then the suffixes.
+    Layout ``[prefix][left padding][suffix]``; the padding is masked and positions continue from P.
+    """
     b = len(rows)
     width = max(len(r) for r in rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -115,8 +127,15 @@ def _decode_batch(model, tok, rows: list[list[int]], max_new_tokens: int, pad_id
         input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         attn[i, width - len(r):] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    kw = {}
+    if prefix is not None:
+        cache, plen = copy.deepcopy(prefix[0]), prefix[1]
+        cache.batch_repeat_interleave(b)
+        attn = torch.cat([torch.ones((b, plen), dtype=torch.long), attn], dim=1)
+        pos = pos + plen
+        kw["past_key_values"] = cache
     out = _forward(model, input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                   logits_to_keep=1)
+                   logits_to_keep=1, **kw)
     forwards = 1
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     next_pos = pos[:, -1] + 1
@@ -183,18 +202,27 @@ def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, b
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_token_ids(model, tok)[0]
     eos = torch.tensor(eos_token_ids(model, tok), dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
     if do_sample:
         sampler = lambda logits: _sample(logits, temperature, top_k, top_p, gen)  # noqa: E731
     else:
         sampler = lambda logits: logits.argmax(-1)  # noqa: E731
-    order = sorted(range(n), key=lambda i: -len(ids[i]))  # length buckets, longest first (stable)
+    # a prefix all prompts share (system prompt, few-shot examples) is computed once, its KV cache reused
+    plen = min(len(os.path.commonprefix(ids)), min(len(r) for r in ids) - 1) if n > 1 else 0
     texts: list[str] = [""] * n
     counts: list[int] = [0] * n
     res = Generation(texts, counts, [[] for _ in range(n)])
-    was_training = model.training
-    model.eval()
     made = 0
+    model.eval()
     try:
+        prefix = None
+        if plen >= MIN_SHARED_PREFIX:
+            out = _forward(model, input_ids=torch.tensor([ids[0][:plen]]), use_cache=True, logits_to_keep=1)
+            prefix = (out.past_key_values, plen)
+            ids = [r[plen:] for r in ids]
+            res.forward_calls += 1
+            res.shared_prefix_tokens = plen
+        order = sorted(range(n), key=lambda i: -len(ids[i]))  # length buckets, longest first (stable)
         with progress.bar(desc, n) as pb:
             def on_finish(k: int) -> None:
                 pb.advance(k, tok_s=(made + 0.0) / max(time.perf_counter() - t0, 1e-9))
@@ -202,7 +230,7 @@ def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, b
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
                 tokens, n_new, fw = _decode_batch(model, tok, [ids[i] for i in idx], max_new_tokens, pad_id, eos,
-                                                  stop, sampler, on_finish)
+                                                  stop, sampler, on_finish, prefix)
                 res.forward_calls += fw
                 res.per_batch_steps.append(fw - 1)
                 new_ids = [tokens[j, :int(n_new[j])].tolist() for j in range(len(idx))]
