@@ -7,9 +7,11 @@
 For each task it scores the first ``--limit`` documents of the split with both (the harness's ``limit``
 also takes the first N) in one process, same thread count, and prints acc / acc_norm of both, the
 number of questions whose prompt strings (context, continuations) differ, whose prediction (argmax, and argmax of the normalised score) differs, the largest
-difference of a choice's log-likelihood, and both wall times with their ratio. Times exclude model
+difference of a choice's log-likelihood, and both wall times with their ratio. The two run
+interleaved, in blocks of ``--block`` documents (harness block, fedkt block, next...), so that a change
+of machine load hits both alike; each side's time is the sum over its blocks. Times exclude model
 loading; "harness lls" is the harness's loglikelihood call alone, "harness total" its whole
-``simple_evaluate`` (task building, requests, metrics). fedkt's time covers prompts, tokenisation,
+``simple_evaluate`` (task building, requests, metrics; fedkt's blocks subtracted). fedkt's time covers prompts, tokenisation,
 scoring and metrics.
 
 Offline: the harness reads the local JSONL files, not the hub. Its task configs are used as shipped
@@ -96,30 +98,51 @@ def load_examples(task: str, data_dir: str, split: str, limit: int) -> list[Exam
     return exs[:limit] if limit else exs
 
 
-def run_harness(lm, name: str, task_manager, limit: int) -> tuple[dict, list[dict], float, float]:
-    """(metrics, per-doc samples sorted by doc_id, seconds in loglikelihood, seconds in total)."""
+def run_interleaved(lm, name: str, task_manager, limit: int, score_fedkt, n_docs: int, block: int):
+    """Run the harness's ``simple_evaluate`` and, interleaved with its loglikelihood calls in blocks of
+    ``block`` documents, ``score_fedkt(doc_ids)`` on the same documents, so both see the same machine
+    load. Returns (harness metrics, per-doc samples sorted by doc_id, fedkt's per-doc results,
+    seconds in the harness's loglikelihood, seconds in fedkt, seconds in the harness in total)."""
     import lm_eval
 
-    spent = [0.0]
+    spent = {"harness": 0.0, "fedkt": 0.0}
+    fedkt_out: dict[int, object] = {}
     inner = lm.loglikelihood
 
-    def timed(requests, *a, **k):
-        t = time.perf_counter()
-        try:
-            return inner(requests, *a, **k)
-        finally:
-            spent[0] += time.perf_counter() - t
+    def interleaved(requests, *a, **k):
+        by_doc: dict[int, list[int]] = {}
+        for j, r in enumerate(requests):
+            by_doc.setdefault(r.doc_id, []).append(j)
+        docs = sorted(by_doc)
+        out = [None] * len(requests)
+        for start in range(0, len(docs), block):
+            ids = docs[start:start + block]
+            idx = [j for d in ids for j in by_doc[d]]
+            t = time.perf_counter()
+            res = inner([requests[j] for j in idx], *a, **k)
+            spent["harness"] += time.perf_counter() - t
+            for j, v in zip(idx, res):
+                out[j] = v
+            t = time.perf_counter()
+            fedkt_out.update(zip(ids, score_fedkt(ids)))
+            spent["fedkt"] += time.perf_counter() - t
+        return out
 
-    lm.loglikelihood = timed
+    lm.loglikelihood = interleaved
     t0 = time.perf_counter()
-    res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=task_manager, limit=limit or None,
-                                  num_fewshot=0, log_samples=True, bootstrap_iters=0,
-                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                                  fewshot_random_seed=0)
-    total = time.perf_counter() - t0
-    lm.loglikelihood = inner
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=task_manager, limit=limit or None,
+                                      num_fewshot=0, log_samples=True, bootstrap_iters=0,
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                      fewshot_random_seed=0)
+    finally:
+        lm.loglikelihood = inner
+    total = time.perf_counter() - t0 - spent["fedkt"]
     samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
-    return res["results"][name], samples, spent[0], total
+    if len(fedkt_out) != n_docs:
+        raise SystemExit(f"{name}: the harness asked for {len(fedkt_out)} docs, fedkt has {n_docs}")
+    return res["results"][name], samples, [fedkt_out[i] for i in range(n_docs)], spent["harness"], \
+        spent["fedkt"], total
 
 
 def main() -> None:
@@ -131,6 +154,8 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=300, help="first N documents per task; 0 = all")
     ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass, both sides")
+    ap.add_argument("--block", type=int, default=50,
+                    help="documents per interleaved block (harness, then fedkt, then the next block)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -153,19 +178,24 @@ def main() -> None:
     header = (f"{'task':<14} {'n':>5} | {'acc fedkt':>9} {'harness':>8} | {'acc_norm fedkt':>14} {'harness':>8} | "
               f"{'diff prompt':>11} {'pred':>4} {'norm':>4} {'max|dll|':>9} | {'fedkt s':>8} {'harness lls s':>13} "
               f"{'total s':>8} {'speed-up':>8}")
+    with torch.inference_mode():  # warm-up of both, outside the timings
+        lm._model_call(torch.tensor([tok("Question: warm-up\nAnswer: yes")["input_ids"]]))
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         names = harness_task_dir(tasks, a.data_dir, a.split, a.limit, Path(tmp))
         tm = TaskManager(include_path=tmp, include_defaults=True)
         for t in tasks:
             exs = load_examples(t, a.data_dir, a.split, a.limit)
-            h_metrics, samples, h_lls, h_total = run_harness(lm, names[t], tm, a.limit)
-            t0 = time.perf_counter()
-            lls = choice_loglikelihoods(model, tok, exs, batch_size=a.batch_size, desc=t)
+            choice_loglikelihoods(model, tok, exs[:2], batch_size=a.batch_size)  # warm-up
+
+            def score_fedkt(ids, exs=exs):
+                return choice_loglikelihoods(model, tok, [exs[i] for i in ids], batch_size=a.batch_size)
+
+            h_metrics, samples, lls, h_lls, f_time, h_total = run_interleaved(
+                lm, names[t], tm, a.limit, score_fedkt, len(exs), a.block)
             preds = [predictions(e, ll) for e, ll in zip(exs, lls)]
             acc = sum(p == e.answer for (p, _), e in zip(preds, exs)) / len(exs)
             acc_norm = sum(q == e.answer for (_, q), e in zip(preds, exs)) / len(exs)
-            f_time = time.perf_counter() - t0
             if len(samples) != len(exs):
                 raise SystemExit(f"{t}: harness scored {len(samples)} docs, fedkt {len(exs)}")
             d_pred = d_norm = d_prompt = 0
