@@ -1,7 +1,7 @@
 import torch
 
 from fedkt.data.collate import encode_pair
-from fedkt.data.prompts import context, continuation
+from fedkt.data.prompts import context, continuations
 from fedkt.data.tasks import parse_row
 from fedkt.evaluate import loglikelihoods, score_multiple_choice
 from fedkt.models import load_model
@@ -26,18 +26,19 @@ def naive_loglikelihood(model, tok, ctx, cont):
 def test_batched_mc_scoring_equals_naive_loop(model_dirs, tok):
     model, _ = load_model(str(model_dirs["llm"]))
     exs = _examples()
-    requests = [(context(e), continuation(c)) for e in exs for c in e.choices]
+    requests = [(context(e), c) for e in exs for c in continuations(e)]
     naive = torch.tensor([naive_loglikelihood(model, tok, *r) for r in requests])
     for bs in (1, 2, 5, 64):  # fewer rows than one question's choices, uneven chunks, one chunk
         for share in (True, False):
-            batched = loglikelihoods(model, tok, requests, batch_size=bs, share_context=share)
-            assert torch.allclose(torch.tensor(batched), naive, atol=1e-4), (bs, share)
+            for method in ("packed", "cache"):
+                batched = loglikelihoods(model, tok, requests, batch_size=bs, share_context=share, method=method)
+                assert torch.allclose(torch.tensor(batched), naive, atol=1e-4), (bs, share, method)
     # and the accuracy is the argmax of the naive scores
     res = score_multiple_choice(model, tok, exs, batch_size=7)
     i, correct, correct_norm = 0, 0, 0
     for e in exs:
         s = naive[i:i + len(e.choices)]
-        n = [x / len(continuation(c).encode()) for x, c in zip(s, e.choices)]
+        n = [x / len(c) for x, c in zip(s, e.choices)]  # characters of the choice, as the harness
         correct += max(range(len(s)), key=s.__getitem__) == e.answer
         correct_norm += max(range(len(n)), key=n.__getitem__) == e.answer
         i += len(e.choices)

@@ -1,42 +1,90 @@
-"""Evaluation: multiple-choice accuracy by answer log-likelihood; GSM8K exact match.
+"""Evaluation: multiple-choice accuracy by answer log-likelihood, identical to lm-evaluation-harness;
+GSM8K exact match.
 
-Multiple choice follows lm-evaluation-harness: each choice is scored by the summed log-probability of
-its continuation tokens given the context; ``acc`` takes the argmax of that sum, ``acc_norm`` the
-argmax of the sum divided by the continuation's length in bytes. The context of a question runs once and
-its KV cache is shared by all its choices; questions are sorted by length and batched.
+Multiple choice reproduces lm-evaluation-harness 0.4.13's ``multiple_choice`` tasks:
+
+* prompt, choices and target delimiter per task (:mod:`fedkt.data.prompts`, chosen by ``Example.task``);
+  the request of a choice is ``(context, " " + choice)``;
+* tokenisation as the harness's ``_encode_pair`` (:func:`fedkt.data.collate.encode_pairs`): trailing
+  context whitespace moves to the continuation, the continuation's ids are what ``encode(context +
+  continuation)`` adds after ``encode(context)``; no BOS; an empty context becomes the BOS (else EOS)
+  token, as the harness's ``prefix_token_id``;
+* the score of a choice is the summed log-probability of its continuation tokens; ``acc`` takes the
+  argmax of the scores, ``acc_norm`` the argmax of score / ``len(choice)`` -- the *character* length of
+  the choice string, without the delimiter (``completion_len`` in the harness's ``process_results``);
+  ties go to the first choice (``np.argmax``).
+
+Speed (the harness runs every (context, choice) row in full and takes a log-softmax over every position):
+the context of a question runs once with ``logits_to_keep=1`` and its KV cache is fanned out to all its
+choices, which then run on top of it; only continuation positions reach the LM head. Questions are sorted
+by context length (length bucketing keeps padding small), tokenised in one batched call, scored under
+``torch.inference_mode``, and per-row scores leave the tensor once per batch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from fedkt import progress
-from fedkt.data.collate import encode_pair
-from fedkt.data.prompts import context, continuation
+from fedkt.data.collate import encode, encode_pairs
+from fedkt.data.prompts import choices as choice_texts
+from fedkt.data.prompts import context, continuations
 from fedkt.data.tasks import Example, final_number
 
 
-@torch.no_grad()
+def _prefix_token(tok) -> int:
+    """The harness's ``prefix_token_id``: the context of a request whose context is empty."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+PACKABLE_ATTENTION = {"sdpa", "eager"}
+"""Attention implementations that take a custom 4D additive mask (needed to pack choices in one row)."""
+
+
+def _packable(model) -> bool:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl in PACKABLE_ATTENTION
+
+
+@torch.inference_mode()
 def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: int = 32,
-                   max_length: int = 1024, desc: str = "score", share_context: bool = True) -> list[float]:
+                   max_length: int = 1024, desc: str = "score", share_context: bool = True,
+                   method: str = "auto") -> list[float]:
     """Summed log p(continuation | context) for each (context, continuation) pair.
 
-    Requests that share a context (the choices of one question) share its forward pass: the contexts of
-    a batch run once, left-padded, and their KV cache is fanned out to every continuation, which then
-    runs on top of it. ``batch_size`` bounds the continuation rows per batch. ``share_context=False``
-    runs every request on its own copy of the context (same scores, more compute).
+    Requests with the same context tokens (the choices of one question) share its computation.
+    ``method="packed"`` (the default where the model's attention takes a 4D mask: sdpa, eager) lays
+    each question out as one row, ``context + choice 1 + choice 2 + ...``, with an attention mask that
+    lets every choice see the context and itself only and position ids that restart after the context,
+    so each context token and each choice token runs exactly once in a single forward pass.
+    ``method="cache"`` runs the contexts of a batch once, left-padded, and fans their KV cache out to the
+    continuations, which run in a second pass (any attention implementation). ``batch_size`` bounds
+    the continuation rows per batch. ``share_context=False`` gives every request its own copy of the
+    context (same scores, more compute). Inputs longer than ``max_length`` lose context tokens from the
+    left, as in the harness.
     """
+    if method == "auto":
+        method = "packed" if _packable(model) else "cache"
+    if method not in ("packed", "cache"):
+        raise ValueError(f"method must be 'auto', 'packed' or 'cache', not {method!r}")
+    prefix = [_prefix_token(tok)]  # an empty context is scored after this token, as in the harness
+    enc = iter(encode_pairs(tok, [r for r in requests if r[0] != ""]))
+    pairs = [next(enc) if ctx != "" else (prefix, encode(tok, cont)) for ctx, cont in requests]
     groups: dict[tuple, tuple[list[int], list[tuple[int, list[int]]]]] = {}
-    for i, (ctx, cont) in enumerate(requests):
-        c, k = encode_pair(tok, ctx, cont)
+    for i, (c, k) in enumerate(pairs):
         if not k:
-            raise ValueError(f"empty continuation for request {i}: {cont!r}")
-        c = c[-max(1, max_length - len(k)):] if len(c) + len(k) > max_length else c
+            raise ValueError(f"empty continuation for request {i}: {requests[i][1]!r}")
+        if len(c) + len(k) > max_length:
+            c = c[-max(1, max_length - len(k)):]
         key = tuple(c) if share_context else (i, *c)
         groups.setdefault(key, (c, []))[1].append((i, k))
-    ordered = sorted(groups.values(), key=lambda g: len(g[0]), reverse=True)
+    # length bucketing: neighbours in this order have similar lengths, so batches carry little padding
+    size = (lambda g: len(g[0]) + sum(len(k) for _, k in g[1])) if method == "packed" else (lambda g: len(g[0]))
+    ordered = sorted(groups.values(), key=size, reverse=True)
+    score = _score_packed if method == "packed" else _score_chunk
     out = [0.0] * len(requests)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -48,9 +96,63 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
                 chunk.append(ordered[start])
                 rows += len(ordered[start][1])
                 start += 1
-            _score_chunk(model, chunk, pad, out)
+            score(model, chunk, pad, out)
             pb.advance(rows)
     return out
+
+
+def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
+    """Score one batch, one question per row: ``[context | choice 1 | choice 2 | ...]`` right-padded.
+
+    Segment ids (0 context, s for choice s, -1 padding) give the mask: a query attends to an earlier
+    key of the context or of its own segment. Choice tokens take positions ``len(context) + t``, as if
+    each followed the context alone, so every score equals a separate (context, choice) pass. The LM
+    head runs only on the trailing positions that predict continuation tokens."""
+    lengths = [len(c) + sum(len(k) for _, k in g) for c, g in chunk]
+    width = max(lengths)
+    flat_ids, flat_seg, flat_pos = [], [], []
+    q_row, q_col, targets, member = [], [], [], []
+    members = []
+    for r, (c, group) in enumerate(chunk):
+        n = len(c)
+        flat_ids += c
+        flat_seg += [0] * n
+        flat_pos += range(n)
+        at = n
+        for s, (i, k) in enumerate(group, 1):
+            m = len(k)
+            flat_ids += k
+            flat_seg += [s] * m
+            flat_pos += range(n, n + m)
+            q_row += [r] * m
+            q_col.append(n - 1)  # the context's last token predicts the choice's first
+            q_col += range(at, at + m - 1)
+            targets += k
+            member += [len(members)] * m
+            members.append(i)
+            at += m
+        pad_n = width - lengths[r]
+        flat_ids += [pad] * pad_n
+        flat_seg += [-1] * pad_n
+        flat_pos += [0] * pad_n
+    B = len(chunk)
+    ids = torch.tensor(flat_ids).view(B, width)
+    seg = torch.tensor(flat_seg).view(B, width)
+    pos = torch.tensor(flat_pos).view(B, width)
+    idx = torch.arange(width)
+    causal = idx[None, :] <= idx[:, None]
+    allowed = causal[None] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((B, 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    keep = width - min(q_col)  # trailing positions that reach the LM head
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=keep).logits
+    sel = logits[torch.tensor(q_row), torch.tensor(q_col) - (width - keep)]
+    logp = torch.log_softmax(sel.float(), dim=-1).gather(-1, torch.tensor(targets)[:, None]).squeeze(-1)
+    scores = torch.zeros(len(members), dtype=logp.dtype).index_add_(0, torch.tensor(member), logp)
+    for i, v in zip(members, scores.tolist()):
+        out[i] = v
 
 
 def _score_chunk(model, chunk, pad: int, out: list[float]) -> None:
@@ -64,14 +166,12 @@ def _score_chunk(model, chunk, pad: int, out: list[float]) -> None:
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     first_logp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
-    owners, members = [], []
-    for r, (_, group) in enumerate(chunk):
-        for i, k in group:
-            owners.append(r)
-            members.append((i, k))
+    owners = [r for r, (_, group) in enumerate(chunk) for _ in group]
+    members = [m for _, group in chunk for m in group]
     owner_idx = torch.tensor(owners)
     cache = first.past_key_values
-    cache.reorder_cache(owner_idx)
+    if owners != list(range(len(chunk))):
+        cache.reorder_cache(owner_idx)
     lmax = max(len(k) for _, k in members)
     cont = torch.full((len(members), lmax), pad, dtype=torch.long)
     cmask = torch.zeros((len(members), lmax), dtype=torch.long)
@@ -86,29 +186,57 @@ def _score_chunk(model, chunk, pad: int, out: list[float]) -> None:
                      past_key_values=cache, use_cache=True).logits
         logp = torch.log_softmax(rest.float(), dim=-1).gather(-1, cont[:, 1:].unsqueeze(-1)).squeeze(-1)
         scores = scores + (logp * cmask[:, 1:]).sum(-1)
-    for r, (i, _) in enumerate(members):
-        out[i] = scores[r].item()
+    for (i, _), v in zip(members, scores.tolist()):
+        out[i] = v
+
+
+def choice_loglikelihoods(model, tok, examples: Sequence[Example], batch_size: int = 32,
+                          desc: str = "eval") -> list[list[float]]:
+    """Per question, the summed log-likelihood of each choice's continuation (the harness's ``lls``)."""
+    requests, sizes = [], []
+    for ex in examples:
+        if not ex.is_mc:
+            raise ValueError(f"example {ex.id} of task {ex.task} is not multiple choice")
+        ctx = context(ex)
+        conts = continuations(ex)
+        requests.extend((ctx, c) for c in conts)
+        sizes.append(len(conts))
+    lls = loglikelihoods(model, tok, requests, batch_size=batch_size, desc=desc)
+    out, i = [], 0
+    for n in sizes:
+        out.append(lls[i:i + n])
+        i += n
+    return out
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the first maximum (``np.argmax``; NaN counts as the maximum, as there)."""
+    best = 0
+    for j, v in enumerate(values):
+        if v != v:
+            return j
+        if v > values[best]:
+            best = j
+    return best
+
+
+def predictions(ex: Example, lls: Sequence[float]) -> tuple[int, int]:
+    """(pred, pred_norm) of one question from its choices' log-likelihoods, as the harness picks them:
+    argmax of ``lls`` and of ``lls / len(choice)`` (characters of the choice, delimiter excluded)."""
+    lengths = [len(c) for c in choice_texts(ex)]
+    norm = [ll / n if n else math.copysign(math.inf, ll) if ll else math.nan for ll, n in zip(lls, lengths)]
+    return _argmax(lls), _argmax(norm)
 
 
 def score_multiple_choice(model, tok, examples: Sequence[Example], batch_size: int = 32,
                           desc: str = "eval") -> dict[str, float]:
-    requests, owners = [], []
-    for qi, ex in enumerate(examples):
-        if not ex.is_mc:
-            raise ValueError(f"example {ex.id} of task {ex.task} is not multiple choice")
-        for choice in ex.choices:
-            requests.append((context(ex), continuation(choice)))
-            owners.append(qi)
-    lls = loglikelihoods(model, tok, requests, batch_size=batch_size, desc=desc)
-    per_q: list[list[tuple[float, int]]] = [[] for _ in examples]
-    for (ctx, cont), q, ll in zip(requests, owners, lls):
-        per_q[q].append((ll, len(cont.encode("utf-8"))))
+    """``acc`` and ``acc_norm`` exactly as lm-evaluation-harness computes them for ``examples``."""
+    per_q = choice_loglikelihoods(model, tok, examples, batch_size, desc)
     acc = acc_norm = 0
-    for ex, scores in zip(examples, per_q):
-        best = max(range(len(scores)), key=lambda j: scores[j][0])
-        best_norm = max(range(len(scores)), key=lambda j: scores[j][0] / scores[j][1])
-        acc += best == ex.answer
-        acc_norm += best_norm == ex.answer
+    for ex, lls in zip(examples, per_q):
+        pred, pred_norm = predictions(ex, lls)
+        acc += pred == ex.answer
+        acc_norm += pred_norm == ex.answer
     n = len(examples)
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
 

@@ -15,13 +15,33 @@ def encode(tok, text: str) -> list[int]:
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of context and continuation as lm-evaluation-harness splits them: the continuation is
-    what encoding ``context + continuation`` adds after the encoding of ``context``."""
-    whole = encode(tok, context + continuation)
-    ctx = encode(tok, context)
-    if whole[: len(ctx)] != ctx:  # the join merged tokens across the boundary; fall back to separate
-        return ctx, encode(tok, continuation)
-    return ctx, whole[len(ctx):]
+    """Token ids of context and continuation, split exactly as lm-evaluation-harness's ``_encode_pair``."""
+    return encode_pairs(tok, [(context, continuation)])[0]
+
+
+def encode_pairs(tok, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of (context, continuation) pairs as lm-evaluation-harness 0.4.13 splits them
+    (``TemplateLM._encode_pair``): trailing whitespace of the context moves to the front of the
+    continuation; the context's ids are ``encode(context)`` and the continuation's are what follows them
+    in ``encode(context + continuation)``. When the join merges tokens across the boundary (never for a
+    continuation that starts with a space under a GPT-2-style pre-tokenizer) this is the harness's
+    split all the same, so scores stay identical to its. Each distinct context is encoded once and all
+    strings go through the tokenizer in one batched call."""
+    ctxs, wholes = [], []
+    for context, continuation in pairs:
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        ctxs.append(context)
+        wholes.append(context + continuation)
+    unique = list(dict.fromkeys(ctxs))
+    enc = tok(unique + wholes, add_special_tokens=False)["input_ids"] if pairs else []
+    by_ctx = dict(zip(unique, enc[:len(unique)]))
+    out = []
+    for c, whole in zip(ctxs, enc[len(unique):]):
+        ids = by_ctx[c]
+        out.append((list(ids), whole[len(ids):]))
+    return out
 
 
 @dataclass

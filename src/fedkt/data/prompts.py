@@ -1,23 +1,107 @@
-"""Prompt templates: how an :class:`Example` becomes a context and a continuation.
+"""Prompt templates: how an :class:`Example` becomes a context, its choices and a continuation.
 
-The multiple-choice template is lm-evaluation-harness's for ARC ("Question: ...\\nAnswer:" followed by
-" choice"), used for every MC task so scores compare with published zero-shot numbers. GSM8K uses the
-same frame with the worked answer as continuation.
+Multiple-choice prompts are lm-evaluation-harness 0.4.13's task definitions, chosen per example by
+``Example.task`` (the harness's ``doc_to_text``, ``doc_to_choice`` and ``target_delimiter``):
+
+============== ============================================================ ==================
+task           context (``doc_to_text``)                                    choices
+============== ============================================================ ==================
+arc_easy,      ``"Question: {question}\\nAnswer:"``                          the choice texts
+arc_challenge  (``arc_challenge.yaml`` includes ``arc_easy.yaml``)
+openbookqa     ``"{question_stem}"`` -- the bare question, no frame          the choice texts
+commonsense_qa ``"Question: {question.strip()}\\nA. {c0}\\nB. {c1}...\\nAnswer:"`` the letters A, B, ..
+(any other)    ARC's ``"Question: {question}\\nAnswer:"``                    the choice texts
+============== ============================================================ ==================
+
+The continuation scored for a choice is ``target_delimiter + choice`` with the harness's default
+delimiter ``" "``; ``acc_norm`` divides by the character length of the *choice* (without the delimiter),
+see :mod:`fedkt.evaluate`. GSM8K (generation) uses ARC's frame with the worked answer as continuation.
+
+Training uses the same strings: :func:`training_text` is (context, delimiter + gold choice), so a model
+fine-tuned on a task is trained on exactly the prompt it is evaluated with (for CommonsenseQA that means
+learning to answer with the letter, as the harness scores it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from fedkt.data.tasks import Example
 
+TARGET_DELIMITER = " "
+"""lm-evaluation-harness's default ``target_delimiter``, used by all four MC tasks."""
 
-def context(ex: Example) -> str:
+
+def _question_answer(ex: Example) -> str:
     return f"Question: {ex.question}\nAnswer:"
 
 
-def continuation(text: str) -> str:
-    return " " + text
+def _bare_question(ex: Example) -> str:
+    return ex.question
+
+
+def _lettered(ex: Example) -> str:
+    lines = "".join(f"\n{chr(ord('A') + i)}. {c}" for i, c in enumerate(ex.choices))
+    return f"Question: {ex.question.strip()}{lines}\nAnswer:"
+
+
+def _texts(ex: Example) -> tuple[str, ...]:
+    return ex.choices
+
+
+def _letters(ex: Example) -> tuple[str, ...]:
+    return tuple(chr(ord("A") + i) for i in range(len(ex.choices)))
+
+
+@dataclass(frozen=True)
+class Template:
+    """One task's prompt: ``doc_to_text`` (context), ``doc_to_choice`` (choices) and the delimiter."""
+
+    text: Callable[[Example], str]
+    choices: Callable[[Example], tuple[str, ...]] = _texts
+    target_delimiter: str = TARGET_DELIMITER
+
+
+DEFAULT = Template(_question_answer)
+TEMPLATES: dict[str, Template] = {
+    "arc_easy": DEFAULT,
+    "arc_challenge": DEFAULT,
+    "openbookqa": Template(_bare_question),
+    "commonsense_qa": Template(_lettered, _letters),
+}
+
+
+def template(ex: Example) -> Template:
+    """The template of ``ex.task``; tasks without one of their own use ARC's."""
+    return TEMPLATES.get(ex.task, DEFAULT)
+
+
+def context(ex: Example) -> str:
+    """The prompt the continuation follows (the harness's ``doc_to_text``)."""
+    return template(ex).text(ex)
+
+
+def choices(ex: Example) -> tuple[str, ...]:
+    """What each choice's continuation says after the delimiter (the harness's ``doc_to_choice``)."""
+    return template(ex).choices(ex)
+
+
+def continuation(text: str, ex: Example | None = None) -> str:
+    """``text`` as a continuation: prefixed by the target delimiter of ``ex``'s task (``" "``)."""
+    delim = template(ex).target_delimiter if ex is not None else TARGET_DELIMITER
+    return delim + text
+
+
+def continuations(ex: Example) -> list[str]:
+    """The scored continuation of every choice of ``ex``, in order."""
+    t = template(ex)
+    return [t.target_delimiter + c for c in t.choices(ex)]
 
 
 def training_text(ex: Example) -> tuple[str, str]:
-    """(prompt, answer) pair for answer-only supervised fine-tuning."""
-    return context(ex), continuation(ex.target)
+    """(prompt, answer) pair for answer-only supervised fine-tuning: the evaluation prompt and the gold
+    choice's continuation (MC), or the worked answer (generation)."""
+    if ex.is_mc:
+        return context(ex), continuations(ex)[ex.answer]
+    return context(ex), continuation(ex.target, ex)
