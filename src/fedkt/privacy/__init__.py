@@ -1,0 +1,1 @@
+"""Privacy mechanisms: DP-SGD for LoRA adapters (``dp_sgd``)."""
