@@ -340,19 +340,21 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
             _sub_seed(seed, "dp-poisson"))
         loader = torch.utils.data.DataLoader(_Indices(n), batch_size=min(n, cfg.batch_size))
         model.train()  # Opacus validates that the model is in training mode
-        hooks, opt, _ = engine.make_private(
-            module=model, optimizer=base_opt, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=False, noise_generator=noise_gen,
-            loss_reduction="mean", clipping="flat", grad_sample_mode="hooks", wrap_model=False)
-        # Our own Poisson sampler at the exact q; the optimizer averages over q·n and the accountant
-        # counts each step at that same q (make_private derived both from len(loader) instead).
-        opt.expected_batch_size = q * n
-        opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
-        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen, steps=steps)
-        chunk = cfg.max_physical_batch or n
+        hooks = None
         losses: list[float] = []
         taken = empty = sampled = 0
         try:
+            hooks, opt, _ = engine.make_private(
+                module=model, optimizer=base_opt, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=cfg.max_grad_norm, poisson_sampling=False, noise_generator=noise_gen,
+                loss_reduction="mean", clipping="flat", grad_sample_mode="hooks", wrap_model=False)
+            # Our own Poisson sampler at the exact q; the optimizer averages over q·n and the accountant
+            # counts each step at that same q (make_private derived both from len(loader) instead).
+            opt.expected_batch_size = q * n
+            opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen,
+                                                    steps=steps)
+            chunk = cfg.max_physical_batch or n
             with progress.bar(desc, steps) as pb:
                 for idx in sampler:
                     if not idx:
@@ -373,7 +375,12 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
                     taken += 1
                     pb.advance(loss=losses[-1] if losses else float("nan"))
         finally:
-            hooks.cleanup()
+            if hooks is not None:
+                hooks.cleanup()
+            elif hasattr(model, "autograd_grad_sample_hooks"):  # make_private failed half way
+                for h in model.autograd_grad_sample_hooks:
+                    h.remove()
+                del model.autograd_grad_sample_hooks
             _strip(model)
             model.eval()
         eps = math.inf if sigma == 0 else float(engine.get_epsilon(delta))
