@@ -1,0 +1,392 @@
+"""DP-SGD for the LoRA adapter of any causal LM, through Opacus.
+
+What it gives: sample-level (ε, δ)-differential privacy of the trained adapter with respect to the
+client's training examples (add/remove one example), and therefore of everything computed from the
+adapter alone (synthetic examples sampled from the model, evaluation, the adapter sent to a server):
+post-processing never weakens DP. See ``docs/dp-sgd.md``.
+
+The method (Abadi et al. 2016, as Opacus implements it):
+
+* **Poisson sampling.** Each step includes every example independently with probability
+  ``q = min(1, batch_size / n)``; batch sizes vary and a batch may be empty. An empty batch is still a
+  step: it releases pure noise and is counted by the accountant (skipping it would break the analysis).
+* **Per-sample gradients** of the trainable parameters only (the LoRA matrices; the frozen base model
+  stays frozen and bit-for-bit unchanged). Opacus's hooks are attached to the peft model itself
+  (``wrap_model=False``), not a ``GradSampleModule`` wrapper, so HF/peft ``forward(**kwargs)`` and
+  attribute forwarding are untouched; after training the hooks and every attribute Opacus added are
+  removed, and the model is the same plain peft model (``get_adapter_state`` works as before).
+* **Per-sample loss.** Example i's loss is its own answer-only cross-entropy, the mean over *its*
+  supervised tokens (``per_sample_answer_ce``), not a token mean over the batch: a batch-level token
+  mean would weight example i by the other examples' answer lengths, so one example's clipped
+  contribution would depend on the others and the sensitivity bound would no longer hold. Batches are
+  right-padded; with a causal mask a real token never attends to a later pad, so padding contributes
+  exactly zero to any gradient, and position ids (0..T-1 from the left) are the same as unpadded.
+  Nothing here is model specific (no hard-coded GPT-2 position ids as in FATE-LLM's ``algo/dp``).
+* **Clipping and noise.** Each per-sample gradient (all LoRA tensors flattened together) is scaled to
+  L2 norm ≤ C (``max_grad_norm``); the clipped sum gets Gaussian noise N(0, σ²C²) per coordinate and is
+  divided by the expected batch size q·n. The optimizer (AdamW by default, or SGD) only post-processes
+  that noisy gradient.
+* **Calibration.** σ is the smallest noise multiplier for which the accountant (RDP by default, or PRV)
+  gives ε ≤ ``target_epsilon`` at δ after the planned number of steps (Opacus's
+  ``get_noise_multiplier``, the function ``make_private_with_epsilon`` uses). We call it ourselves with
+  the exact ``q`` and step count: ``make_private_with_epsilon`` derives ``q = 1/len(loader)`` from a
+  loader and the steps from whole epochs (``int(epochs / q)``), and Opacus's own loader length
+  round-trip ``int(1/(1/k))`` loses a step for k = 93, 99, 105, ... The engine's optimizer hook is
+  re-attached with that same ``q``, so what is sampled is what is accounted.
+* **ε spent** is the engine accountant's ``get_epsilon(δ)`` for the steps really taken, reported in
+  :class:`DPStats`.
+* **δ** is ``min(delta, 1/n²)``: δ must be well below 1/n (a mechanism that publishes one random
+  example outright is (0, 1/n)-DP), and 1/n² keeps that margin for any client size.
+
+Determinism: dropout uses the torch global RNG seeded from ``seed``; Poisson sampling and the noise use
+their own ``torch.Generator`` seeded from ``seed`` and a purpose string, so a run is reproducible bit
+for bit. ``secure_mode=True`` instead draws both from a cryptographically secure RNG and uses Opacus's
+floating-point-attack-resistant noise (needs the ``torchcsprng`` package; not reproducible by design).
+Use it for a deployment, not for experiments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fedkt import progress
+from fedkt.data.collate import IGNORE, SFTExample, collate_sft
+from fedkt.data.tasks import Example
+from fedkt.losses import shift
+from fedkt.train import seed_everything, tokenize_examples, trainable_parameters
+
+ACCOUNTANTS = ("rdp", "prv")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD settings. The privacy unit is one training example of one client."""
+
+    target_epsilon: float = 3.0
+    """ε to reach after the planned steps; the noise multiplier is calibrated to it."""
+    delta: float = 1e-5
+    """δ of the guarantee; the effective δ is ``min(delta, 1/n²)`` for n training examples."""
+    max_grad_norm: float = 1.0
+    """Per-sample clipping bound C (L2 norm of all trainable gradients of one example)."""
+    epochs: float = 3.0
+    """Planned passes over the data: ``ceil(epochs · n / batch_size)`` steps (unless ``max_steps``)."""
+    max_steps: int = 0
+    """If > 0, the planned number of steps (overrides ``epochs``)."""
+    batch_size: int = 16
+    """Expected batch size of Poisson sampling: sample rate q = min(1, batch_size / n)."""
+    max_physical_batch: int = 0
+    """If > 0, a sampled batch is run through the model in chunks of at most this many examples
+    (memory bound); the update is the same as one pass over the whole batch."""
+    lr: float = 1e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    max_length: int = 256
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_multiplier: float | None = None
+    """Fix σ instead of calibrating it to ``target_epsilon`` (ablations, tests; σ = 0 gives ε = ∞)."""
+    secure_mode: bool = False
+    """Cryptographically secure sampling and noise (needs ``torchcsprng``; not reproducible)."""
+
+    def __post_init__(self) -> None:
+        def bad(key: str, msg: str) -> ValueError:
+            return ValueError(f"DPConfig.{key}: {msg} (got {getattr(self, key)!r})")
+
+        if not (isinstance(self.target_epsilon, (int, float)) and 0 < self.target_epsilon < math.inf):
+            raise bad("target_epsilon", "must be a finite number > 0, e.g. 3.0")
+        if not (0 < self.delta < 1):
+            raise bad("delta", "must be in (0, 1), e.g. 1e-5")
+        if not self.max_grad_norm > 0:
+            raise bad("max_grad_norm", "the clipping bound must be > 0, e.g. 1.0")
+        if not self.epochs > 0:
+            raise bad("epochs", "must be > 0")
+        if self.max_steps < 0:
+            raise bad("max_steps", "must be >= 0 (0 = derive the steps from epochs)")
+        if self.batch_size < 1:
+            raise bad("batch_size", "the expected batch size must be >= 1")
+        if self.max_physical_batch < 0:
+            raise bad("max_physical_batch", "must be >= 0 (0 = no limit)")
+        if not self.lr > 0:
+            raise bad("lr", "must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
+        if self.max_length < 2:
+            raise bad("max_length", "must be >= 2 tokens")
+        if self.accountant not in ACCOUNTANTS:
+            raise bad("accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        if self.noise_multiplier is not None and not (0 <= self.noise_multiplier < math.inf):
+            raise bad("noise_multiplier", "must be a finite number >= 0, or None to calibrate it")
+
+
+@dataclass
+class DPStats:
+    """What one DP training call did. The privacy figures are public; ``mean_loss``, ``last_loss``,
+    ``empty_batches`` and ``mean_batch_size`` are computed from private data without noise and should
+    stay on the client (or be treated as non-private diagnostics)."""
+
+    steps: int
+    planned_steps: int
+    examples: int
+    epsilon_spent: float
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    expected_batch_size: float
+    max_grad_norm: float
+    accountant: str
+    empty_batches: int
+    mean_batch_size: float
+    mean_loss: float
+    last_loss: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces (public so tests and other algorithms can use them)
+
+
+def effective_delta(delta: float, n: int) -> float:
+    """``min(delta, 1/n²)``."""
+    return min(delta, 1.0 / (n * n))
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    """Poisson sampling probability giving an expected batch of ``batch_size`` (capped at 1)."""
+    return min(1.0, batch_size / n)
+
+
+def planned_steps(n: int, cfg: DPConfig) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(round(cfg.epochs * n / min(n, cfg.batch_size), 9)))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
+    """Smallest σ (to Opacus's bisection tolerance 0.01 in ε) with ε(σ, q, steps, δ) ≤ target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():  # the bisection probes σ far from the answer, where RDP
+            warnings.filterwarnings("ignore", message="Optimal order is the")  # warns about its alphas
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
+                                              steps=steps, accountant=accountant))
+    except ValueError as e:
+        raise ValueError(f"cannot reach ε = {target_epsilon} at δ = {delta:.3g} with sample rate {q:.4g} "
+                         f"over {steps} steps ({e}); raise target_epsilon, train fewer steps or use a "
+                         f"smaller batch_size") from None
+
+
+def epsilon_for(noise_multiplier: float, q: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """ε after ``steps`` steps of the subsampled Gaussian mechanism, by a fresh Opacus accountant."""
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(noise_multiplier, q, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def per_sample_answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Answer-only cross-entropy of each row: the mean over that row's supervised tokens, shape [B].
+
+    Row i alone equals ``fedkt.losses.answer_ce(logits[i:i+1], labels[i:i+1])``.
+    """
+    lg, lb = shift(logits, labels)
+    tok = F.cross_entropy(lg.reshape(-1, lg.size(-1)).float(), lb.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view(lb.shape)
+    count = (lb != IGNORE).sum(1).clamp_min(1)
+    return tok.sum(1) / count
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample losses [B] of a right-padded batch from ``collate_sft``."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return per_sample_answer_ce(out.logits, batch["labels"])
+
+
+_OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad")
+
+
+@contextlib.contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    """Silence warnings that are expected here: Opacus's secure-RNG notice (``secure_mode`` is
+    documented above) and torch's notice that a full backward hook fires on a module whose input needs
+    no gradient (the first LoRA layer reads the frozen embeddings)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+def _strip(model) -> None:
+    """Remove whatever per-sample state Opacus left on modules and parameters."""
+    for m in model.modules():
+        for a in _OPACUS_MODULE_ATTRS:
+            if hasattr(m, a):
+                delattr(m, a)
+    for p in model.parameters():
+        for a in ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad"):
+            if hasattr(p, a):
+                delattr(p, a)
+        p.grad = None
+
+
+def per_sample_grads(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample gradients [B, ...] of every trainable parameter for one batch, computed by the same
+    Opacus hooks and loss that :func:`dp_train` uses (no clipping, no noise). Leaves no hook behind."""
+    from opacus.grad_sample import GradSampleHooks
+
+    was_training = model.training
+    with _quiet_opacus():
+        hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean")
+        try:
+            model.train()
+            batch_loss(model, batch).mean().backward()
+            return {name: p.grad_sample.detach().clone() for name, p in model.named_parameters()
+                    if p.requires_grad}
+        finally:
+            hooks.cleanup()
+            _strip(model)
+            model.train(was_training)
+
+
+def _sub_seed(seed: int, purpose: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:8], "big") >> 1
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return (torch.tensor(i),)
+
+
+def _empty_step(opt, params: Sequence[torch.nn.Parameter]) -> None:
+    """A step for an empty Poisson batch: zero per-sample gradients, so the optimizer releases noise
+    only and the accountant counts the step."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def dp_train(model, tok, examples: Sequence[Example], cfg: DPConfig, seed: int, desc: str = "dp-sgd") -> DPStats:
+    """DP-SGD fine-tuning of the trainable parameters (the LoRA adapter) of ``model`` on ``examples``.
+
+    The model is trained in place and returned to eval mode, unwrapped and hook-free.
+    """
+    data = tokenize_examples(tok, examples, cfg.max_length)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tok.pad_token")
+    return dp_train_loop(model, data, cfg, seed, pad_id, desc=desc)
+
+
+def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, pad_id: int,
+                  desc: str = "dp-sgd") -> DPStats:
+    from opacus import PrivacyEngine
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    n = len(data)
+    if n == 0:
+        raise ValueError("dp_train needs at least one training example")
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("model has no trainable parameters (add a LoRA adapter first)")
+    q = sample_rate(n, cfg.batch_size)
+    steps = planned_steps(n, cfg)
+    delta = effective_delta(cfg.delta, n)
+    sigma = (cfg.noise_multiplier if cfg.noise_multiplier is not None
+             else calibrate_noise(cfg.target_epsilon, delta, q, steps, cfg.accountant))
+
+    seed_everything(seed)
+    if cfg.optimizer == "sgd":
+        base_opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        base_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    with _quiet_opacus():
+        try:
+            engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode)
+        except ImportError as e:
+            raise ImportError(f"DPConfig.secure_mode = true needs torchcsprng ({e}); set secure_mode = "
+                              f"false for experiments") from None
+        noise_gen = None if cfg.secure_mode else torch.Generator().manual_seed(_sub_seed(seed, "dp-noise"))
+        sample_gen = engine.secure_rng if cfg.secure_mode else torch.Generator().manual_seed(
+            _sub_seed(seed, "dp-poisson"))
+        loader = torch.utils.data.DataLoader(_Indices(n), batch_size=min(n, cfg.batch_size))
+        model.train()  # Opacus validates that the model is in training mode
+        hooks = None
+        losses: list[float] = []
+        taken = empty = sampled = 0
+        try:
+            hooks, opt, _ = engine.make_private(
+                module=model, optimizer=base_opt, data_loader=loader, noise_multiplier=sigma,
+                max_grad_norm=cfg.max_grad_norm, poisson_sampling=False, noise_generator=noise_gen,
+                loss_reduction="mean", clipping="flat", grad_sample_mode="hooks", wrap_model=False)
+            # Our own Poisson sampler at the exact q; the optimizer averages over q·n and the accountant
+            # counts each step at that same q (make_private derived both from len(loader) instead).
+            opt.expected_batch_size = q * n
+            opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen,
+                                                    steps=steps)
+            chunk = cfg.max_physical_batch or n
+            with progress.bar(desc, steps) as pb:
+                for idx in sampler:
+                    if not idx:
+                        _empty_step(opt, params)
+                        empty += 1
+                    else:
+                        total = 0.0
+                        parts = [idx[i:i + chunk] for i in range(0, len(idx), chunk)]
+                        for j, part in enumerate(parts):
+                            loss = batch_loss(model, collate_sft([data[i] for i in part], pad_id))
+                            loss.mean().backward()
+                            total += loss.detach().sum().item()
+                            opt.signal_skip_step(do_skip=j < len(parts) - 1)
+                            opt.step()
+                            opt.zero_grad(set_to_none=True)
+                        losses.append(total / len(idx))
+                        sampled += len(idx)
+                    taken += 1
+                    pb.advance(loss=losses[-1] if losses else float("nan"))
+        finally:
+            if hooks is not None:
+                hooks.cleanup()
+            elif hasattr(model, "autograd_grad_sample_hooks"):  # make_private failed half way
+                for h in model.autograd_grad_sample_hooks:
+                    h.remove()
+                del model.autograd_grad_sample_hooks
+            _strip(model)
+            model.eval()
+        eps = math.inf if sigma == 0 else float(engine.get_epsilon(delta))
+    return DPStats(steps=taken, planned_steps=steps, examples=n, epsilon_spent=eps,
+                   target_epsilon=cfg.target_epsilon, delta=delta, noise_multiplier=float(sigma),
+                   sample_rate=q, expected_batch_size=q * n, max_grad_norm=cfg.max_grad_norm,
+                   accountant=cfg.accountant, empty_batches=empty, mean_batch_size=sampled / max(1, taken),
+                   mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+                   last_loss=losses[-1] if losses else float("nan"))
