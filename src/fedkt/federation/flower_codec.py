@@ -34,9 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedkt.federation.base import Message
+from fedkt.federation.flower_env import set_flower_env
+
+set_flower_env()  # before the first flwr import: flwr reads telemetry settings at import time
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+
+from fedkt.federation.base import Message  # noqa: E402
 
 VERSION = 1
 TENSORS_KEY = "fedkt.tensors"
