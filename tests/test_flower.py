@@ -25,7 +25,12 @@ def _flaky(ctx, msg):
     return Message(meta={"ok": True})
 
 
-HANDLERS = {"double": _double, "f": _flaky}
+def _slow(ctx, msg):
+    time.sleep(msg.meta["sleep"])
+    return Message(meta={"slept": msg.meta["sleep"]})
+
+
+HANDLERS = {"double": _double, "f": _flaky, "slow": _slow}
 
 
 def _payload():
@@ -87,10 +92,16 @@ def test_failure_policies_match_local(engine):
     assert [e.client for e in f.ledger.entries] == ["good", "good"]
     with pytest.raises(RuntimeError, match="every client failed in 'f' \\(round 0\\)"):
         f.call("f", {"bad": Message()})
+    # a reply that misses the deadline is a failure of that client (a dropout), not a hang
+    late = FlowerFederation(engine.grid, ["good", "bad"], on_failure="skip", timeout=0.3)
+    out = late.call("slow", {"good": Message(meta={"sleep": 0.0}), "bad": Message(meta={"sleep": 1.0})}, round=5)
+    assert out["good"].meta == {"slept": 0.0} and "bad" not in out
+    assert late.failures == [{"round": 5, "method": "slow", "client": "bad",
+                              "error": "TimeoutError('no reply within 0.3 s')"}]
 
 
 def test_unknown_handler_client_and_missing_node(fed):
-    with pytest.raises(KeyError, match="no client handler 'g'; registered: double, f"):
+    with pytest.raises(KeyError, match="no client handler 'g'; registered: double, f, slow"):
         fed.broadcast("g", Message())
     with pytest.raises(KeyError, match="unknown client 'zz'"):
         fed.call("double", {"zz": Message()})
