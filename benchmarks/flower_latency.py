@@ -14,9 +14,11 @@ import time
 
 import torch
 
-from fedkt.federation import ClientContext, LocalFederation, Message, codec
+from fedkt.clients import ClientContext
+from fedkt.federation import Message, codec
 from fedkt.federation import flower_codec
 from fedkt.federation.flower import FlowerFederation, flower_wire_bytes
+from fedkt.federation.local import LocalFederation
 
 
 def echo(ctx, msg):

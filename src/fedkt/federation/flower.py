@@ -1,38 +1,48 @@
 """Flower runtime: the federation call interface on Flower's Message API (flwr 1.41).
 
-Server side, :class:`FlowerFederation` wraps a Flower ``Grid`` (the object a ServerApp's ``main(grid,
-context)`` receives) and implements ``call``/``broadcast`` like :class:`~fedkt.federation.local.
-LocalFederation`: every fedkt call ``method`` becomes one Flower message of type ``"query.<method>"`` per
-addressed client, pushed with ``grid.push_messages`` and collected with ``grid.pull_messages``.
+Server side, :class:`FlowerFederation` is a :class:`~fedkt.federation.base.Federation` over a Flower
+``Grid`` (the object a ServerApp's ``main(grid, context)`` receives). Like every runtime it implements
+only :meth:`~FlowerFederation._deliver`: each fedkt call ``method`` becomes one Flower message of type
+``"query.<method>"`` per addressed client, pushed with ``grid.push_messages`` and collected with
+``grid.pull_messages``. Argument checks, the failure policy, metering, timings and the bookkeeping state
+are the base class's, so it behaves exactly as :class:`~fedkt.federation.local.LocalFederation` (the
+runtime-conformance suite, ``tests/test_runtime_conformance.py``, runs over both).
 
 Client side, :func:`make_client_app` builds a ``ClientApp`` that registers each client handler
 ``name`` as ``@app.query(name)``, so Flower's own routing dispatches each message type to the same
-handler functions ``LocalFederation`` runs. A handler sees a fedkt
-:class:`~fedkt.federation.local.ClientContext` built by a *context factory* from the client id and the
-Flower ``Context`` (its node config, run config), and returns a fedkt ``Message``.
+handler functions ``LocalFederation`` runs. A handler sees a fedkt :class:`~fedkt.clients.ClientContext`
+built by a *context factory* from the client id and the Flower ``Context``; the default,
+:class:`SpecContextFactory`, builds it from the :class:`~fedkt.clients.ClientSpec` in the node config
+(``fedkt-client-spec``, JSON or a path to a JSON file, see :func:`spec_to_json`) with
+``ClientFactory(share_base=False)`` and caches it for the life of the process; a node without a spec
+gets a bare ``ClientContext(cid)`` (handlers that need no model).
 
 Decisions:
 
 * **Client identity.** A SuperNode names its fedkt client in its node config
-  (``--node-config 'fedkt-client-id="c0"'``; the in-process engine sets it itself; without it the
-  node's ``partition-id``, else its node id, is used). On construction the federation sends one
-  unmetered ``"query._fedkt_identify"`` message to every node; replies give the client id and the
-  handler names each node serves, so unknown clients and unknown handlers are refused on the server
-  with the same ``KeyError`` as ``LocalFederation``, before anything is sent.
-* **Client state** (``ClientContext.state``) survives between calls through a state store: by default
-  :class:`ContextStateStore` keeps it in the Flower ``Context.state`` of the node (Flower rebuilds the
-  ClientApp for every message and hands back the node's context), serialised with ``torch.save`` and
-  read back with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts).
-  :class:`DirStateStore` keeps it in a node-local directory instead (large optimizer states).
+  (``--node-config 'fedkt-client-id="c0"'``; else the ``cid`` of its ClientSpec, else its
+  ``partition-id``, else its node id). On construction the federation sends one unmetered
+  ``"query._fedkt_identify"`` message to every node; the replies give the client id and the handler
+  names each node serves, which become the base class's ``clients`` and ``methods`` (the handlers every
+  client serves, in the order the first client registered them), so unknown clients and handlers are
+  refused on the server with the same ``KeyError`` as in-process, before anything is sent.
+* **Client state** (``ClientContext.state``, a :class:`~fedkt.clients.StateStore`) survives between
+  calls as ``StateStore.to_bytes`` in a state store: by default :class:`ContextStateStore` keeps it in
+  the node's Flower ``Context.state`` (Flower rebuilds the ClientApp for every message and hands back
+  the node's context); :class:`DirStateStore` keeps it in a node-local directory (large states). Before
+  each call the context's state is restored from the store (a node with nothing stored yet starts from
+  ``workdir/state.fkt`` when the context has a workdir holding one, else empty); after the call it is
+  stored again, even when the handler raised (as in-process, where the context object keeps what the
+  handler changed), and ``ctx.save_state()`` writes it to the workdir after a successful call, exactly
+  as ``LocalFederation`` does.
 * **Failures.** A handler exception is caught in the ClientApp and returned as a Flower ``Error``
   whose reason carries the exception type, message and repr as JSON; the server rebuilds a
   :class:`RemoteClientError` of the same type name, so ``ClientFailure`` messages and ``failures``
-  entries read exactly as in-process. Transport errors (node gone, no reply within ``timeout``, a
-  malformed reply) are failures of that client too. Policy "stop" raises on the first failing client
-  in payload order, "skip" records it and goes on.
-* **Bytes** are metered as ``len(codec.encode(msg))``, the same figure ``LocalFederation`` records, so
-  communication totals do not depend on the runtime; Flower's own framing adds a few hundred bytes per
-  message on top (:func:`flower_wire_bytes` measures it).
+  entries read exactly as in-process. Transport errors (no reply within ``timeout``, a malformed
+  reply) are failures of that client too.
+* **Bytes** are metered as ``len(codec.encode(msg))`` down and up, the figure ``LocalFederation``
+  records, so communication totals do not depend on the runtime; Flower's own framing adds a few
+  hundred bytes per message on top (:func:`flower_wire_bytes` measures it).
 * **Polling.** The federation polls the grid every ``poll_interval`` seconds (default 0.02) instead of
   ``grid.send_and_receive``, whose deployment Grid sleeps 3 s between polls.
 * **In-process engine.** :class:`InProcessFlower` runs Flower's simulation engine (``vce.run_api``: the
@@ -43,7 +53,7 @@ Decisions:
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import threading
 import time
@@ -51,12 +61,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedkt import progress
+from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler, StateStore
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
-from fedkt.federation.base import ByteLedger, ClientFailure, Message
-from fedkt.federation.local import ClientContext, Handler
+from fedkt.federation.base import Delivery, Federation, Message
 
 from flwr.app import ConfigRecord, Context, Error, RecordDict  # noqa: E402  (after FLOWER_ENV)
 from flwr.app import Message as FlMessage  # noqa: E402
@@ -67,6 +75,8 @@ from flwr.serverapp import Grid  # noqa: E402
 
 CLIENT_ID_KEY = "fedkt-client-id"
 """Node-config key naming the fedkt client a SuperNode serves."""
+SPEC_KEY = "fedkt-client-spec"
+"""Node-config key holding the node's ClientSpec: a JSON object (:func:`spec_to_json`) or a path to one."""
 CATEGORY = "query"
 """Flower message category of every fedkt call: method ``m`` travels as message type ``"query.m"``."""
 IDENTIFY = "_fedkt_identify"
@@ -75,58 +85,141 @@ ContextFactory = Callable[[str, Context], ClientContext]
 """Builds the fedkt client context for client id ``cid`` on this node (may cache across messages)."""
 
 
-# ----------------------------------------------------------------------------------------- client state
-def _dump_state(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+# ------------------------------------------------------------------------------------ client specs
+def _example_to_dict(e: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(e)
+    d["choices"] = list(d["choices"])
+    return d
 
 
-def _load_state(blob: bytes, where: str) -> dict[str, Any]:
+def _example_from_dict(d: dict[str, Any]) -> Any:
+    from fedkt.data.tasks import Example
+
+    return Example(**{**d, "choices": tuple(d.get("choices", ()))})
+
+
+def spec_to_json(spec: ClientSpec) -> str:
+    """The JSON text of a :class:`ClientSpec` (what a node config's ``fedkt-client-spec`` holds)."""
+    d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    for key in ("lora", "train", "eval"):
+        d[key] = dataclasses.asdict(d[key])
+    d["examples"] = None if spec.examples is None else [_example_to_dict(e) for e in spec.examples]
+    d["eval_sets"] = {k: [_example_to_dict(e) for e in v] for k, v in spec.eval_sets.items()}
+    d["workdir"] = None if spec.workdir is None else str(spec.workdir)
+    d["data_files"] = [str(f) for f in spec.data_files]
+    return json.dumps(d, ensure_ascii=False)
+
+
+def spec_from_json(text: str) -> ClientSpec:
+    """Rebuild a :class:`ClientSpec` from :func:`spec_to_json`'s text; sections are validated like config."""
+    from fedkt.config import EvalConfig, LoraSettings, TrainConfig, from_dict
+
     try:
-        return torch.load(io.BytesIO(blob), weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"client state in {where} cannot be loaded ({e}); ClientContext.state may hold "
-                         "only tensors, numbers, strings, lists, tuples and dicts") from e
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{SPEC_KEY} is not valid JSON ({e}); write it with fedkt.federation.flower."
+                         "spec_to_json") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{SPEC_KEY} must be a JSON object, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(ClientSpec)]
+    unknown = sorted(set(d) - set(names))
+    if unknown or "cid" not in d or "model" not in d:
+        raise ValueError(f"{SPEC_KEY}: unknown keys {unknown} or missing cid/model; allowed keys: "
+                         f"{', '.join(names)}")
+    for key, cls in (("lora", LoraSettings), ("train", TrainConfig), ("eval", EvalConfig)):
+        if key in d:
+            d[key] = from_dict(cls, d[key], prefix=key + ".")
+    if d.get("examples") is not None:
+        d["examples"] = [_example_from_dict(e) for e in d["examples"]]
+    if "eval_sets" in d:
+        d["eval_sets"] = {k: [_example_from_dict(e) for e in v] for k, v in d["eval_sets"].items()}
+    if d.get("workdir") is not None:
+        d["workdir"] = Path(d["workdir"])
+    return ClientSpec(**d)
 
 
+def _spec_text(value: Any) -> str:
+    text = str(value)
+    if text.lstrip().startswith("{"):
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"node config {SPEC_KEY} = {text!r} is neither a JSON object nor an existing file")
+    return path.read_text(encoding="utf-8")
+
+
+class SpecContextFactory:
+    """The default context factory: the node's ClientSpec (node config ``fedkt-client-spec``) built with
+    ``ClientFactory(share_base=False)``, once per process and spec (Flower may rebuild the ClientApp per
+    message; the in-process engine keeps the process, so the model is loaded once). Without a spec in
+    the node config, a bare ``ClientContext(cid)``."""
+
+    def __init__(self) -> None:
+        self._factory = ClientFactory(share_base=False)
+        self._built: dict[str, ClientContext] = {}
+
+    def __call__(self, cid: str, context: Context) -> ClientContext:
+        raw = context.node_config.get(SPEC_KEY)
+        if raw is None:
+            return ClientContext(cid)
+        text = _spec_text(raw)
+        ctx = self._built.get(text)
+        if ctx is None:
+            spec = spec_from_json(text)
+            if spec.cid != cid:
+                raise ValueError(f"node serves client {cid!r} but its {SPEC_KEY} is for client {spec.cid!r}")
+            ctx = self._built[text] = self._factory.build(spec)
+        return ctx
+
+
+# ----------------------------------------------------------------------------------------- client state
 class ContextStateStore:
-    """Keeps ``ClientContext.state`` in the node's Flower ``Context.state`` (one ConfigRecord)."""
+    """Keeps ``ClientContext.state`` (``StateStore.to_bytes``) in the node's Flower ``Context.state``."""
 
     KEY = "fedkt.client_state"
 
-    def load(self, context: Context, cid: str) -> dict[str, Any]:
+    def load(self, context: Context, cid: str) -> bytes | None:
         rec = context.state.get(self.KEY)
-        if rec is None or cid not in rec:
-            return {}
-        return _load_state(rec[cid], f"Context.state[{self.KEY!r}][{cid!r}]")
+        return None if rec is None or cid not in rec else rec[cid]
 
-    def save(self, context: Context, cid: str, state: dict[str, Any]) -> None:
+    def save(self, context: Context, cid: str, blob: bytes) -> None:
         rec = context.state.get(self.KEY)
         if rec is None:
             rec = context.state[self.KEY] = ConfigRecord()
-        rec[cid] = _dump_state(state)
+        rec[cid] = blob
 
 
 class DirStateStore:
-    """Keeps ``ClientContext.state`` in ``root/<run_id>/<cid>.pt`` on the node."""
+    """Keeps ``ClientContext.state`` in ``root/<run_id>/<cid>.fkt`` on the node."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
     def _path(self, context: Context, cid: str) -> Path:
-        return self.root / str(context.run_id) / f"{cid}.pt"
+        return self.root / str(context.run_id) / f"{cid}.fkt"
 
-    def load(self, context: Context, cid: str) -> dict[str, Any]:
+    def load(self, context: Context, cid: str) -> bytes | None:
         p = self._path(context, cid)
-        return _load_state(p.read_bytes(), str(p)) if p.exists() else {}
+        return p.read_bytes() if p.exists() else None
 
-    def save(self, context: Context, cid: str, state: dict[str, Any]) -> None:
+    def save(self, context: Context, cid: str, blob: bytes) -> None:
         p = self._path(context, cid)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(".tmp")
-        tmp.write_bytes(_dump_state(state))
+        tmp.write_bytes(blob)
         tmp.replace(p)  # atomic: a crash never leaves a half-written state
+
+
+def _restore_state(blob: bytes | None, ctx: ClientContext, where: str) -> StateStore:
+    if blob is None and ctx.workdir is not None and (ctx.workdir / "state.fkt").is_file():
+        blob, where = (ctx.workdir / "state.fkt").read_bytes(), str(ctx.workdir / "state.fkt")
+    if blob is None:
+        return StateStore()
+    try:
+        return StateStore.from_bytes(blob)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"client state of {ctx.cid!r} in {where} cannot be read ({e}); delete it to start "
+                         "the client afresh") from e
 
 
 # ------------------------------------------------------------------------------------------ client side
@@ -134,6 +227,8 @@ def client_id_of(context: Context) -> str:
     cfg = context.node_config
     if CLIENT_ID_KEY in cfg:
         return str(cfg[CLIENT_ID_KEY])
+    if SPEC_KEY in cfg:
+        return str(json.loads(_spec_text(cfg[SPEC_KEY]))["cid"])
     if "partition-id" in cfg:
         return str(cfg["partition-id"])
     return str(context.node_id)
@@ -149,14 +244,15 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
                     max_bytes: int = flower_codec.DEFAULT_MAX_BYTES) -> ClientApp:
     """A ``ClientApp`` serving ``handlers`` (the same dict ``LocalFederation`` takes).
 
-    ``context_factory(cid, flower_context)`` returns the client's ``ClientContext`` (default: an empty
-    one); its ``state`` is replaced by the stored state before each call and stored after it.
+    ``context_factory(cid, flower_context)`` returns the client's ``ClientContext`` (default: a
+    :class:`SpecContextFactory` of this app); its ``state`` is restored from ``state_store`` before each
+    call and stored after it.
     """
     for name in handlers:
         if not name.isidentifier() or name.startswith("_fedkt"):
             raise ValueError(f"client handler name {name!r} cannot be a Flower message action: use a "
                              "Python identifier that does not start with '_fedkt'")
-    factory = context_factory or (lambda cid, _ctx: ClientContext(cid))
+    factory = context_factory or SpecContextFactory()
     store = state_store or ContextStateStore()
     app = ClientApp()
 
@@ -165,14 +261,15 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
             try:
                 cid = client_id_of(context)
                 ctx = factory(cid, context)
-                ctx.state = store.load(context, cid)
+                ctx.state = _restore_state(store.load(context, cid), ctx, f"the node's {type(store).__name__}")
                 try:
                     reply = handler(ctx, flower_codec.decode(message.content))
                 finally:
-                    store.save(context, cid, ctx.state)
+                    store.save(context, cid, ctx.state.to_bytes())
                 if not isinstance(reply, Message):
                     raise TypeError(f"client handler {name!r} returned {type(reply).__name__}, "
                                     "expected a fedkt Message")
+                ctx.save_state()
                 return FlMessage(flower_codec.encode(reply, max_bytes), reply_to=message)
             except Exception as e:  # noqa: BLE001 - reported to the server, which applies its policy
                 return _error_reply(message, e)
@@ -184,7 +281,7 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
 
     @app.query(IDENTIFY)
     def identify(message: FlMessage, context: Context) -> FlMessage:
-        meta = {"client_id": client_id_of(context), "handlers": sorted(handlers)}
+        meta = {"client_id": client_id_of(context), "handlers": list(handlers)}
         return FlMessage(flower_codec.encode(Message(meta=meta)), reply_to=message)
 
     return app
@@ -229,28 +326,28 @@ def flower_wire_bytes(content: RecordDict) -> int:
     return sum(len(o.deflate()) for o in get_all_nested_objects(content).values())
 
 
-class FlowerFederation:
-    """The federation call interface over a Flower ``Grid`` (see the module docstring)."""
+class FlowerFederation(Federation):
+    """A :class:`Federation` over a Flower ``Grid`` (see the module docstring).
+
+    ``clients``: the client ids to address (default: every node that identified itself, sorted);
+    ``timeout``: seconds to wait for a call's replies (a client that misses it failed; None waits);
+    ``wait_for_nodes``: seconds to wait for the nodes to connect and identify themselves."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
-                 ledger: ByteLedger | None = None, timeout: float | None = None,
-                 poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
+                 timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
                  max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, ttl: float | None = None,
                  on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None):
-        if on_failure not in ("stop", "skip"):
-            raise ValueError(f"on_failure must be 'stop' or 'skip', got {on_failure!r}")
-        self.grid, self.on_failure, self.timeout = grid, on_failure, timeout
+        self.grid, self.timeout = grid, timeout
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
-        self.ledger = ledger or ByteLedger()
-        self.failures: list[dict[str, Any]] = []
-        self.timings: dict[str, float] = {}
         self._on_close, self._health_check = on_close, health_check
-        self._nodes, self._handlers = self._discover(clients, wait_for_nodes)
-        self.clients = list(clients) if clients is not None else sorted(self._nodes)
+        self._nodes, served = self._discover(clients, wait_for_nodes)
+        ids = list(clients) if clients is not None else sorted(self._nodes)
+        methods = [m for m in served[ids[0]] if all(m in served[c] for c in ids)] if ids else []
+        super().__init__(ids, methods, on_failure)
 
     # --- discovery
     def _discover(self, clients: list[str] | None, wait_for_nodes: float
-                  ) -> tuple[dict[str, int], dict[str, set[str]]]:
+                  ) -> tuple[dict[str, int], dict[str, list[str]]]:
         need = len(clients) if clients is not None else 1
         deadline = time.monotonic() + wait_for_nodes
         while True:
@@ -267,7 +364,7 @@ class FlowerFederation:
                 for n in node_ids]
         replies = self._exchange(msgs, timeout=wait_for_nodes)
         nodes: dict[str, int] = {}
-        handlers: dict[str, set[str]] = {}
+        handlers: dict[str, list[str]] = {}
         for node, reply in zip(node_ids, replies):
             if reply is None or reply.has_error():
                 why = "no reply" if reply is None else repr(_error_of(reply))
@@ -278,7 +375,7 @@ class FlowerFederation:
             if cid in nodes:
                 raise ValueError(f"Flower nodes {nodes[cid]} and {node} both serve client {cid!r}: give "
                                  f"each SuperNode its own --node-config '{CLIENT_ID_KEY}=\"...\"'")
-            nodes[cid], handlers[cid] = node, set(meta["handlers"])
+            nodes[cid], handlers[cid] = node, list(meta["handlers"])
         if clients is not None:
             missing = [c for c in clients if c not in nodes]
             if missing:
@@ -308,75 +405,53 @@ class FlowerFederation:
             time.sleep(self.poll_interval)
         return [got.get(i) if i else None for i in ids]
 
-    # --- the call interface
-    def call(self, method: str, payloads: dict[str, Message], round: int = 0,
-             metered: bool = True) -> dict[str, Message]:
-        for cid in payloads:
-            if cid not in self._nodes:
-                raise KeyError(f"unknown client {cid!r}; clients: {', '.join(self.clients)}")
-        if any(method not in self._handlers[cid] for cid in payloads):
-            known = sorted(set.intersection(*(self._handlers[c] for c in payloads)))
-            raise KeyError(f"no client handler {method!r}; registered: {', '.join(known)}")
-        t0 = time.perf_counter()
+    def _deliver(self, method: str, payloads: dict[str, Message], round: int) -> dict[str, Delivery]:
         cids = list(payloads)
         msgs = [FlMessage(flower_codec.encode(payloads[c], self.max_bytes), dst_node_id=self._nodes[c],
                           message_type=f"{CATEGORY}.{method}", group_id=str(round), ttl=self.ttl)
                 for c in cids]
         raw = self._exchange(msgs, self.timeout)
-        replies: dict[str, Message] = {}
+        down_sizes: dict[int, int] = {}  # a broadcast sends one Message object to every client: size it once
+        out: dict[str, Delivery] = {}
         for cid, reply in zip(cids, raw):
-            error: BaseException | None = None
+            msg = payloads[cid]
+            down = down_sizes.setdefault(id(msg), len(codec.encode(msg)))
             if reply is None:
-                error = TimeoutError(f"no reply within {self.timeout} s" if self.timeout is not None
-                                     else "message could not be delivered")
-            elif reply.has_error():
-                error = _error_of(reply)
-            else:
-                try:
-                    msg = flower_codec.decode(reply.content)
-                except ValueError as e:
-                    error = e
-            if error is not None:
-                if self.on_failure == "stop":
-                    raise ClientFailure(cid, method, error) from error
-                self.failures.append({"round": round, "method": method, "client": cid, "error": repr(error)})
-                progress.log(f"[yellow]client {cid} failed in {method!r} (round {round}): {error!r}; skipped[/]")
+                out[cid] = Delivery(error=TimeoutError(f"no reply within {self.timeout} s" if self.timeout
+                                                       is not None else "message could not be delivered"),
+                                    down_bytes=down)
                 continue
-            if metered:
-                self.ledger.record(round, method, cid, "down", len(codec.encode(payloads[cid])))
-                self.ledger.record(round, method, cid, "up", len(codec.encode(msg)))
-            replies[cid] = msg
-        self.timings[method] = self.timings.get(method, 0.0) + time.perf_counter() - t0
-        if not replies and payloads:
-            raise RuntimeError(f"every client failed in {method!r} (round {round}): {self.failures[-1]['error']}")
-        return replies
-
-    def broadcast(self, method: str, msg: Message, round: int = 0, metered: bool = True) -> dict[str, Message]:
-        return self.call(method, {cid: msg for cid in self.clients}, round, metered)
-
-    def take_timing(self, method: str) -> float:
-        return self.timings.pop(method, 0.0)
+            if reply.has_error():
+                out[cid] = Delivery(error=_error_of(reply), down_bytes=down)
+                continue
+            try:
+                got = flower_codec.decode(reply.content)
+            except ValueError as e:
+                out[cid] = Delivery(error=e, down_bytes=down)
+                continue
+            out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=len(codec.encode(got)))
+        return out
 
     def close(self) -> None:
         if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
-
-    def __enter__(self) -> "FlowerFederation":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
     @classmethod
-    def in_process(cls, client_ids: Iterable[str], handlers: dict[str, Handler],
+    def in_process(cls, clients: Iterable[str | ClientSpec], handlers: dict[str, Handler],
                    context_factory: ContextFactory | None = None, num_workers: int = 1,
                    **kwargs: Any) -> "FlowerFederation":
-        """A federation whose clients run in this process on Flower's simulation engine (no Ray)."""
-        engine = InProcessFlower(make_client_app(handlers, context_factory), list(client_ids), num_workers)
+        """A federation whose clients run in this process on Flower's simulation engine (no Ray).
+
+        ``clients``: client ids (bare contexts, or what ``context_factory`` builds) or ClientSpecs (their
+        JSON goes into each node's config, and the default context factory builds them there)."""
+        clients = list(clients)
+        ids = [c.cid if isinstance(c, ClientSpec) else str(c) for c in clients]
+        node_configs = {c.cid: {SPEC_KEY: spec_to_json(c)} for c in clients if isinstance(c, ClientSpec)}
+        engine = InProcessFlower(make_client_app(handlers, context_factory), ids, num_workers,
+                                 node_configs=node_configs)
         try:
-            return cls(engine.grid, list(client_ids), on_close=engine.close, health_check=engine.check,
-                       **kwargs)
+            return cls(engine.grid, ids, on_close=engine.close, health_check=engine.check, **kwargs)
         except BaseException:
             engine.close()
             raise
@@ -387,13 +462,13 @@ class InProcessFlower:
     """Flower's simulation engine without Ray: nodes in this process, ClientApps on worker threads.
 
     Builds the in-memory LinkState, registers one node per client id (node config
-    ``fedkt-client-id``, ``partition-id``, ``num-partitions``), and runs ``vce.run_api`` (Flower's
-    message pump: LinkState -> queue -> backend -> LinkState) on a background thread with
-    :class:`_ThreadBackend`. :attr:`grid` is an ``InMemoryGrid`` for a ServerApp main loop.
+    ``fedkt-client-id``, ``partition-id``, ``num-partitions``, plus ``node_configs[cid]``), and runs
+    ``vce.run_api`` (Flower's message pump: LinkState -> queue -> backend -> LinkState) on a background
+    thread with :class:`_ThreadBackend`. :attr:`grid` is an ``InMemoryGrid`` for a ServerApp main loop.
     """
 
     def __init__(self, client_app: ClientApp, client_ids: list[str], num_workers: int = 1,
-                 pull_interval: float = 0.005):
+                 pull_interval: float = 0.005, node_configs: dict[str, dict[str, Any]] | None = None):
         from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
         from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
         from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
@@ -424,8 +499,9 @@ class InProcessFlower:
         mapping = vce_api._register_nodes(len(client_ids), factory)  # node_id -> partition index
         stores: dict[int, Any] = {}
         for node_id, i in mapping.items():
-            stores[node_id] = DeprecatedRunInfoStore(node_id, {CLIENT_ID_KEY: client_ids[i], "partition-id": i,
-                                                               "num-partitions": len(client_ids)})
+            config = {CLIENT_ID_KEY: client_ids[i], "partition-id": i, "num-partitions": len(client_ids),
+                      **(node_configs or {}).get(client_ids[i], {})}
+            stores[node_id] = DeprecatedRunInfoStore(node_id, config)
             stores[node_id].register_context(run_id=run.run_id, run=run)
         class EngineGrid(InMemoryGrid):
             """Stamps pushed messages with this engine's run: TaskIdentity, which ``Message()`` reads,
