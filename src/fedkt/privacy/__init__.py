@@ -1,4 +1,4 @@
-"""Privacy mechanisms run on the client side: token-level text DP (``text_dp``) and its audit (``audit``)."""
+"""Privacy mechanisms run on the client side: token-level text DP (``text_dp``) and its audit (``audit``); DP-SGD for LoRA adapters (``dp_sgd``, imported on use: it needs opacus)."""
 
 from fedkt.privacy.audit import CanaryHit, map_attack, render_audit_table, scan_for_canaries, text_dp_audit
 from fedkt.privacy.text_dp import (
