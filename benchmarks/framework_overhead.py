@@ -307,9 +307,12 @@ def main():
             fw_state = {r: load_adapter_state(out / "adapters" / a.method / r) for r in bare_state}
             diffs = max_diff(fw_state, bare_state)
             bare_split = dict(bare.t)
+            print("final adapter max |fedkt - bare|: " + ", ".join(f"{r} {d:.1e}" for r, d in diffs.items()),
+                  flush=True)
             continue
         bare_s.append(tb)
         fw_s.append(tf)
+        print(f"pair {rep}: bare {tb:.3f} s, fedkt {tf:.3f} s, ratio {tf / tb:.3f}", flush=True)
         splits.append({**timers.seconds, "_total": tf})
     calls = dict(timers.calls)  # of the last run (reset before each)
     timers.restore()
@@ -334,7 +337,8 @@ def main():
         print(f"  {c:42s} {1000 * med[c]:9.2f} {100 * med[c] / bare_med:8.2f}% {calls.get(c, 0):6d} {1000 * med[c] / max(1, calls.get(c, 0)):8.2f}")
     print(f"  {'other (driver, messages, federation)':42s} {1000 * other:9.2f} {100 * other / bare_med:8.2f}%")
     overhead = median([s["_total"] - sum(s.get(c, 0.0) for c in COMPUTE) for s in splits])
-    print(f"fedkt non-compute time: {1000 * overhead:.1f} ms/run = {100 * overhead / bare_med:.2f}% of bare; "
+    print(f"fedkt non-compute time: {1000 * overhead:.1f} ms/run = {100 * overhead / bare_med:.2f}% of bare "
+          f"(accounted ratio {1 + overhead / bare_med:.3f}x, robust to CPU contention); "
           f"without the one-off final adapter save: "
           f"{100 * (overhead - med['final adapter save (peft)']) / bare_med:.2f}%")
     print("bare compute split (warm-up run, ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in bare_split.items()))
