@@ -170,23 +170,7 @@ def test_report_has_privacy_and_audit_tables(tmp_path, model_dirs, data_dir, rec
     assert "## Privacy: FedCoT" in report and "| client0 | 2 |" in report and "recovered: MAP" in report
 
 
-from test_backends import Stub, make_handler  # noqa: E402
-
-
-@pytest.fixture()
-def stub():
-    import threading
-    from http.server import ThreadingHTTPServer
-
-    s = Stub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(s))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    s.base = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield s
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
 
 
 def test_fedcot_with_an_openai_compatible_llm(tmp_path, model_dirs, data_dir, recorded, stub):

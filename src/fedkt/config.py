@@ -332,16 +332,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_toml(path: str | Path | None) -> dict[str, Any]:
+    """A TOML file as a dict ({} for no file), with errors that name the file."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    data = read_toml(path)
     apply_overrides(data, overrides or [])
     return validate(from_dict(ExperimentConfig, data))
 
@@ -350,15 +355,7 @@ def load_section(cls: type, path: str | Path | None, section: str, overrides: li
                  values: dict[str, Any] | None = None) -> Any:
     """One table of a TOML file (e.g. ``[derive]``) as ``cls``, with ``--set key=value`` overrides
     (keys relative to the table) and explicit ``values`` (e.g. from command-line flags) on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text()).get(section, {})
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    data = read_toml(path).get(section, {})
     apply_overrides(data, overrides or [])
     data.update({k: v for k, v in (values or {}).items() if v is not None})
     return from_dict(cls, data, prefix=section + ".")
