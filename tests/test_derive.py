@@ -96,3 +96,76 @@ def test_derive_resumes_from_checkpoint(tmp_path, tok, monkeypatch):
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["final_kd_loss"] == full["final_kd_loss"]
+
+
+def test_block_influence_and_importance_selection(tok):
+    from fedkt.derive import block_influence
+
+    parent = make_llama(tok, layers=4, seed=6)
+    texts = ["the cat sat on the mat", "a b c d e f g"]
+    bi = block_influence(parent, tok, texts, seq_len=16)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    hs = parent(**enc, output_hidden_states=True).hidden_states
+    m = enc["attention_mask"].bool()
+    want = [1 - torch.nn.functional.cosine_similarity(hs[i][m], hs[i + 1][m], dim=-1).mean().item() for i in range(4)]
+    assert bi == pytest.approx(want, abs=1e-6)
+    assert select_layers(4, 2, "importance", [0.1, 0.5, 0.2, 0.9]) == [1, 3]
+    assert select_layers(4, 2, "importance", [0.5, 0.5, 0.5, 0.1]) == [0, 1]   # ties: lower index
+    with pytest.raises(ValueError, match="one importance score per parent block"):
+        select_layers(4, 2, "importance")
+
+
+def test_delta_merge_is_exact_integer_arithmetic():
+    from fedkt.derive_delta import merged_weight, quantise
+
+    g = torch.Generator().manual_seed(0)
+    a, b, w = torch.randn(3, 5, generator=g), torch.randn(4, 3, generator=g) * 1e-2, torch.randn(4, 5, generator=g)
+    q = quantise(a, b)
+    assert q["Aq"].dtype == torch.int16 and q["Aq"].abs().max() == 32767 and q["Bq"].abs().max() == 32767
+    # hand-computed: sum over the rank of integer products, then the scales, in float64
+    want = w.double().clone()
+    for o in range(4):
+        for i in range(5):
+            s = sum(int(q["Bq"][o, k]) * int(q["Aq"][k, i]) for k in range(3))
+            want[o, i] += s * float(q["sB"][o]) * float(q["sA"][i])
+    assert torch.equal(merged_weight(w, q), want.float())
+    assert torch.allclose(merged_weight(w, q), w + b @ a, atol=1e-5)   # quantisation error only
+
+
+def test_rank_delta_derive_rebuilds_bit_exact(tmp_path, tok):
+    from fedkt.derive import DELTA_FILE, RebuildError, rebuild
+    from fedkt.derive_delta import load_delta, state_sha256
+
+    parent = make_llama(tok, layers=4, seed=7, hidden=48)
+    with torch.no_grad():
+        parent.lm_head.weight.mul_(8.0)
+    pdir = tmp_path / "parent"
+    parent.save_pretrained(pdir)
+    tok.save_pretrained(pdir)
+    out = tmp_path / "child"
+    card = derive(DeriveConfig(parent=str(pdir), out=str(out), num_layers=2, strategy="importance", rank=4,
+                               steps=20, batch_size=8, seq_len=48, lr=3e-3, num_prompts=16, eval_texts=8,
+                               gen_tokens=16, checkpoint_every=10))
+    assert card["rank"] == 4 and len(card["block_influence"]) == 4
+    assert card["layers_kept"] == select_layers(4, 2, "importance", card["block_influence"])
+    assert card["heldout_after"]["kd"] < card["heldout_before"]["kd"]
+    child = AutoModelForCausalLM.from_pretrained(out)
+    assert state_sha256(child) == card["sha256"]
+    delta = load_delta(out / DELTA_FILE)
+    # only the factors of the kept blocks' linear layers and their norms ship: 7 linears x 2 blocks x 4 tensors
+    assert sum(k.endswith(".Aq") for k in delta) == 14 and all(k.startswith("model.layers.") for k in delta)
+    assert card["delta_bytes"] == sum(v.numel() * v.element_size() for v in delta.values())
+    # a rebuild from the card and delta alone is the same model, bit for bit
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    for f in ("fedkt_derive.json", DELTA_FILE):
+        (recipe / f).write_bytes((out / f).read_bytes())
+    rebuild(recipe, tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    assert all(torch.equal(again[k], v) for k, v in child.state_dict().items())
+    # a different parent is refused by hash
+    bad = json.loads((recipe / "fedkt_derive.json").read_text())
+    bad["parent_sha256"] = "0" * 64
+    (recipe / "fedkt_derive.json").write_text(json.dumps(bad))
+    with pytest.raises(RebuildError, match="differ from the 0000"):
+        rebuild(recipe, tmp_path / "bad")

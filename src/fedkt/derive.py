@@ -6,12 +6,16 @@ token-level distillation needs one vocabulary, and the derived model inherits th
 embeddings and a subset of its blocks bit for bit.
 
 Steps of :func:`derive`:
-  1. select layers (explicit list, or ``num_layers`` by a strategy) and copy their weights exactly;
+  1. select layers (explicit list, or ``num_layers`` by a strategy, e.g. block influence measured on the
+     healing text) and copy their weights exactly;
   2. have the parent generate healing text from varied prompts (sampled, seeded); optionally mix in task
      text the user supplies; hold some generated texts out for evaluation;
   3. distil: minimise KL(parent ‖ child) at temperature T on every token of the healing text, updating
-     the child's blocks and norms (embeddings stay the parent's); checkpoint every N steps, resumable;
-  4. save an ordinary HF model directory (``AutoModelForCausalLM.from_pretrained`` loads it) plus a card.
+     the child's blocks and norms (embeddings stay the parent's), or with ``rank = r`` a rank-r update of
+     every linear layer of the blocks (plus the norms; see :mod:`fedkt.derive_delta`); checkpoint every N
+     steps, resumable;
+  4. save an ordinary HF model directory (``AutoModelForCausalLM.from_pretrained`` loads it) plus a card,
+     and with ``rank = r`` the delta (a few MB) that rebuilds it bit for bit from the parent.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ import torch
 from fedkt.seeds import derive_seed
 from fedkt import progress
 from fedkt.config import DeriveConfig
+from fedkt.derive_delta import attach, detach_merged, save_delta, state_sha256
 from fedkt.losses import kd_kl
+
+DELTA_FILE = "fedkt_delta.safetensors"
 
 # ------------------------------------------------------------------------------------------ selection
 
@@ -45,11 +52,18 @@ def layer_list_name(model) -> str:
     raise ValueError(f"cannot find the list of {n} transformer blocks in {type(model).__name__}")
 
 
-def select_layers(num_parent: int, num_layers: int, strategy: str = "spread") -> list[int]:
+def select_layers(num_parent: int, num_layers: int, strategy: str = "spread",
+                  importance: list[float] | None = None) -> list[int]:
     """Which parent blocks to keep. ``spread``: evenly spaced, first and last included; ``first``: the
-    bottom ``num_layers``; ``ends``: the bottom ceil(n/2) and the top floor(n/2)."""
+    bottom ``num_layers``; ``ends``: the bottom ceil(n/2) and the top floor(n/2); ``importance``: the
+    ``num_layers`` blocks with the largest ``importance`` (see :func:`block_influence`; ties: lower index)."""
     if not 1 <= num_layers <= num_parent:
         raise ValueError(f"num_layers = {num_layers} must be in [1, {num_parent}] (the parent has {num_parent})")
+    if strategy == "importance":
+        if importance is None or len(importance) != num_parent:
+            raise ValueError(f"strategy 'importance' needs one importance score per parent block ({num_parent})")
+        ranked = sorted(range(num_parent), key=lambda i: (-importance[i], i))
+        return sorted(ranked[:num_layers])
     if strategy == "first":
         return list(range(num_layers))
     if strategy == "ends":
@@ -59,7 +73,24 @@ def select_layers(num_parent: int, num_layers: int, strategy: str = "spread") ->
         if num_layers == 1:
             return [0]
         return sorted({round(i * (num_parent - 1) / (num_layers - 1)) for i in range(num_layers)})
-    raise ValueError(f"strategy = {strategy!r}; allowed values: 'spread', 'first', 'ends'")
+    raise ValueError(f"strategy = {strategy!r}; allowed values: 'spread', 'first', 'ends', 'importance'")
+
+
+@torch.no_grad()
+def block_influence(parent, tok, texts: list[str], seq_len: int, batch_size: int = 8) -> list[float]:
+    """Per block, 1 - cos(input, output) of its hidden states averaged over the tokens of ``texts``
+    (ShortGPT's block influence): how much the block changes what flows through it. Blocks that barely
+    change it are the cheapest to drop."""
+    sums: list[float] = []
+    n = 0
+    for ids, mask in _batches(tok, texts, seq_len, batch_size):
+        hs = parent(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        m = mask.bool()
+        cos = [torch.nn.functional.cosine_similarity(hs[i][m].float(), hs[i + 1][m].float(), dim=-1).sum().item()
+               for i in range(len(hs) - 1)]
+        sums = [a + b for a, b in zip(sums, cos)] if sums else cos
+        n += int(m.sum())
+    return [1.0 - c / max(1, n) for c in sums]
 
 
 def build_child(parent, layers: list[int]):
@@ -132,12 +163,20 @@ def healing_prompts(tok, n: int, seed: int) -> list[str]:
     return prompts
 
 
-def task_texts(spec: str, data_dir: str = "") -> list[str]:
-    """Task text to mix into healing: a JSONL file of the supported schemas, or a task name."""
+def task_texts(spec: str, data_dir: str = "", split: str = "validation") -> list[str]:
+    """Task text to mix into healing: comma-separated JSONL files of the supported schemas or task names
+    (``name`` or ``name:split``; ``split`` by default, the validation split: clients train on the train
+    split, so the default never heals on what a client holds)."""
     from fedkt.data.prompts import training_text
     from fedkt.data.tasks import load_jsonl, load_task
 
-    exs = load_jsonl(spec) if spec.endswith(".jsonl") else load_task(spec, "train", data_dir)
+    exs = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        if item.endswith(".jsonl"):
+            exs += load_jsonl(item)
+        else:
+            name, _, sp = item.partition(":")
+            exs += load_task(name, sp or split, data_dir)
     return ["".join(training_text(e)) for e in exs]
 
 
@@ -198,10 +237,6 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
 
     parent, tok = load_model(cfg.parent)
     n_parent = parent.config.num_hidden_layers
-    layers = list(cfg.layers) or select_layers(n_parent, cfg.num_layers, cfg.strategy)
-    child = build_child(parent, layers)
-    progress.log(f"derive: keeping parent layers {layers} of {n_parent}: "
-                 f"{count_parameters(child) / 1e6:.1f}M of {count_parameters(parent) / 1e6:.1f}M params")
 
     # healing text (generated once, kept for resume)
     texts_file = ckdir / "texts.json"
@@ -216,16 +251,28 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
     heldout, train_texts = texts[:cfg.eval_texts], texts[cfg.eval_texts:]
     n_task = 0
     if cfg.task_texts:
-        extra = task_texts(cfg.task_texts)
+        extra = task_texts(cfg.task_texts, cfg.data_dir, cfg.task_split)
         n_task = int(round(len(train_texts) * cfg.task_fraction / max(1e-9, 1 - cfg.task_fraction)))
         rng = random.Random(derive_seed(cfg.seed, "derive", "task-mix"))
         train_texts = train_texts + [rng.choice(extra) for _ in range(n_task)]
+
+    influence = None
+    if not cfg.layers and cfg.strategy == "importance":
+        influence = block_influence(parent, tok, train_texts[:256], cfg.seq_len)
+        progress.log("derive: block influence " + " ".join(f"{x:.3f}" for x in influence))
+    layers = list(cfg.layers) or select_layers(n_parent, cfg.num_layers, cfg.strategy, influence)
+    child = build_child(parent, layers)
+    progress.log(f"derive: keeping parent layers {layers} of {n_parent}: "
+                 f"{count_parameters(child) / 1e6:.1f}M of {count_parameters(parent) / 1e6:.1f}M params")
 
     before = heldout_kd(child, parent, tok, heldout, cfg.seq_len, cfg.temperature) if heldout else {}
     if before:
         progress.log(f"derive: held-out KD {before['kd']:.4f}, child ppl {before['ppl']:.2f} before healing")
 
-    params = _set_trainable(child)
+    if cfg.rank:
+        params = attach(child, layer_list_name(child) + ".", cfg.rank, derive_seed(cfg.seed, "derive", "delta-init"))
+    else:
+        params = _set_trainable(child)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warm = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -272,6 +319,7 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
                             "step": step, "tokens": tokens, "losses": losses}, tmp)
                 os.replace(tmp, state_file)
     child.eval()
+    delta = detach_merged(child) if cfg.rank else None
     for p in child.parameters():
         p.requires_grad_(False)
     after = heldout_kd(child, parent, tok, heldout, cfg.seq_len, cfg.temperature) if heldout else {}
@@ -286,12 +334,17 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
         "task_examples_mixed": n_task, "temperature": cfg.temperature,
         "final_kd_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
         "heldout_before": before, "heldout_after": after, "parent_heldout_ppl": parent_ppl,
+        "strategy": None if cfg.layers else cfg.strategy, "block_influence": influence, "rank": cfg.rank,
+        "delta_bytes": sum(v.numel() * v.element_size() for v in delta.values()) if delta else None,
+        "parent_sha256": state_sha256(parent), "sha256": state_sha256(child), "seed": cfg.seed,
         "build_seconds": round(time.perf_counter() - t_start, 1),
     }
     tmp_out = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
     child.save_pretrained(tmp_out)
     tok.save_pretrained(tmp_out)
+    if delta:
+        save_delta(delta, tmp_out / DELTA_FILE)
     (tmp_out / "fedkt_derive.json").write_text(json.dumps(card, indent=2))
     (tmp_out / "README.md").write_text(_card_markdown(card))
     shutil.rmtree(out, ignore_errors=True)
@@ -311,6 +364,10 @@ def _card_markdown(card: dict[str, Any]) -> str:
         + (f" mixed with {card['task_examples_mixed']} examples of {card['task_texts']}" if card["task_texts"] else ""),
         f"- final KD loss (last 20 steps): {card['final_kd_loss']}",
     ]
+    if card.get("rank"):
+        lines.append(f"- healed through a rank-{card['rank']} delta on every linear layer of the kept blocks "
+                     f"(plus norms): `fedkt_delta.safetensors`, {card['delta_bytes'] / 2**20:.1f} MiB; weights sha256 "
+                     f"`{card['sha256']}`")
     if b and a:
         lines.append(f"- held-out KD loss {b['kd']:.4f} -> {a['kd']:.4f}; perplexity {b['ppl']:.2f} -> {a['ppl']:.2f} "
                      f"(parent {card['parent_heldout_ppl']:.2f})")
@@ -318,16 +375,68 @@ def _card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------ rebuild
+
+
+class RebuildError(RuntimeError):
+    pass
+
+
+def rebuild(recipe: Path, out: Path) -> dict[str, Any]:
+    """Rebuild a derived model from its card and delta (``recipe`` holds ``fedkt_derive.json`` and
+    ``fedkt_delta.safetensors``): cut the parent, merge the delta exactly, check the weights' sha256 against
+    the card, save an HF directory at ``out``. Takes seconds; the result is the measured model bit for bit."""
+    from fedkt.derive_delta import apply_delta, load_delta
+    from fedkt.models import load_model
+
+    card = json.loads((recipe / "fedkt_derive.json").read_text())
+    if not card.get("rank"):
+        raise RebuildError(f"{recipe}: the card has no delta (derived with rank = 0); copy the model directory instead")
+    parent, tok = load_model(card["parent"])
+    got = state_sha256(parent)
+    if got != card["parent_sha256"]:
+        raise RebuildError(f"parent {card['parent']}: weights sha256 {got} differ from the {card['parent_sha256']} "
+                           f"the delta was made on; rebuild needs the exact parent")
+    child = build_child(parent, card["layers_kept"])
+    apply_delta(child, load_delta(recipe / DELTA_FILE))
+    got = state_sha256(child)
+    if got != card["sha256"]:
+        raise RebuildError(f"rebuilt model's weights sha256 {got} differ from the recorded {card['sha256']}")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    child.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.copy(recipe / DELTA_FILE, tmp / DELTA_FILE)
+    (tmp / "fedkt_derive.json").write_text(json.dumps(card, indent=2))
+    (tmp / "README.md").write_text(_card_markdown(card))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return card
+
+
 # ------------------------------------------------------------------------------------------ default pair
 
 DEFAULT_SLM = DeriveConfig(parent="builtin:smollm2-135m", num_layers=9, strategy="ends", steps=400)
 
 
+BUNDLED_SLM = Path(__file__).parent / "data" / "bundled" / "smollm2-slm"
+
+
 def ensure_default_slm() -> Path:
-    """The cached default client SLM (builtin:smollm2-slm), derived on first use."""
+    """The cached default client SLM (builtin:smollm2-slm): rebuilt on first use from the recipe and delta
+    that ship inside fedkt (seconds), or derived from scratch when they are missing (a source tree without
+    them)."""
     from fedkt.builtin import cache_dir
 
     out = cache_dir() / "smollm2-slm"
+    if (BUNDLED_SLM / "fedkt_derive.json").is_file():
+        want = json.loads((BUNDLED_SLM / "fedkt_derive.json").read_text())["sha256"]
+        card = out / "fedkt_derive.json"
+        if (out / "config.json").is_file() and card.is_file() and json.loads(card.read_text()).get("sha256") == want:
+            return out
+        progress.log("[bold]fedkt[/]: building the default SLM from SmolLM2-135M-Instruct and fedkt's shipped delta (once)")
+        rebuild(BUNDLED_SLM, out)
+        return out
     if (out / "config.json").is_file():
         return out
     progress.log("[bold]fedkt[/]: deriving the default SLM from SmolLM2-135M-Instruct (once; see docs/derive-slm.md)")
