@@ -169,3 +169,15 @@ def test_rank_delta_derive_rebuilds_bit_exact(tmp_path, tok):
     (recipe / "fedkt_derive.json").write_text(json.dumps(bad))
     with pytest.raises(RebuildError, match="differ from the 0000"):
         rebuild(recipe, tmp_path / "bad")
+
+
+def test_derive_config_validates():
+    from fedkt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rank must be >= 0"):
+        DeriveConfig(rank=-1)
+    with pytest.raises(ConfigError, match=r"task_fraction must be in \[0, 1\)"):
+        DeriveConfig(task_fraction=1.0)
+    with pytest.raises(ConfigError, match="num_layers must be > 0"):
+        DeriveConfig(num_layers=0)
+    assert DeriveConfig(steps=0).steps == 0

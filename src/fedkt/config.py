@@ -179,8 +179,9 @@ class DeriveConfig:
     """Seeds the healing prompts, their sampling, the task-text mix and the batch order."""
 
     def __post_init__(self):
-        check_positive(self, "num_layers", "steps", "batch_size", "seq_len", "lr", "temperature", "num_prompts",
+        check_positive(self, "num_layers", "batch_size", "seq_len", "lr", "temperature", "num_prompts",
                        "gen_tokens", "checkpoint_every")
+        check(self.steps >= 0, f"steps must be >= 0 (0 = no healing), got {self.steps}")
         check(self.rank >= 0, f"rank must be >= 0 (0 = heal every weight), got {self.rank}")
         check(0 <= self.task_fraction < 1, f"task_fraction must be in [0, 1), got {self.task_fraction}")
         check(self.eval_texts >= 0, f"eval_texts must be >= 0, got {self.eval_texts}")
