@@ -23,8 +23,7 @@ KL), ``kd_reduction`` (token mean or token sum), ``update`` (simultaneous or the
 sequential SLM-then-LLM order) and ``aggregation`` (sample-weighted or 1/K).
 
 Design decision (step 4, ``update = "simultaneous"``): both updates of a step use the other model's
-*start-of-step* outputs. Each
-model runs one forward pass on the batch; the teacher side of each KL is detached, so L_g's gradient
+*start-of-step* outputs. Each model runs one forward pass on the batch; the teacher side of each KL is detached, so L_g's gradient
 reaches θ only and L_f's reaches ω only, and the two updates are simultaneous (Jacobi), not sequential.
 This costs one forward/backward per model per step and makes the step independent of update order.
 The public FATE-LLM code takes the KL against logits that carry no gradient to the student and never
