@@ -58,12 +58,15 @@ def aggregate(states: list[dict[str, torch.Tensor]], weights: list[float]) -> di
 
 
 def fit_round(fed: Federation, global_state: dict[str, torch.Tensor], rnd: int, epochs: float,
-              meta: dict | None = None) -> dict[str, torch.Tensor]:
-    """Steps 1–3 of a FedAvg round: broadcast, local training, weighted aggregation."""
+              meta: dict | None = None, weighting: str = "samples") -> dict[str, torch.Tensor]:
+    """Steps 1–3 of a FedAvg round: broadcast, local training, aggregation weighted by example count
+    (``weighting="samples"``) or by 1/K (``"uniform"``)."""
     replies = fed.broadcast("fit", Message(tensors=global_state, meta={"round": rnd, "epochs": epochs, **(meta or {})}),
                             rnd)
     states = [r.tensors for r in replies.values()]
-    weights = [r.meta["num_examples"] for r in replies.values()]
+    if weighting not in ("samples", "uniform"):
+        raise ValueError(f"weighting must be 'samples' or 'uniform', got {weighting!r}")
+    weights = [r.meta["num_examples"] if weighting == "samples" else 1.0 for r in replies.values()]
     losses = {c: round(r.meta["loss"], 4) for c, r in replies.items()}
     progress.log(f"round {rnd}: client train loss {losses}")
     return aggregate(states, weights)
