@@ -53,6 +53,7 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import threading
@@ -64,7 +65,8 @@ from typing import Any
 from fedkt import progress
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler, StateStore
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
-from fedkt.federation.base import Delivery, Federation, Message
+from fedkt.federation import flower_secagg
+from fedkt.federation.base import Aggregate, AllClientsFailed, Delivery, Federation, Message
 
 from flwr.app import ConfigRecord, Context, Error, RecordDict  # noqa: E402  (after FLOWER_ENV)
 from flwr.app import Message as FlMessage  # noqa: E402
@@ -241,47 +243,68 @@ def _error_reply(message: FlMessage, e: BaseException) -> FlMessage:
 
 def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactory | None = None,
                     state_store: ContextStateStore | DirStateStore | None = None,
-                    max_bytes: int = flower_codec.DEFAULT_MAX_BYTES) -> ClientApp:
+                    max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, action_prefix: str = "") -> ClientApp:
     """A ``ClientApp`` serving ``handlers`` (the same dict ``LocalFederation`` takes).
 
     ``context_factory(cid, flower_context)`` returns the client's ``ClientContext`` (default: a
     :class:`SpecContextFactory` of this app); its ``state`` is restored from ``state_store`` before each
-    call and stored after it.
+    call and stored after it. Handler ``name`` answers message type ``"query.<action_prefix><name>"``
+    (an app serving several methods whose handler names collide gives each its prefix; the server's
+    :class:`FlowerFederation` takes the same ``action_prefix``). Payloads and replies above
+    ``max_bytes`` are refused with an error naming the limit. The app also serves secure aggregation
+    (``FlowerFederation.aggregate``: a ``train`` function behind Flower's ``secaggplus_mod``).
     """
     for name in handlers:
-        if not name.isidentifier() or name.startswith("_fedkt"):
+        if not (action_prefix + name).isidentifier() or name.startswith("_fedkt"):
             raise ValueError(f"client handler name {name!r} cannot be a Flower message action: use a "
                              "Python identifier that does not start with '_fedkt'")
     factory = context_factory or SpecContextFactory()
     store = state_store or ContextStateStore()
     app = ClientApp()
 
-    def serve(name: str, handler: Handler) -> Callable[[FlMessage, Context], FlMessage]:
+    def run_handler(name: str, payload: Message, context: Context) -> Message:
+        """Run fedkt handler ``name`` for this node's client: context, state restore/store, checks."""
+        handler = handlers.get(name)
+        if handler is None:
+            raise KeyError(f"this node serves no handler {name!r}; it serves {', '.join(handlers)}")
+        cid = client_id_of(context)
+        ctx = factory(cid, context)
+        ctx.state = _restore_state(store.load(context, cid), ctx, f"the node's {type(store).__name__}")
+        try:
+            reply = handler(ctx, payload)
+        finally:
+            store.save(context, cid, ctx.state.to_bytes())
+        if not isinstance(reply, Message):
+            raise TypeError(f"client handler {name!r} returned {type(reply).__name__}, expected a fedkt Message")
+        ctx.save_state()
+        return reply
+
+    def serve(name: str) -> Callable[[FlMessage, Context], FlMessage]:
         def run(message: FlMessage, context: Context) -> FlMessage:
             try:
-                cid = client_id_of(context)
-                ctx = factory(cid, context)
-                ctx.state = _restore_state(store.load(context, cid), ctx, f"the node's {type(store).__name__}")
-                try:
-                    reply = handler(ctx, flower_codec.decode(message.content))
-                finally:
-                    store.save(context, cid, ctx.state.to_bytes())
-                if not isinstance(reply, Message):
-                    raise TypeError(f"client handler {name!r} returned {type(reply).__name__}, "
-                                    "expected a fedkt Message")
-                ctx.save_state()
+                payload = flower_codec.decode(message.content, max_bytes)
+                reply = run_handler(name, payload, context)
                 return FlMessage(flower_codec.encode(reply, max_bytes), reply_to=message)
             except Exception as e:  # noqa: BLE001 - reported to the server, which applies its policy
                 return _error_reply(message, e)
         run.__name__ = name
         return run
 
-    for name, handler in handlers.items():
-        app.query(name)(serve(name, handler))
+    for name in handlers:
+        app.query(action_prefix + name)(serve(name))
+
+    def errors_as_replies(message: FlMessage, context: Context, call_next: Callable) -> FlMessage:
+        try:
+            return call_next(message, context)
+        except Exception as e:  # noqa: BLE001 - the node drops out of this SecAgg+ round, the server is told
+            return _error_reply(message, e)
+
+    # secure aggregation (FlowerFederation.aggregate): Flower's SecAgg+ client mod around the handler call
+    app.train(mods=[errors_as_replies, *flower_secagg.MODS])(flower_secagg.make_secure_train(run_handler))
 
     @app.query(IDENTIFY)
     def identify(message: FlMessage, context: Context) -> FlMessage:
-        meta = {"client_id": client_id_of(context), "handlers": list(handlers)}
+        meta = {"client_id": client_id_of(context), "handlers": list(handlers), "prefix": action_prefix}
         return FlMessage(flower_codec.encode(Message(meta=meta)), reply_to=message)
 
     return app
@@ -331,19 +354,26 @@ class FlowerFederation(Federation):
 
     ``clients``: the client ids to address (default: every node that identified itself, sorted);
     ``timeout``: seconds to wait for a call's replies (a client that misses it failed; None waits);
-    ``wait_for_nodes``: seconds to wait for the nodes to connect and identify themselves."""
+    ``wait_for_nodes``: seconds to wait for the nodes to connect and identify themselves;
+    ``min_clients``: fewer replies than this in a call (or contributors in an aggregate) stop the run;
+    ``max_bytes``: the largest payload sent or accepted; ``action_prefix``: the clients' app's
+    (:func:`make_client_app`); ``secagg``: the SecAgg+ parameters of :meth:`aggregate`."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
                  timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
                  max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, ttl: float | None = None,
-                 on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None,
+                 min_clients: int = 1, action_prefix: str = "",
+                 secagg: flower_secagg.SecAggSettings | None = None):
         self.grid, self.timeout = grid, timeout
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
+        self.action_prefix = action_prefix
+        self.secagg = secagg or flower_secagg.SecAggSettings()
         self._on_close, self._health_check = on_close, health_check
         self._nodes, served = self._discover(clients, wait_for_nodes)
         ids = list(clients) if clients is not None else sorted(self._nodes)
         methods = [m for m in served[ids[0]] if all(m in served[c] for c in ids)] if ids else []
-        super().__init__(ids, methods, on_failure)
+        super().__init__(ids, methods, on_failure, min_clients)
 
     # --- discovery
     def _discover(self, clients: list[str] | None, wait_for_nodes: float
@@ -375,6 +405,10 @@ class FlowerFederation(Federation):
             if cid in nodes:
                 raise ValueError(f"Flower nodes {nodes[cid]} and {node} both serve client {cid!r}: give "
                                  f"each SuperNode its own --node-config '{CLIENT_ID_KEY}=\"...\"'")
+            if meta.get("prefix", "") != self.action_prefix:
+                progress.log(f"[yellow]Flower node {node} (client {cid}) serves handlers with prefix "
+                             f"{meta.get('prefix', '')!r}, this server calls {self.action_prefix!r}; ignored[/]")
+                continue
             nodes[cid], handlers[cid] = node, list(meta["handlers"])
         if clients is not None:
             missing = [c for c in clients if c not in nodes]
@@ -408,7 +442,8 @@ class FlowerFederation(Federation):
     def _deliver(self, method: str, payloads: dict[str, Message], round: int) -> dict[str, Delivery]:
         cids = list(payloads)
         msgs = [FlMessage(flower_codec.encode(payloads[c], self.max_bytes), dst_node_id=self._nodes[c],
-                          message_type=f"{CATEGORY}.{method}", group_id=str(round), ttl=self.ttl)
+                          message_type=f"{CATEGORY}.{self.action_prefix}{method}", group_id=str(round),
+                          ttl=self.ttl)
                 for c in cids]
         raw = self._exchange(msgs, self.timeout)
         down_sizes: dict[int, int] = {}  # a broadcast sends one Message object to every client: size it once
@@ -425,12 +460,46 @@ class FlowerFederation(Federation):
                 out[cid] = Delivery(error=_error_of(reply), down_bytes=down)
                 continue
             try:
-                got = flower_codec.decode(reply.content)
+                got = flower_codec.decode(reply.content, self.max_bytes)
             except ValueError as e:
                 out[cid] = Delivery(error=e, down_bytes=down)
                 continue
             out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=len(codec.encode(got)))
         return out
+
+    def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,
+                  weight_key: str = "num_examples") -> Aggregate:
+        """The weighted mean of the clients' reply tensors by SecAgg+ (``flower_secagg``): the server never
+        holds an individual reply's tensors. Clients that fail or drop out are failures under the policy;
+        the aggregate holds the others' updates when at least ``min_clients`` (and SecAgg+'s threshold)
+        remained. Bytes are the Flower wire bytes of all four protocol stages per client."""
+        from fedkt.seeds import derive_seed
+
+        self._check_call(method, payloads)
+        t0 = time.perf_counter()
+        node_payloads = {self._nodes[c]: m for c, m in payloads.items()}
+        cid_of = {self._nodes[c]: c for c in payloads}
+        seeds = {self._nodes[c]: derive_seed(round, "secagg-rounding", c) for c in payloads}
+        try:
+            res = flower_secagg.secure_aggregate(lambda msgs, t: self._exchange(msgs, t), node_payloads, method,
+                                                 round, self.secagg, self.timeout, weight_key, seeds)
+        finally:
+            self._timings[method] = self._timings.get(method, 0.0) + time.perf_counter() - t0
+        if res.halted and self.on_failure == "skip":
+            for node, err in res.errors.items():
+                self._record_failure(cid_of[node], method, round, err)
+            raise AllClientsFailed(res.halted)
+        for node, err in res.errors.items():
+            self._record_failure(cid_of[node], method, round, err)
+        for node in node_payloads:
+            self.ledger.record(round, method, cid_of[node], "down", res.down_bytes.get(node, 0))
+            if node in res.contributors:
+                self.ledger.record(round, method, cid_of[node], "up", res.up_bytes.get(node, 0))
+        self._check_quorum(method, round, len(res.contributors), len(payloads))
+        order = [c for c in payloads if self._nodes[c] in res.contributors]
+        return Aggregate(tensors=res.tensors, clients=order,
+                         weights={c: res.contributors[self._nodes[c]][0] for c in order},
+                         meta={c: res.contributors[self._nodes[c]][1] for c in order})
 
     def close(self) -> None:
         if self._on_close is not None:
@@ -562,4 +631,8 @@ class _ThreadBackend(Backend):
 
     def process_message(self, message: FlMessage, context: Context) -> tuple[FlMessage, Context]:
         assert self._app is not None, "build() the backend first"
+        # a deployed node gets its own deserialised copy of each message; in process the pushed object
+        # itself arrives, and a RecordDict shared by several messages (SecAgg+'s setup stage sends one
+        # to every node) would be mutated by the first node's mod under the others
+        message = copy.deepcopy(message)
         return self._app(message, context), context
