@@ -82,6 +82,8 @@ SPEC_KEY = "fedkt-client-spec"
 CATEGORY = "query"
 """Flower message category of every fedkt call: method ``m`` travels as message type ``"query.m"``."""
 IDENTIFY = "_fedkt_identify"
+SCOPE_SEP = "__"
+"""Handler ``"<method>__<handler>"`` of a multi-method app runs in method ``<method>``'s own client scope."""
 
 ContextFactory = Callable[[str, Context], ClientContext]
 """Builds the fedkt client context for client id ``cid`` on this node (may cache across messages)."""
@@ -243,19 +245,21 @@ def _error_reply(message: FlMessage, e: BaseException) -> FlMessage:
 
 def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactory | None = None,
                     state_store: ContextStateStore | DirStateStore | None = None,
-                    max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, action_prefix: str = "") -> ClientApp:
+                    max_bytes: int = flower_codec.DEFAULT_MAX_BYTES) -> ClientApp:
     """A ``ClientApp`` serving ``handlers`` (the same dict ``LocalFederation`` takes).
 
     ``context_factory(cid, flower_context)`` returns the client's ``ClientContext`` (default: a
     :class:`SpecContextFactory` of this app); its ``state`` is restored from ``state_store`` before each
-    call and stored after it. Handler ``name`` answers message type ``"query.<action_prefix><name>"``
-    (an app serving several methods whose handler names collide gives each its prefix; the server's
-    :class:`FlowerFederation` takes the same ``action_prefix``). Payloads and replies above
+    call and stored after it. Handler ``name`` answers message type ``"query.<name>"``; an app serving
+    several methods whose handler names collide names them ``"<method>__<handler>"`` (the server's
+    :class:`FlowerFederation` then takes ``action_prefix="<method>__"``), and each method's client state
+    and context are kept apart (``scope``: the factory is called as ``factory(cid, context, method)``).
+    Payloads and replies above
     ``max_bytes`` are refused with an error naming the limit. The app also serves secure aggregation
     (``FlowerFederation.aggregate``: a ``train`` function behind Flower's ``secaggplus_mod``).
     """
     for name in handlers:
-        if not (action_prefix + name).isidentifier() or name.startswith("_fedkt"):
+        if not name.isidentifier() or name.startswith("_fedkt"):
             raise ValueError(f"client handler name {name!r} cannot be a Flower message action: use a "
                              "Python identifier that does not start with '_fedkt'")
     factory = context_factory or SpecContextFactory()
@@ -268,12 +272,14 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
         if handler is None:
             raise KeyError(f"this node serves no handler {name!r}; it serves {', '.join(handlers)}")
         cid = client_id_of(context)
-        ctx = factory(cid, context)
-        ctx.state = _restore_state(store.load(context, cid), ctx, f"the node's {type(store).__name__}")
+        scope = name.split(SCOPE_SEP)[0] if SCOPE_SEP in name else ""
+        ctx = factory(cid, context, scope) if scope else factory(cid, context)  # type: ignore[call-arg]
+        key = f"{cid}/{scope}" if scope else cid
+        ctx.state = _restore_state(store.load(context, key), ctx, f"the node's {type(store).__name__}")
         try:
             reply = handler(ctx, payload)
         finally:
-            store.save(context, cid, ctx.state.to_bytes())
+            store.save(context, key, ctx.state.to_bytes())
         if not isinstance(reply, Message):
             raise TypeError(f"client handler {name!r} returned {type(reply).__name__}, expected a fedkt Message")
         ctx.save_state()
@@ -291,7 +297,7 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
         return run
 
     for name in handlers:
-        app.query(action_prefix + name)(serve(name))
+        app.query(name)(serve(name))
 
     def errors_as_replies(message: FlMessage, context: Context, call_next: Callable) -> FlMessage:
         try:
@@ -304,7 +310,7 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
 
     @app.query(IDENTIFY)
     def identify(message: FlMessage, context: Context) -> FlMessage:
-        meta = {"client_id": client_id_of(context), "handlers": list(handlers), "prefix": action_prefix}
+        meta = {"client_id": client_id_of(context), "handlers": list(handlers)}
         return FlMessage(flower_codec.encode(Message(meta=meta)), reply_to=message)
 
     return app
@@ -356,29 +362,30 @@ class FlowerFederation(Federation):
     ``timeout``: seconds to wait for a call's replies (a client that misses it failed; None waits);
     ``wait_for_nodes``: seconds to wait for the nodes to connect and identify themselves;
     ``min_clients``: fewer replies than this in a call (or contributors in an aggregate) stop the run;
-    ``max_bytes``: the largest payload sent or accepted; ``action_prefix``: the clients' app's
-    (:func:`make_client_app`); ``secagg``: the SecAgg+ parameters of :meth:`aggregate`."""
+    ``max_bytes``: the largest payload sent or accepted; ``action_prefix``: call handler ``m`` as
+    ``<action_prefix>m`` (a multi-method app, see :func:`make_client_app`); ``secagg``: the SecAgg+
+    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
                  timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
                  max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, ttl: float | None = None,
                  on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None,
                  min_clients: int = 1, action_prefix: str = "",
-                 secagg: flower_secagg.SecAggSettings | None = None):
+                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None):
         self.grid, self.timeout = grid, timeout
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
         self.action_prefix = action_prefix
         self.secagg = secagg or flower_secagg.SecAggSettings()
         self._on_close, self._health_check = on_close, health_check
-        self._nodes, served = self._discover(clients, wait_for_nodes)
+        self._nodes, served = self._discover(clients, wait_for_nodes, num_clients)
         ids = list(clients) if clients is not None else sorted(self._nodes)
         methods = [m for m in served[ids[0]] if all(m in served[c] for c in ids)] if ids else []
         super().__init__(ids, methods, on_failure, min_clients)
 
     # --- discovery
-    def _discover(self, clients: list[str] | None, wait_for_nodes: float
+    def _discover(self, clients: list[str] | None, wait_for_nodes: float, num_clients: int | None = None
                   ) -> tuple[dict[str, int], dict[str, list[str]]]:
-        need = len(clients) if clients is not None else 1
+        need = len(clients) if clients is not None else (num_clients or 1)
         deadline = time.monotonic() + wait_for_nodes
         while True:
             node_ids = sorted(self.grid.get_node_ids())
@@ -405,11 +412,8 @@ class FlowerFederation(Federation):
             if cid in nodes:
                 raise ValueError(f"Flower nodes {nodes[cid]} and {node} both serve client {cid!r}: give "
                                  f"each SuperNode its own --node-config '{CLIENT_ID_KEY}=\"...\"'")
-            if meta.get("prefix", "") != self.action_prefix:
-                progress.log(f"[yellow]Flower node {node} (client {cid}) serves handlers with prefix "
-                             f"{meta.get('prefix', '')!r}, this server calls {self.action_prefix!r}; ignored[/]")
-                continue
-            nodes[cid], handlers[cid] = node, list(meta["handlers"])
+            p = self.action_prefix
+            nodes[cid], handlers[cid] = node, [h[len(p):] for h in meta["handlers"] if h.startswith(p)]
         if clients is not None:
             missing = [c for c in clients if c not in nodes]
             if missing:
@@ -481,7 +485,8 @@ class FlowerFederation(Federation):
         cid_of = {self._nodes[c]: c for c in payloads}
         seeds = {self._nodes[c]: derive_seed(round, "secagg-rounding", c) for c in payloads}
         try:
-            res = flower_secagg.secure_aggregate(lambda msgs, t: self._exchange(msgs, t), node_payloads, method,
+            res = flower_secagg.secure_aggregate(lambda msgs, t: self._exchange(msgs, t), node_payloads,
+                                                 self.action_prefix + method,
                                                  round, self.secagg, self.timeout, weight_key, seeds)
         finally:
             self._timings[method] = self._timings.get(method, 0.0) + time.perf_counter() - t0
