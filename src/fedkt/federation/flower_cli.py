@@ -180,6 +180,9 @@ def write_connection(home: str | Path, address: str, ca: str | Path | None = Non
 def flower_env(home: str | Path | None = None, bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
     bin_dir = bin_dir or Path(sys.executable).parent
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1", **extra}
+    if os.environ.get("PYTHONPATH"):  # Flower processes run in other directories: keep the same imports
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep)
+                                            if p)
     if home is not None:
         env["FLWR_HOME"] = str(Path(home).resolve())
     return flower_subprocess_env(**env)

@@ -151,6 +151,9 @@ class LocalFlowerDeployment:
             if name == "superlink" and p.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {p.returncode}; see {self.workdir}/{name}.log")
 
+    def run_log(self, run_id: int) -> str:
+        return flower_cli.run_log(run_id, self.home, CONNECTION, self.bin_dir)
+
     def run_status(self, run_id: int) -> str:
         return flower_cli.run_status(run_id, self.home, CONNECTION, self.bin_dir)
 
