@@ -23,7 +23,6 @@ start), with the same command lines as ``fedkt flower ...`` (:mod:`fedkt.federat
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
 
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler
 from fedkt.config import ConfigError, ExperimentConfig, from_dict, validate
