@@ -139,9 +139,18 @@ class FederationConfig:
     rounds: int = 3
     on_client_failure: Literal["stop", "skip"] = "stop"
     """A failing client stops the run ("stop") or is reported and left out of the round ("skip")."""
+    min_clients: int = 1
+    """Under "skip": fewer replies than this in a call stop the run (the last checkpoint is kept)."""
+    secure_aggregation: bool = False
+    """FedAvg averages adapters by secure aggregation (Flower: SecAgg+; in process: the plain mean)."""
+    timeout_s: float = 0.0
+    """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (0 = wait)."""
+    max_payload_mb: float = 2047.0
+    """Flower runtime: payloads (either direction) above this many MiB are refused with an error."""
 
     def __post_init__(self):
-        check_positive(self, "rounds")
+        check_positive(self, "rounds", "min_clients", "max_payload_mb")
+        check(self.timeout_s >= 0, f"timeout_s must be >= 0, got {self.timeout_s}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedkt import __version__, progress, registry
 from fedkt.config import ConfigError, ExperimentConfig, dump_toml
@@ -36,8 +36,11 @@ def run_method(server: ServerContext, name: str) -> MethodResult:
     return result
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False) -> dict[str, Any]:
-    """Run ``cfg``'s methods in simulation; returns the content of results.json."""
+def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False,
+                   make_server: Callable[[ExperimentConfig, Path], tuple[ServerContext, dict]] | None = None
+                   ) -> dict[str, Any]:
+    """Run ``cfg``'s methods (in simulation, or on the runtime ``make_server(cfg, out)`` returns the server
+    context and data summary of); returns the content of results.json."""
     out.mkdir(parents=True, exist_ok=True)
     cfg_text = dump_toml(cfg)
     results_path = out / "results.json"
@@ -54,9 +57,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False) -> di
     results = saved or RunResults(name=cfg.name, fedkt_version=__version__)
     from fedkt.report import write_report
 
-    sim = Simulation(cfg, out)
-    server = sim.server()
-    results.data = sim.data_summary()
+    if make_server is None:
+        sim = Simulation(cfg, out)
+        server, results.data = sim.server(), sim.data_summary()
+    else:
+        server, results.data = make_server(cfg, out)
     for method in cfg.methods:
         if method in results.methods:
             progress.log(f"{method}: already done, skipped (resume)")

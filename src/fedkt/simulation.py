@@ -79,7 +79,8 @@ class Simulation:
     def federation(self, method: MethodSpec) -> LocalFederation:
         """Fresh clients (fresh state) for ``method``, answering its handlers."""
         contexts = [self.factory.build(self.client_spec(i, method.name)) for i in range(len(self.clients_data))]
-        return LocalFederation(contexts, method.handlers, on_failure=self.cfg.federation.on_client_failure)
+        return LocalFederation(contexts, method.handlers, on_failure=self.cfg.federation.on_client_failure,
+                               min_clients=self.cfg.federation.min_clients)
 
     def server(self) -> ServerContext:
         return ServerContext(cfg=self.cfg, out=self.out, open_federation=self.federation, aux=self.aux,

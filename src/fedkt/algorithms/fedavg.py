@@ -3,8 +3,9 @@
 Per round t: the server broadcasts the global adapter θᵗ; each client sets it, fine-tunes E local
 epochs on its private data and uploads its adapter with its example count; the server averages the
 adapters weighted by example count. A and B matrices are averaged separately (as FATE-LLM and most LoRA
-FL work do). Under secure aggregation the server would see only the weighted sum; the arithmetic is the
-same.
+FL work do). With ``federation.secure_aggregation = true`` the server asks the federation for the weighted
+mean itself (``Federation.aggregate``: SecAgg+ on Flower, so the server never sees a client's adapter; the
+plain mean in process); the arithmetic is the same up to SecAgg+'s quantisation.
 """
 
 from __future__ import annotations
@@ -58,14 +59,22 @@ def aggregate(states: list[dict[str, torch.Tensor]], weights: list[float]) -> di
 
 
 def fit_round(fed: Federation, global_state: dict[str, torch.Tensor], rnd: int, epochs: float,
-              meta: dict | None = None, weighting: str = "samples") -> dict[str, torch.Tensor]:
+              meta: dict | None = None, weighting: str = "samples", secure: bool = False) -> dict[str, torch.Tensor]:
     """Steps 1–3 of a FedAvg round: broadcast, local training, aggregation weighted by example count
-    (``weighting="samples"``) or by 1/K (``"uniform"``)."""
-    replies = fed.broadcast("fit", Message(tensors=global_state, meta={"round": rnd, "epochs": epochs, **(meta or {})}),
-                            rnd)
-    states = [r.tensors for r in replies.values()]
+    (``weighting="samples"``) or by 1/K (``"uniform"``); ``secure``: by the federation's secure
+    aggregation (sample-weighted), so the server gets only the mean."""
     if weighting not in ("samples", "uniform"):
         raise ValueError(f"weighting must be 'samples' or 'uniform', got {weighting!r}")
+    msg = Message(tensors=global_state, meta={"round": rnd, "epochs": epochs, **(meta or {})})
+    if secure:
+        if weighting != "samples":
+            raise ValueError("secure aggregation weights by example count; weighting='uniform' is not supported with it")
+        agg = fed.aggregate("fit", {cid: msg for cid in fed.clients}, rnd, weight_key="num_examples")
+        progress.log(f"round {rnd}: client train loss {({c: round(m['loss'], 4) for c, m in agg.meta.items()})} "
+                     f"(securely aggregated over {len(agg.clients)} clients)")
+        return agg.tensors
+    replies = fed.broadcast("fit", msg, rnd)
+    states = [r.tensors for r in replies.values()]
     weights = [r.meta["num_examples"] if weighting == "samples" else 1.0 for r in replies.values()]
     losses = {c: round(r.meta["loss"], 4) for c, r in replies.items()}
     progress.log(f"round {rnd}: client train loss {losses}")
@@ -78,7 +87,8 @@ class FedAvg(RoundAlgorithm):
 
     def round(self, server, fed, state, rnd):
         t0 = time.perf_counter()
-        theta = fit_round(fed, state["slm"], rnd, server.cfg.train.epochs)
+        theta = fit_round(fed, state["slm"], rnd, server.cfg.train.epochs,
+                          secure=server.cfg.federation.secure_aggregation)
         client_s = fed.take_timing("fit")
         return RoundOutcome({"slm": theta},
                             timings={"client_train_s": client_s, "aggregate_s": time.perf_counter() - t0 - client_s})

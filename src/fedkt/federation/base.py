@@ -5,10 +5,16 @@ client handler ``name`` on each addressed client and returns ``{client: reply}``
 carries named tensors (adapter weights, logits), texts and small JSON metadata.
 
 :class:`Federation` is the *whole* surface an algorithm may use: ``clients``, ``call``, ``broadcast``,
-``failures``, ``ledger``, ``take_timing`` and ``state_dict``/``load_state_dict`` (for resume). The shared
+``aggregate``, ``failures``, ``ledger``, ``take_timing`` and ``state_dict``/``load_state_dict`` (for
+resume). The shared
 logic (argument checks, the failure policy, metering, timings) lives here; a runtime implements one
 method, :meth:`Federation._deliver`, that gets each payload to its client and the reply (or the error)
 back. ``LocalFederation`` (in-process) and the Flower runtime differ only there.
+
+:meth:`Federation.aggregate` asks for the *weighted mean* of the tensors the clients reply, not the replies:
+a runtime with secure aggregation (Flower: SecAgg+, ``fedkt.federation.flower_secagg``) overrides it so
+the server never sees an individual client's tensors; the base implementation (``LocalFederation``, a
+simulator that trusts everyone) is the plain weighted mean of the replies.
 """
 
 from __future__ import annotations
@@ -38,7 +44,45 @@ class ClientFailure(RuntimeError):
 
 
 class AllClientsFailed(RuntimeError):
-    """Every addressed client failed in one call (whatever the policy): the round cannot proceed."""
+    """Every addressed client failed in one call, or fewer than ``min_clients`` replied (whatever the
+    policy): the round cannot proceed."""
+
+
+@dataclass
+class Aggregate:
+    """What :meth:`Federation.aggregate` returns: Σ wᵢ tᵢ / Σ wᵢ over the clients that contributed."""
+
+    tensors: dict[str, torch.Tensor]
+    clients: list[str]
+    """The clients whose update is in the mean (the others failed or dropped out)."""
+    weights: dict[str, float]
+    """Each contributor's weight (not protected: SecAgg+ sends it in the clear too)."""
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each contributor's reply meta (not protected)."""
+
+
+def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ wᵢ θᵢ / Σ wᵢ key by key, float64 accumulation, cast back to the first state's dtypes (the same
+    arithmetic as ``fedkt.algorithms.fedavg.aggregate``)."""
+    if not states or len(states) != len(weights):
+        raise ValueError(f"weighted_mean needs one weight per state, got {len(states)} states and "
+                         f"{len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to > 0, got {weights}")
+    keys = states[0].keys()
+    if any(s.keys() != keys for s in states[1:]):
+        raise ValueError("the clients' tensors have different keys; they cannot be averaged")
+    return {k: sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)
+            for k in keys}
+
+
+def reply_weight(cid: str, reply: "Message", weight_key: str) -> float:
+    w = reply.meta.get(weight_key)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+        raise ValueError(f"client {cid} replied meta[{weight_key!r}] = {w!r}; an aggregated reply needs a "
+                         "positive number as its weight")
+    return float(w)
 
 
 @dataclass
@@ -97,15 +141,20 @@ class Federation(ABC):
     ``methods`` names the client handlers the clients answer (the server checks a call against it before
     anything is sent). ``on_failure``: ``"stop"`` raises :class:`ClientFailure` naming the first failed
     client; ``"skip"`` records the failure in ``failures`` and returns the other replies. A call in which
-    every client failed raises :class:`AllClientsFailed` under either policy.
+    every client failed, or fewer than ``min_clients`` of the addressed ones replied (at most as many as
+    were addressed), raises :class:`AllClientsFailed` under either policy.
     """
 
-    def __init__(self, clients: Iterable[str], methods: Iterable[str], on_failure: str = "stop"):
+    def __init__(self, clients: Iterable[str], methods: Iterable[str], on_failure: str = "stop",
+                 min_clients: int = 1):
         if on_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_failure = {on_failure!r}; allowed values: {', '.join(FAILURE_POLICIES)}")
+        if min_clients < 1:
+            raise ValueError(f"min_clients = {min_clients}; it must be >= 1")
         self.clients: list[str] = list(clients)
         self.methods: list[str] = list(methods)
         self.on_failure = on_failure
+        self.min_clients = min_clients
         self.ledger = ByteLedger()
         self.failures: list[dict[str, Any]] = []
         self._timings: dict[str, float] = {}
@@ -120,17 +169,30 @@ class Federation(ABC):
         """Release the runtime's resources (processes, connections). Idempotent."""
 
     # -- what algorithms use ---------------------------------------------------------------------------
+    def _check_call(self, method: str, payloads: dict[str, Message]) -> None:
+        if method not in self.methods:
+            raise KeyError(f"no client handler {method!r}; registered: {', '.join(self.methods)}")
+        for cid in payloads:
+            if cid not in self.clients:
+                raise KeyError(f"unknown client {cid!r}; clients: {', '.join(self.clients)}")
+
+    def _check_quorum(self, method: str, round: int, got: int, addressed: int) -> None:
+        if addressed and not got:
+            raise AllClientsFailed(f"every client failed in {method!r} (round {round}): "
+                                   f"{self.failures[-1]['error'] if self.failures else 'no reply'}")
+        need = min(self.min_clients, addressed)
+        if got < need:
+            raise AllClientsFailed(f"only {got} of {addressed} clients replied in {method!r} (round {round}); "
+                                   f"federation.min_clients = {self.min_clients}: see the failures above, "
+                                   "restart the missing clients and resume the run (--resume)")
+
     def call(self, method: str, payloads: dict[str, Message], round: int = 0,
              metered: bool = True) -> dict[str, Message]:
         """Send each addressed client its payload, run handler ``method`` there, return the replies.
 
         ``metered=False`` keeps the exchange out of the protocol's communication totals (evaluation
         reports, which no algorithm needs)."""
-        if method not in self.methods:
-            raise KeyError(f"no client handler {method!r}; registered: {', '.join(self.methods)}")
-        for cid in payloads:
-            if cid not in self.clients:
-                raise KeyError(f"unknown client {cid!r}; clients: {', '.join(self.clients)}")
+        self._check_call(method, payloads)
         t0 = time.perf_counter()
         deliveries = self._deliver(method, payloads, round)
         replies: dict[str, Message] = {}
@@ -139,23 +201,37 @@ class Federation(ABC):
             if d is None:  # the runtime stopped early after a failure under policy "stop"
                 continue
             if d.error is not None:
-                if self.on_failure == "stop":
-                    raise ClientFailure(cid, method, d.error) from (d.error if isinstance(d.error, BaseException)
-                                                                    else None)
-                self.failures.append({"round": round, "method": method, "client": cid, "error": _describe(d.error)})
-                from fedkt import progress
-
-                progress.log(f"[yellow]client {cid} failed in {method!r} (round {round}): "
-                             f"{_describe(d.error)}; skipped[/]")
+                self._record_failure(cid, method, round, d.error)
                 continue
             if metered:
                 self.ledger.record(round, method, cid, "down", d.down_bytes)
                 self.ledger.record(round, method, cid, "up", d.up_bytes)
             replies[cid] = d.reply
         self._timings[method] = self._timings.get(method, 0.0) + time.perf_counter() - t0
-        if not replies and payloads:
-            raise AllClientsFailed(f"every client failed in {method!r} (round {round}): {self.failures[-1]['error']}")
+        self._check_quorum(method, round, len(replies), len(payloads))
         return replies
+
+    def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,
+                  weight_key: str = "num_examples") -> Aggregate:
+        """Run handler ``method`` on each addressed client and return only the weighted mean of the
+        replies' tensors (weight: ``reply.meta[weight_key]``), with each contributor's weight and meta.
+
+        Runtimes with secure aggregation override this so that no individual reply's tensors reach the
+        server; here (in-process simulation) it is the plain weighted mean of the replies."""
+        replies = self.call(method, payloads, round)
+        weights = {cid: reply_weight(cid, r, weight_key) for cid, r in replies.items()}
+        tensors = weighted_mean([r.tensors for r in replies.values()], list(weights.values()))
+        return Aggregate(tensors=tensors, clients=list(replies), weights=weights,
+                         meta={cid: dict(r.meta) for cid, r in replies.items()})
+
+    def _record_failure(self, cid: str, method: str, round: int, error: BaseException | str) -> None:
+        """Apply the failure policy to one failed client (used by runtimes' own protocols)."""
+        if self.on_failure == "stop":
+            raise ClientFailure(cid, method, error) from (error if isinstance(error, BaseException) else None)
+        self.failures.append({"round": round, "method": method, "client": cid, "error": _describe(error)})
+        from fedkt import progress
+
+        progress.log(f"[yellow]client {cid} failed in {method!r} (round {round}): {_describe(error)}; skipped[/]")
 
     def broadcast(self, method: str, msg: Message, round: int = 0, metered: bool = True) -> dict[str, Message]:
         """The same payload to every client."""

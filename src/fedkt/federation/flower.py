@@ -53,6 +53,7 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import threading
@@ -64,7 +65,8 @@ from typing import Any
 from fedkt import progress
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler, StateStore
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
-from fedkt.federation.base import Delivery, Federation, Message
+from fedkt.federation import flower_secagg
+from fedkt.federation.base import Aggregate, AllClientsFailed, Delivery, Federation, Message
 
 from flwr.app import ConfigRecord, Context, Error, RecordDict  # noqa: E402  (after FLOWER_ENV)
 from flwr.app import Message as FlMessage  # noqa: E402
@@ -80,6 +82,8 @@ SPEC_KEY = "fedkt-client-spec"
 CATEGORY = "query"
 """Flower message category of every fedkt call: method ``m`` travels as message type ``"query.m"``."""
 IDENTIFY = "_fedkt_identify"
+SCOPE_SEP = "__"
+"""Handler ``"<method>__<handler>"`` of a multi-method app runs in method ``<method>``'s own client scope."""
 
 ContextFactory = Callable[[str, Context], ClientContext]
 """Builds the fedkt client context for client id ``cid`` on this node (may cache across messages)."""
@@ -246,7 +250,13 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
 
     ``context_factory(cid, flower_context)`` returns the client's ``ClientContext`` (default: a
     :class:`SpecContextFactory` of this app); its ``state`` is restored from ``state_store`` before each
-    call and stored after it.
+    call and stored after it. Handler ``name`` answers message type ``"query.<name>"``; an app serving
+    several methods whose handler names collide names them ``"<method>__<handler>"`` (the server's
+    :class:`FlowerFederation` then takes ``action_prefix="<method>__"``), and each method's client state
+    and context are kept apart (``scope``: the factory is called as ``factory(cid, context, method)``).
+    Payloads and replies above
+    ``max_bytes`` are refused with an error naming the limit. The app also serves secure aggregation
+    (``FlowerFederation.aggregate``: a ``train`` function behind Flower's ``secaggplus_mod``).
     """
     for name in handlers:
         if not name.isidentifier() or name.startswith("_fedkt"):
@@ -256,28 +266,47 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
     store = state_store or ContextStateStore()
     app = ClientApp()
 
-    def serve(name: str, handler: Handler) -> Callable[[FlMessage, Context], FlMessage]:
+    def run_handler(name: str, payload: Message, context: Context) -> Message:
+        """Run fedkt handler ``name`` for this node's client: context, state restore/store, checks."""
+        handler = handlers.get(name)
+        if handler is None:
+            raise KeyError(f"this node serves no handler {name!r}; it serves {', '.join(handlers)}")
+        cid = client_id_of(context)
+        scope = name.split(SCOPE_SEP)[0] if SCOPE_SEP in name else ""
+        ctx = factory(cid, context, scope) if scope else factory(cid, context)  # type: ignore[call-arg]
+        key = f"{cid}/{scope}" if scope else cid
+        ctx.state = _restore_state(store.load(context, key), ctx, f"the node's {type(store).__name__}")
+        try:
+            reply = handler(ctx, payload)
+        finally:
+            store.save(context, key, ctx.state.to_bytes())
+        if not isinstance(reply, Message):
+            raise TypeError(f"client handler {name!r} returned {type(reply).__name__}, expected a fedkt Message")
+        ctx.save_state()
+        return reply
+
+    def serve(name: str) -> Callable[[FlMessage, Context], FlMessage]:
         def run(message: FlMessage, context: Context) -> FlMessage:
             try:
-                cid = client_id_of(context)
-                ctx = factory(cid, context)
-                ctx.state = _restore_state(store.load(context, cid), ctx, f"the node's {type(store).__name__}")
-                try:
-                    reply = handler(ctx, flower_codec.decode(message.content))
-                finally:
-                    store.save(context, cid, ctx.state.to_bytes())
-                if not isinstance(reply, Message):
-                    raise TypeError(f"client handler {name!r} returned {type(reply).__name__}, "
-                                    "expected a fedkt Message")
-                ctx.save_state()
+                payload = flower_codec.decode(message.content, max_bytes)
+                reply = run_handler(name, payload, context)
                 return FlMessage(flower_codec.encode(reply, max_bytes), reply_to=message)
             except Exception as e:  # noqa: BLE001 - reported to the server, which applies its policy
                 return _error_reply(message, e)
         run.__name__ = name
         return run
 
-    for name, handler in handlers.items():
-        app.query(name)(serve(name, handler))
+    for name in handlers:
+        app.query(name)(serve(name))
+
+    def errors_as_replies(message: FlMessage, context: Context, call_next: Callable) -> FlMessage:
+        try:
+            return call_next(message, context)
+        except Exception as e:  # noqa: BLE001 - the node drops out of this SecAgg+ round, the server is told
+            return _error_reply(message, e)
+
+    # secure aggregation (FlowerFederation.aggregate): Flower's SecAgg+ client mod around the handler call
+    app.train(mods=[errors_as_replies, *flower_secagg.MODS])(flower_secagg.make_secure_train(run_handler))
 
     @app.query(IDENTIFY)
     def identify(message: FlMessage, context: Context) -> FlMessage:
@@ -331,24 +360,32 @@ class FlowerFederation(Federation):
 
     ``clients``: the client ids to address (default: every node that identified itself, sorted);
     ``timeout``: seconds to wait for a call's replies (a client that misses it failed; None waits);
-    ``wait_for_nodes``: seconds to wait for the nodes to connect and identify themselves."""
+    ``wait_for_nodes``: seconds to wait for the nodes to connect and identify themselves;
+    ``min_clients``: fewer replies than this in a call (or contributors in an aggregate) stop the run;
+    ``max_bytes``: the largest payload sent or accepted; ``action_prefix``: call handler ``m`` as
+    ``<action_prefix>m`` (a multi-method app, see :func:`make_client_app`); ``secagg``: the SecAgg+
+    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
                  timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
                  max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, ttl: float | None = None,
-                 on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None,
+                 min_clients: int = 1, action_prefix: str = "",
+                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None):
         self.grid, self.timeout = grid, timeout
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
+        self.action_prefix = action_prefix
+        self.secagg = secagg or flower_secagg.SecAggSettings()
         self._on_close, self._health_check = on_close, health_check
-        self._nodes, served = self._discover(clients, wait_for_nodes)
+        self._nodes, served = self._discover(clients, wait_for_nodes, num_clients)
         ids = list(clients) if clients is not None else sorted(self._nodes)
         methods = [m for m in served[ids[0]] if all(m in served[c] for c in ids)] if ids else []
-        super().__init__(ids, methods, on_failure)
+        super().__init__(ids, methods, on_failure, min_clients)
 
     # --- discovery
-    def _discover(self, clients: list[str] | None, wait_for_nodes: float
+    def _discover(self, clients: list[str] | None, wait_for_nodes: float, num_clients: int | None = None
                   ) -> tuple[dict[str, int], dict[str, list[str]]]:
-        need = len(clients) if clients is not None else 1
+        need = len(clients) if clients is not None else (num_clients or 1)
         deadline = time.monotonic() + wait_for_nodes
         while True:
             node_ids = sorted(self.grid.get_node_ids())
@@ -375,7 +412,8 @@ class FlowerFederation(Federation):
             if cid in nodes:
                 raise ValueError(f"Flower nodes {nodes[cid]} and {node} both serve client {cid!r}: give "
                                  f"each SuperNode its own --node-config '{CLIENT_ID_KEY}=\"...\"'")
-            nodes[cid], handlers[cid] = node, list(meta["handlers"])
+            p = self.action_prefix
+            nodes[cid], handlers[cid] = node, [h[len(p):] for h in meta["handlers"] if h.startswith(p)]
         if clients is not None:
             missing = [c for c in clients if c not in nodes]
             if missing:
@@ -408,7 +446,8 @@ class FlowerFederation(Federation):
     def _deliver(self, method: str, payloads: dict[str, Message], round: int) -> dict[str, Delivery]:
         cids = list(payloads)
         msgs = [FlMessage(flower_codec.encode(payloads[c], self.max_bytes), dst_node_id=self._nodes[c],
-                          message_type=f"{CATEGORY}.{method}", group_id=str(round), ttl=self.ttl)
+                          message_type=f"{CATEGORY}.{self.action_prefix}{method}", group_id=str(round),
+                          ttl=self.ttl)
                 for c in cids]
         raw = self._exchange(msgs, self.timeout)
         down_sizes: dict[int, int] = {}  # a broadcast sends one Message object to every client: size it once
@@ -425,12 +464,47 @@ class FlowerFederation(Federation):
                 out[cid] = Delivery(error=_error_of(reply), down_bytes=down)
                 continue
             try:
-                got = flower_codec.decode(reply.content)
+                got = flower_codec.decode(reply.content, self.max_bytes)
             except ValueError as e:
                 out[cid] = Delivery(error=e, down_bytes=down)
                 continue
             out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=len(codec.encode(got)))
         return out
+
+    def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,
+                  weight_key: str = "num_examples") -> Aggregate:
+        """The weighted mean of the clients' reply tensors by SecAgg+ (``flower_secagg``): the server never
+        holds an individual reply's tensors. Clients that fail or drop out are failures under the policy;
+        the aggregate holds the others' updates when at least ``min_clients`` (and SecAgg+'s threshold)
+        remained. Bytes are the Flower wire bytes of all four protocol stages per client."""
+        from fedkt.seeds import derive_seed
+
+        self._check_call(method, payloads)
+        t0 = time.perf_counter()
+        node_payloads = {self._nodes[c]: m for c, m in payloads.items()}
+        cid_of = {self._nodes[c]: c for c in payloads}
+        seeds = {self._nodes[c]: derive_seed(round, "secagg-rounding", c) for c in payloads}
+        try:
+            res = flower_secagg.secure_aggregate(lambda msgs, t: self._exchange(msgs, t), node_payloads,
+                                                 self.action_prefix + method,
+                                                 round, self.secagg, self.timeout, weight_key, seeds)
+        finally:
+            self._timings[method] = self._timings.get(method, 0.0) + time.perf_counter() - t0
+        if res.halted and self.on_failure == "skip":
+            for node, err in res.errors.items():
+                self._record_failure(cid_of[node], method, round, err)
+            raise AllClientsFailed(res.halted)
+        for node, err in res.errors.items():
+            self._record_failure(cid_of[node], method, round, err)
+        for node in node_payloads:
+            self.ledger.record(round, method, cid_of[node], "down", res.down_bytes.get(node, 0))
+            if node in res.contributors:
+                self.ledger.record(round, method, cid_of[node], "up", res.up_bytes.get(node, 0))
+        self._check_quorum(method, round, len(res.contributors), len(payloads))
+        order = [c for c in payloads if self._nodes[c] in res.contributors]
+        return Aggregate(tensors=res.tensors, clients=order,
+                         weights={c: res.contributors[self._nodes[c]][0] for c in order},
+                         meta={c: res.contributors[self._nodes[c]][1] for c in order})
 
     def close(self) -> None:
         if self._on_close is not None:
@@ -562,4 +636,8 @@ class _ThreadBackend(Backend):
 
     def process_message(self, message: FlMessage, context: Context) -> tuple[FlMessage, Context]:
         assert self._app is not None, "build() the backend first"
+        # a deployed node gets its own deserialised copy of each message; in process the pushed object
+        # itself arrives, and a RecordDict shared by several messages (SecAgg+'s setup stage sends one
+        # to every node) would be mutated by the first node's mod under the others
+        message = copy.deepcopy(message)
         return self._app(message, context), context

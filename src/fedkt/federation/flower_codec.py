@@ -148,8 +148,9 @@ def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
     return t.view(dtype) if carrier is not dtype else t
 
 
-def decode(content: RecordDict) -> Message:
-    """Rebuild the fedkt :class:`Message` from a ``RecordDict`` made by :func:`encode`."""
+def decode(content: RecordDict, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Rebuild the fedkt :class:`Message` from a ``RecordDict`` made by :func:`encode`; a message whose
+    arrays and header exceed ``max_bytes`` is refused before any array is decoded."""
     if not isinstance(content, RecordDict):
         raise ValueError(f"expected a Flower RecordDict, got {type(content).__name__}")
     stray = sorted(set(content) - {TENSORS_KEY, HEADER_KEY})
@@ -161,6 +162,12 @@ def decode(content: RecordDict) -> Message:
         raise ValueError(f"malformed fedkt record: needs an ArrayRecord {TENSORS_KEY!r} and a ConfigRecord "
                          f"{HEADER_KEY!r}; got {type(arrays).__name__} and {type(header).__name__} "
                          "(was this message built by fedkt.federation.flower_codec.encode?)")
+    size = sum(len(a.data) for a in arrays.values()) + sum(
+        len(v) for v in header.values() if isinstance(v, (str, bytes)))
+    if size > max_bytes:
+        raise ValueError(f"payload of {size / 2**20:.1f} MiB exceeds the limit of {max_bytes / 2**20:.1f} MiB "
+                         "(federation max payload size); refused without decoding it. Raise the limit on "
+                         "both sides if such payloads are expected")
     if header.get("version") != VERSION:
         raise ValueError(f"malformed fedkt record: header version {header.get('version')!r}, this fedkt "
                          f"reads version {VERSION}; run the same fedkt version on server and clients")

@@ -15,15 +15,14 @@ running for several seconds.
 This module imports nothing from ``flwr``: it drives the installed CLIs (``flower-superlink``,
 ``flower-supernode``, ``flwr run``/``flwr ls``) found next to the running Python interpreter.
 
-Insecure mode only for now. TLS (``--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile`` on the
-SuperLink, ``--root-certificates`` on SuperNodes, ``root-certificates`` in the connection) and node
-authentication (``--enable-supernode-auth`` + ``flwr supernode register``, and
-``--auth-supernode-private-key`` on each SuperNode) are documented in docs/flower-notes.md.
+Optional TLS (``tls=True``: a local CA and server certificate from
+:func:`~fedkt.federation.flower_cli.make_certs`) and SuperNode authentication (``node_auth=True``: one
+key pair per client, public keys registered with ``flwr supernode register`` before the SuperNodes
+start), with the same command lines as ``fedkt flower ...`` (:mod:`fedkt.federation.flower_cli`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedkt.federation.flower_env import flower_subprocess_env
+from fedkt.federation import flower_cli
 
 HOST = "127.0.0.1"
 CONNECTION = "fedkt-local"
@@ -60,13 +59,12 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float, wha
     raise TimeoutError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s; see {log}")
 
 
-def _toml_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
-
-
 @dataclass
 class LocalFlowerDeployment:
-    """A SuperLink and one SuperNode per client id, on 127.0.0.1, insecure, in ``workdir``."""
+    """A SuperLink and one SuperNode per client id, on 127.0.0.1, in ``workdir``.
+
+    ``client_files``: cid -> that client's file (node config ``fedkt-client-spec``); ``tls`` and
+    ``node_auth`` as in the module docstring."""
 
     workdir: Path
     client_ids: list[str]
@@ -75,48 +73,68 @@ class LocalFlowerDeployment:
     """SuperExec task polling (Flower's default is 1 s): how soon a ClientApp/ServerApp process starts."""
     port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    tls: bool = False
+    node_auth: bool = False
+    client_files: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.workdir = Path(self.workdir)
+        self.workdir = Path(self.workdir).resolve()
         self.home = self.workdir / "flwr-home"
+        self.certs = self.workdir / "certs" if self.tls else None
 
     def _env(self) -> dict[str, str]:
-        return flower_subprocess_env(
-            FLWR_HOME=str(self.home),
-            PATH=f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(self.superexec_poll_interval),
-            PYTHONUNBUFFERED="1",
-        )
+        return flower_cli.flower_env(self.home, self.bin_dir,
+                                     FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(self.superexec_poll_interval))
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = self.workdir / f"{name}.log"
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:
             proc = subprocess.Popen([str(self.bin_dir / argv[0]), *argv[1:]], stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._env(),
                                     cwd=self.workdir, start_new_session=True)
         self.procs[name] = proc
         return proc
 
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def node_key(self, cid: str) -> Path:
+        return self.workdir / "keys" / cid
+
     def start(self, timeout: float = 60.0) -> "LocalFlowerDeployment":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         try:
             self.port = self.port or free_port()
-            (self.home / "config.toml").write_text(
-                f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                f'address = "{HOST}:{self.port}"\ninsecure = true\n')
-            link = self._spawn("superlink", ["flower-superlink", "--insecure", "--host", HOST,
-                                             "--port", str(self.port)])
+            if self.certs is not None and not (self.certs / "ca.pem").is_file():
+                flower_cli.make_certs(self.certs)
+            ca = None if self.certs is None else self.certs / "ca.pem"
+            flower_cli.write_connection(self.home, self.address, ca, name=CONNECTION)
+            link = self._spawn("superlink", flower_cli.superlink_argv(HOST, self.port, self.certs, self.node_auth))
             _wait_port(HOST, self.port, link, timeout, "flower-superlink", self.workdir / "superlink.log")
             for cid in self.client_ids:
-                self._spawn(f"supernode-{cid}", [
-                    "flower-supernode", "--insecure", "--superlink", f"{HOST}:{self.port}",
-                    "--host", HOST, "--port", str(free_port()),
-                    "--node-config", f"fedkt-client-id={json.dumps(cid)}"])
+                if self.node_auth:
+                    _, pub = flower_cli.make_node_key(self.node_key(cid))
+                    flower_cli.register_node(pub, self.home, CONNECTION, self.bin_dir)
+                self.start_node(cid)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_node(self, cid: str, auth_key: Path | None = None) -> subprocess.Popen:
+        """(Re)start client ``cid``'s SuperNode (``auth_key``: another private key than its own)."""
+        ca = None if self.certs is None else self.certs / "ca.pem"
+        key = auth_key if auth_key is not None else (self.node_key(cid) if self.node_auth else None)
+        return self._spawn(f"supernode-{cid}", flower_cli.supernode_argv(
+            self.address, cid, self.client_files.get(cid), ca, key, port=free_port(), host=HOST))
+
+    def kill_node(self, cid: str) -> None:
+        """SIGKILL client ``cid``'s SuperNode and everything it started (a machine that vanished)."""
+        p = self.procs[f"supernode-{cid}"]
+        _signal_group(p, signal.SIGKILL)
+        p.wait(timeout=10)
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment's SuperLink."""
@@ -125,38 +143,26 @@ class LocalFlowerDeployment:
 
     def run_app(self, app_dir: str | Path, run_config: dict[str, Any] | None = None) -> int:
         """Submit the Flower app in ``app_dir`` (``flwr run``); returns the run id."""
-        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
-        for k, v in (run_config or {}).items():
-            args += ["--run-config", f"{k}={_toml_value(v)}"]
-        res = self.flwr(*args)
-        try:
-            out = json.loads(res.stdout[res.stdout.index("{"):])
-        except ValueError:
-            out = {}
-        if res.returncode != 0 or not out.get("success"):
-            raise RuntimeError(f"flwr run failed (exit {res.returncode}): {res.stdout}{res.stderr}")
-        return int(out["run-id"])
+        return flower_cli.submit(app_dir, self.home, run_config, CONNECTION, self.bin_dir)
+
+    def _check_alive(self) -> None:
+        for name, p in self.procs.items():
+            if name == "superlink" and p.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {p.returncode}; see {self.workdir}/{name}.log")
+
+    def run_log(self, run_id: int) -> str:
+        return flower_cli.run_log(run_id, self.home, CONNECTION, self.bin_dir)
 
     def run_status(self, run_id: int) -> str:
-        res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        try:
-            runs = json.loads(res.stdout[res.stdout.index("{"):])["runs"]
-            return runs[0]["status"]
-        except (ValueError, KeyError, IndexError) as e:
-            raise RuntimeError(f"flwr ls failed (exit {res.returncode}): {res.stdout}{res.stderr}") from e
+        return flower_cli.run_status(run_id, self.home, CONNECTION, self.bin_dir)
 
     def wait_run(self, run_id: int, timeout: float = 300.0, poll: float = 1.0) -> str:
         """Wait until the run finishes; returns its status (e.g. ``finished:completed``)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {p.returncode}; see {self.workdir}/{name}.log")
-            status = self.run_status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(poll)
-        raise TimeoutError(f"run {run_id} did not finish within {timeout:.0f} s; logs in {self.workdir}")
+        try:
+            return flower_cli.wait_run(run_id, self.home, timeout, poll, CONNECTION, self.bin_dir,
+                                       check=self._check_alive)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; logs in {self.workdir}") from e
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every process group we started: SIGTERM, then SIGKILL after ``grace`` seconds."""

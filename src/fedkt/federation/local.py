@@ -16,9 +16,10 @@ from fedkt.federation.base import Delivery, Federation, Message
 
 
 class LocalFederation(Federation):
-    def __init__(self, contexts: Iterable[ClientContext], handlers: dict[str, Handler], on_failure: str = "stop"):
+    def __init__(self, contexts: Iterable[ClientContext], handlers: dict[str, Handler], on_failure: str = "stop",
+                 min_clients: int = 1):
         contexts = list(contexts)
-        super().__init__([c.cid for c in contexts], handlers, on_failure)
+        super().__init__([c.cid for c in contexts], handlers, on_failure, min_clients)
         self._contexts = {c.cid: c for c in contexts}
         self._handlers = dict(handlers)
 

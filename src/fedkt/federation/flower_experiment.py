@@ -1,0 +1,164 @@
+"""A fedkt experiment as a Flower app: the ServerApp runs ``fedkt run``'s methods over real SuperNodes.
+
+``fedkt flower run experiment.toml --out DIR`` submits the app written by :func:`write_app` (two small
+files: ``pyproject.toml`` and ``fedkt_flower_app.py``, which only imports :data:`server_app` and
+:data:`client_app` from here) with run config ``experiment`` (the resolved experiment TOML text: every
+node gets the same LoRA/training/evaluation settings and seed from the server), ``out`` (the run
+directory on the server machine) and ``resume``.
+
+* **Server** (:func:`server_main`): :func:`fedkt.runs.run_experiment` with a :class:`ServerContext`
+  whose federation is a :class:`FlowerFederation` over the Grid: the same round driver, checkpoints,
+  results and report as in process. With ``resume`` it continues each method from its last completed
+  round checkpoint in ``out`` (the nodes' client state comes back from their workdirs). The server's
+  auxiliary set and evaluation sets are drawn from the public task data exactly as in process.
+* **Clients** (:data:`client_app`): one ClientApp serves every registered method; handler ``h`` of
+  method ``m`` answers message type ``query.m__h`` (two methods may both have a ``fit``), and the
+  server's federation for ``m`` uses ``action_prefix = "m__"``. A node's private side comes from its
+  client file (node config ``fedkt-client-spec``, see :func:`load_client_file`): its id, its data
+  files, optionally its own model path, its workdir and secret seed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler
+from fedkt.config import ConfigError, ExperimentConfig, from_dict, validate
+from fedkt.federation import flower  # sets FLOWER_ENV before flwr is imported
+from fedkt.federation.flower import SPEC_KEY, FlowerFederation, make_client_app
+from fedkt.federation.flower_cli import load_client_file
+
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+SEP = "__"
+
+
+def experiment_from_text(text: str) -> ExperimentConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"run config 'experiment' is not valid TOML: {e}") from e
+    return validate(from_dict(ExperimentConfig, data))
+
+
+def experiment_handlers() -> dict[str, Handler]:
+    from fedkt import registry
+
+    return {f"{name}{SEP}{h}": fn for name, spec in registry.methods().items()
+            for h, fn in (spec.handlers or {}).items()}
+
+
+class ExperimentContextFactory:
+    """Builds the client from its client file (private side) and the run's experiment (shared settings),
+    once per process, method and experiment."""
+
+    def __init__(self) -> None:
+        self._factory = ClientFactory(share_base=False)
+        self._built: dict[tuple, ClientContext] = {}
+
+    def __call__(self, cid: str, context: Context, scope: str = "") -> ClientContext:
+        raw = context.node_config.get(SPEC_KEY)
+        text = str(context.run_config.get("experiment", ""))
+        key = (raw, text, scope)
+        if key in self._built:
+            return self._built[key]
+        if raw is None or not text:
+            return ClientContext(cid)
+        client = load_client_file(str(raw))
+        if client["cid"] != cid:
+            raise ValueError(f"node serves client {cid!r} but its client file is for {client['cid']!r}")
+        cfg = experiment_from_text(text)
+        spec = ClientSpec(cid=cid, model=client.get("model", cfg.model.slm), dtype=cfg.model.dtype, lora=cfg.lora,
+                          train=cfg.train, eval=cfg.eval, seed=cfg.seed, data_files=client["data_files"],
+                          data_task=client.get("data_task", cfg.data.tasks[0] if cfg.data.tasks else "custom"),
+                          workdir=Path(client["workdir"]) / scope if scope else Path(client["workdir"]),
+                          secret_seed=client.get("secret_seed"))
+        if scope == "standalone":
+            from fedkt.simulation import load_eval_sets
+
+            spec.eval_sets = load_eval_sets(cfg)
+        ctx = self._built[key] = self._factory.build(spec)
+        return ctx
+
+
+client_app = make_client_app(experiment_handlers(), ExperimentContextFactory())
+
+
+# ---------------------------------------------------------------------------------------------- server
+def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid):
+    """The server side of a deployed run: its own public data, a FlowerFederation per method."""
+    from fedkt.data.partition import split_aux, subsample
+    from fedkt.data.tasks import load_task
+    from fedkt.seeds import derive_seed
+    from fedkt.server import ServerContext
+    from fedkt.simulation import load_eval_sets
+
+    d, f = cfg.data, cfg.federation
+    aux = []
+    if cfg.partition.aux_size:  # drawn as in process (split_aux of the same pooled public rows)
+        pooled = [e for t in d.tasks for e in subsample(load_task(t, d.train_split, d.dir, d.on_bad_line),
+                                                         d.max_train_examples, derive_seed(cfg.seed, "train", t))]
+        aux = split_aux(pooled, cfg.partition.aux_size, derive_seed(cfg.seed, "aux"))[1]
+    eval_sets = load_eval_sets(cfg)
+
+    def open_federation(spec):
+        return FlowerFederation(grid, None, on_failure=f.on_client_failure, timeout=f.timeout_s or None,
+                                max_bytes=int(f.max_payload_mb * 2**20), min_clients=f.min_clients,
+                                action_prefix=f"{spec.name}{SEP}", num_clients=cfg.partition.num_clients)
+
+    server = ServerContext(cfg=cfg, out=out, open_federation=open_federation, aux=aux, eval_sets=eval_sets)
+    summary = {"clients": "deployment", "aux": len(aux), "eval": {t: len(e) for t, e in eval_sets.items()}}
+    return server, summary
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    from fedkt.runs import run_experiment
+
+    rc = context.run_config
+    cfg = experiment_from_text(str(rc["experiment"]))
+    out = Path(str(rc["out"]))
+    run_experiment(cfg, out, resume=bool(rc.get("resume", False)),
+                   make_server=lambda c, o: deployment_server(c, o, grid))
+
+
+# ------------------------------------------------------------------------------------------- the app
+PYPROJECT = '''[project]
+name = "fedkt-experiment"
+version = "1.0.0"
+description = "fedkt experiment on Flower (generated by fedkt flower run)"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedkt"
+
+[tool.flwr.app.components]
+serverapp = "fedkt_flower_app:server_app"
+clientapp = "fedkt_flower_app:client_app"
+
+[tool.flwr.app.config]
+experiment = ""
+out = ""
+resume = false
+'''
+
+MODULE = '''"""Generated by `fedkt flower run`: the fedkt experiment app (fedkt must be installed on every node)."""
+from fedkt.federation.flower_experiment import client_app, server_app  # noqa: F401
+'''
+
+
+def write_app(directory: str | Path) -> Path:
+    """Write the two-file Flower app that runs fedkt experiments into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "pyproject.toml").write_text(PYPROJECT)
+    (d / "fedkt_flower_app.py").write_text(MODULE)
+    return d
+
+
+__all__ = ["client_app", "server_app", "write_app", "load_client_file", "flower"]

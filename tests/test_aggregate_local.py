@@ -1,0 +1,73 @@
+"""Federation.aggregate in process: the plain weighted mean (what FedAvg uses with
+federation.secure_aggregation on LocalFederation), the min_clients quorum, weight checks. No flwr needed;
+tests/test_flower_secagg.py runs the same handler through SecAgg+."""
+
+import pytest
+import torch
+
+from fedkt.algorithms.fedavg import aggregate as fedavg_aggregate
+from fedkt.algorithms.fedavg import fit_round
+from fedkt.clients import ClientContext
+from fedkt.federation import AllClientsFailed, Message
+from fedkt.federation.local import LocalFederation
+
+
+def _update(ctx, msg):
+    """A distinctive update per client: seeded noise around the received tensor, weight 10·(i+1)."""
+    i = int(ctx.cid[1:])
+    if ctx.cid in msg.meta.get("fail", []):
+        raise RuntimeError(f"{ctx.cid} lost its GPU")
+    g = torch.Generator().manual_seed(100 + i)
+    return Message(tensors={"lora_A": msg.tensors["x"] + torch.randn(4, 6, generator=g) * 0.3,
+                            "lora_B": torch.randn(6, 2, generator=g) * 0.1 - 0.05 * i},
+                   meta={"num_examples": 10 * (i + 1), "loss": 1.0 + i})
+
+
+HANDLERS = {"fit": _update}
+X = torch.arange(24, dtype=torch.float32).reshape(4, 6) / 24
+
+
+def _payloads(clients, **meta):
+    return {c: Message(tensors={"x": X}, meta=dict(meta)) for c in clients}
+
+
+def _local(n=3, **kw):
+    return LocalFederation([ClientContext(f"c{i}") for i in range(n)], HANDLERS, **kw)
+
+
+def test_local_aggregate_is_the_plain_weighted_mean_bit_for_bit():
+    fed = _local()
+    agg = fed.aggregate("fit", _payloads(fed.clients), round=1)
+    replies = _local().call("fit", _payloads(fed.clients), round=1)
+    expect = fedavg_aggregate([r.tensors for r in replies.values()], [10, 20, 30])
+    assert agg.clients == ["c0", "c1", "c2"] and agg.weights == {"c0": 10.0, "c1": 20.0, "c2": 30.0}
+    assert agg.meta["c2"] == {"num_examples": 30, "loss": 3.0}
+    for k in expect:
+        assert torch.equal(agg.tensors[k], expect[k])
+    # hand-checked on one coordinate: Σ wᵢ xᵢ / Σ wᵢ
+    hand = sum(w * replies[c].tensors["lora_B"][0, 0].double() for c, w in zip(fed.clients, [10, 20, 30])) / 60
+    assert agg.tensors["lora_B"][0, 0].item() == pytest.approx(hand.item(), abs=1e-7)
+
+
+def test_local_aggregate_quorum_and_bad_weights():
+    fed = _local(4, on_failure="skip", min_clients=4)
+    with pytest.raises(AllClientsFailed, match=r"only 3 of 4 clients replied in 'fit' \(round 2\); "
+                                               r"federation.min_clients = 4"):
+        fed.aggregate("fit", _payloads(fed.clients, fail=["c1"]), round=2)
+    fed = LocalFederation([ClientContext("c0")], {"fit": lambda c, m: Message(tensors={"a": X}, meta={})})
+    with pytest.raises(ValueError, match=r"client c0 replied meta\['num_examples'\] = None"):
+        fed.aggregate("fit", _payloads(["c0"]))
+
+
+def test_fit_round_secure_equals_plain_in_process():
+    """FedAvg with federation.secure_aggregation on LocalFederation: the same adapter, bit for bit."""
+    def fit(ctx, msg):
+        r = _update(ctx, Message(tensors={"x": msg.tensors["lora_A"]}))
+        return Message(tensors=r.tensors, meta={**r.meta, "steps": 1})
+
+    state = {"lora_A": X.clone(), "lora_B": torch.zeros(6, 2)}
+    fed = LocalFederation([ClientContext(f"c{i}") for i in range(3)], {"fit": fit})
+    plain = fit_round(fed, state, 1, 1.0)
+    secure = fit_round(fed, state, 1, 1.0, secure=True)
+    for k in plain:
+        assert torch.equal(plain[k], secure[k])

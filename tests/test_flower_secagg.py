@@ -1,0 +1,150 @@
+"""Secure aggregation (Federation.aggregate): SecAgg+ on Flower's in-process engine vs the plain weighted mean,
+what the server can see, dropouts up to the threshold, the min_clients quorum, oversized payloads (the
+in-process plain mean: tests/test_aggregate_local.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedkt.federation import AllClientsFailed, Message, weighted_mean
+from test_aggregate_local import HANDLERS, X, _local, _payloads  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------------ Flower
+flwr = pytest.importorskip("flwr")
+
+from fedkt.federation.flower import FlowerFederation  # noqa: E402
+from fedkt.federation.flower_secagg import SecAggSettings, error_bound  # noqa: E402
+
+
+class _SpyGrid:
+    """Records every reply the server pulls."""
+
+    def __init__(self, grid):
+        self._grid, self.replies = grid, []
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def pull_messages(self, ids):
+        out = list(self._grid.pull_messages(ids))
+        self.replies += out
+        return out
+
+
+def _blobs(reply):
+    """Every array and every bytes value in a reply's content (what the server holds of it)."""
+    arrays, raw = [], []
+    if reply.has_error():
+        return arrays, raw
+    for rec in reply.content.array_records.values():
+        for a in rec.values():
+            arrays.append(a.numpy())
+            raw.append(a.data)
+    for rec in reply.content.config_records.values():
+        for v in rec.values():
+            for b in (v if isinstance(v, list) else [v]):
+                if isinstance(b, bytes):
+                    raw.append(b)
+    return arrays, raw
+
+
+def _leaks(spy, updates):
+    """Does any pulled reply hold a client's update (its bytes, or an array numerically close to it)?"""
+    for reply in spy.replies:
+        arrays, raw = _blobs(reply)
+        for u in updates:
+            for t in u.values():
+                for dt in (np.float32, np.float64):
+                    needle = t.numpy().astype(dt).tobytes()[:64]
+                    if any(needle in b for b in raw):
+                        return True
+                if any(a.shape == tuple(t.shape) and np.allclose(a.astype(np.float64), t.double().numpy(), atol=1e-3)
+                       for a in arrays):
+                    return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def flower_fed():
+    fed = FlowerFederation.in_process([f"c{i}" for i in range(4)], HANDLERS, on_failure="skip",
+                                      secagg=SecAggSettings(reconstruction_threshold=2, num_shares=1.0))
+    yield fed
+    fed.close()
+
+
+def _expected(clients, fail=()):
+    fed = _local(4)
+    replies = {c: r for c, r in fed.call("fit", _payloads(clients)).items() if c not in fail}
+    return replies, weighted_mean([r.tensors for r in replies.values()], [r.meta["num_examples"] for r in replies.values()])
+
+
+def test_secagg_mean_within_quantisation_error_and_server_sees_only_the_aggregate(flower_fed):
+    fed = flower_fed
+    clients = ["c0", "c1", "c2"]
+    replies, expect = _expected(clients)
+    spy = fed.grid = _SpyGrid(fed.grid)
+    try:
+        agg = fed.aggregate("fit", _payloads(clients), round=1)
+        secure_spy, spy.replies = spy.replies, []
+        plain = fed.call("fit", _payloads(clients), round=1)
+    finally:
+        fed.grid = spy._grid
+    bound = error_bound([10, 20, 30], fed.secagg)
+    assert 1e-6 < bound < 1e-3
+    assert agg.clients == clients and agg.weights == {"c0": 10.0, "c1": 20.0, "c2": 30.0}
+    assert agg.meta["c1"] == {"num_examples": 20, "loss": 2.0}
+    for k, v in expect.items():
+        err = (agg.tensors[k].double() - v.double()).abs().max().item()
+        assert agg.tensors[k].dtype == v.dtype and err <= bound, (k, err, bound)
+    # the detector finds the updates in plain replies, and nothing of them in the SecAgg+ replies
+    updates = [r.tensors for r in replies.values()]
+    assert _leaks(spy, updates)
+    spy.replies = secure_spy
+    assert len(secure_spy) == 4 * 3  # four stages, three clients
+    assert not _leaks(spy, updates)
+    assert torch.equal(plain["c0"].tensors["lora_A"], replies["c0"].tensors["lora_A"])
+    # bytes: the four stages' Flower bytes per client, down and up
+    entries = [e for e in fed.ledger.entries if e.round == 1 and e.method == "fit"]
+    assert {(e.client, e.direction) for e in entries[:6]} == {(c, d) for c in clients for d in ("down", "up")}
+    assert all(e.bytes > 1000 for e in entries[:6])  # keys, shares, masked vectors: more than a plain reply
+    assert all(e.bytes < 1000 for e in entries[6:])
+
+
+def test_secagg_tolerates_a_dropout_up_to_the_threshold_then_halts(flower_fed):
+    fed = flower_fed
+    clients = ["c0", "c1", "c2", "c3"]
+    before = len(fed.failures)
+    agg = fed.aggregate("fit", _payloads(clients, fail=["c2"]), round=2)
+    _, expect = _expected(clients, fail=("c2",))
+    assert agg.clients == ["c0", "c1", "c3"]
+    bound = error_bound([10, 20, 40], fed.secagg)
+    for k, v in expect.items():
+        assert (agg.tensors[k] - v).abs().max().item() <= bound
+    assert fed.failures[before:] == [{"round": 2, "method": "fit", "client": "c2",
+                                      "error": "RuntimeError('c2 lost its GPU')"}]
+    # three of four gone: every client keeps 1 live neighbour < threshold 2 -> the protocol halts
+    with pytest.raises(AllClientsFailed, match="SecAgg\\+ halted in round 3 for 'fit'"):
+        fed.aggregate("fit", _payloads(clients, fail=["c0", "c1", "c2"]), round=3)
+    # and the federation still works afterwards (clients restart from the setup stage)
+    agg = fed.aggregate("fit", _payloads(["c0", "c1"]), round=4)
+    assert agg.clients == ["c0", "c1"]
+
+
+def test_secagg_min_clients_and_oversized_reply_rejected(flower_fed):
+    fed = flower_fed
+    fed.min_clients = 4
+    try:
+        with pytest.raises(AllClientsFailed, match=r"only 3 of 4 clients replied in 'fit' \(round 5\)"):
+            fed.aggregate("fit", _payloads(fed.clients, fail=["c3"]), round=5)
+    finally:
+        fed.min_clients = 1
+    # a reply above the server's payload limit is a failure of that client, refused before decoding
+    fed.max_bytes = 200
+    try:
+        with pytest.raises(AllClientsFailed, match=r"every client failed in 'fit' \(round 6\): .*exceeds the "
+                                                   r"limit of 0.0 MiB"):
+            fed.call("fit", _payloads(["c0"]), round=6)
+    finally:
+        fed.max_bytes = 2**31 - 2**20
+    assert fed.call("fit", _payloads(["c0"]), round=7)["c0"].meta["num_examples"] == 10  # server survived
