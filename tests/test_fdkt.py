@@ -222,7 +222,8 @@ def test_dp_training_text_and_sampling_plan():
 # ---------------------------------------------------------------------------------------------- end to end
 def fdkt_config(tmp_path, model_dirs, data_dir, methods=("fdkt",), **extra):
     base = {"fdkt.samples_per_client": 6, "fdkt.sample_tokens": 24, "fdkt.dp_batch_size": 8, "fdkt.dp_epochs": 1.0,
-            "fdkt.augment_tokens": 24, "federation.rounds": 1, "partition.num_clients": 2}
+            "fdkt.augment_tokens": 24, "federation.rounds": 1, "partition.num_clients": 2,
+            "train.max_steps": 2}
     base.update(extra)
     if "fedcollm" not in methods:  # tiny_config adds model.llm for fedcollm itself
         base["llm"] = True
@@ -276,7 +277,7 @@ def test_canary_scan_sees_a_memorising_model(tmp_path, model_dirs, data_dir, rec
                                                          "fdkt.augment_per_kept": 0})
     res = run_experiment(cfg, tmp_path / "r")["methods"]["fdkt"]
     assert res["fdkt"]["stages"]["parsed"] == 12 and res["fdkt"]["stages"]["final"] == 6  # same 6 from both
-    assert len(scan([m for method, _, m in recorded if method == "synthesize"])) >= 12
+    assert len(scan([r for r in recorded if r[0] == "synthesize"])) >= 12
 
 
 GOOD = " Which {w} is a gas?\nA. rock\nB. {w}\nC. iron\nD. wood\nAnswer: B"

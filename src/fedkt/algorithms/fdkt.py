@@ -247,12 +247,15 @@ class Synthesis:
     """{"privacy": {client: ε, δ, σ, ...}, "stages": counts, "samples": a few per stage, "timings": s}."""
 
     def to_dict(self) -> dict:
-        return {"examples": [{"task": e.task, "text": render_mc(e)} for e in self.examples], "record": self.record}
+        return {"examples": [{"task": e.task, "id": e.id, "text": render_mc(e)} for e in self.examples],
+                "record": self.record}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Synthesis":
-        rows = d["examples"]
-        return cls(read_synthetic([r["text"] for r in rows], [r["task"] for r in rows]), d["record"])
+        exs = [parse_mc(r["text"], task=r["task"], id=r["id"]) for r in d["examples"]]
+        if any(e is None for e in exs):
+            raise ValueError("the saved synthetic set holds an invalid example; delete the file to synthesize again")
+        return cls(exs, d["record"])
 
 
 def client_epsilons(cfg: FDKTConfig, clients: list[str]) -> dict[str, float]:
