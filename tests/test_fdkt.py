@@ -369,3 +369,21 @@ def test_synthetic_aux_for_fedcollm(tmp_path, model_dirs, data_dir, monkeypatch)
     assert len(aux) == 3 and all(e.task == "arc_easy" and e.is_mc for e in aux)
     with server.federation(spec) as fed:  # cached: no client is asked again
         assert fdkt.synthetic_aux(server, fed, cache=cache) == aux and fed.ledger.entries == []
+
+
+from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
+
+
+def test_llm_behind_an_openai_compatible_server(tmp_path, model_dirs, data_dir, monkeypatch, stub):
+    """Filter prompts go to the server; its answers ("ans(...) END tail") are malformed: nothing is kept,
+    every prompt is counted as malformed, and the samples are embedded with the server's SLM copy."""
+    scripted_clients(monkeypatch)
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, **{"model.llm": f'"openai:{stub.base}#stub-model"',
+                                                         "fdkt.epsilon": "inf", "fdkt.cluster_size": 3})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fdkt"]
+    f = res["fdkt"]["stages"]["filter"]
+    sent = [p for r in stub.requests if r["body"] for p in
+            (r["body"]["prompt"] if isinstance(r["body"]["prompt"], list) else [r["body"]["prompt"]])]
+    assert len(sent) == f["prompts"] == f["malformed"] == 3 and all("eligible" in p for p in sent)
+    assert res["fdkt"]["stages"]["kept"] == res["fdkt"]["stages"]["final"] == 0
+    assert f["malformed_samples"][0].startswith("ans(") and res["slm"]["arc_easy"]["n"] == 12
