@@ -39,6 +39,8 @@ class MethodSpec:
     needs_llm: bool = False
     rank: int = 50
     """Position in report tables: baselines first, federated methods, then centralized."""
+    report: Callable[[dict], str] | None = None
+    """Optional report section of the method, rendered from its results.json entry ("" for none)."""
 
     def __post_init__(self):
         if (self.run is None) == (self.algorithm is None):

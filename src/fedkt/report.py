@@ -191,6 +191,11 @@ def render(results: RunResults | dict[str, Any], out: Path | None = None) -> str
     privacy = privacy_tables(results)
     if privacy:
         parts += [privacy, ""]
+    for m, r in _ordered(results):  # sections a method renders itself (MethodSpec.report)
+        spec = registry.methods().get(m)
+        section = spec.report(r) if spec is not None and spec.report is not None else ""
+        if section:
+            parts += [section, ""]
     timing = [(m, r["wall_s"], r.get("timings")) for m, r in _ordered(results) if "wall_s" in r]
     if timing:
         parts += ["## Wall time", "", "| Method | Total (s) | Breakdown (s) |", "|---|---|---|"]

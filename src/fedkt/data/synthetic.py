@@ -287,8 +287,15 @@ def parse_indices(text: str, n: int, base: int = 1) -> set[int]:
     "eligible", ...), "none"/"no" (the empty set) and "all" (every candidate); any other word, a
     decimal, or a number outside ``[base, base + n)`` makes the reading malformed.
     """
+    got = read_indices(text, n, base)
+    return set() if got is None else got
+
+
+def read_indices(text: str, n: int, base: int = 1) -> set[int] | None:
+    """Like :func:`parse_indices`, but tells a malformed answer (None) from an explicit "None" (the empty
+    set), so a caller can count the malformed ones."""
     if not isinstance(text, str) or n <= 0 or len(text) > MAX_TEXT_CHARS:
-        return set()
+        return None
     got = _read_indices(text, n, base)
     if got is not None:
         return got
@@ -296,7 +303,7 @@ def parse_indices(text: str, n: int, base: int = 1) -> set[int]:
         got = _read_indices(line, n, base)
         if got is not None:
             return got
-    return set()
+    return None
 
 
 def _read_indices(text: str, n: int, base: int) -> set[int] | None:

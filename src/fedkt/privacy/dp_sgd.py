@@ -48,6 +48,7 @@ Use it for a deployment, not for experiments.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import warnings
@@ -174,8 +175,10 @@ def planned_steps(n: int, cfg: DPConfig) -> int:
     return max(1, math.ceil(round(cfg.epochs * n / min(n, cfg.batch_size), 9)))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
-    """Smallest σ (to Opacus's bisection tolerance 0.01 in ε) with ε(σ, q, steps, δ) ≤ target."""
+    """Smallest σ (to Opacus's bisection tolerance 0.01 in ε) with ε(σ, q, steps, δ) ≤ target. A pure
+    function of its arguments, cached (the bisection takes seconds; clients of one size share it)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     try:

@@ -1,0 +1,189 @@
+"""FDKT's server steps on the clients' DP synthetic samples: LLM filter per cluster, few-shot augmentation.
+
+Both steps talk to the server LLM through a :class:`~fedkt.backends.TextGenerator` (a local model with
+batched KV-cache generation, or an OpenAI-compatible server), and both treat what the LLM writes as
+untrusted input:
+
+* **Filter** (:func:`filter_clusters`). Each cluster of similar samples (k-means on embeddings, see
+  :mod:`fedkt.clustering`) is shown to the LLM as a numbered list, at most ``batch`` samples per prompt
+  (larger clusters are split in order). The LLM answers with the numbers of the eligible samples; the
+  answer is read by :func:`fedkt.data.synthetic.read_indices`. An answer that cannot be read with
+  certainty keeps *nothing* from that prompt and is counted as malformed; "None" keeps nothing and is
+  counted as such. Greedy decoding: the judgement is deterministic.
+* **Augment** (:func:`augment`). For each task, ``ceil(per_kept × kept)`` prompts, each showing
+  ``shots`` kept samples of that task drawn with a seeded RNG, ask the LLM for one new question in the
+  same format (the prompt ends with ``Question:``, so the answer starts in the template). Each output is
+  validated by :func:`validate_generated`: it must parse as exactly one valid multiple-choice example
+  (``parse_mc``: answer among the choices, 3–5 distinct non-empty choices, no leaked markers), must not
+  copy a few-shot example shown in its own prompt (same question, up to case and whitespace), and must
+  not duplicate a kept sample or an earlier augmented one. Every rejection is counted by reason.
+
+Nothing here sees private data: the inputs are DP synthetic samples (post-processing of the clients'
+DP-trained adapters), so the outputs carry the clients' (ε, δ).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from fedkt.data.synthetic import ParseStats, normalize, parse_mc, read_indices, render_mc
+from fedkt.data.tasks import Example
+from fedkt.seeds import derive_seed
+
+TOPICS = {"arc_easy": "grade-school science", "arc_challenge": "grade-school science (hard)",
+          "openbookqa": "elementary science", "commonsense_qa": "commonsense reasoning"}
+
+FILTER_SYSTEM = ("You are a strict exam editor. You check candidate multiple-choice questions and keep only "
+                 "the good ones.")
+AUGMENT_SYSTEM = "You are an exam writer. You write new multiple-choice questions in a fixed format."
+FILTER_STOP = ["\n\n", "<|im_end|>", "<|endoftext|>"]
+AUGMENT_STOP = ["\n\n", "\nQuestion", "<|im_end|>", "<|endoftext|>"]
+
+
+def topic(task: str) -> str:
+    """The readable topic a task's questions are about (the task name for tasks without one)."""
+    return TOPICS.get(task, task.replace("_", " "))
+
+
+def question_key(ex: Example) -> str:
+    """What makes two synthetic questions the same: the question text up to case and whitespace."""
+    return normalize(ex.question).casefold()
+
+
+# ---------------------------------------------------------------------------------------------- filter
+def filter_prompt(gen, examples: Sequence[Example]) -> str:
+    topics = ", ".join(dict.fromkeys(topic(e.task) for e in examples))
+    listing = "\n\n".join(f"Sample {i + 1}:\n{render_mc(e)}" for i, e in enumerate(examples))
+    user = (f"Below are {len(examples)} candidate questions for a {topics} test.\n\n{listing}\n\n"
+            f"A sample is eligible if its question is clear and on topic, exactly one of its choices is correct, "
+            f"and its Answer line names that choice. Reply with the numbers of the eligible samples separated by "
+            f"commas (for example: 1, 3), or None if no sample is eligible.")
+    return gen.chat_prompt(FILTER_SYSTEM, user)
+
+
+@dataclass
+class FilterStats:
+    candidates: int = 0
+    clusters: int = 0
+    prompts: int = 0
+    malformed: int = 0
+    """Answers that could not be read with certainty: nothing kept from those prompts."""
+    answered_none: int = 0
+    kept: int = 0
+    malformed_samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def filter_clusters(gen, examples: Sequence[Example], clusters: Sequence[Sequence[int]], batch: int = 8,
+                    max_new_tokens: int = 48, n_samples: int = 3) -> tuple[list[int], FilterStats]:
+    """Indices (into ``examples``, ascending) the LLM keeps; one prompt per cluster chunk of ≤ ``batch``."""
+    if batch < 1:
+        raise ValueError(f"filter batch must be >= 1, got {batch}")
+    chunks = [list(c[i:i + batch]) for c in clusters for i in range(0, len(c), batch)]
+    stats = FilterStats(candidates=len(examples), clusters=len(clusters), prompts=len(chunks))
+    if not chunks:
+        return [], stats
+    outs = gen.generate([filter_prompt(gen, [examples[i] for i in ch]) for ch in chunks],
+                        max_new_tokens=max_new_tokens, stop=FILTER_STOP, temperature=0.0)
+    kept: list[int] = []
+    for ch, out in zip(chunks, outs):
+        sel = read_indices(out, len(ch))
+        if sel is None:
+            stats.malformed += 1
+            if len(stats.malformed_samples) < n_samples:
+                stats.malformed_samples.append(out[:300])
+            continue
+        if not sel:
+            stats.answered_none += 1
+        kept += [ch[j] for j in sel]
+    kept.sort()
+    stats.kept = len(kept)
+    return kept, stats
+
+
+# ---------------------------------------------------------------------------------------------- augment
+def augment_prompt(gen, shots: Sequence[Example]) -> str:
+    demo = "\n\n".join(render_mc(e) for e in shots)
+    n_choices = max(len(e.choices) for e in shots)
+    last = chr(ord("A") + n_choices - 1)
+    user = (f"Here are example questions from a {topic(shots[0].task)} test:\n\n{demo}\n\n"
+            f"Write one new question on the same topic, different from the examples, in exactly the same format: "
+            f"a line 'Question: ...', {n_choices} choices labelled A to {last}, and a line 'Answer: ' with the "
+            f"letter of the correct choice.")
+    return gen.chat_prompt(AUGMENT_SYSTEM, user) + "Question:"
+
+
+def validate_generated(text: str, task: str, shots: Sequence[Example], seen: set[str], stats: ParseStats,
+                       id: str = "") -> Example | None:
+    """One augmented output (the text after the prompt's ``Question:``) as a valid new example, or None
+    with the reason counted: parse failures by ``parse_mc``'s reasons, ``copy_of_shot``, ``duplicate``.
+    A valid example's key is added to ``seen``."""
+    if not isinstance(text, str):
+        stats.add("not_text")
+        return None
+    body = text if text.lstrip().lower().startswith("question") else "Question:" + text
+    one = ParseStats()
+    ex = parse_mc(body, task=task, id=id, stats=one)
+    if ex is None:
+        stats.merge(one)
+        return None
+    key = question_key(ex)
+    if key in {question_key(s) for s in shots}:
+        stats.add("copy_of_shot")
+        return None
+    if key in seen:
+        stats.add("duplicate")
+        return None
+    seen.add(key)
+    stats.add(None)
+    return ex
+
+
+@dataclass
+class AugmentStats:
+    prompts: int = 0
+    tasks_without_shots: list[str] = field(default_factory=list)
+    validation: ParseStats = field(default_factory=ParseStats)
+    raw_samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"prompts": self.prompts, "tasks_without_shots": self.tasks_without_shots,
+                "valid": self.validation.accepted, "rejected": self.validation.to_dict()["rejected"],
+                "raw_samples": self.raw_samples}
+
+
+def augment(gen, kept: Sequence[Example], tasks: Sequence[str], per_kept: float, shots: int, seed: int,
+            max_new_tokens: int = 160, temperature: float = 0.7, n_samples: int = 3
+            ) -> tuple[list[Example], AugmentStats]:
+    """New examples written by the LLM from few-shot prompts of kept samples, validated and de-duplicated."""
+    stats = AugmentStats()
+    prompts: list[str] = []
+    plan: list[tuple[str, list[Example]]] = []
+    for task in tasks:
+        pool = [e for e in kept if e.task == task]
+        if not pool:
+            stats.tasks_without_shots.append(task)
+            continue
+        for j in range(math.ceil(per_kept * len(pool))):
+            rng = random.Random(derive_seed(seed, "fdkt-shots", task, j))
+            chosen = rng.sample(pool, min(shots, len(pool)))
+            plan.append((task, chosen))
+            prompts.append(augment_prompt(gen, chosen))
+    stats.prompts = len(prompts)
+    if not prompts:
+        return [], stats
+    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, stop=AUGMENT_STOP, temperature=temperature,
+                        seed=derive_seed(seed, "fdkt-augment"))
+    stats.raw_samples = [o[:400] for o in outs[:n_samples]]
+    seen = {question_key(e) for e in kept}
+    valid = []
+    for j, ((task, chosen), out) in enumerate(zip(plan, outs)):
+        ex = validate_generated(out, task, chosen, seen, stats.validation, id=f"aug-{j}")
+        if ex is not None:
+            valid.append(ex)
+    return valid, stats

@@ -1,0 +1,389 @@
+"""FDKT: k-means by hand, embeddings, the filter's and augmentation's defences against bad LLM output, the
+protocol end to end through the registry (ε = the accountant's, canaries never leave, resume), FedCoLLM's hook."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from fedkt.algorithms import fdkt
+from fedkt.clustering import kmeans, mean_pooled_embeddings
+from fedkt.config import ConfigError, load_config
+from fedkt.data.synthetic import ParseStats, make_mc, read_indices, render_mc
+from fedkt.fdkt_server import augment, filter_clusters, validate_generated
+from fedkt.models import load_model
+from fedkt.runs import run_experiment
+
+from test_fedcot import CANARY, canaries_held_by_clients, plant_canary, recorded, scan  # noqa: F401
+from test_runs import tiny_config
+
+
+# ---------------------------------------------------------------------------------------------- k-means
+def test_kmeans_two_blobs_by_hand():
+    x = torch.tensor([[0, 0], [10, 10], [0, 1], [10, 11], [1, 0], [11, 10]], dtype=torch.float64)
+    for seed in range(5):
+        km = kmeans(x, 2, seed=seed)
+        assert sorted(km.clusters()) == [[0, 2, 4], [1, 3, 5]]
+        centers = sorted(km.centers.tolist())
+        assert centers[0] == pytest.approx([1 / 3, 1 / 3], abs=1e-12)
+        assert centers[1] == pytest.approx([31 / 3, 31 / 3], abs=1e-12)
+        # each blob: |(0,0)-c|² + |(0,1)-c|² + |(1,0)-c|² = 2/9 + 5/9 + 5/9 = 4/3
+        assert km.inertia == pytest.approx(8 / 3, abs=1e-12)
+
+
+def test_kmeans_edge_cases_and_seeding():
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 6.0]], dtype=torch.float64)
+    one = kmeans(x, 1, seed=0)
+    assert one.assign.tolist() == [0, 0, 0] and one.centers.tolist() == [[2.0, 2.0]]
+    many = kmeans(x, 10, seed=0)  # k > n: one point per cluster
+    assert sorted(many.clusters()) == [[0], [1], [2]] and many.inertia == 0.0
+    same = torch.tensor([[1.0, 1.0]] * 4)
+    assert sorted(kmeans(same, 3, seed=1).clusters()) == [[0, 1, 2, 3]]  # duplicates: one non-empty cluster
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(60, 5, generator=g)
+    a, b = kmeans(pts, 6, seed=7), kmeans(pts, 6, seed=7)
+    assert torch.equal(a.assign, b.assign) and torch.equal(a.centers, b.centers)
+    # a Lloyd fixed point: every point sits with its nearest centre, every centre is its members' mean
+    assert torch.equal(torch.cdist(pts, a.centers).argmin(1), a.assign)
+    for c, members in enumerate([[i for i in range(60) if a.assign[i] == c] for c in range(6)]):
+        if members:
+            assert torch.allclose(a.centers[c], pts[members].mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="at least one point"):
+        kmeans(torch.empty(0, 3), 2, seed=0)
+
+
+def test_mean_pooled_embeddings_equal_one_at_a_time(model_dirs):
+    model, tok = load_model(str(model_dirs["llm"]))
+    texts = ["Question: Which planet is closest to the Sun?", "water", "oxygen nitrogen helium hydrogen rock sand"]
+    batched = mean_pooled_embeddings(model, tok, texts, batch_size=3, normalize=False)
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+            assert torch.allclose(batched[i], h, atol=1e-5)
+    unit = mean_pooled_embeddings(model, tok, texts, batch_size=2)
+    assert torch.allclose(unit.norm(dim=1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(unit, torch.nn.functional.normalize(batched, dim=1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- LLM stand-in
+class Scripted:
+    """A TextGenerator whose answers come from ``answer(prompt, i)``; records the prompts it saw."""
+
+    name = "scripted"
+
+    def __init__(self, answer):
+        self.answer, self.prompts, self.calls = answer, [], []
+
+    def chat_prompt(self, system, user, few_shot=()):
+        return f"<sys>{system}</sys><user>{user}</user><assistant>"
+
+    def generate(self, prompts, max_new_tokens=128, stop=(), temperature=0.0, seed=0):
+        self.calls.append({"n": len(prompts), "temperature": temperature, "seed": seed})
+        out = []
+        for p in prompts:
+            self.prompts.append(p)
+            out.append(self.answer(p, len(self.prompts) - 1))
+        return out
+
+
+def mc(q, choices=("oxygen", "carbon dioxide", "helium", "water"), answer=1, task="arc_easy", id=""):
+    return make_mc(q, choices, answer, task=task, id=id)
+
+
+POOL = [mc(f"Which gas number {i} do plants use?") for i in range(10)]
+
+
+def test_filter_reads_answers_and_keeps_nothing_on_malformed():
+    answers = iter(["1, 3", "None", "Samples 2 and 9 are eligible", "All of them", "banana 2"])
+    gen = Scripted(lambda p, i: next(answers))
+    clusters = [[0, 1, 2], [3], [4, 5, 6, 7, 8, 9]]  # the last is split into chunks of 4 and 2
+    kept, st = filter_clusters(gen, POOL, clusters, batch=4)
+    # prompt 1: samples 0,1,2 -> "1, 3" keeps 0 and 2; prompt 2: none; prompt 3: chunk [4,5,6,7] and "2 and 9":
+    # 9 is out of range -> malformed, nothing kept; prompt 4: chunk [8, 9], "All" -> both; prompt 5: unused
+    assert kept == [0, 2, 8, 9]
+    assert (st.prompts, st.clusters, st.malformed, st.answered_none, st.kept) == (4, 3, 1, 1, 4)
+    assert st.malformed_samples == ["Samples 2 and 9 are eligible"]
+    assert gen.calls == [{"n": 4, "temperature": 0.0, "seed": 0}]
+    assert "Sample 3:\n" + render_mc(POOL[2]) in gen.prompts[0] and "Sample 4:" not in gen.prompts[0]
+
+
+ADVERSARIAL = ["", " ", "1.5", "1,000", "0", "-1", "11", "None, 1", "all but 2", "1 2 3 4 5 6 7 8 9 10 11",
+               "[1, 2] but not 3", "2-1", "1-99", "\x00", "１", "1e3", "99999999999999999999", "Sample: three",
+               "eligible: 1, 3\nreason: because", "I think 2", "**2**", "(1)", "1;2;3", "none\n1"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_filter_fuzz_no_exception_and_nothing_unreadable_passes(seed):
+    rng = random.Random(seed)
+    vocab = ["1", "2", "3", "4", "12", ",", " and ", "None", "all", "samples", "maybe", "-", "[", "]", "\n", ".", "x"]
+    outs = [rng.choice(ADVERSARIAL) if rng.random() < 0.3 else
+            "".join(rng.choice(vocab) for _ in range(rng.randint(0, 8))) for _ in range(40)]
+    if seed == 0:
+        outs[:len(ADVERSARIAL)] = ADVERSARIAL
+    gen = Scripted(lambda p, i: outs[i])
+    pool = [mc(f"Question about thing {i}?") for i in range(160)]
+    clusters = [list(range(4 * j, 4 * j + 4)) for j in range(40)]
+    kept, st = filter_clusters(gen, pool, clusters, batch=4)
+    expect, malformed = [], 0
+    for j, out in enumerate(outs):
+        sel = read_indices(out, 4)
+        if sel is None:
+            malformed += 1
+        else:
+            assert all(0 <= s < 4 for s in sel)
+            expect += [4 * j + s for s in sorted(sel)]
+    assert kept == sorted(expect) and st.malformed == malformed and st.kept == len(kept)
+    if seed == 0:  # the hand-picked adversarial answers: only the clean ones are read
+        got = {a: read_indices(a, 4) for a in ADVERSARIAL}
+        assert got["1;2;3"] == {0, 1, 2} and got["eligible: 1, 3\nreason: because"] == {0, 2}
+        assert got["**2**"] == {1} and got["(1)"] == {0}
+        for bad in ("1.5", "1,000", "0", "11", "None, 1", "all but 2", "2-1", "1-99", "I think 2", "", "1e3",
+                    "99999999999999999999", "[1, 2] but not 3"):
+            assert got[bad] is None, bad
+
+
+# ---------------------------------------------------------------------------------------------- augment
+def test_validate_generated_rejects_invalid_copies_and_duplicates():
+    shots = [mc("Which gas do plants take in?"), mc("What do roots absorb?", ("water", "light", "air"), 0)]
+    seen = {"an already kept question?"}
+    st = ParseStats()
+    cases = {
+        " What do leaves release?\nA. oxygen\nB. rock\nC. sand\nAnswer: A": "ok",
+        " which gas  do plants TAKE in?\nA. a\nB. b\nC. c\nAnswer: A": "copy_of_shot",
+        " An already kept question?\nA. a\nB. b\nC. c\nAnswer: B": "duplicate",
+        " What do leaves release?\nA. x\nB. y\nC. z\nAnswer: C": "duplicate",  # same as the first valid one
+        " Which is a metal?\nA. iron\nB. wood\nC. glass\nD. paper\nAnswer: E": "answer_not_a_choice",
+        " Which is hot?\nA. fire\nB. Fire\nC. ice\nAnswer: A": "duplicate_choices",
+        " Which is cold?\nA. ice\nB. fire\nAnswer: A": "too_few_choices",
+        " Which is wet?\nA. water\nB. sand\nC. dust": "no_answer",
+        "Question: Which melts?\nA. ice\nB. rock\nC. iron\nAnswer: A": "ok",  # repeated header is fine
+        " Which? Answer: A\nA. x\nB. y\nC. z\nAnswer: A": "marker_in_question",
+    }
+    got = {t: validate_generated(t, "arc_easy", shots, seen, st) for t in cases}
+    for t, want in cases.items():
+        assert (got[t] is not None) == (want == "ok"), t
+    assert st.accepted == 2 and st.rejected == {
+        "copy_of_shot": 1, "duplicate": 2, "answer_not_a_choice": 1, "duplicate_choices": 1, "too_few_choices": 1,
+        "no_answer": 1, "marker_in_question": 1}
+    assert got["Question: Which melts?\nA. ice\nB. rock\nC. iron\nAnswer: A"].target == "ice"
+    assert validate_generated(None, "arc_easy", shots, seen, st) is None and st.rejected["not_text"] == 1
+
+
+def test_augment_prompts_shots_and_validation():
+    kept = [mc("Which gas do plants take in?"), mc("What do roots absorb?"), mc("What gives us light?", task="openbookqa")]
+
+    def answer(p, i):
+        if i == 0:
+            return " Which gas do plants take in?\nA. a\nB. b\nC. c\nAnswer: A"  # copies a shot? (if shown)
+        if i == 3:
+            return " garbage"
+        return f" New question {i}?\nA. a\nB. b\nC. c\nAnswer: B"
+
+    gen = Scripted(answer)
+    valid, st = augment(gen, kept, ["arc_easy", "openbookqa", "arc_challenge"], per_kept=2.0, shots=2, seed=5,
+                        temperature=0.7)
+    # arc_easy: ceil(2 * 2) = 4 prompts, openbookqa: 2, arc_challenge: no shots
+    assert st.prompts == 6 and st.tasks_without_shots == ["arc_challenge"]
+    assert all(p.endswith("<assistant>Question:") for p in gen.prompts)
+    assert all(render_mc(kept[0]) in p and render_mc(kept[1]) in p for p in gen.prompts[:4])  # both shots shown
+    assert render_mc(kept[2]) in gen.prompts[4] and "elementary science" in gen.prompts[4]
+    assert gen.calls[0]["temperature"] == 0.7
+    assert [e.question for e in valid] == [f"New question {i}?" for i in (1, 2, 4, 5)]
+    assert [e.task for e in valid] == ["arc_easy", "arc_easy", "openbookqa", "openbookqa"]
+    assert st.validation.rejected == {"copy_of_shot": 1, "no_choices": 1}
+    again, _ = augment(Scripted(answer), kept, ["arc_easy", "openbookqa"], 2.0, 2, seed=5)
+    assert again == valid  # seeded shot choice
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match=r"fdkt.filter = 'x' is not allowed"):
+        load_config(None, ['fdkt.filter="x"'])
+    with pytest.raises(ConfigError, match=r"fdkt.epsilon must be > 0"):
+        load_config(None, ["fdkt.epsilon=0"])
+    with pytest.raises(ConfigError, match=r"method 'fdkt' needs a server LLM"):
+        load_config(None, ['methods=["fdkt"]'])
+    assert math.isinf(load_config(None, ["fdkt.epsilon=inf"]).section("fdkt").epsilon)
+
+
+def test_dp_training_text_and_sampling_plan():
+    ex = mc("Which gas do plants take in?")
+    prompt, target = fdkt.generation_text(ex)
+    assert prompt == ("Write a multiple-choice question for a grade-school science test. The correct answer is B.\n"
+                      "Question:")
+    assert prompt[:-len("Question:")] + "Question:" + target == prompt[:-len("Question:")] + render_mc(ex)
+    assert fdkt.sampling_plan(["arc_easy", "openbookqa"], 6) == [
+        ("arc_easy", "A"), ("openbookqa", "A"), ("arc_easy", "B"), ("openbookqa", "B"), ("arc_easy", "C"),
+        ("openbookqa", "C")]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def fdkt_config(tmp_path, model_dirs, data_dir, methods=("fdkt",), **extra):
+    base = {"fdkt.samples_per_client": 6, "fdkt.sample_tokens": 24, "fdkt.dp_batch_size": 8, "fdkt.dp_epochs": 1.0,
+            "fdkt.augment_tokens": 24, "federation.rounds": 1, "partition.num_clients": 2,
+            "train.max_steps": 2}
+    base.update(extra)
+    if "fedcollm" not in methods:  # tiny_config adds model.llm for fedcollm itself
+        base["llm"] = True
+    return tiny_config(tmp_path, model_dirs, data_dir, list(methods), **base)[0]
+
+
+def test_end_to_end_epsilon_is_the_accountants_and_canaries_never_leave(tmp_path, model_dirs, data_dir, recorded):
+    from fedkt.privacy.dp_sgd import effective_delta, epsilon_for
+
+    plant_canary(data_dir)
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, ("standalone", "fdkt"), **{"fdkt.client_epsilons": "[1.0, 8.0]"})
+    out = run_experiment(cfg, tmp_path / "r")
+    res = out["methods"]["fdkt"]
+    rec = res["fdkt"]
+    sizes = dict(zip(("client0", "client1"), out["data"]["clients"]))
+    for cid, target in (("client0", 1.0), ("client1", 8.0)):
+        p = rec["privacy"][cid]
+        n = sizes[cid]
+        assert p["examples"] == n and p["delta"] == effective_delta(1e-5, n) and p["target_epsilon"] == target
+        assert p["steps"] == p["planned_steps"] == math.ceil(n / 8) and p["sample_rate"] == 8 / n
+        assert p["epsilon_spent"] == pytest.approx(
+            epsilon_for(p["noise_multiplier"], p["sample_rate"], p["steps"], p["delta"]), rel=1e-9)
+        assert target - 0.05 <= p["epsilon_spent"] <= target
+    assert rec["privacy"]["client0"]["noise_multiplier"] > rec["privacy"]["client1"]["noise_multiplier"]
+    # what left the clients: DP samples and public figures only
+    synth = [m for method, _, m in recorded if method == "synthesize"]
+    assert len(synth) == 2 and all(set(m.meta) == {"tasks", "generated", "parsed", "rejected", "label_agree", "dp",
+                                                   "raw_samples", "timings"} for m in synth)
+    assert all(set(m.meta["dp"]) == set(fdkt.PUBLIC_DP_FIELDS) for m in synth)
+    assert canaries_held_by_clients(cfg, tmp_path) > 10 and scan(recorded) == []
+    trained = [m for method, _, m in recorded if method == "train_and_evaluate" and "trained_on" in m.meta]
+    assert len(trained) == 2 and all(set(m.meta) == {"metrics", "loss", "trained_on", "synthetic"} and not m.texts
+                                     and not m.tensors for m in trained)
+    st = rec["stages"]
+    assert st["generated"] == 12 and st["per_client"]["client0"]["generated"] == 6
+    # a random tiny model writes no valid question: nothing to train on but private data, and FDKT is then
+    # exactly Standalone (same seed, same epochs: a paired comparison)
+    assert st["parsed"] == 0 and st["final"] == 0
+    assert res["per_client"] == out["methods"]["standalone"]["per_client"]
+    assert res["slm"] == out["methods"]["standalone"]["slm"] and res["slm"]["arc_easy"]["n"] == 12
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "## FDKT: privacy and synthetic data" in report and "| client0 | 1 | " in report
+
+
+def test_canary_scan_sees_a_memorising_model(tmp_path, model_dirs, data_dir, recorded, monkeypatch):
+    """Positive control: a DP model that regurgitated private text would be caught by the same scan."""
+    plant_canary(data_dir)
+    monkeypatch.setattr(fdkt, "sample_generations", lambda model, tok, prompts, *a, **k: [
+        f" What is {CANARY} {i}?\nA. a\nB. b\nC. c\nAnswer: A" for i in range(len(prompts))])
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, **{"fdkt.epsilon": "inf", "fdkt.filter": '"none"',
+                                                         "fdkt.augment_per_kept": 0})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fdkt"]
+    assert res["fdkt"]["stages"]["parsed"] == 12 and res["fdkt"]["stages"]["final"] == 6  # same 6 from both
+    assert len(scan([r for r in recorded if r[0] == "synthesize"])) >= 12
+
+
+GOOD = " Which {w} is a gas?\nA. rock\nB. {w}\nC. iron\nD. wood\nAnswer: B"
+WORDS = ["oxygen", "helium", "neon", "argon", "xenon", "radon", "steam", "ozone"]
+
+
+def scripted_clients(monkeypatch):
+    """The clients' DP models write: per client 4 valid questions (one also written by the other client),
+    a duplicate, a malformed block."""
+    def sample(model, tok, prompts, meta, seed, desc):
+        c = int(desc.split()[0].removeprefix("client"))
+        ws = WORDS[3 * c: 3 * c + 4]
+        return [GOOD.format(w=w) for w in ws] + [GOOD.format(w=ws[0]), " Which? no choices"][:len(prompts) - 4]
+
+    monkeypatch.setattr(fdkt, "sample_generations", sample)
+
+
+def scripted_llm(monkeypatch):
+    def answer(p, i):
+        if "eligible" in p:
+            return "1"  # the first sample of every cluster
+        return f" A new question {i}?\nA. one\nB. two\nC. three\nAnswer: C"
+
+    monkeypatch.setattr(fdkt, "llm_generator", lambda server, cfg: Scripted(answer))  # a fresh one per run
+
+
+def test_stages_counted_end_to_end_and_resume_equals_uninterrupted(tmp_path, model_dirs, data_dir, monkeypatch):
+    scripted_clients(monkeypatch)
+    scripted_llm(monkeypatch)
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, **{"fdkt.epsilon": "inf", "fdkt.cluster_size": 3,
+                                                         "fdkt.augment_per_kept": 1.0})
+    full = run_experiment(cfg, tmp_path / "full")["methods"]["fdkt"]
+    st = full["fdkt"]["stages"]
+    assert [st["per_client"][c]["parsed"] for c in ("client0", "client1")] == [4, 4]
+    assert st["per_client"]["client0"]["rejected"] == {"duplicate": 1, "no_choices": 1}
+    assert (st["generated"], st["parsed"], st["received_valid"]) == (12, 8, 7)  # "argon" from both clients
+    assert st["rejected_on_receipt"] == {"duplicate": 1}
+    f = st["filter"]
+    assert (f["clusters"], f["prompts"], f["malformed"], f["answered_none"]) == (3, 3, 0, 0)  # ceil(7 / 3)
+    assert st["kept"] == f["kept"] == 3
+    assert st["augment"]["prompts"] == 3 and st["augmented_valid"] == 3 and st["final"] == 6
+    assert full["fdkt"]["trained_on"] == {"client0": 28 + 6, "client1": 28 + 6}
+    assert len(full["fdkt"]["samples"]["kept"]) == 3 and full["fdkt"]["samples"]["augmented"][0].startswith("Question:")
+    assert set(full["timings"]) == {"synthesize_s", "embed_cluster_s", "filter_s", "augment_s", "client_train_eval_s"}
+
+    # interrupted after the synthesis: the resumed run asks no client to synthesize again
+    calls = []
+    orig = fdkt.FDKT.handlers["train_and_evaluate"]
+
+    def die(ctx, msg):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setitem(fdkt.FDKT.handlers, "train_and_evaluate", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut")
+    monkeypatch.setitem(fdkt.FDKT.handlers, "train_and_evaluate", orig)
+    monkeypatch.setitem(fdkt.FDKT.handlers, "synthesize", lambda ctx, msg: calls.append(1))
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True)["methods"]["fdkt"]
+    assert calls == []
+    same = ("privacy", "stages", "samples", "trained_on")
+    assert resumed["per_client"] == full["per_client"] and all(resumed["fdkt"][k] == full["fdkt"][k] for k in same)
+    # without the server's saved set, the clients answer from their state: same samples, no new DP training
+    (tmp_path / "cut" / "fdkt" / "synthetic.json").unlink()
+    (tmp_path / "cut" / "results.json").unlink()
+    monkeypatch.setitem(fdkt.FDKT.handlers, "synthesize", fdkt.client_synthesize)
+    import fedkt.privacy.dp_sgd as dp_sgd
+
+    monkeypatch.setattr(dp_sgd, "dp_train_loop", lambda *a, **k: pytest.fail("DP-trained twice"))
+    again = run_experiment(cfg, tmp_path / "cut", resume=True)["methods"]["fdkt"]
+    assert again["per_client"] == full["per_client"] and all(again["fdkt"][k] == full["fdkt"][k] for k in same)
+
+
+def test_synthetic_aux_for_fedcollm(tmp_path, model_dirs, data_dir, monkeypatch):
+    """The FedCoLLM hook: steps 1–3 over any federation whose clients answer CLIENT_HANDLERS."""
+    from fedkt.registry import MethodSpec
+    from fedkt.simulation import Simulation
+
+    scripted_clients(monkeypatch)
+    scripted_llm(monkeypatch)
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, ("fedcollm",), **{"fdkt.epsilon": "inf", "fdkt.cluster_size": 3,
+                                                                          "fdkt.augment_per_kept": 0.0})
+    sim = Simulation(cfg, tmp_path / "s")
+    server = sim.server()
+    spec = MethodSpec(name="probe", label="probe", summary="", run=lambda s: None, handlers=fdkt.CLIENT_HANDLERS)
+    cache = tmp_path / "s" / "aux.json"
+    with server.federation(spec) as fed:
+        aux = fdkt.synthetic_aux(server, fed, cache=cache)
+        assert fed.ledger.total("up") > 0
+    assert len(aux) == 3 and all(e.task == "arc_easy" and e.is_mc for e in aux)
+    with server.federation(spec) as fed:  # cached: no client is asked again
+        assert fdkt.synthetic_aux(server, fed, cache=cache) == aux and fed.ledger.entries == []
+
+
+from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
+
+
+def test_llm_behind_an_openai_compatible_server(tmp_path, model_dirs, data_dir, monkeypatch, stub):
+    """Filter prompts go to the server; its answers ("ans(...) END tail") are malformed: nothing is kept,
+    every prompt is counted as malformed, and the samples are embedded with the server's SLM copy."""
+    scripted_clients(monkeypatch)
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, **{"model.llm": f'"openai:{stub.base}#stub-model"',
+                                                         "fdkt.epsilon": "inf", "fdkt.cluster_size": 3})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fdkt"]
+    f = res["fdkt"]["stages"]["filter"]
+    sent = [p for r in stub.requests if r["body"] for p in
+            (r["body"]["prompt"] if isinstance(r["body"]["prompt"], list) else [r["body"]["prompt"]])]
+    assert len(sent) == f["prompts"] == f["malformed"] == 3 and all("eligible" in p for p in sent)
+    assert res["fdkt"]["stages"]["kept"] == res["fdkt"]["stages"]["final"] == 0
+    assert f["malformed_samples"][0].startswith("ans(") and res["slm"]["arc_easy"]["n"] == 12
