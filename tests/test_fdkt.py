@@ -371,6 +371,32 @@ def test_synthetic_aux_for_fedcollm(tmp_path, model_dirs, data_dir, monkeypatch)
         assert fdkt.synthetic_aux(server, fed, cache=cache) == aux and fed.ledger.entries == []
 
 
+def test_fedcollm_with_fdkt_auxiliary_set_end_to_end(tmp_path, model_dirs, data_dir, monkeypatch):
+    """fedcollm.aux_source = "fdkt": Dᵃ is the clients' DP synthetic set (3 examples here), not the server's."""
+    import fedkt.algorithms.fedcollm as fc
+
+    scripted_clients(monkeypatch)
+    scripted_llm(monkeypatch)
+    seen = []
+    orig = fc.mutual_distill
+    monkeypatch.setattr(fc, "mutual_distill", lambda slm, llm, tok, aux, *a, **k: (seen.append(aux), orig(slm, llm, tok, aux, *a, **k))[1])
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, ("fedcollm",), **{
+        "fdkt.epsilon": "inf", "fdkt.cluster_size": 3, "fdkt.augment_per_kept": 0.0,
+        "fedcollm.aux_source": '"fdkt"', "fedcollm.kd_steps": 1, "federation.rounds": 2})
+    res = run_experiment(cfg, tmp_path / "run")["methods"]["fedcollm"]
+    assert len(seen) == 2 and all(len(a) == 3 and all(e.is_mc for e in a) for a in seen)
+    synthetic = {e.question for e in seen[0]}
+    assert synthetic.isdisjoint({e.question for e in fdkt_server_aux(cfg, tmp_path)})
+    assert res["per_round"][0]["fdkt"]["stages"]["final"] == 3
+    assert (tmp_path / "run" / "fedcollm" / "synthetic_aux.json").is_file()
+
+
+def fdkt_server_aux(cfg, tmp_path):
+    from fedkt.simulation import Simulation
+
+    return Simulation(cfg, tmp_path / "aux-probe").server().aux
+
+
 from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
 
 

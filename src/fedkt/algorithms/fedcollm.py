@@ -59,6 +59,10 @@ from fedkt.train import batch_order, make_optimizer, seed_everything, tokenize_e
 class FedCoLLMConfig:
     """The ``[fedcollm]`` section."""
 
+    aux_source: Literal["public", "fdkt"] = "public"
+    """Dᵃ: ``public`` = the server's auxiliary set (``partition.aux_size`` examples); ``fdkt`` = the clients'
+    DP synthetic data, filtered and augmented by the LLM (FDKT steps 1-3, ``[fdkt]`` settings): co-tuning
+    without any server data, the whole run carrying the clients' (ε, δ)."""
     kd_steps: int = 20
     """R: optimizer steps of mutual distillation on the auxiliary set per round (per model)."""
     kd_lambda: float = 1.0
@@ -111,8 +115,11 @@ PAPER_CHOICES: dict[str, object] = {
 default here differs or is a documented decision; ``--set fedcollm.KEY=VALUE`` selects one."""
 
 
-# Clients do exactly what FedAvg clients do; everything new happens on the server.
-HANDLERS = FEDAVG_HANDLERS
+# Clients do what FedAvg clients do (and, for ``aux_source = "fdkt"``, FDKT's DP synthesis); everything
+# new happens on the server.
+from fedkt.algorithms.fdkt import CLIENT_HANDLERS as FDKT_CLIENT_HANDLERS  # noqa: E402
+
+HANDLERS = {**FEDAVG_HANDLERS, **FDKT_CLIENT_HANDLERS}
 
 
 def check_shared_vocabulary(slm_tok, llm_tok, slm, llm) -> None:
@@ -268,6 +275,18 @@ class FedCoLLM(RoundAlgorithm):
 
     def setup(self, server, fed):
         check_shared_vocabulary(server.slm.tokenizer, server.llm.tokenizer, server.slm.model, server.llm.model)
+        self.aux, self.synthesis = server.aux, None
+        if server.cfg.section("fedcollm").aux_source == "fdkt":
+            from fedkt.algorithms import fdkt
+
+            syn = fdkt.synthesize(server, fed, server.cfg.section("fdkt"), rnd=1,
+                                  cache=server.out / "fedcollm" / "synthetic_aux.json")
+            if not syn.examples:
+                raise ValueError(f"fedcollm.aux_source = 'fdkt': the clients' DP synthesis produced no usable "
+                                 f"example (stages: {syn.record.get('stages')}); raise fdkt.samples_per_client or "
+                                 f"use aux_source = 'public'")
+            self.aux, self.synthesis = syn.examples, syn.record
+            progress.log(f"fedcollm: auxiliary set = {len(self.aux)} DP synthetic examples (FDKT steps 1-3)")
 
     def round(self, server, fed, state, rnd):
         cfg, kd = server.cfg, server.cfg.section("fedcollm")
@@ -278,14 +297,15 @@ class FedCoLLM(RoundAlgorithm):
         client_s = fed.take_timing("fit")
         # 4: mutual knowledge transfer on Dᵃ
         slm, llm = server.slm.use(theta), server.llm.use(state["llm"])
-        stats = mutual_distill(slm, llm, server.slm.tokenizer, server.aux, kd, cfg.train.max_length,
+        stats = mutual_distill(slm, llm, server.slm.tokenizer, self.aux, kd, cfg.train.max_length,
                                cfg.train.max_grad_norm, seed=derive_seed(cfg.seed, "kd", rnd),
                                desc=f"round {rnd} server distill")
         theta, omega = get_adapter_state(slm), get_adapter_state(llm)
         progress.log(f"round {rnd}: distill KL(f‖g) {stats['kl_g_first']:.4f}->{stats['kl_g_last']:.4f} "
                      f"KL(g‖f) {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
         # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here
-        return RoundOutcome({"slm": theta, "llm": omega}, entry={"distill": stats}, logs={"llm": {"distill": stats}},
+        entry = {"distill": stats, **({"fdkt": self.synthesis} if rnd == 1 and self.synthesis else {})}
+        return RoundOutcome({"slm": theta, "llm": omega}, entry=entry, logs={"llm": {"distill": stats}},
                             timings={"client_train_s": client_s, "aggregate_s": (t1 - t0) - client_s,
                                      "distill_s": time.perf_counter() - t1})
 
