@@ -67,3 +67,16 @@ def test_examples_parse():
 
     for p in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
         load_config(p)
+
+
+def test_section_file_without_its_table_is_an_error_not_the_defaults(tmp_path):
+    from fedkt.config import DeriveConfig, load_section
+
+    p = tmp_path / "d.toml"
+    p.write_text("num_layers = 16\nsteps = 5\n")  # the [derive] line forgotten
+    with pytest.raises(ConfigError, match=r"no \[derive\] table \(found top-level keys num_layers, steps"):
+        load_section(DeriveConfig, p, "derive")
+    p.write_text("[derive]\nnum_layers = 16\nsteps = 5\n")
+    cfg = load_section(DeriveConfig, p, "derive", ["lr=0.01"])
+    assert (cfg.num_layers, cfg.steps, cfg.lr) == (16, 5, 0.01)
+    assert load_section(DeriveConfig, None, "derive").num_layers == DeriveConfig().num_layers

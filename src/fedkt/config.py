@@ -380,7 +380,12 @@ def load_section(cls: type, path: str | Path | None, section: str, overrides: li
                  values: dict[str, Any] | None = None) -> Any:
     """One table of a TOML file (e.g. ``[derive]``) as ``cls``, with ``--set key=value`` overrides
     (keys relative to the table) and explicit ``values`` (e.g. from command-line flags) on top."""
-    data = read_toml(path).get(section, {})
+    raw = read_toml(path)
+    if path is not None and section not in raw:
+        stray = sorted(k for k in raw if not isinstance(raw[k], dict))
+        raise ConfigError(f"{path}: no [{section}] table" + (
+            f" (found top-level keys {', '.join(stray)}: put them under a [{section}] line)" if stray else ""))
+    data = raw.get(section, {})
     apply_overrides(data, overrides or [])
     data.update({k: v for k, v in (values or {}).items() if v is not None})
     return from_dict(cls, data, prefix=section + ".")
