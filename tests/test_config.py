@@ -65,8 +65,16 @@ def test_missing_file_and_bad_toml(tmp_path):
 def test_examples_parse():
     from pathlib import Path
 
+    from fedkt.config import DeriveConfig, load_section
+    from fedkt.derive import DEFAULT_SLM
+
     for p in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
+        if p.name.startswith("derive_"):
+            continue
         load_config(p)
+    # the shipped recipe of builtin:smollm2-slm is the one in the code
+    assert load_section(DeriveConfig, Path(__file__).parent.parent / "examples" / "derive_smollm2_slm.toml",
+                        "derive") == DEFAULT_SLM
 
 
 def test_section_file_without_its_table_is_an_error_not_the_defaults(tmp_path):

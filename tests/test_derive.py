@@ -181,3 +181,47 @@ def test_derive_config_validates():
     with pytest.raises(ConfigError, match="num_layers must be > 0"):
         DeriveConfig(num_layers=0)
     assert DeriveConfig(steps=0).steps == 0
+
+
+def test_bundled_default_slm_recipe_is_complete_and_consistent():
+    """The card + delta that builtin:smollm2-slm is rebuilt from: every kept block has its 7 linear
+    deltas (int16 factors of the card's rank, fp32 scales) and its 2 norms, nothing else, and the file is
+    the size the card says."""
+    import json
+
+    from safetensors import safe_open
+
+    from fedkt.derive import BUNDLED_SLM, DEFAULT_SLM, DELTA_FILE
+
+    card = json.loads((BUNDLED_SLM / "fedkt_derive.json").read_text())
+    assert card["parent"] == DEFAULT_SLM.parent and card["rank"] == DEFAULT_SLM.rank
+    assert card["healing_steps"] == DEFAULT_SLM.steps and len(card["layers_kept"]) == DEFAULT_SLM.num_layers
+    assert card["params"] <= 0.65 * card["parent_params"]
+    assert (BUNDLED_SLM / DELTA_FILE).stat().st_size == pytest.approx(card["delta_bytes"], rel=0.02)
+    linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    want = set()
+    for i in range(len(card["layers_kept"])):
+        want |= {f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        want |= {f"model.layers.{i}.{m}.{t}" for m in linears for t in ("Aq", "Bq", "sA", "sB")}
+    with safe_open(str(BUNDLED_SLM / DELTA_FILE), "pt") as f:
+        assert set(f.keys()) == want
+        a, b = f.get_tensor("model.layers.0.mlp.down_proj.Aq"), f.get_tensor("model.layers.0.mlp.down_proj.Bq")
+        assert a.dtype == b.dtype == torch.int16 and a.shape[0] == b.shape[1] == card["rank"]
+        assert f.get_tensor("model.layers.0.mlp.down_proj.sA").dtype == torch.float32
+
+
+def test_bundled_default_slm_rebuilds_to_the_measured_weights(tmp_path, monkeypatch):
+    """Rebuild builtin:smollm2-slm from the real parent and check the sha256 of its weights against the
+    card (rebuild raises otherwise). Needs SmolLM2-135M-Instruct in the fedkt cache (`fedkt models --fetch
+    smollm2-135m`); skipped where it is not (tests never download)."""
+    import json
+
+    from fedkt.builtin import cache_dir
+    from fedkt.derive import BUNDLED_SLM, rebuild
+
+    if not (cache_dir() / "smollm2-135m" / "model.safetensors").is_file():
+        pytest.skip("SmolLM2-135M-Instruct not in the fedkt cache")
+    card = rebuild(BUNDLED_SLM, tmp_path / "slm")
+    assert card["sha256"] == json.loads((BUNDLED_SLM / "fedkt_derive.json").read_text())["sha256"]
+    assert json.loads((tmp_path / "slm" / "config.json").read_text())["num_hidden_layers"] == len(card["layers_kept"])

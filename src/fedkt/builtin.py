@@ -5,8 +5,9 @@
 dequantise it with transformers once and save an ordinary safetensors model directory, so later loads
 take seconds and need no network.
 
-``smollm2-slm``: the default client SLM, derived from ``smollm2-135m`` by ``fedkt derive-slm`` (layer
-selection + distillation healing); built on first use (see docs/derive-slm.md).
+``smollm2-slm``: the default client SLM, 16 of the 30 layers of ``smollm2-135m`` (by block influence) healed
+by distillation through a rank-16 delta (``fedkt derive-slm``). fedkt ships the recipe and the 6 MB delta;
+the first use rebuilds the model from the parent in seconds and checks it by sha256 (docs/derive-slm.md).
 
 The cache is ``$FEDKT_CACHE`` or ``~/.cache/fedkt``.
 """
@@ -28,7 +29,7 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 
 BUILTINS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (134.5M params), the default server LLM",
-    "smollm2-slm": "a 9-of-30-layer model derived from smollm2-135m and healed by distillation, the default client SLM",
+    "smollm2-slm": "16 of smollm2-135m's 30 layers healed by distillation (85.0M params), the default client SLM; rebuilt from a shipped 6 MB delta",
 }
 
 
