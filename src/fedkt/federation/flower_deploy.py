@@ -64,7 +64,7 @@ class LocalFlowerDeployment:
     """A SuperLink and one SuperNode per client id, on 127.0.0.1, in ``workdir``.
 
     ``client_files``: cid -> that client's file (node config ``fedkt-client-spec``); ``tls`` and
-    ``node_auth`` as in the module docstring."""
+    ``node_auth`` as in the module docstring; ``database`` and ``port`` to restart a SuperLink."""
 
     workdir: Path
     client_ids: list[str]
@@ -76,6 +76,9 @@ class LocalFlowerDeployment:
     tls: bool = False
     node_auth: bool = False
     client_files: dict[str, Path] = field(default_factory=dict)
+    database: Path | None = None
+    """SQLite file keeping the SuperLink's state (``--database``): a SuperLink restarted with the same file
+    (and ``port``) continues where the killed one stopped; default: in memory."""
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -111,7 +114,8 @@ class LocalFlowerDeployment:
                 flower_cli.make_certs(self.certs)
             ca = None if self.certs is None else self.certs / "ca.pem"
             flower_cli.write_connection(self.home, self.address, ca, name=CONNECTION)
-            link = self._spawn("superlink", flower_cli.superlink_argv(HOST, self.port, self.certs, self.node_auth))
+            link = self._spawn("superlink", flower_cli.superlink_argv(HOST, self.port, self.certs, self.node_auth,
+                                                                         self.database))
             _wait_port(HOST, self.port, link, timeout, "flower-superlink", self.workdir / "superlink.log")
             for cid in self.client_ids:
                 if self.node_auth:
