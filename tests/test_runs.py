@@ -208,3 +208,15 @@ def test_fedcollm_logs_llm_metrics_only_when_evaluated(tmp_path, model_dirs, dat
     llm = {x["round"]: x for x in lines if x["role"] == "llm"}
     assert "metrics" not in llm[1] and "distill" in llm[1]
     assert llm[2]["metrics"] == res["llm"] and "llm" not in res["per_round"][0]
+
+
+def test_model_threads_is_applied(tmp_path, model_dirs, data_dir):
+    """model.threads sets torch's intra-op threads for the run (it was read by nothing for a while)."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["zero_shot"], **{"model.threads": want})
+    try:
+        run_experiment(cfg, tmp_path / "r")
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)

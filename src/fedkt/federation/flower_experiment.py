@@ -70,6 +70,9 @@ class ExperimentContextFactory:
         if client["cid"] != cid:
             raise ValueError(f"node serves client {cid!r} but its client file is for {client['cid']!r}")
         cfg = experiment_from_text(text)
+        from fedkt.runs import set_threads
+
+        set_threads(cfg)  # the node's torch, as the server's
         spec = ClientSpec(cid=cid, model=client.get("model", cfg.model.slm), dtype=cfg.model.dtype, lora=cfg.lora,
                           train=cfg.train, eval=cfg.eval, seed=cfg.seed, data_files=client["data_files"],
                           data_task=client.get("data_task", cfg.data.tasks[0] if cfg.data.tasks else "custom"),
