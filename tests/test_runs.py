@@ -70,6 +70,9 @@ def test_cli_run_all_baselines(tmp_path, model_dirs, data_dir):
     assert (out / "accuracy_per_round.png").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for x in lines if x["method"] == "fedavg") == 2
+    fedavg_rows = [x for x in lines if x["method"] == "fedavg"]
+    assert all(x["round_s"] > 0 and x["eval_s"] > 0 for x in fedavg_rows)
+    assert sum(x["eval_s"] for x in fedavg_rows) == pytest.approx(methods["fedavg"]["timings"]["eval_s"], abs=0.01)
     # fedkt report re-renders; fedkt eval scores a saved adapter
     assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
     r = CliRunner().invoke(app, ["eval", "--model", str(model_dirs["slm"]), "--adapter",
