@@ -250,7 +250,8 @@ def secure_aggregate(exchange: Callable[[list[FlMessage], float | None], list[Fl
         seed = (rounding_seeds or {}).get(node, 0)
         fitins[node] = FitIns(Parameters(tensors=[], tensor_type=""),
                               {PAYLOAD_KEY: codec.encode(payload), METHOD_KEY: method, SEED_KEY: seed,
-                               "fedkt.weight_key": weight_key, UNIFORM_KEY: float(settings.max_weight)})
+                               "fedkt.weight_key": weight_key,
+                               **({} if weight_key else {UNIFORM_KEY: float(settings.max_weight)})})
     strategy = _Strategy(fitins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: int(round)}),
                         MAIN_PARAMS_RECORD: ArrayRecord()})
