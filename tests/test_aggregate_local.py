@@ -71,3 +71,66 @@ def test_fit_round_secure_equals_plain_in_process():
     secure = fit_round(fed, state, 1, 1.0, secure=True)
     for k in plain:
         assert torch.equal(plain[k], secure[k])
+
+
+def test_local_aggregate_uniform_weight_key_is_the_plain_mean():
+    fed = _local()
+    agg = fed.aggregate("fit", _payloads(fed.clients), round=1, weight_key="")
+    replies = _local().call("fit", _payloads(fed.clients), round=1)
+    expect = fedavg_aggregate([r.tensors for r in replies.values()], [1.0, 1.0, 1.0])
+    assert agg.weights == {"c0": 1.0, "c1": 1.0, "c2": 1.0}
+    assert all(torch.equal(agg.tensors[k], expect[k]) for k in expect)
+
+
+class _CallSpy:
+    """Which federation entry points the server's algorithm used for ``fit``."""
+
+    def __init__(self, monkeypatch):
+        from fedkt.federation.base import Federation
+
+        self.calls: list[tuple[str, int]] = []
+        spy = self
+        broadcast, aggregate = Federation.broadcast, Federation.aggregate
+
+        def spy_broadcast(fed, method, msg, round=0, metered=True):
+            out = broadcast(fed, method, msg, round, metered)
+            spy.calls.append(("broadcast", len(out)))
+            return out
+
+        def spy_aggregate(fed, method, payloads, round=0, weight_key="num_examples"):
+            agg = aggregate(fed, method, payloads, round, weight_key)
+            spy.calls.append(("aggregate", len(agg.clients)))
+            return agg
+
+        monkeypatch.setattr(Federation, "broadcast", spy_broadcast)
+        monkeypatch.setattr(Federation, "aggregate", spy_aggregate)
+
+
+@pytest.mark.parametrize("method,extra", [("fedprox", {}), ("fedcollm", {}),
+                                          ("fedcollm", {"fedcollm.aggregation": '"uniform"'})])
+def test_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs, data_dir, monkeypatch, method, extra):
+    """FedProx and FedCoLLM with federation.secure_aggregation on LocalFederation: the same adapters and
+    results bit for bit (the in-process mean is the same arithmetic), and the algorithm only ever received
+    the mean (``Federation.aggregate``), never the clients' replies (``broadcast``). Over Flower the mean
+    is SecAgg+'s: tests/test_flower_secagg.py."""
+    from test_runs import tiny_config
+
+    from fedkt.models import load_adapter_state
+    from fedkt.runs import run_experiment
+
+    results, calls = {}, {}
+    for secure in (False, True):
+        cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, [method], **{
+            "federation.secure_aggregation": str(secure).lower(), "eval.every_round": "false",
+            "data.max_train_examples": 20, "eval.limit": 4, **extra})
+        spy = _CallSpy(monkeypatch)
+        results[secure] = run_experiment(cfg, tmp_path / str(secure))["methods"][method]
+        calls[secure] = spy.calls
+        monkeypatch.undo()
+    assert calls == {False: [("broadcast", 3)] * 2, True: [("aggregate", 3)] * 2}
+    for role in (["slm", "llm"] if method == "fedcollm" else ["slm"]):
+        a = load_adapter_state(tmp_path / "False" / "adapters" / method / role)
+        b = load_adapter_state(tmp_path / "True" / "adapters" / method / role)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+    assert results[False]["per_round"] == results[True]["per_round"]
+    assert results[False]["comm"] == results[True]["comm"]

@@ -253,15 +253,16 @@ def test_fedcollm_round_aggregates_as_configured(monkeypatch, aggregation):
 
     seen = []
 
-    def fake_fit_round(fed, state, rnd, epochs, weighting="samples"):
-        seen.append(weighting)
+    def fake_fit_round(fed, state, rnd, epochs, weighting="samples", secure=False):
+        seen.append((weighting, secure))
         raise Stop
 
     monkeypatch.setattr(fedcollm, "fit_round", fake_fit_round)
-    cfg = SimpleNamespace(section=lambda name: FedCoLLMConfig(aggregation=aggregation), train=SimpleNamespace(epochs=1.0))
+    cfg = SimpleNamespace(section=lambda name: FedCoLLMConfig(aggregation=aggregation), train=SimpleNamespace(epochs=1.0),
+                          federation=SimpleNamespace(secure_aggregation=True))
     with pytest.raises(Stop):
         FedCoLLM().round(SimpleNamespace(cfg=cfg), None, {"slm": {}, "llm": {}}, 1)
-    assert seen == [aggregation]
+    assert seen == [(aggregation, True)]
 
 
 # ------------------------------------------------------------------------------------- validation

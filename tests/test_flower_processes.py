@@ -2,7 +2,8 @@
 doing two round trips of a toy handler through FlowerFederation, replies checked bit for bit.
 
 Slow (~1-1.5 min on 2 busy cores): every Flower message starts a fresh ``flwr-clientapp`` process that
-imports torch, and SuperNodes poll the SuperLink every 3 s when idle."""
+imports torch, and SuperNodes poll the SuperLink every 3 s when idle. Also (fast): stopping a deployment
+ends the processes flwr starts in sessions of their own (the SuperLink's SuperExec and its ServerApps)."""
 
 import json
 import os
@@ -115,3 +116,49 @@ def test_superlink_two_supernodes_two_round_trips(tmp_path):
     assert [e["bytes"] for e in res.meta["ledger"] if e["round"] == 0 and e["direction"] == "down"] == [down0] * 2
     print(f"deployment round trips: {['%.1f s' % s for s in res.meta['latency_s']]}; "
           f"test wall time {time.perf_counter() - t_start:.1f} s")
+
+
+def test_stop_also_ends_processes_started_in_a_session_of_their_own(tmp_path):
+    """flwr's SuperLink starts its SuperExec with start_new_session (and the ServerApps in the SuperExec's
+    group): stop() must end them too, not only the process groups it started itself."""
+    import subprocess
+    import sys
+
+    pidfile = tmp_path / "app.pid"
+    # a stand-in SuperLink: starts a detached "SuperExec" that starts a "ServerApp" in its group
+    (tmp_path / "superexec.py").write_text(
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(600)\n")
+    code = (f"import subprocess, sys, time\n"
+            f"subprocess.Popen([sys.executable, {str(tmp_path / 'superexec.py')!r}], start_new_session=True)\n"
+            "time.sleep(600)\n")
+    dep = LocalFlowerDeployment(tmp_path / "deploy", [])
+    dep.workdir.mkdir(parents=True)
+    dep.procs["superlink"] = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    app_pid = int(pidfile.read_text())
+    superexec_pgid = os.getpgid(app_pid)
+    try:
+        assert superexec_pgid != dep.procs["superlink"].pid  # in a session of its own
+        dep.stop(grace=2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(app_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        with pytest.raises(ProcessLookupError):
+            os.kill(app_pid, 0)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(superexec_pgid, 0)
+    finally:  # whatever happened, leave nothing behind
+        for pgid in (superexec_pgid, dep.procs["superlink"].pid):
+            try:
+                os.killpg(pgid, 9)
+            except ProcessLookupError:
+                pass

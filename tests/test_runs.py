@@ -70,6 +70,9 @@ def test_cli_run_all_baselines(tmp_path, model_dirs, data_dir):
     assert (out / "accuracy_per_round.png").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for x in lines if x["method"] == "fedavg") == 2
+    fedavg_rows = [x for x in lines if x["method"] == "fedavg"]
+    assert all(x["round_s"] > 0 and x["eval_s"] > 0 for x in fedavg_rows)
+    assert sum(x["eval_s"] for x in fedavg_rows) == pytest.approx(methods["fedavg"]["timings"]["eval_s"], abs=0.01)
     # fedkt report re-renders; fedkt eval scores a saved adapter
     assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
     r = CliRunner().invoke(app, ["eval", "--model", str(model_dirs["slm"]), "--adapter",
@@ -208,3 +211,15 @@ def test_fedcollm_logs_llm_metrics_only_when_evaluated(tmp_path, model_dirs, dat
     llm = {x["round"]: x for x in lines if x["role"] == "llm"}
     assert "metrics" not in llm[1] and "distill" in llm[1]
     assert llm[2]["metrics"] == res["llm"] and "llm" not in res["per_round"][0]
+
+
+def test_model_threads_is_applied(tmp_path, model_dirs, data_dir):
+    """model.threads sets torch's intra-op threads for the run (it was read by nothing for a while)."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["zero_shot"], **{"model.threads": want})
+    try:
+        run_experiment(cfg, tmp_path / "r")
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)

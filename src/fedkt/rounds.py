@@ -86,7 +86,9 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
             start = last + 1
             progress.log(f"{name}: resuming after round {last}")
         for rnd in range(start, cfg.federation.rounds + 1):
+            t_round = time.perf_counter()
             out = algo.round(server, fed, state, rnd)
+            wall = {"round_s": round(time.perf_counter() - t_round, 3)}
             state = out.state
             for k, v in out.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
@@ -96,10 +98,11 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
                 for role in algo.roles:
                     entry[role] = server.evaluate(role, state[role], f"{name} r{rnd}")
                 timings["eval_s"] += time.perf_counter() - t0
+                wall["eval_s"] = round(time.perf_counter() - t0, 3)
             for role in algo.roles:
                 if role in entry or role in out.logs:
                     metrics = {"metrics": entry[role]} if role in entry else {}
-                    server.log_metrics(method=name, round=rnd, role=role, **out.logs.get(role, {}), **metrics)
+                    server.log_metrics(method=name, round=rnd, role=role, **wall, **out.logs.get(role, {}), **metrics)
             per_round.append(entry)
             ckpt.save(rnd, state, {"per_round": per_round, "timings": timings, "federation": fed.state_dict()})
         for role in algo.roles:

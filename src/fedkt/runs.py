@@ -26,6 +26,14 @@ def new_run_dir(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
     return Path("runs") / f"{cfg.name}-{stamp}"
 
 
+def set_threads(cfg: ExperimentConfig) -> None:
+    """``model.threads`` (0: torch's default) for this process's torch."""
+    if cfg.model.threads:
+        import torch
+
+        torch.set_num_threads(cfg.model.threads)
+
+
 def run_method(server: ServerContext, name: str) -> MethodResult:
     """Run one registered method on ``server``: its round algorithm through the round driver, or its
     one-shot procedure."""
@@ -41,6 +49,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False,
                    ) -> dict[str, Any]:
     """Run ``cfg``'s methods (in simulation, or on the runtime ``make_server(cfg, out)`` returns the server
     context and data summary of); returns the content of results.json."""
+    set_threads(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg_text = dump_toml(cfg)
     results_path = out / "results.json"

@@ -3,7 +3,8 @@
 Per round t: the server broadcasts the global adapter θᵗ; each client sets it, fine-tunes E local
 epochs on its private data and uploads its adapter with its example count; the server averages the
 adapters weighted by example count. A and B matrices are averaged separately (as FATE-LLM and most LoRA
-FL work do). With ``federation.secure_aggregation = true`` the server asks the federation for the weighted
+FL work do). With ``federation.secure_aggregation = true`` (FedAvg, and FedProx and FedCoLLM, which run
+their clients' rounds through :func:`fit_round`) the server asks the federation for the weighted
 mean itself (``Federation.aggregate``: SecAgg+ on Flower, so the server never sees a client's adapter; the
 plain mean in process); the arithmetic is the same up to SecAgg+'s quantisation.
 """
@@ -62,14 +63,13 @@ def fit_round(fed: Federation, global_state: dict[str, torch.Tensor], rnd: int, 
               meta: dict | None = None, weighting: str = "samples", secure: bool = False) -> dict[str, torch.Tensor]:
     """Steps 1–3 of a FedAvg round: broadcast, local training, aggregation weighted by example count
     (``weighting="samples"``) or by 1/K (``"uniform"``); ``secure``: by the federation's secure
-    aggregation (sample-weighted), so the server gets only the mean."""
+    aggregation (``Federation.aggregate``, same weights), so the server gets only the mean."""
     if weighting not in ("samples", "uniform"):
         raise ValueError(f"weighting must be 'samples' or 'uniform', got {weighting!r}")
     msg = Message(tensors=global_state, meta={"round": rnd, "epochs": epochs, **(meta or {})})
     if secure:
-        if weighting != "samples":
-            raise ValueError("secure aggregation weights by example count; weighting='uniform' is not supported with it")
-        agg = fed.aggregate("fit", {cid: msg for cid in fed.clients}, rnd, weight_key="num_examples")
+        agg = fed.aggregate("fit", {cid: msg for cid in fed.clients}, rnd,
+                            weight_key="num_examples" if weighting == "samples" else "")
         progress.log(f"round {rnd}: client train loss {({c: round(m['loss'], 4) for c, m in agg.meta.items()})} "
                      f"(securely aggregated over {len(agg.clients)} clients)")
         return agg.tensors

@@ -292,7 +292,8 @@ class FedCoLLM(RoundAlgorithm):
         cfg, kd = server.cfg, server.cfg.section("fedcollm")
         # 1–3: broadcast θᵗ, local fine-tuning, FedAvg
         t0 = time.perf_counter()
-        theta = fit_round(fed, state["slm"], rnd, cfg.train.epochs, weighting=kd.aggregation)
+        theta = fit_round(fed, state["slm"], rnd, cfg.train.epochs, weighting=kd.aggregation,
+                          secure=cfg.federation.secure_aggregation)
         t1 = time.perf_counter()
         client_s = fed.take_timing("fit")
         # 4: mutual knowledge transfer on Dᵃ

@@ -78,6 +78,9 @@ def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -
 
 
 def reply_weight(cid: str, reply: "Message", weight_key: str) -> float:
+    """The reply's weight ``reply.meta[weight_key]``; ``weight_key = ""``: 1 (every reply weighs the same)."""
+    if not weight_key:
+        return 1.0
     w = reply.meta.get(weight_key)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
         raise ValueError(f"client {cid} replied meta[{weight_key!r}] = {w!r}; an aggregated reply needs a "
@@ -214,7 +217,8 @@ class Federation(ABC):
     def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,
                   weight_key: str = "num_examples") -> Aggregate:
         """Run handler ``method`` on each addressed client and return only the weighted mean of the
-        replies' tensors (weight: ``reply.meta[weight_key]``), with each contributor's weight and meta.
+        replies' tensors (weight: ``reply.meta[weight_key]``; ``""``: the plain mean), with each
+        contributor's weight and meta.
 
         Runtimes with secure aggregation override this so that no individual reply's tensors reach the
         server; here (in-process simulation) it is the plain weighted mean of the replies."""

@@ -212,17 +212,24 @@ def register_node(public_key: str | Path, home: str | Path, connection: str = CO
                            f"{res.stdout}{res.stderr}")
 
 
-def toml_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
-
-
 def submit(app_dir: str | Path, home: str | Path, run_config: dict[str, Any] | None = None,
            connection: str = CONNECTION, bin_dir: Path | None = None) -> int:
-    """``flwr run APP CONNECTION``; returns the run id."""
+    """``flwr run APP CONNECTION``; returns the run id.
+
+    ``run_config`` goes to ``flwr`` as one TOML file (``--run-config FILE.toml``): its ``key=value``
+    form cannot carry a value holding a double quote or a newline (an experiment's TOML text)."""
+    import tempfile
+
+    import tomli_w
+
     args = ["run", str(app_dir), connection, "--format", "json"]
-    for k, v in (run_config or {}).items():
-        args += ["--run-config", f"{k}={toml_value(v)}"]
-    res = flwr(args, home, bin_dir=bin_dir)
+    Path(home).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home) as tmp:
+        if run_config:
+            path = Path(tmp) / "run-config.toml"
+            path.write_text(tomli_w.dumps(run_config))
+            args += ["--run-config", str(path)]
+        res = flwr(args, home, bin_dir=bin_dir)
     out = _json_out(res)
     if res.returncode != 0 or not out.get("success"):
         raise RuntimeError(f"flwr run failed (exit {res.returncode}): {res.stdout}{res.stderr}")

@@ -6,11 +6,14 @@ dependency installation, no telemetry, no update check) and a private ``FLWR_HOM
 ``config.toml`` names only this SuperLink (Flower's default config points ``flwr`` at a hosted
 SuperGrid; ours never does).
 
-Process hygiene: each SuperLink/SuperNode starts in its own session, so the SuperExec and the
-per-message ``flwr-serverapp``/``flwr-clientapp`` processes it spawns share its process group;
-:meth:`LocalFlowerDeployment.stop` signals exactly those groups (by the PIDs we started: SIGTERM,
-then SIGKILL after a grace period). Stopping only the SuperNode PID would leave its SuperExec
-running for several seconds.
+Process hygiene: each SuperLink/SuperNode starts in its own session, so the per-message
+``flwr-serverapp``/``flwr-clientapp`` processes share its process group, and so does a SuperNode's
+SuperExec; the SuperLink's SuperExec, though, is started by flwr in a session of its own (with the
+ServerApp processes it spawns in its group). :meth:`LocalFlowerDeployment.stop` signals the groups of
+the PIDs we started and the groups led by any of their descendants (found in ``/proc`` before the
+first signal): SIGTERM, then SIGKILL after a grace period. Stopping only the SuperNode PID would leave
+its SuperExec running for several seconds; stopping only the SuperLink's group left its SuperExec
+spawning ServerApps (on a loaded machine, for minutes).
 
 This module imports nothing from ``flwr``: it drives the installed CLIs (``flower-superlink``,
 ``flower-supernode``, ``flwr run``/``flwr ls``) found next to the running Python interpreter.
@@ -64,7 +67,7 @@ class LocalFlowerDeployment:
     """A SuperLink and one SuperNode per client id, on 127.0.0.1, in ``workdir``.
 
     ``client_files``: cid -> that client's file (node config ``fedkt-client-spec``); ``tls`` and
-    ``node_auth`` as in the module docstring."""
+    ``node_auth`` as in the module docstring; ``database`` and ``port`` to restart a SuperLink."""
 
     workdir: Path
     client_ids: list[str]
@@ -76,6 +79,9 @@ class LocalFlowerDeployment:
     tls: bool = False
     node_auth: bool = False
     client_files: dict[str, Path] = field(default_factory=dict)
+    database: Path | None = None
+    """SQLite file keeping the SuperLink's state (``--database``): a SuperLink restarted with the same file
+    (and ``port``) continues where the killed one stopped; default: in memory."""
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -111,7 +117,8 @@ class LocalFlowerDeployment:
                 flower_cli.make_certs(self.certs)
             ca = None if self.certs is None else self.certs / "ca.pem"
             flower_cli.write_connection(self.home, self.address, ca, name=CONNECTION)
-            link = self._spawn("superlink", flower_cli.superlink_argv(HOST, self.port, self.certs, self.node_auth))
+            link = self._spawn("superlink", flower_cli.superlink_argv(HOST, self.port, self.certs, self.node_auth,
+                                                                         self.database))
             _wait_port(HOST, self.port, link, timeout, "flower-superlink", self.workdir / "superlink.log")
             for cid in self.client_ids:
                 if self.node_auth:
@@ -165,9 +172,12 @@ class LocalFlowerDeployment:
             raise TimeoutError(f"{e}; logs in {self.workdir}") from e
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop every process group we started: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        """Stop every process group we started, and those its processes started in sessions of their own
+        (the SuperLink's SuperExec): SIGTERM, then SIGKILL after ``grace`` seconds."""
+        detached = _detached_groups([p.pid for p in self.procs.values() if p.poll() is None])
         for p in self.procs.values():
             _signal_group(p, signal.SIGTERM)
+        _signal_groups(detached, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for p in self.procs.values():
             try:
@@ -180,12 +190,48 @@ class LocalFlowerDeployment:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        _signal_groups(detached, signal.SIGKILL)
 
     def __enter__(self) -> "LocalFlowerDeployment":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _detached_groups(pids: list[int]) -> set[int]:
+    """Process groups led by a descendant of ``pids`` (read from Linux's ``/proc``; empty elsewhere)."""
+    parent: dict[int, int] = {}
+    group: dict[int, int] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return set()
+    for e in entries:
+        try:
+            stat = Path(f"/proc/{e}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        parent[int(e)], group[int(e)] = int(fields[1]), int(fields[2])
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(pids)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return {c for c in found if group.get(c) == c and c not in pids}
+
+
+def _signal_groups(groups: set[int], sig: int) -> None:
+    for g in groups:
+        try:
+            os.killpg(g, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:

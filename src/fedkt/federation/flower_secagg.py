@@ -35,7 +35,9 @@ vector are still in the sum; fewer than ``threshold`` live neighbours aborts the
 Precision: each client sends ``round(clip(wᵢ/W · tᵢ) …)`` on a grid of step ``2c/q`` (stochastic
 rounding, seeded per client and round here; ``c = clipping_range``, ``q = quantization_range``, ``W =
 max_weight``), so the mean is off by at most ``n · 2c/q / Σ (wᵢ/W)`` per coordinate
-(:func:`error_bound`); values outside ``[-c, c]`` (after the ``wᵢ/W`` scaling) are clipped.
+(:func:`error_bound`); values outside ``[-c, c]`` (after the ``wᵢ/W`` scaling) are clipped. The plain
+mean (``weight_key = ""``, FedCoLLM's ``aggregation = "uniform"``) sends every weight as ``W`` (ratio 1,
+the finest grid; values must lie in ``[-c, c]``) and reports each contributor's weight as 1.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 
 PAYLOAD_KEY, METHOD_KEY, SEED_KEY = "fedkt.payload", "fedkt.method", "fedkt.rounding_seed"
 META_KEY, LAYOUT_KEY = "fedkt.meta", "fedkt.layout"
+UNIFORM_KEY = "fedkt.uniform_weight"
 MODS = [secaggplus_mod]
 """The client mods of the secure ``train`` function (the ClientApp puts its error mod outside them)."""
 
@@ -124,7 +127,8 @@ def make_secure_train(run_handler: Callable[[str, Message, Context], Message],
         reply = run_handler(str(cfg[METHOD_KEY]), payload, context)
         from fedkt.federation.base import reply_weight
 
-        weight = reply_weight("this node", reply, weight_key)
+        # uniform (weight_key ""): every client weighs max_weight, the scale SecAgg+ quantises best
+        weight = reply_weight("this node", reply, weight_key) if weight_key else float(cfg[UNIFORM_KEY])
         names = sorted(reply.tensors)
         if not names:
             raise ValueError(f"handler {cfg[METHOD_KEY]!r} replied no tensors to aggregate")
@@ -246,7 +250,8 @@ def secure_aggregate(exchange: Callable[[list[FlMessage], float | None], list[Fl
         seed = (rounding_seeds or {}).get(node, 0)
         fitins[node] = FitIns(Parameters(tensors=[], tensor_type=""),
                               {PAYLOAD_KEY: codec.encode(payload), METHOD_KEY: method, SEED_KEY: seed,
-                               "fedkt.weight_key": weight_key})
+                               "fedkt.weight_key": weight_key,
+                               **({} if weight_key else {UNIFORM_KEY: float(settings.max_weight)})})
     strategy = _Strategy(fitins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: int(round)}),
                         MAIN_PARAMS_RECORD: ArrayRecord()})
@@ -276,7 +281,7 @@ def secure_aggregate(exchange: Callable[[list[FlMessage], float | None], list[Fl
     layout = None
     for node, fr in contributors_nodes.items():
         meta = json.loads(str(fr.metrics[META_KEY]))
-        contributors[node] = (float(fr.num_examples), meta)
+        contributors[node] = (float(fr.num_examples) if weight_key else 1.0, meta)
         lay = json.loads(str(fr.metrics[LAYOUT_KEY]))
         if layout is not None and lay != layout:
             raise ValueError(f"clients replied different tensor layouts to {method!r}; they cannot be averaged")
