@@ -10,8 +10,8 @@ node with its own client file and data file, a 2-round FedAvg experiment on a ti
   port from its ``--database`` file, the SuperNodes reconnect, and ``fedkt flower run --resume``
   continues from the checkpoint to the uninterrupted run's result.
 
-Slow (~3.5 min on 2 busy cores; far longer when another job saturates them: the limits allow 15 min per
-deployed run): every Flower message starts a fresh ``flwr-clientapp`` process that imports torch and
+Slow (3.5 min on 2 busy cores; 10 min measured while another job saturated them, and the limits allow
+15 min per deployed run): every Flower message starts a fresh ``flwr-clientapp`` process that imports torch and
 loads the model, SuperNodes poll every 3 s, and the test runs 3 deployed runs (5 rounds in all)."""
 
 import json
