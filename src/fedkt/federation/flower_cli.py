@@ -251,7 +251,10 @@ def wait_run(run_id: int, home: str | Path, timeout: float = 3600.0, poll: float
     while time.monotonic() < deadline:
         if check is not None:
             check()
-        status = run_status(run_id, home, connection, bin_dir)
+        try:
+            status = run_status(run_id, home, connection, bin_dir)
+        except subprocess.TimeoutExpired:
+            continue  # `flwr ls` itself took over its 120 s (a starved machine): ask again
         if status.startswith("finished"):
             return status
         time.sleep(poll)
@@ -260,7 +263,10 @@ def wait_run(run_id: int, home: str | Path, timeout: float = 3600.0, poll: float
 
 def run_log(run_id: int, home: str | Path, connection: str = CONNECTION, bin_dir: Path | None = None) -> str:
     """The ServerApp's log (``flwr log RUN_ID --show``)."""
-    res = flwr(["log", str(run_id), connection, "--show"], home, bin_dir=bin_dir, timeout=60)
+    try:
+        res = flwr(["log", str(run_id), connection, "--show"], home, bin_dir=bin_dir, timeout=120)
+    except subprocess.TimeoutExpired:
+        return f"(`flwr log {run_id}` did not answer within 120 s; the SuperLink's log has the details)"
     return res.stdout + res.stderr
 
 
