@@ -43,6 +43,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 import torch
 
 from fedkt import progress
+from fedkt.algorithms import fdkt
 from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
 from fedkt.algorithms.fedavg import fit_round
 from fedkt.config import check, check_positive
@@ -117,9 +118,7 @@ default here differs or is a documented decision; ``--set fedcollm.KEY=VALUE`` s
 
 # Clients do what FedAvg clients do (and, for ``aux_source = "fdkt"``, FDKT's DP synthesis); everything
 # new happens on the server.
-from fedkt.algorithms.fdkt import CLIENT_HANDLERS as FDKT_CLIENT_HANDLERS  # noqa: E402
-
-HANDLERS = {**FEDAVG_HANDLERS, **FDKT_CLIENT_HANDLERS}
+HANDLERS = {**FEDAVG_HANDLERS, **fdkt.CLIENT_HANDLERS}
 
 
 def check_shared_vocabulary(slm_tok, llm_tok, slm, llm) -> None:
@@ -277,8 +276,6 @@ class FedCoLLM(RoundAlgorithm):
         check_shared_vocabulary(server.slm.tokenizer, server.llm.tokenizer, server.slm.model, server.llm.model)
         self.aux, self.synthesis = server.aux, None
         if server.cfg.section("fedcollm").aux_source == "fdkt":
-            from fedkt.algorithms import fdkt
-
             syn = fdkt.synthesize(server, fed, server.cfg.section("fdkt"), rnd=1,
                                   cache=server.out / "fedcollm" / "synthetic_aux.json")
             if not syn.examples:
