@@ -134,3 +134,47 @@ def test_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs, data_d
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
     assert results[False]["per_round"] == results[True]["per_round"]
     assert results[False]["comm"] == results[True]["comm"]
+
+
+def test_fedcot_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs, data_dir, monkeypatch):
+    """FedCoT with federation.secure_aggregation: the clients' trained adapters reach the server only as
+    their mean (``Federation.aggregate`` of ``decode_train``; plain runs collect the replies by ``call``),
+    and in process the result is the same bit for bit (text rounds are unchanged)."""
+    from test_fedcot import fedcot_config
+
+    from fedkt.federation.base import Federation
+    from fedkt.models import load_adapter_state
+    from fedkt.runs import run_experiment
+
+    monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))
+    results, used = {}, {}
+    for secure in (False, True):
+        cfg = fedcot_config(tmp_path / str(secure), model_dirs, data_dir, **{
+            "federation.secure_aggregation": str(secure).lower(), "eval.every_round": "false"})
+        seen: list[tuple[str, str]] = []
+        call, aggregate = Federation.call, Federation.aggregate
+
+        def spy_call(fed, method, payloads, round=0, metered=True, _seen=seen, _call=call):
+            _seen.append(("call", method))
+            return _call(fed, method, payloads, round, metered)
+
+        def spy_aggregate(fed, method, payloads, round=0, weight_key="num_examples", _seen=seen, _agg=aggregate):
+            _seen.append(("aggregate", method))
+            return _agg(fed, method, payloads, round, weight_key)
+
+        monkeypatch.setattr(Federation, "call", spy_call)
+        monkeypatch.setattr(Federation, "aggregate", spy_aggregate)
+        # equal-length run directories: the encode message names the text-DP kit's path under the run
+        results[secure] = run_experiment(cfg, tmp_path / f"run-{int(secure)}")["methods"]["fedcot"]
+        monkeypatch.setattr(Federation, "call", call)
+        monkeypatch.setattr(Federation, "aggregate", aggregate)
+        used[secure] = [s for s in seen if s[1] in ("encode", "decode_train")]
+    assert used[False] == [("call", "encode"), ("call", "decode_train"), ("call", "decode_train")]
+    # LocalFederation.aggregate collects the replies through call, inside the federation
+    assert used[True] == [("call", "encode"), ("aggregate", "decode_train"), ("call", "decode_train"),
+                          ("aggregate", "decode_train"), ("call", "decode_train")]
+    a = load_adapter_state(tmp_path / "run-0" / "adapters" / "fedcot" / "slm")
+    b = load_adapter_state(tmp_path / "run-1" / "adapters" / "fedcot" / "slm")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert results[False]["slm"] == results[True]["slm"]
+    assert results[False]["comm"] == results[True]["comm"]

@@ -250,11 +250,16 @@ class FedCoT(RoundAlgorithm):
                                    "empty": sum(1 for t in texts.values() for x in t if not x.strip())}
             entry["audit"] = self.audit(server, fed)
         t2 = time.perf_counter()
-        replies = fed.call("decode_train", {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta)
-                                            for c in fed.clients}, rnd)
+        payloads = {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta) for c in fed.clients}
+        if server.cfg.federation.secure_aggregation:  # the server gets only the mean (Flower: SecAgg+)
+            agg = fed.aggregate("decode_train", payloads, rnd, weight_key="num_examples")
+            theta, losses = agg.tensors, {c: m["loss"] for c, m in agg.meta.items()}
+        else:
+            replies = fed.call("decode_train", payloads, rnd)
+            theta = aggregate([r.tensors for r in replies.values()], [r.meta["num_examples"] for r in replies.values()])
+            losses = {c: r.meta["loss"] for c, r in replies.items()}
         client_s = fed.take_timing("decode_train")
-        theta = aggregate([r.tensors for r in replies.values()], [r.meta["num_examples"] for r in replies.values()])
-        progress.log(f"round {rnd}: client train loss " + str({c: round(r.meta['loss'], 4) for c, r in replies.items()}))
+        progress.log(f"round {rnd}: client train loss " + str({c: round(v, 4) for c, v in losses.items()}))
         timings.update(client_train_s=client_s, aggregate_s=time.perf_counter() - t2 - client_s)
         return RoundOutcome({"slm": theta}, entry=entry, timings=timings)
 
