@@ -11,7 +11,7 @@ import torch
 from fedkt.algorithms import fdkt
 from fedkt.clustering import kmeans, mean_pooled_embeddings
 from fedkt.config import ConfigError, load_config
-from fedkt.data.synthetic import ParseStats, make_mc, read_indices, render_mc
+from fedkt.data.synthetic import ParseStats, fill_mc_template, make_mc, parse_mc, read_indices, render_mc
 from fedkt.fdkt_server import augment, filter_clusters, validate_generated
 from fedkt.models import load_model
 from fedkt.runs import run_experiment
@@ -219,11 +219,64 @@ def test_dp_training_text_and_sampling_plan():
         ("openbookqa", "C")]
 
 
+def test_fill_mc_template_writes_field_by_field():
+    """The model writes only field contents: the question line, each choice after its label, the answer
+    letter unless given; every call sees the template so far and stops at the end of the line."""
+    seen = []
+
+    def complete(prompts, max_new, stop, tag):
+        seen.append((tag, max_new, stop, list(prompts)))
+        if tag == "question":
+            return [" Which gas  do plants\ttake in?", ""]  # runs of whitespace normalised; an empty question
+        if tag == "answer":
+            return [" (B)"]
+        return [f" {tag[-1].lower()}gas " for _ in prompts]
+
+    out = fill_mc_template(complete, ["P1 Question:", "P2 Question:"], answers=[None, "C"], n_choices=3,
+                           question_tokens=40, choice_tokens=9)
+    assert out == [" Which gas do plants take in?\nA. agas\nB. bgas\nC. cgas\nAnswer: (B)",
+                   " \nA. agas\nB. bgas\nC. cgas\nAnswer: C"]
+    assert [t for t, *_ in seen] == ["question", "choice-A", "choice-B", "choice-C", "answer"]
+    assert seen[0][1:] == (40, ["\n"], ["P1 Question:", "P2 Question:"])
+    assert seen[2][1] == 9 and seen[2][3][0] == "P1 Question: Which gas do plants take in?\nA. agas\nB."
+    assert seen[4][1:] == (3, ["\n"], ["P1 Question: Which gas do plants take in?\nA. agas\nB. bgas\nC. cgas\nAnswer:"])
+    ex = parse_mc("Question:" + out[0], task="arc_easy")
+    assert ex.question == "Which gas do plants take in?" and ex.choices == ("agas", "bgas", "cgas") and ex.answer == 1
+    stats = ParseStats()
+    assert parse_mc("Question:" + out[1], stats=stats) is None and stats.rejected  # empty question: rejected
+    assert fill_mc_template(complete, []) == []
+    with pytest.raises(ValueError, match="2 answers for 1 prompts"):
+        fill_mc_template(complete, ["Question:"], answers=["A", "B"])
+
+
+def test_augment_with_template_sampling():
+    """The LLM fills the template: as many choices as the shots show, its own answer letter (greedy)."""
+    kept = [mc("Which gas do plants take in?"), mc("What do roots absorb?")]
+
+    def answer(p, i):
+        if p.endswith("Answer:"):
+            return " D"
+        if p.endswith("Question:"):
+            return f" Brand new question {i}?"
+        return f" {p[-2].lower()} option"
+
+    gen = Scripted(answer)
+    valid, st = augment(gen, kept, ["arc_easy"], per_kept=1.0, shots=2, seed=5, temperature=0.7,
+                        sampling="template", question_tokens=30, choice_tokens=8)
+    assert st.prompts == 2 and len(valid) == 2 and st.validation.accepted == 2
+    assert all(e.choices == ("a option", "b option", "c option", "d option") and e.answer == 3 for e in valid)
+    assert [c["temperature"] for c in gen.calls] == [0.7, 0.7, 0.7, 0.7, 0.7, 0.0]  # the answer: greedy
+    assert len({c["seed"] for c in gen.calls}) == 6
+    with pytest.raises(ValueError, match="sampling must be"):
+        augment(gen, kept, ["arc_easy"], 1.0, 2, seed=5, sampling="bogus")
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def fdkt_config(tmp_path, model_dirs, data_dir, methods=("fdkt",), **extra):
+    # free sampling: the scripted models below write whole examples (template sampling has its own tests)
     base = {"fdkt.samples_per_client": 6, "fdkt.sample_tokens": 24, "fdkt.dp_batch_size": 8, "fdkt.dp_epochs": 1.0,
             "fdkt.augment_tokens": 24, "federation.rounds": 1, "partition.num_clients": 2,
-            "train.max_steps": 2}
+            "train.max_steps": 2, "fdkt.sampling": '"free"', "fdkt.augment_sampling": '"free"'}
     base.update(extra)
     if "fedcollm" not in methods:  # tiny_config adds model.llm for fedcollm itself
         base["llm"] = True
@@ -266,6 +319,41 @@ def test_end_to_end_epsilon_is_the_accountants_and_canaries_never_leave(tmp_path
     assert res["slm"] == out["methods"]["standalone"]["slm"] and res["slm"]["arc_easy"]["n"] == 12
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## FDKT: privacy and synthetic data" in report and "| client0 | 1 | " in report
+
+
+def test_template_sampling_end_to_end(tmp_path, model_dirs, data_dir, recorded, monkeypatch):
+    """Template sampling through the registry: the clients' DP model is asked field by field (its outputs
+    scripted here: a random tiny model writes invalid UTF-8), each sample carries the answer letter of the
+    sampling plan, the seeds differ per client and field, and only the samples leave a client."""
+    import fedkt.generate
+
+    plant_canary(data_dir)
+    calls = []
+
+    def scripted(model, tok, prompts, max_new_tokens=128, batch_size=16, do_sample=False, temperature=1.0,
+                 top_p=1.0, top_k=0, seed=0, stop=(), desc=""):
+        calls.append((desc, seed, max_new_tokens, tuple(stop)))
+        tag = desc.split()[-1]
+        if tag == "question":
+            return [f" Which thing {desc.split()[0]} {i} is a gas?" for i in range(len(prompts))]
+        return [f" {tag[-1].lower()}{i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(fedkt.generate, "generate", scripted)
+    cfg = fdkt_config(tmp_path, model_dirs, data_dir, **{
+        "fdkt.sampling": '"template"', "fdkt.question_tokens": 6, "fdkt.choice_tokens": 3,
+        "fdkt.filter": '"none"', "fdkt.augment_per_kept": 0})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fdkt"]
+    st = res["fdkt"]["stages"]
+    assert (st["generated"], st["parsed"], st["final"]) == (12, 12, 12)
+    assert all(pc["label_agree"] == 6 for pc in st["per_client"].values())
+    synth = [m for method, _, m in recorded if method == "synthesize"]
+    for m in synth:
+        exs = [parse_mc(t) for t in m.texts]
+        assert ["ABCD"[e.answer] for e in exs] == ["A", "B", "C", "D", "A", "B"]  # sampling_plan's letters
+        assert exs[1].choices == ("a1", "b1", "c1", "d1") and exs[1].question.endswith("1 is a gas?")
+    assert [c[2:] for c in calls[:5]] == [(6, ("\n",))] + [(3, ("\n",))] * 4
+    assert len(calls) == 10 and len({c[1] for c in calls}) == 10, calls  # 2 clients x 5 fields, each its own seed
+    assert scan(recorded) == []
 
 
 def test_canary_scan_sees_a_memorising_model(tmp_path, model_dirs, data_dir, recorded, monkeypatch):

@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from fedkt.data.synthetic import ParseStats, normalize, parse_mc, read_indices, render_mc
+from fedkt.data.synthetic import ParseStats, fill_mc_template, normalize, parse_mc, read_indices, render_mc
 from fedkt.data.tasks import Example
 from fedkt.seeds import derive_seed
 
@@ -158,9 +158,11 @@ class AugmentStats:
 
 
 def augment(gen, kept: Sequence[Example], tasks: Sequence[str], per_kept: float, shots: int, seed: int,
-            max_new_tokens: int = 160, temperature: float = 0.7, n_samples: int = 3
-            ) -> tuple[list[Example], AugmentStats]:
-    """New examples written by the LLM from few-shot prompts of kept samples, validated and de-duplicated."""
+            max_new_tokens: int = 160, temperature: float = 0.7, n_samples: int = 3, sampling: str = "free",
+            question_tokens: int = 64, choice_tokens: int = 24) -> tuple[list[Example], AugmentStats]:
+    """New examples written by the LLM from few-shot prompts of kept samples, validated and de-duplicated.
+    ``sampling = "template"``: the LLM fills the template field by field (``fill_mc_template``; as many
+    choices as the shots' longest list, the answer letter its own pick); ``"free"``: one continuation."""
     stats = AugmentStats()
     prompts: list[str] = []
     plan: list[tuple[str, list[Example]]] = []
@@ -177,8 +179,24 @@ def augment(gen, kept: Sequence[Example], tasks: Sequence[str], per_kept: float,
     stats.prompts = len(prompts)
     if not prompts:
         return [], stats
-    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, stop=AUGMENT_STOP, temperature=temperature,
-                        seed=derive_seed(seed, "fdkt-augment"))
+    if sampling == "template":
+        outs = [""] * len(prompts)
+        by_n: dict[int, list[int]] = {}
+        for j, (_, chosen) in enumerate(plan):
+            by_n.setdefault(max(len(e.choices) for e in chosen), []).append(j)
+        for n, idx in sorted(by_n.items()):
+            def complete(ps, max_new, stop, tag, n=n):
+                return gen.generate(ps, max_new_tokens=max_new, stop=stop, temperature=0.0 if tag == "answer" else temperature,
+                                    seed=derive_seed(seed, "fdkt-augment", n, tag))
+
+            for j, o in zip(idx, fill_mc_template(complete, [prompts[j] for j in idx], n_choices=n,
+                                                  question_tokens=question_tokens, choice_tokens=choice_tokens)):
+                outs[j] = o
+    elif sampling == "free":
+        outs = gen.generate(prompts, max_new_tokens=max_new_tokens, stop=AUGMENT_STOP, temperature=temperature,
+                            seed=derive_seed(seed, "fdkt-augment"))
+    else:
+        raise ValueError(f"sampling must be 'template' or 'free', got {sampling!r}")
     stats.raw_samples = [o[:400] for o in outs[:n_samples]]
     seen = {question_key(e) for e in kept}
     valid = []

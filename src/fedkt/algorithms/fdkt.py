@@ -47,7 +47,7 @@ from fedkt import progress
 from fedkt.clients import ClientContext
 from fedkt.config import check, check_positive
 from fedkt.data.collate import make_sft_example
-from fedkt.data.synthetic import LETTERS, ParseStats, parse_mc, render_mc
+from fedkt.data.synthetic import LETTERS, ParseStats, fill_mc_template, parse_mc, render_mc
 from fedkt.data.tasks import GENERATION_TASKS, Example
 from fedkt.federation.base import Message
 from fedkt.fdkt_server import augment, filter_clusters, question_key, topic
@@ -75,7 +75,16 @@ class FDKTConfig:
     dp_lr: float = 1e-3
     samples_per_client: int = 64
     """Synthetic samples each client draws from its DP model."""
+    sampling: Literal["template", "free"] = "template"
+    """How the DP model writes a sample: ``"template"`` fills the template field by field (question line,
+    then each choice after its label, the answer letter from the sampling plan:
+    ``fedkt.data.synthetic.fill_mc_template``); ``"free"``: one free continuation of the prefix, parsed."""
+    question_tokens: int = 64
+    """Template sampling: at most this many tokens for the question line."""
+    choice_tokens: int = 24
+    """Template sampling: at most this many tokens per choice."""
     sample_tokens: int = 128
+    """Free sampling: at most this many tokens per sample."""
     temperature: float = 1.0
     top_p: float = 0.95
     filter: Literal["llm", "none"] = "llm"
@@ -91,7 +100,11 @@ class FDKTConfig:
     """Augmentation prompts per kept sample (0: no augmentation)."""
     shots: int = 3
     augment_tokens: int = 160
+    """Free augmentation: at most this many tokens per new example."""
     augment_temperature: float = 0.7
+    augment_sampling: Literal["template", "free"] = "template"
+    """How the LLM writes a new example: field by field in the template (question, choices, then the
+    answer letter it picks), or one free continuation, parsed."""
     synthetic_set: Literal["kept+augmented", "augmented"] = "kept+augmented"
     """What the clients train on: the filtered DP samples plus the LLM's new ones, or the new ones only."""
     train_on: Literal["private+synthetic", "synthetic"] = "private+synthetic"
@@ -104,7 +117,7 @@ class FDKTConfig:
             check(e > 0, f"client_epsilons[{i}] must be > 0, got {e}")
         check(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         check_positive(self, "max_grad_norm", "dp_epochs", "dp_batch_size", "dp_lr", "samples_per_client",
-                       "sample_tokens", "temperature", "cluster_size", "filter_batch", "shots", "augment_tokens",
+                       "sample_tokens", "question_tokens", "choice_tokens", "temperature", "cluster_size", "filter_batch", "shots", "augment_tokens",
                        "gen_batch_size")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.augment_per_kept >= 0, f"augment_per_kept must be >= 0, got {self.augment_per_kept}")
@@ -136,9 +149,18 @@ PUBLIC_DP_FIELDS = ("epsilon_spent", "target_epsilon", "delta", "noise_multiplie
 
 # ---------------------------------------------------------------------------------------------- client
 def sample_generations(model, tok, prompts: list[str], meta: dict, seed: int, desc: str) -> list[str]:
-    """Step 1b: sample continuations of the prefixes from the DP model."""
+    """Step 1b: sample continuations of the prefixes from the DP model: the template filled field by field
+    (answer = the letter of the sampling plan, ``meta["letters"]``), or free continuations."""
     from fedkt.generate import generate
 
+    def complete(ps: list[str], max_new_tokens: int, stop: list[str], tag: str) -> list[str]:
+        return generate(model, tok, ps, max_new_tokens=max_new_tokens, batch_size=meta["gen_batch_size"],
+                        do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"],
+                        seed=derive_seed(seed, tag), stop=stop, desc=f"{desc} {tag}")
+
+    if meta.get("sampling", "free") == "template":
+        return fill_mc_template(complete, prompts, meta["letters"], question_tokens=meta["question_tokens"],
+                                choice_tokens=meta["choice_tokens"])
     return generate(model, tok, prompts, max_new_tokens=meta["sample_tokens"], batch_size=meta["gen_batch_size"],
                     do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"], seed=seed, stop=STOP,
                     desc=desc)
@@ -171,8 +193,8 @@ def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
     ctx.state.tensors["dp_adapter"] = get_adapter_state(model)  # client-owned; never sent
     t1 = time.perf_counter()
     plan = sampling_plan(list(m["tasks"]), int(m["samples"]))
-    raw = sample_generations(model, tok, [synth_prefix(t, l) for t, l in plan], m, ctx.secret_seed_for("fdkt-sample"),
-                             desc=f"{ctx.cid} sample")
+    raw = sample_generations(model, tok, [synth_prefix(t, l) for t, l in plan], {**m, "letters": [l for _, l in plan]},
+                             ctx.secret_seed_for("fdkt-sample"), desc=f"{ctx.cid} sample")
     t2 = time.perf_counter()
     pstats = ParseStats()
     texts, tasks, seen, agree = [], [], set(), 0
@@ -311,6 +333,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     eps = client_epsilons(cfg, list(fed.clients))
     meta = {"delta": cfg.delta, "max_grad_norm": cfg.max_grad_norm, "dp_epochs": cfg.dp_epochs,
             "dp_batch_size": cfg.dp_batch_size, "dp_lr": cfg.dp_lr, "samples": cfg.samples_per_client,
+            "sampling": cfg.sampling, "question_tokens": cfg.question_tokens, "choice_tokens": cfg.choice_tokens,
             "sample_tokens": cfg.sample_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
             "gen_batch_size": cfg.gen_batch_size, "tasks": tasks, "samples_in_report": k_show}
     replies = fed.call("synthesize", {c: Message(meta={**meta, "epsilon": e}) for c, e in eps.items()}, rnd)
@@ -355,7 +378,9 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     if kept and cfg.augment_per_kept > 0:
         augmented, astats = augment(gen, kept, tasks, cfg.augment_per_kept, cfg.shots,
                                     seed=derive_seed(server.cfg.seed, "fdkt-augment"), max_new_tokens=cfg.augment_tokens,
-                                    temperature=cfg.augment_temperature, n_samples=k_show)
+                                    temperature=cfg.augment_temperature, n_samples=k_show,
+                                    sampling=cfg.augment_sampling, question_tokens=cfg.question_tokens,
+                                    choice_tokens=cfg.choice_tokens)
     timings["augment_s"] = time.perf_counter() - t2
     final = (kept if cfg.synthetic_set == "kept+augmented" else []) + augmented
     stages = {"generated": sum(p["generated"] for p in per_client.values()),

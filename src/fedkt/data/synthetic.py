@@ -43,6 +43,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from fedkt.data.tasks import Example
 
@@ -150,6 +151,44 @@ def render_mc(ex: Example) -> str:
     lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.choices)]
     lines.append(f"Answer: {LETTERS[ex.answer]}")
     return "\n".join(lines)
+
+
+Complete = Callable[[list[str], int, list[str], str], list[str]]
+"""``complete(prompts, max_new_tokens, stop, tag)``: one continuation per prompt, cut at the first stop
+string; ``tag`` names the step (``"question"``, ``"choice-A"``, ..., ``"answer"``) for seeding."""
+
+
+def fill_mc_template(complete: Complete, prompts: Sequence[str], answers: Sequence[str | None] | None = None,
+                     n_choices: int = 4, question_tokens: int = 64, choice_tokens: int = 24) -> list[str]:
+    """Template-guided generation: a model writes each field of ``render_mc``'s template in turn.
+
+    Each prompt ends with ``Question:``. The model continues it up to the end of the line (the
+    question), then each choice after the template's own label (``A.``, ``B.``, ...; one line each), then
+    the answer after ``Answer:`` unless ``answers[i]`` gives the letter (FDKT's clients condition each
+    sample on its answer letter, so the template writes it). The template, the line structure and the
+    labels are fixed; only field contents come from the model, so a small model's samples fail only on
+    content (an empty or repeated field, a template marker inside a field), which ``parse_mc`` still
+    checks. Returns each filled template without its leading ``Question:`` (what a free-running model
+    would have written after the prompt), one generation call per field for all prompts together.
+    """
+    if not 1 <= n_choices <= len(LETTERS):
+        raise ValueError(f"n_choices must be in 1..{len(LETTERS)}, got {n_choices}")
+    prompts = list(prompts)
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    bodies = [" " + normalize(q) for q in complete(prompts, question_tokens, ["\n"], "question")]
+    for i in range(n_choices):
+        label = LETTERS[i]
+        outs = complete([p + b + f"\n{label}." for p, b in zip(prompts, bodies)], choice_tokens, ["\n"],
+                        f"choice-{label}")
+        bodies = [b + f"\n{label}. " + normalize(o) for b, o in zip(bodies, outs)]
+    todo = [j for j in range(len(prompts)) if answers is None or answers[j] is None]
+    written = dict(zip(todo, complete([prompts[j] + bodies[j] + "\nAnswer:" for j in todo], 3, ["\n"], "answer")
+                           if todo else []))
+    return [b + "\nAnswer: " + (normalize(written[j]) if j in written else str(answers[j]))  # type: ignore[index]
+            for j, b in enumerate(bodies)]
 
 
 def _answer_index(value: str, choices: list[str]) -> tuple[int | None, str | None]:
