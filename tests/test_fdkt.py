@@ -115,6 +115,29 @@ ADVERSARIAL = ["", " ", "1.5", "1,000", "0", "-1", "11", "None, 1", "all but 2",
                "eligible: 1, 3\nreason: because", "I think 2", "**2**", "(1)", "1;2;3", "none\n1"]
 
 
+def test_scored_filter_keeps_each_clusters_best_margins(model_dirs):
+    """filter = "score": margin = log p(Yes) − log p(No) of each sample's eligibility prompt (checked against
+    the scorer called directly), each cluster keeps its ⌈keep × size⌉ best."""
+    from fedkt.backends import HFGenerator
+    from fedkt.evaluate import loglikelihoods
+    from fedkt.fdkt_server import filter_scored, score_prompt
+
+    model, tok = load_model(str(model_dirs["llm"]))
+    gen = HFGenerator(model, tok)
+    pool = POOL[:7]
+    clusters = [[0, 3, 5], [1, 2], [4, 6]]
+    kept, st = filter_scored(gen, model, tok, pool, clusters, keep=0.5, batch_size=4)
+    lls = [loglikelihoods(model, tok, [(score_prompt(gen, e), " Yes"), (score_prompt(gen, e), " No")]) for e in pool]
+    margin = [y - n for y, n in lls]
+    expect = sorted(sorted(c, key=lambda i: -margin[i])[:k] for c, k in zip(clusters, (2, 1, 1)))
+    assert kept == sorted(i for c in expect for i in c) and st.kept == 4 and st.prompts == 7
+    assert st.margins["mean"] == pytest.approx(sum(margin) / 7, abs=1e-4)
+    assert "Answer: B" in score_prompt(gen, pool[0]) and score_prompt(gen, pool[0]).endswith("Reply Yes or No.\nAssistant:")
+    assert filter_scored(gen, model, tok, [], [], keep=1.0)[0] == []
+    with pytest.raises(ValueError, match="keep must be in"):
+        filter_scored(gen, model, tok, pool, clusters, keep=0)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_filter_fuzz_no_exception_and_nothing_unreadable_passes(seed):
     rng = random.Random(seed)
@@ -276,7 +299,8 @@ def fdkt_config(tmp_path, model_dirs, data_dir, methods=("fdkt",), **extra):
     # free sampling: the scripted models below write whole examples (template sampling has its own tests)
     base = {"fdkt.samples_per_client": 6, "fdkt.sample_tokens": 24, "fdkt.dp_batch_size": 8, "fdkt.dp_epochs": 1.0,
             "fdkt.augment_tokens": 24, "federation.rounds": 1, "partition.num_clients": 2,
-            "train.max_steps": 2, "fdkt.sampling": '"free"', "fdkt.augment_sampling": '"free"'}
+            "train.max_steps": 2, "fdkt.sampling": '"free"', "fdkt.augment_sampling": '"free"',
+            "fdkt.filter": '"llm"'}
     base.update(extra)
     if "fedcollm" not in methods:  # tiny_config adds model.llm for fedcollm itself
         base["llm"] = True

@@ -10,6 +10,10 @@ untrusted input:
   answer is read by :func:`fedkt.data.synthetic.read_indices`. An answer that cannot be read with
   certainty keeps *nothing* from that prompt and is counted as malformed; "None" keeps nothing and is
   counted as such. Greedy decoding: the judgement is deterministic.
+* **Scored filter** (:func:`filter_scored`). The same judgement read from the LLM's likelihoods instead
+  of its text: each sample is one yes/no question, scored by log p(Yes) − log p(No), and each cluster
+  keeps its best ⌈keep × size⌉ samples. Nothing to parse, so a small LLM that cannot write a list of
+  numbers (SmolLM2-135M: every list answer malformed) still ranks the samples. Local LLMs only.
 * **Augment** (:func:`augment`). For each task, ``ceil(per_kept × kept)`` prompts, each showing
   ``shots`` kept samples of that task drawn with a seeded RNG, ask the LLM for one new question in the
   same format (the prompt ends with ``Question:``, so the answer starts in the template). Each output is
@@ -74,6 +78,8 @@ class FilterStats:
     answered_none: int = 0
     kept: int = 0
     malformed_samples: list[str] = field(default_factory=list)
+    margins: dict = field(default_factory=dict)
+    """Scored filter: log p(Yes) − log p(No) over the candidates (mean, min, max, positive count, kept mean)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -103,6 +109,44 @@ def filter_clusters(gen, examples: Sequence[Example], clusters: Sequence[Sequenc
         kept += [ch[j] for j in sel]
     kept.sort()
     stats.kept = len(kept)
+    return kept, stats
+
+
+def score_prompt(gen, ex: Example) -> str:
+    user = (f"Candidate question for a {topic(ex.task)} test:\n\n{render_mc(ex)}\n\nIs it eligible: the question is "
+            f"clear and on topic, exactly one of its choices is correct, and its Answer line names that choice? "
+            f"Reply Yes or No.")
+    return gen.chat_prompt(FILTER_SYSTEM, user)
+
+
+def filter_scored(gen, model, tok, examples: Sequence[Example], clusters: Sequence[Sequence[int]],
+                  keep: float = 0.5, batch_size: int = 16) -> tuple[list[int], FilterStats]:
+    """Indices (ascending) kept by the LLM's *likelihood* judgement: each sample is put to the LLM as a
+    yes/no question (``score_prompt``), its margin is log p(Yes) − log p(No) (no text to parse, so no
+    malformed answer), and each cluster keeps its ⌈``keep`` × size⌉ samples of highest margin (ties:
+    the earlier sample). Every cluster contributes (diversity, as in the list filter); which of its
+    samples it contributes is the LLM's judgement. Needs the LLM's weights (a local model)."""
+    from fedkt.evaluate import loglikelihoods
+
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    stats = FilterStats(candidates=len(examples), clusters=len(clusters), prompts=len(examples))
+    if not examples:
+        return [], stats
+    prompts = [score_prompt(gen, e) for e in examples]
+    # a chat template ends the prompt with the assistant header (a newline); plain "Assistant:" wants a space
+    lls = loglikelihoods(model, tok, [(p, c if p[-1:].isspace() else " " + c) for p in prompts for c in ("Yes", "No")],
+                         batch_size=batch_size, desc="fdkt filter (scored)")
+    margins = [lls[2 * i] - lls[2 * i + 1] for i in range(len(examples))]
+    kept: list[int] = []
+    for c in clusters:
+        ranked = sorted(c, key=lambda i: (-margins[i], i))
+        kept += ranked[:math.ceil(keep * len(c))]
+    kept.sort()
+    stats.kept = len(kept)
+    stats.margins = {"mean": sum(margins) / len(margins), "positive": sum(m > 0 for m in margins),
+                     "min": min(margins), "max": max(margins),
+                     "kept_mean": sum(margins[i] for i in kept) / max(1, len(kept))}
     return kept, stats
 
 

@@ -50,7 +50,7 @@ from fedkt.data.collate import make_sft_example
 from fedkt.data.synthetic import LETTERS, ParseStats, fill_mc_template, parse_mc, render_mc
 from fedkt.data.tasks import GENERATION_TASKS, Example
 from fedkt.federation.base import Message
-from fedkt.fdkt_server import augment, filter_clusters, question_key, topic
+from fedkt.fdkt_server import augment, filter_clusters, filter_scored, question_key, topic
 from fedkt.models import get_adapter_state, save_adapter
 from fedkt.registry import MethodSpec, register
 from fedkt.results import MethodResult
@@ -87,8 +87,14 @@ class FDKTConfig:
     """Free sampling: at most this many tokens per sample."""
     temperature: float = 1.0
     top_p: float = 0.95
-    filter: Literal["llm", "none"] = "llm"
-    """"none": keep every parsed sample (ablation of step 2)."""
+    filter: Literal["auto", "score", "llm", "none"] = "auto"
+    """How the LLM picks the eligible samples of each cluster: ``"score"``: each sample's log p(Yes) −
+    log p(No) to an eligibility question, the best ``filter_keep`` fraction per cluster (needs a local
+    LLM); ``"llm"``: the LLM lists the eligible samples' numbers, parsed (malformed = keep nothing);
+    ``"auto"``: "score" with a local LLM, "llm" with an ``openai:`` server; ``"none"``: keep every parsed
+    sample (ablation of step 2)."""
+    filter_keep: float = 0.5
+    """Scored filter: fraction of each cluster kept (rounded up)."""
     cluster_size: int = 8
     """k-means uses k = ceil(samples / cluster_size) clusters."""
     filter_batch: int = 8
@@ -122,6 +128,7 @@ class FDKTConfig:
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.augment_per_kept >= 0, f"augment_per_kept must be >= 0, got {self.augment_per_kept}")
         check(self.augment_temperature >= 0, f"augment_temperature must be >= 0, got {self.augment_temperature}")
+        check(0 < self.filter_keep <= 1, f"filter_keep must be in (0, 1], got {self.filter_keep}")
         check(self.samples_in_report >= 0, f"samples_in_report must be >= 0, got {self.samples_in_report}")
 
 
@@ -356,17 +363,27 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
             pool.append(ex)
     # 2: embed, cluster, LLM filter
     t1 = time.perf_counter()
-    gen = llm_generator(server, cfg) if (cfg.filter == "llm" or cfg.augment_per_kept > 0) and pool else None
-    fstats: dict = {"candidates": len(pool)}
-    if pool and cfg.filter == "llm":
+    mode = cfg.filter
+    if mode == "auto":
+        mode = "llm" if server.cfg.model.llm.startswith("openai:") else "score"
+    if mode == "score" and server.cfg.model.llm.startswith("openai:"):
+        raise ValueError("fdkt.filter = 'score' reads the LLM's likelihoods and needs a local LLM; with an openai: "
+                         "server use filter = 'llm' (or 'auto')")
+    gen = llm_generator(server, cfg) if (mode != "none" or cfg.augment_per_kept > 0) and pool else None
+    fstats: dict = {"candidates": len(pool), "mode": mode}
+    if pool and mode != "none":
         model, tok = embedder(server, cfg)
         x = mean_pooled_embeddings(model, tok, [render_mc(e) for e in pool], batch_size=cfg.gen_batch_size,
                                    max_length=server.cfg.train.max_length)
         km = kmeans(x, math.ceil(len(pool) / cfg.cluster_size), seed=derive_seed(server.cfg.seed, "fdkt-kmeans"))
         timings["embed_cluster_s"] = time.perf_counter() - t1
         t1b = time.perf_counter()
-        keep_idx, fs = filter_clusters(gen, pool, km.clusters(), batch=cfg.filter_batch, n_samples=k_show)
-        fstats = {**fs.to_dict(), "kmeans_iterations": km.iterations}
+        if mode == "score":
+            keep_idx, fs = filter_scored(gen, server.llm.use(None), server.llm.tokenizer, pool, km.clusters(),
+                                         keep=cfg.filter_keep, batch_size=cfg.gen_batch_size)
+        else:
+            keep_idx, fs = filter_clusters(gen, pool, km.clusters(), batch=cfg.filter_batch, n_samples=k_show)
+        fstats = {**fs.to_dict(), "mode": mode, "kmeans_iterations": km.iterations}
         kept = [pool[i] for i in keep_idx]
         timings["filter_s"] = time.perf_counter() - t1b
     else:
@@ -459,11 +476,17 @@ def report_section(result: dict) -> str:
               f"| parsed (valid MC, unique per client) | {st['parsed']} |",
               f"| received valid, unique across clients | {st['received_valid']} |",
               f"| filter prompts (clusters) | {f.get('prompts', 0)} ({f.get('clusters', 0)}) |",
+              f"| filter | {f.get('mode', 'llm')} |",
               f"| malformed filter answers (nothing kept) | {f.get('malformed', 0)} |",
               f"| kept by the filter | {st['kept']} |",
               f"| augmentation prompts | {a.get('prompts', 0)} |",
               f"| augmented valid | {st['augmented_valid']} |",
               f"| synthetic set sent to the clients | {st['final']} |"]
+    if f.get("margins"):
+        mg = f["margins"]
+        lines += ["", f"Scored filter: log p(Yes) − log p(No) mean {mg['mean']:.3f} (min {mg['min']:.3f}, max "
+                      f"{mg['max']:.3f}), {mg['positive']} of {f.get('candidates', 0)} positive; kept samples' mean "
+                      f"{mg['kept_mean']:.3f}."]
     if a.get("rejected"):
         lines += ["", "Augmented outputs rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(a["rejected"].items()))
                   + "."]
