@@ -272,6 +272,20 @@ def test_fill_mc_template_writes_field_by_field():
         fill_mc_template(complete, ["Question:"], answers=["A", "B"])
 
 
+def test_filter_mode_resolves_auto_and_refuses_score_for_a_remote_llm_before_any_client_works():
+    from types import SimpleNamespace
+
+    cfg = lambda f: fdkt.FDKTConfig(filter=f)  # noqa: E731
+    assert fdkt.filter_mode(cfg("auto"), "builtin:smollm2-135m") == "score"
+    assert fdkt.filter_mode(cfg("auto"), "openai:http://127.0.0.1:1/v1#m") == "llm"
+    assert fdkt.filter_mode(cfg("none"), "openai:http://127.0.0.1:1/v1#m") == "none"
+    server = SimpleNamespace(cfg=load_config(None, ['model.llm="openai:http://127.0.0.1:1/v1#m"', 'fdkt.filter="score"',
+                                                   'data.tasks=["arc_easy"]']))
+    fed = SimpleNamespace(clients=["c0"], call=lambda *a, **k: pytest.fail("a client was asked to synthesize"))
+    with pytest.raises(ValueError, match="needs a local LLM"):
+        fdkt.synthesize(server, fed)
+
+
 def test_augment_with_template_sampling():
     """The LLM fills the template: as many choices as the shots show, its own answer letter (greedy)."""
     kept = [mc("Which gas do plants take in?"), mc("What do roots absorb?")]

@@ -142,7 +142,7 @@ class FederationConfig:
     min_clients: int = 1
     """Under "skip": fewer replies than this in a call stop the run (the last checkpoint is kept)."""
     secure_aggregation: bool = False
-    """FedAvg, FedProx and FedCoLLM average the clients' adapters by secure aggregation (Flower: SecAgg+; in
+    """FedAvg, FedProx, FedCoLLM and FedCoT average the clients' adapters by secure aggregation (Flower: SecAgg+; in
     process: the same mean, computed in the clear)."""
     timeout_s: float = 0.0
     """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (0 = wait)."""

@@ -305,6 +305,17 @@ def llm_generator(server, cfg: FDKTConfig):
                        desc="server LLM (fdkt)")
 
 
+def filter_mode(cfg: FDKTConfig, llm_spec: str) -> str:
+    """``cfg.filter`` with "auto" resolved for the server's LLM; "score" needs a local LLM's likelihoods."""
+    remote = llm_spec.startswith("openai:")
+    if cfg.filter == "auto":
+        return "llm" if remote else "score"
+    if cfg.filter == "score" and remote:
+        raise ValueError("fdkt.filter = 'score' reads the LLM's likelihoods and needs a local LLM; with an openai: "
+                         "server use filter = 'llm' (or 'auto')")
+    return cfg.filter
+
+
 def embedder(server, cfg: FDKTConfig):
     """(model, tokenizer) whose hidden states embed the samples (see ``FDKTConfig.embed_model``)."""
     spec = cfg.embed_model or server.cfg.model.llm
@@ -333,6 +344,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     if bad:
         raise ValueError(f"FDKT synthesizes multiple-choice examples; data.tasks holds generation tasks {bad}: "
                          f"remove them for fdkt")
+    mode = filter_mode(cfg, server.cfg.model.llm)  # before any client spends ε
     k_show = cfg.samples_in_report
     timings: dict[str, float] = {}
     # 1: DP synthesis on the clients
@@ -363,12 +375,6 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
             pool.append(ex)
     # 2: embed, cluster, LLM filter
     t1 = time.perf_counter()
-    mode = cfg.filter
-    if mode == "auto":
-        mode = "llm" if server.cfg.model.llm.startswith("openai:") else "score"
-    if mode == "score" and server.cfg.model.llm.startswith("openai:"):
-        raise ValueError("fdkt.filter = 'score' reads the LLM's likelihoods and needs a local LLM; with an openai: "
-                         "server use filter = 'llm' (or 'auto')")
     gen = llm_generator(server, cfg) if (mode != "none" or cfg.augment_per_kept > 0) and pool else None
     fstats: dict = {"candidates": len(pool), "mode": mode}
     if pool and mode != "none":
