@@ -4,6 +4,7 @@
   tiny byte-level BPE tokenizer trained in code (the recipe of ``tests/conftest.py``); no downloads.
 * :func:`bench_config` is an :class:`~fedkt.config.ExperimentConfig` for a benchmark run (bundled
   ARC-Easy data, no per-round evaluation).
+* :func:`run_deployed` runs an experiment with ``fedkt flower run`` over a fresh local Flower deployment.
 * :class:`Timers` monkeypatches functions so each call's *exclusive* time (its own time minus the time of
   wrapped calls nested inside it) is added to a named category; the categories then add up to at most
   the wall time of the measured region, with no double counting.
@@ -133,3 +134,30 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def run_deployed(config: Path, out: Path, root: Path, clients: list[str], client_files: dict[str, Path],
+                 timeout: float) -> tuple[float, float]:
+    """``fedkt flower run`` of experiment ``config`` (run directory ``out``) over a fresh SuperLink and one
+    SuperNode per client (``client_files[cid]``) on 127.0.0.1, insecure, under ``root``/deploy; stopped
+    whatever happens. Returns (deployment start s, run wall s); exits with the ServerApp's log tail when
+    the run does not complete. Needs the ``flower`` extra."""
+    from fedkt.federation import flower_cli
+    from fedkt.federation.flower_deploy import LocalFlowerDeployment
+
+    dep = LocalFlowerDeployment(root / "deploy", clients, client_files=client_files)
+    try:
+        t0 = time.perf_counter()
+        dep.start()
+        start_s = time.perf_counter() - t0
+        home = root / "ctl"
+        flower_cli.write_connection(home, dep.address)
+        t0 = time.perf_counter()
+        run_id, status = flower_cli.run_experiment(config, out, home, timeout=timeout)
+        wall = time.perf_counter() - t0
+        if status != "finished:completed":
+            print(flower_cli.run_log(run_id, home)[-6000:])
+            raise SystemExit(f"deployed run {run_id}: {status}")
+    finally:
+        dep.stop()
+    return start_s, wall

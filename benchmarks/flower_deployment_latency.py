@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from benchlib import make_tiny_model  # noqa: E402
+from benchlib import make_tiny_model, run_deployed  # noqa: E402
 
 
 def write_experiment(root: Path, slm: Path, files: list[Path], rounds: int, eval_limit: int) -> Path:
@@ -113,8 +113,6 @@ def main():
 
     from fedkt.config import load_config
     from fedkt.data.tasks import bundled_dir
-    from fedkt.federation import flower_cli
-    from fedkt.federation.flower_deploy import LocalFlowerDeployment
     from fedkt.models import load_adapter_state
     from fedkt.runs import run_experiment
 
@@ -139,21 +137,7 @@ def main():
         local = run_experiment(cfg, root / "local")["methods"]["fedavg"]
         local_wall = time.perf_counter() - t0
 
-        dep = LocalFlowerDeployment(root / "deploy", clients, client_files=client_files)
-        try:
-            t0 = time.perf_counter()
-            dep.start()
-            start_s = time.perf_counter() - t0
-            home = root / "ctl"
-            flower_cli.write_connection(home, dep.address)
-            t0 = time.perf_counter()
-            run_id, status = flower_cli.run_experiment(config, root / "flower", home, timeout=1800)
-            flower_wall = time.perf_counter() - t0
-            if status != "finished:completed":
-                print(flower_cli.run_log(run_id, home)[-4000:])
-                raise SystemExit(f"deployed run {run_id}: {status}")
-        finally:
-            dep.stop()
+        start_s, flower_wall = run_deployed(config, root / "flower", root, clients, client_files, timeout=1800)
         flower = json.loads((root / "flower" / "results.json").read_text())["methods"]["fedavg"]
 
         lr, fr = round_rows(root / "local"), round_rows(root / "flower")

@@ -24,6 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from benchlib import run_deployed  # noqa: E402
+
 
 def write_shard(path: Path, examples) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,8 +55,6 @@ def main() -> None:
     from fedkt import progress
     from fedkt.config import dump_toml, load_config
     from fedkt.data.tasks import load_jsonl
-    from fedkt.federation import flower_cli
-    from fedkt.federation.flower_deploy import LocalFlowerDeployment
     from fedkt.models import load_adapter_state
     from fedkt.runs import run_experiment
     from fedkt.simulation import load_client_data
@@ -83,21 +85,7 @@ def main() -> None:
         local_wall = time.perf_counter() - t0
         print(f"in process: {local_wall:.0f} s", flush=True)
 
-        dep = LocalFlowerDeployment(root / "deploy", clients, client_files=client_files)
-        try:
-            t0 = time.perf_counter()
-            dep.start()
-            start_s = time.perf_counter() - t0
-            home = root / "ctl"
-            flower_cli.write_connection(home, dep.address)
-            t0 = time.perf_counter()
-            run_id, status = flower_cli.run_experiment(config, root / "flower", home, timeout=a.timeout)
-            flower_wall = time.perf_counter() - t0
-            if status != "finished:completed":
-                print(flower_cli.run_log(run_id, home)[-6000:])
-                raise SystemExit(f"deployed run {run_id}: {status}")
-        finally:
-            dep.stop()
+        start_s, flower_wall = run_deployed(config, root / "flower", root, clients, client_files, timeout=a.timeout)
         flower = json.loads((root / "flower" / "results.json").read_text())
         print(f"deployed: {flower_wall:.0f} s (deployment start {start_s:.1f} s)\n")
 
