@@ -116,12 +116,27 @@ def methods_():
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory holding results.json.")):
-    """Re-render report.md (tables + plot) from a run's results.json."""
-    from fedkt.report import report_from_dir
+def report(run_dirs: list[Path] = typer.Argument(..., help="A run directory holding results.json; several "
+                                                 "runs of one experiment under different seeds: mean ± sd."),
+           out: Optional[Path] = typer.Option(None, help="With several runs: also write the summary here.")):
+    """Re-render report.md (tables + plot) from a run's results.json; with several runs (one per seed), print
+    one table of mean ± sd per method, role and task."""
+    if len(run_dirs) == 1:
+        from fedkt.report import report_from_dir
 
-    path = report_from_dir(run_dir)
-    typer.echo(path.read_text())
+        if out is not None:
+            raise typer.BadParameter("--out is for several runs; one run's report is its report.md")
+        typer.echo(report_from_dir(run_dirs[0]).read_text())
+        return
+    from fedkt.report_seeds import seeds_summary
+
+    try:
+        text = seeds_summary(run_dirs)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if out is not None:
+        out.write_text(text)
+    typer.echo(text)
 
 
 @app.command("derive-slm")
