@@ -347,8 +347,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     mode = filter_mode(cfg, server.cfg.model.llm)  # before any client spends ε
     k_show = cfg.samples_in_report
     timings: dict[str, float] = {}
-    # 1: DP synthesis on the clients
-    t0 = time.perf_counter()
+    # 1: DP synthesis on the clients (timed by the federation)
     eps = client_epsilons(cfg, list(fed.clients))
     meta = {"delta": cfg.delta, "max_grad_norm": cfg.max_grad_norm, "dp_epochs": cfg.dp_epochs,
             "dp_batch_size": cfg.dp_batch_size, "dp_lr": cfg.dp_lr, "samples": cfg.samples_per_client,
