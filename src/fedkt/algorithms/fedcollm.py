@@ -255,7 +255,8 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
 
 @torch.no_grad()
 def kd_divergence(slm, llm, tok, examples, cfg: FedCoLLMConfig, max_length: int) -> dict[str, float]:
-    """Mean KL(f‖g) and KL(g‖f) on ``examples`` (no update): how far apart the two models are."""
+    """Mean KD terms on ``examples`` (no update): how far apart the two models are. ``kl_g`` is the SLM's
+    (KL(f‖g) with ``kl_direction = "forward"``), ``kl_f`` the LLM's (KL(g‖f))."""
     data = tokenize_examples(tok, examples, max_length)
     tot = {"kl_g": 0.0, "kl_f": 0.0}
     n = 0
@@ -299,8 +300,9 @@ class FedCoLLM(RoundAlgorithm):
                                cfg.train.max_grad_norm, seed=derive_seed(cfg.seed, "kd", rnd),
                                desc=f"round {rnd} server distill")
         theta, omega = get_adapter_state(slm), get_adapter_state(llm)
-        progress.log(f"round {rnd}: distill KL(f‖g) {stats['kl_g_first']:.4f}->{stats['kl_g_last']:.4f} "
-                     f"KL(g‖f) {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
+        g_term, f_term = ("KL(f‖g)", "KL(g‖f)") if kd.kl_direction == "forward" else ("KL(g‖f)", "KL(f‖g)")
+        progress.log(f"round {rnd}: distill SLM's {g_term} {stats['kl_g_first']:.4f}->{stats['kl_g_last']:.4f}, "
+                     f"LLM's {f_term} {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
         # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here
         entry = {"distill": stats, **({"fdkt": self.synthesis} if rnd == 1 and self.synthesis else {})}
         return RoundOutcome({"slm": theta, "llm": omega}, entry=entry, logs={"llm": {"distill": stats}},
