@@ -89,7 +89,7 @@ def seeds_summary(run_dirs: list[str | Path]) -> str:
             parts += [f"## {title}", "", table, ""]
     n = ", ".join(f"{TASK_NAMES.get(t, t)} {runs[0].data['eval'][t]}" for t in tasks)
     parts.append(f"acc in %, mean ± sd over the seeds (sample sd); each seed scores its own seeded subsample of "
-                 f"the test split (questions per task: {n}).")
+                 f"the test split, or all of it where the split has no more questions (questions per task: {n}).")
     parts.append("Configs differ only in the seed." if not differ
                  else "Configs also differ in: " + ", ".join(differ) + ".")
     return "\n".join(parts) + "\n"
