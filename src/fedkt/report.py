@@ -216,9 +216,13 @@ def write_report(results: RunResults | dict[str, Any], out: Path) -> Path:
     return path
 
 
-def report_from_dir(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    f = run_dir / "results.json"
+def read_results(run_dir: str | Path) -> RunResults:
+    """A run directory's results.json; a clear error if it has none."""
+    f = Path(run_dir) / "results.json"
     if not f.is_file():
         raise FileNotFoundError(f"{run_dir} holds no results.json (is it a fedkt run directory?)")
-    return write_report(RunResults.from_dict(json.loads(f.read_text())), run_dir)
+    return RunResults.from_dict(json.loads(f.read_text()))
+
+
+def report_from_dir(run_dir: str | Path) -> Path:
+    return write_report(read_results(run_dir), Path(run_dir))

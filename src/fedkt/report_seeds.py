@@ -10,13 +10,12 @@ are a seeded subsample, so it includes the evaluation's sampling error, not only
 
 from __future__ import annotations
 
-import json
 import statistics
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedkt.report import TASK_NAMES, _name, _ordered
+from fedkt.report import TASK_NAMES, _name, _ordered, read_results
 from fedkt.results import RunResults
 
 
@@ -32,11 +31,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_run(run_dir: str | Path) -> tuple[RunResults, dict[str, Any]]:
     """(results, flattened config) of one run directory."""
-    run_dir = Path(run_dir)
-    f, c = run_dir / "results.json", run_dir / "config.toml"
-    if not f.is_file() or not c.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no results.json and config.toml (is it a fedkt run directory?)")
-    return RunResults.from_dict(json.loads(f.read_text())), _flat(tomllib.loads(c.read_text()))
+    results = read_results(run_dir)
+    c = Path(run_dir) / "config.toml"
+    if not c.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no config.toml (is it a fedkt run directory?)")
+    return results, _flat(tomllib.loads(c.read_text()))
 
 
 def _cell(xs: list[float], n_runs: int) -> str:
@@ -75,11 +74,12 @@ def seeds_summary(run_dirs: list[str | Path]) -> str:
         if s in seeds[:i]:
             raise ValueError(f"{run_dirs[i]} and {run_dirs[seeds.index(s)]} both ran seed {s}: one seed would "
                              "count twice")
-    tasks = list((runs[0].data or {}).get("eval") or {})
-    for d, r in zip(run_dirs, runs):
-        if list((r.data or {}).get("eval") or {}) != tasks:
-            raise ValueError(f"{d} scores tasks {list((r.data or {}).get('eval') or {})}, {run_dirs[0]} scores "
-                             f"{tasks}: only runs of the same tasks can be summarised")
+    scored = [list((r.data or {}).get("eval") or {}) for r in runs]
+    tasks = scored[0]
+    for d, t in zip(run_dirs, scored):
+        if t != tasks:
+            raise ValueError(f"{d} scores tasks {t}, {run_dirs[0]} scores {tasks}: only runs of the same tasks "
+                             "can be summarised")
     differ = sorted({k for c in cfgs[1:] for k in set(c) | set(cfgs[0])
                      if k != "seed" and c.get(k) != cfgs[0].get(k)})
     parts = [f"# {runs[0].name}: {len(runs)} seeds ({', '.join(str(s) for s in seeds)})", ""]
