@@ -21,7 +21,7 @@ import torch
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
-def golden_config(model_dirs, data_dir, methods):
+def golden_config(model_dirs, data_dir, methods, extra_sets=()):
     from fedkt.config import load_config
 
     sets = [f'model.slm="{model_dirs["slm"]}"', f'data.dir="{data_dir}"', f"methods={json.dumps(methods)}",
@@ -31,7 +31,7 @@ def golden_config(model_dirs, data_dir, methods):
             "fedcollm.batch_size=4"]
     if "fedcollm" in methods:
         sets.append(f'model.llm="{model_dirs["llm"]}"')
-    return load_config(None, sets)
+    return load_config(None, sets + list(extra_sets))
 
 
 def make_golden_assets(root: Path) -> tuple[dict[str, Path], Path]:
@@ -61,8 +61,8 @@ def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, float]:
             "weighted": (flat * weights).sum().item()}
 
 
-def run_golden(root: Path, dirs, data, method: str) -> dict:
-    """Run the golden experiment for ``method``; return its recorded outcome."""
+def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
+    """Run the golden experiment for ``method`` (``extra_sets``: --set overrides); return its outcome."""
     import fedkt.train as T
     from fedkt.models import load_adapter_state
     from fedkt.runs import run_experiment
@@ -77,7 +77,7 @@ def run_golden(root: Path, dirs, data, method: str) -> dict:
 
     T.train_loop = recording
     try:
-        res = run_experiment(golden_config(dirs, data, [method]), root / method)["methods"][method]
+        res = run_experiment(golden_config(dirs, data, [method], extra_sets), root / method)["methods"][method]
     finally:
         T.train_loop = orig
     roles = ["slm"] if method == "fedavg" else ["slm", "llm"]
