@@ -88,3 +88,55 @@ def test_section_file_without_its_table_is_an_error_not_the_defaults(tmp_path):
     cfg = load_section(DeriveConfig, p, "derive", ["lr=0.01"])
     assert (cfg.num_layers, cfg.steps, cfg.lr) == (16, 5, 0.01)
     assert load_section(DeriveConfig, None, "derive").num_layers == DeriveConfig().num_layers
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(tmp_path, monkeypatch):
+    """A config runs from any directory: its relative data/model paths are the file's, not the cwd's;
+    ``--set`` values stay relative to the cwd; ``builtin:``/``hf:``/``openai:`` specs are untouched."""
+    conf = tmp_path / "proj" / "conf"
+    conf.mkdir(parents=True)
+    p = conf / "exp.toml"
+    p.write_text('methods = ["zero_shot", "fedcot"]\n'
+                 '[model]\nslm = "../models/slm"\nllm = "builtin:smollm2-135m"\n'
+                 '[data]\ndir = "../data"\n'
+                 '[partition]\nscheme = "files"\nnum_clients = 2\nfiles = ["a.jsonl", "/abs/b.jsonl"]\n'
+                 '[fedcot]\nkit_model = "openai:http://127.0.0.1:1/v1#m"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(p)
+    assert cfg.model.slm == str(tmp_path / "proj" / "models" / "slm")
+    assert cfg.model.llm == "builtin:smollm2-135m"
+    assert cfg.data.dir == str(tmp_path / "proj" / "data")
+    assert cfg.partition.files == [str(conf / "a.jsonl"), "/abs/b.jsonl"]
+    assert cfg.section("fedcot").kit_model == "openai:http://127.0.0.1:1/v1#m"
+    cfg = load_config(p, ['data.dir="rel/data"', 'fedcot.kit_model="kit/model"'])
+    assert cfg.data.dir == "rel/data"  # --set: relative to the working directory, as typed
+    assert cfg.section("fedcot").kit_model == "kit/model"
+
+
+def test_examples_run_from_another_directory(tmp_path, monkeypatch):
+    """The shipped examples name ../shared/assets/data relative to examples/: the same directory from
+    any working directory; a missing data file is reported with the resolved path."""
+    from pathlib import Path
+
+    from fedkt.data.tasks import DataError, load_task
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(examples / "fedcot.toml")
+    assert Path(cfg.data.dir) == (examples.parent.parent / "shared" / "assets" / "data").resolve()
+    bad = tmp_path / "c.toml"
+    bad.write_text('[data]\ndir = "no/such/dir"\n')
+    cfg = load_config(bad)
+    with pytest.raises(DataError, match=str(tmp_path / "no" / "such" / "dir" / "arc_easy")):
+        load_task("arc_easy", "train", cfg.data.dir)
+
+
+def test_derive_section_paths_resolve_against_its_file(tmp_path):
+    from fedkt.config import DeriveConfig, load_section
+
+    p = tmp_path / "d.toml"
+    p.write_text('[derive]\nparent = "models/llm"\nout = "out/slm"\ndata_dir = "data"\n')
+    cfg = load_section(DeriveConfig, p, "derive", ['data_dir="x"'])
+    assert (cfg.parent, cfg.out, cfg.data_dir) == (str(tmp_path / "models" / "llm"), str(tmp_path / "out" / "slm"), "x")

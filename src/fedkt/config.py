@@ -8,6 +8,7 @@ a value outside the allowed set raises :class:`ConfigError` naming the dotted ke
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ class FieldError(ConfigError):
     :func:`from_dict` prefixes the section (``batch_size must be > 0`` -> ``train.batch_size must be > 0``)."""
 
 
+PATH = {"path": True}
+"""Field metadata of a file, directory or model key: a relative value read from a TOML file resolves
+against that file's directory (``resolve_paths``); ``--set`` values stay relative to the working directory."""
+
+
 def check(condition: bool, message: str) -> None:
     """For ``__post_init__`` validation: raise :class:`FieldError` with ``message`` unless ``condition``."""
     if not condition:
@@ -40,9 +46,9 @@ def check_positive(obj: Any, *names: str) -> None:
 
 @dataclass
 class ModelConfig:
-    slm: str = "builtin:smollm2-135m"
+    slm: str = field(default="builtin:smollm2-135m", metadata=PATH)
     """The clients' small model: ``builtin:NAME``, a local HF directory, a ``.gguf`` file or ``hf:ORG/NAME``."""
-    llm: str = ""
+    llm: str = field(default="", metadata=PATH)
     """The server's large model (FedCoLLM, centralized LLM baseline); same forms as ``slm``."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = 0
@@ -64,7 +70,7 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    dir: str = ""
+    dir: str = field(default="", metadata=PATH)
     """Directory holding ``TASK/SPLIT.jsonl``; empty uses the data bundled with fedkt (ARC-Easy)."""
     tasks: list[str] = field(default_factory=lambda: ["arc_easy"])
     """Tasks whose training split forms the clients' private data."""
@@ -90,7 +96,7 @@ class PartitionConfig:
     """Dirichlet concentration (scheme = "dirichlet"); smaller is more skewed."""
     key: str = "answer"
     """Example field the Dirichlet split is taken over: "answer" (the gold choice index) or "task"."""
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list, metadata=PATH)
     """One JSONL file per client (scheme = "files")."""
     aux_size: int = 200
     """Examples held out of the training data as the server's auxiliary (public) set."""
@@ -156,8 +162,8 @@ class FederationConfig:
 
 @dataclass
 class DeriveConfig:
-    parent: str = "builtin:smollm2-135m"
-    out: str = ""
+    parent: str = field(default="builtin:smollm2-135m", metadata=PATH)
+    out: str = field(default="", metadata=PATH)
     layers: list[int] = field(default_factory=list)
     """Explicit parent layer indices to keep; empty uses ``num_layers``."""
     num_layers: int = 9
@@ -180,7 +186,7 @@ class DeriveConfig:
     """Optional task text mixed into the healing text: comma-separated JSONL files or task names (each
     ``name`` or ``name:split``; ``task_split`` by default). Never the clients' data."""
     task_split: str = "validation"
-    data_dir: str = ""
+    data_dir: str = field(default="", metadata=PATH)
     """Where task names are read from (empty: fedkt's bundled data, then ``../shared/assets/data``)."""
     task_fraction: float = 0.5
     eval_texts: int = 32
@@ -371,8 +377,43 @@ def read_toml(path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
 
 
+def _is_local_path(value: str) -> bool:
+    """A relative file/dir/model value (not empty, not absolute, not a ``scheme:`` spec such as
+    ``builtin:NAME``, ``hf:ORG/NAME`` or ``openai:URL``)."""
+    return bool(value) and not Path(value).is_absolute() and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value)
+
+
+def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Rewrite, in place, every relative value of a path field (metadata ``PATH``) of ``cls`` (and its
+    nested sections, and the registered method sections of an experiment) as ``base / value``."""
+    if not isinstance(data, dict):
+        return data
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    nested: dict[str, type] = {n: hints[n] for n in fields if dataclasses.is_dataclass(hints[n])}
+    if cls is ExperimentConfig:
+        from fedkt import registry
+
+        nested.update(registry.config_sections())
+    for key, value in data.items():
+        f = fields.get(key)
+        if key in nested:
+            resolve_paths(nested[key], value, base)
+        elif f is not None and f.metadata.get("path"):
+            if isinstance(value, str) and _is_local_path(value):
+                data[key] = str((base / value).resolve())
+            elif isinstance(value, list):
+                data[key] = [str((base / v).resolve()) if isinstance(v, str) and _is_local_path(v) else v
+                             for v in value]
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The experiment in TOML file ``path`` (its relative paths resolved against the file's directory),
+    with ``--set`` ``overrides`` (relative to the working directory) on top."""
     data = read_toml(path)
+    if path is not None:
+        resolve_paths(ExperimentConfig, data, Path(path).resolve().parent)
     apply_overrides(data, overrides or [])
     return validate(from_dict(ExperimentConfig, data))
 
@@ -387,6 +428,8 @@ def load_section(cls: type, path: str | Path | None, section: str, overrides: li
         raise ConfigError(f"{path}: no [{section}] table" + (
             f" (found top-level keys {', '.join(stray)}: put them under a [{section}] line)" if stray else ""))
     data = raw.get(section, {})
+    if path is not None:
+        resolve_paths(cls, data, Path(path).resolve().parent)
     apply_overrides(data, overrides or [])
     data.update({k: v for k, v in (values or {}).items() if v is not None})
     return from_dict(cls, data, prefix=section + ".")

@@ -45,7 +45,7 @@ from typing import Literal
 
 from fedkt import progress
 from fedkt.clients import ClientContext
-from fedkt.config import check, check_positive
+from fedkt.config import PATH, check, check_positive
 from fedkt.data.collate import make_sft_example
 from fedkt.data.synthetic import LETTERS, ParseStats, fill_mc_template, parse_mc, render_mc
 from fedkt.data.tasks import GENERATION_TASKS, Example
@@ -99,7 +99,7 @@ class FDKTConfig:
     """k-means uses k = ceil(samples / cluster_size) clusters."""
     filter_batch: int = 8
     """At most this many samples per filter prompt (larger clusters are split)."""
-    embed_model: str = ""
+    embed_model: str = field(default="", metadata=PATH)
     """Local model whose mean-pooled hidden states embed the samples; empty: ``model.llm`` (the server's
     SLM copy when the LLM is an ``openai:`` server)."""
     augment_per_kept: float = 2.0

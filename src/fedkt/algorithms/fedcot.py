@@ -37,7 +37,7 @@ import torch
 from fedkt import progress
 from fedkt.algorithms.fedavg import aggregate
 from fedkt.clients import ClientContext
-from fedkt.config import check
+from fedkt.config import PATH, check
 from fedkt.data.collate import collate_sft, make_sft_example
 from fedkt.data.prompts import training_text
 from fedkt.data.tasks import Example
@@ -59,7 +59,7 @@ class FedCoTConfig:
     """Per-client ε (client i gets entry i); empty: every client uses ``epsilon``."""
     kit_neighbors: int = 64
     """N: neighbours per token in the embedding kit (see docs/text-dp.md)."""
-    kit_model: str = ""
+    kit_model: str = field(default="", metadata=PATH)
     """Local model whose public tokenizer + input embeddings define the kit; empty = ``model.llm`` (needed
     when the LLM is an ``openai:`` server)."""
     alpha: float = 0.5
