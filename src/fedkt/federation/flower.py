@@ -341,11 +341,15 @@ class RemoteClientError(RuntimeError):
 
 def _error_of(reply: FlMessage) -> BaseException:
     err = reply.error
+    from fedkt.federation.validate import loads
+
     try:
-        info = json.loads(err.reason or "")
+        info = loads(err.reason or "", "error reason", max_bytes=2**20)
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("type", "message", "repr")):
+            raise ValueError("not a fedkt error reason")
         return RemoteClientError.build(info["type"], info["message"], info["repr"])
     except (ValueError, KeyError, TypeError):
-        text = f"Flower error code {err.code}: {err.reason}"
+        text = f"Flower error code {err.code}: {str(err.reason)[:2000]}"
         return RemoteClientError.build("FlowerError", text, f"FlowerError({text!r})")
 
 
@@ -400,20 +404,36 @@ class FlowerFederation(Federation):
         msgs = [FlMessage(flower_codec.encode(Message()), dst_node_id=n, message_type=f"{CATEGORY}.{IDENTIFY}")
                 for n in node_ids]
         replies = self._exchange(msgs, timeout=wait_for_nodes)
+        from fedkt.federation.validate import escape
+
         nodes: dict[str, int] = {}
         handlers: dict[str, list[str]] = {}
+        dupes: set[str] = set()
         for node, reply in zip(node_ids, replies):
             if reply is None or reply.has_error():
                 why = "no reply" if reply is None else repr(_error_of(reply))
-                progress.log(f"[yellow]Flower node {node} did not identify itself ({why}); ignored[/]")
+                progress.log(f"[yellow]Flower node {node} did not identify itself ({escape(why)}); ignored[/]")
                 continue
-            meta = flower_codec.decode(reply.content).meta
-            cid = meta["client_id"]
-            if cid in nodes:
-                raise ValueError(f"Flower nodes {nodes[cid]} and {node} both serve client {cid!r}: give "
-                                 f"each SuperNode its own --node-config '{CLIENT_ID_KEY}=\"...\"'")
+            try:
+                meta = flower_codec.decode(reply.content).meta
+                cid, served = meta.get("client_id"), meta.get("handlers")
+                if not isinstance(cid, str) or not cid or not isinstance(served, list) \
+                        or not all(isinstance(h, str) for h in served):
+                    raise ValueError(f"identify reply {str(meta)[:200]} lacks a client_id string and a handlers list")
+            except Exception as e:  # noqa: BLE001 - a malformed identify reply drops that node, not the server
+                progress.log(f"[yellow]Flower node {node} sent a malformed identify reply ({escape(str(e))}); ignored[/]")
+                continue
+            if cid in nodes or cid in dupes:
+                # two nodes claim one client: neither is trusted (node identity is the authenticated key)
+                other = nodes.pop(cid, None)
+                handlers.pop(cid, None)
+                dupes.add(cid)
+                progress.log(f"[red]Flower nodes {other if other is not None else '(earlier)'} and {node} both "
+                             f"claim client {escape(cid)!r}; both refused: give each SuperNode its own "
+                             f"--node-config '{CLIENT_ID_KEY}=\"...\"'[/]")
+                continue
             p = self.action_prefix
-            nodes[cid], handlers[cid] = node, [h[len(p):] for h in meta["handlers"] if h.startswith(p)]
+            nodes[cid], handlers[cid] = node, [h[len(p):] for h in served if h.startswith(p)]
         if clients is not None:
             missing = [c for c in clients if c not in nodes]
             if missing:
@@ -464,15 +484,18 @@ class FlowerFederation(Federation):
                 out[cid] = Delivery(error=_error_of(reply), down_bytes=down)
                 continue
             try:
+                if reply.metadata.src_node_id != self._nodes[cid]:
+                    raise ValueError(f"reply came from node {reply.metadata.src_node_id}, not from client "
+                                     f"{cid}'s node {self._nodes[cid]}")
                 got = flower_codec.decode(reply.content, self.max_bytes)
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - a malformed reply is that client's failure
                 out[cid] = Delivery(error=e, down_bytes=down)
                 continue
             out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=len(codec.encode(got)))
         return out
 
     def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,
-                  weight_key: str = "num_examples") -> Aggregate:
+                  weight_key: str = "num_examples", expect: Any = None) -> Aggregate:
         """The weighted mean of the clients' reply tensors by SecAgg+ (``flower_secagg``): the server never
         holds an individual reply's tensors. Clients that fail or drop out are failures under the policy;
         the aggregate holds the others' updates when at least ``min_clients`` (and SecAgg+'s threshold)

@@ -120,10 +120,9 @@ def _json_field(header: ConfigRecord, key: str, kind: type) -> Any:
     if not isinstance(raw, str):
         raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] must be a JSON string, "
                          f"got {type(raw).__name__}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] is not valid JSON: {e}") from e
+    from fedkt.federation.validate import loads
+
+    value = loads(raw, f"malformed fedkt record: {HEADER_KEY}[{key!r}]")  # size/depth checked before parsing
     if not isinstance(value, kind):
         raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] must decode to a "
                          f"{kind.__name__}, got {type(value).__name__}")
@@ -145,7 +144,10 @@ def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
     if not nd.flags.writeable:
         nd = np.array(nd)
     t = torch.from_numpy(nd)
-    return t.view(dtype) if carrier is not dtype else t
+    try:
+        return t.view(dtype) if carrier is not dtype else t
+    except Exception as e:  # noqa: BLE001 - e.g. a quantized dtype name
+        raise ValueError(f"malformed fedkt record: tensor {name!r} cannot be viewed as {dtype_name}: {e}") from None
 
 
 def decode(content: RecordDict, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:

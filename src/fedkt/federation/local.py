@@ -33,10 +33,11 @@ class LocalFederation(Federation):
                 reply = handler(ctx, codec.decode(down))
                 ctx.save_state()
                 up = codec.encode(reply)
+                got = codec.decode(up)  # what the server receives: a malformed reply is this client's failure
             except Exception as e:  # noqa: BLE001 - reported per client, the policy decides
                 out[cid] = Delivery(error=e, down_bytes=len(down))
                 if self.on_failure == "stop":  # no point running the others
                     break
                 continue
-            out[cid] = Delivery(reply=codec.decode(up), down_bytes=len(down), up_bytes=len(up))
+            out[cid] = Delivery(reply=got, down_bytes=len(down), up_bytes=len(up))
         return out
