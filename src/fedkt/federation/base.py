@@ -41,7 +41,10 @@ class Message:
 
 class ClientFailure(RuntimeError):
     def __init__(self, client: str, method: str, error: BaseException | str):
-        detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        try:
+            detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        except Exception:  # noqa: BLE001 - a hostile exception whose str raises
+            detail = f"{type(error).__name__}: <unprintable>"
         super().__init__(f"client {client} failed in {method!r}: {detail}")
         self.client, self.method, self.error = client, method, error
 
@@ -189,6 +192,9 @@ class Federation(ABC):
         self.failures: list[dict[str, Any]] = []
         self.declared_examples: dict[str, int] = {}
         """Each client's example count as first reported; its later weights may not exceed it."""
+        from fedkt.federation.validate import ReplayGuard
+
+        self._replays = ReplayGuard()
         self._timings: dict[str, float] = {}
 
     # -- what a runtime implements ---------------------------------------------------------------------
@@ -242,6 +248,7 @@ class Federation(ABC):
                 if d.error is not None:
                     raise _Failed(d.error)
                 check_reply(method, cid, d.reply, layout, self.declared_examples.get(cid))
+                self._replays.check(method, cid, round, payloads[cid].tensors, d.reply)
                 self._pin_examples(cid, d.reply)
             except _Failed as f:
                 self._record_failure(cid, method, round, f.error)
@@ -329,5 +336,8 @@ class _Failed(Exception):
 
 
 def _describe(error: BaseException | str) -> str:
-    text = error if isinstance(error, str) else repr(error)
+    try:
+        text = error if isinstance(error, str) else repr(error)
+    except Exception:  # noqa: BLE001 - a hostile exception whose repr raises
+        text = f"{type(error).__name__}(<unprintable>)"
     return text if len(text) <= 2000 else text[:2000] + f"... ({len(text)} characters)"

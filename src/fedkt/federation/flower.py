@@ -271,6 +271,9 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
         handler = handlers.get(name)
         if handler is None:
             raise KeyError(f"this node serves no handler {name!r}; it serves {', '.join(handlers)}")
+        from fedkt.federation.validate import check_request
+
+        check_request(name.split(SCOPE_SEP)[-1], payload)  # an absurd request fails here, clearly
         cid = client_id_of(context)
         scope = name.split(SCOPE_SEP)[0] if SCOPE_SEP in name else ""
         ctx = factory(cid, context, scope) if scope else factory(cid, context)  # type: ignore[call-arg]

@@ -299,3 +299,62 @@ def escape(text: str) -> str:
     from rich.markup import escape as rich_escape
 
     return rich_escape(text)
+
+
+# ---------------------------------------------------------------------------------------------- replays
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a tensor dict (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ReplayGuard:
+    """Refuses an adapter reply that is bit-identical to one the same client sent for the same handler in an
+    earlier round although the server sent a different adapter since (a replayed, stale update: a client
+    that trained on the new adapter cannot reproduce its old reply bit for bit)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[int, str, str]] = {}
+
+    def check(self, method: str, cid: str, round: int, sent: dict[str, torch.Tensor], reply: Any) -> None:
+        schema = SCHEMAS.get(method)
+        if schema is None or schema.tensors != "adapter" or not reply.tensors:
+            return
+        got, down = digest(reply.tensors), digest(sent)
+        prev = self._seen.get((cid, method))
+        if prev is not None and prev[0] != round and prev[2] == got and prev[1] != down:
+            raise ReplyError(f"client {cid} reply to {method!r} in round {round} is bit-identical to its reply in "
+                             f"round {prev[0]}, although the server sent another adapter: a replayed update")
+        self._seen[(cid, method)] = (round, down, got)
+
+
+# ---------------------------------------------------------------------------------------------- requests
+MAX_EPOCHS = 1000.0
+"""The most local epochs a client accepts in one request (a client's own policy may allow fewer)."""
+
+
+def check_request(method: str, msg: Any) -> None:
+    """Client side: refuse an absurd request before running the handler (``epochs`` not a finite number in
+    [0, :data:`MAX_EPOCHS`], ``round`` not an integer >= 0, adapter tensors not finite floats)."""
+    from fedkt.federation.base import Message
+
+    if not isinstance(msg, Message) or not obj(msg.meta):
+        raise ReplyError(f"request to {method!r} is not a fedkt Message with a JSON-object meta")
+    ep = msg.meta.get("epochs")
+    if ep is not None and not (finite(ep) and 0 <= ep <= MAX_EPOCHS):
+        raise ReplyError(f"request to {method!r} asks for epochs = {_short(ep)}; this client trains a finite "
+                         f"number of epochs in [0, {MAX_EPOCHS:g}]")
+    rnd = msg.meta.get("round")
+    if rnd is not None and not count(rnd):
+        raise ReplyError(f"request to {method!r} has round = {_short(rnd)}; expected an integer >= 0")
+    schema = SCHEMAS.get(method)
+    if schema is not None and schema.tensors == "adapter":
+        for name, t in msg.tensors.items():
+            if t.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(t).all()):
+                raise ReplyError(f"request to {method!r}: adapter tensor {name!r} is not a finite float tensor")
