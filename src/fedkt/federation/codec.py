@@ -28,7 +28,7 @@ def decode(data: bytes) -> Message:
     """Rebuild a :class:`Message`; anything malformed (bad magic, a header length past the end, JSON too
     large or too deeply nested, a bad safetensors blob) raises ``ValueError`` saying what, never a
     ``RecursionError`` or a huge allocation."""
-    from fedkt.federation.validate import loads
+    from fedkt.federation.validate import check_safetensors_header, loads
 
     if len(data) < 12 or data[:4] != MAGIC:
         raise ValueError("not a fedkt message (bad magic)")
@@ -41,6 +41,8 @@ def decode(data: bytes) -> Message:
         raise ValueError("malformed fedkt message: the header must be a JSON object with a list 'texts' and an "
                          "object 'meta'")
     blob = data[12 + n:]
+    if blob:
+        check_safetensors_header(blob, "malformed fedkt message: tensor blob")
     try:
         tensors = dict(st_load(bytes(blob))) if blob else {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type

@@ -86,9 +86,40 @@ def loads(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES, max_dep
     """``json.loads`` after :func:`check_json_text`; any failure is a :class:`ReplyError` naming ``what``."""
     check_json_text(text, what, max_bytes, max_depth)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise ReplyError(f"{what} names the key {str(e)[:64]!r} twice") from None
     except (ValueError, RecursionError) as e:
         raise ReplyError(f"{what} is not valid JSON: {type(e).__name__}: {e}") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects whose keys repeat are refused (parsers disagree on which value wins)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def check_safetensors_header(blob: bytes, what: str) -> None:
+    """The safetensors header of ``blob``: its length within the blob, JSON within the limits, no repeated
+    tensor name (the blob itself is then parsed by safetensors, which checks offsets and shapes)."""
+    import struct
+
+    if len(blob) < 8:
+        raise ReplyError(f"{what}: {len(blob)} bytes, too short for a safetensors blob")
+    (n,) = struct.unpack("<Q", bytes(blob[:8]))
+    if n > len(blob) - 8:
+        raise ReplyError(f"{what}: safetensors header length {n} exceeds the {len(blob) - 8} bytes that follow")
+    header = loads(bytes(blob[8:8 + n]), f"{what}: safetensors header", max_depth=4)
+    if not isinstance(header, dict):
+        raise ReplyError(f"{what}: the safetensors header is not a JSON object")
 
 
 # ---------------------------------------------------------------------------------------------- layouts
