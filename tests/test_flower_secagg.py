@@ -140,9 +140,12 @@ def test_secagg_tolerates_a_dropout_up_to_the_threshold_then_halts(flower_fed):
     # three of four gone: every client keeps 1 live neighbour < threshold 2 -> the protocol halts
     with pytest.raises(AllClientsFailed, match="SecAgg\\+ halted in round 3 for 'fit'"):
         fed.aggregate("fit", _payloads(clients, fail=["c0", "c1", "c2"]), round=3)
+    # two clients are refused (each would learn the other's update from the mean: secagg min_clients = 3)
+    with pytest.raises(ValueError, match=r"secure aggregation needs at least 3 clients .*got 2 for 'fit' in round 4"):
+        fed.aggregate("fit", _payloads(["c0", "c1"]), round=4)
     # and the federation still works afterwards (clients restart from the setup stage)
-    agg = fed.aggregate("fit", _payloads(["c0", "c1"]), round=4)
-    assert agg.clients == ["c0", "c1"]
+    agg = fed.aggregate("fit", _payloads(["c0", "c1", "c2"]), round=4)
+    assert agg.clients == ["c0", "c1", "c2"]
 
 
 def test_secagg_min_clients_and_oversized_reply_rejected(flower_fed):

@@ -196,6 +196,8 @@ class Federation(ABC):
 
         self._replays = ReplayGuard()
         self._timings: dict[str, float] = {}
+        self.notes: dict[str, Any] = {}
+        """What a runtime reports about the current round (e.g. SecAgg+'s error bound); see take_notes."""
 
     # -- what a runtime implements ---------------------------------------------------------------------
     @abstractmethod
@@ -308,6 +310,12 @@ class Federation(ABC):
                   expect: "Layout | dict[str, torch.Tensor] | None" = None) -> dict[str, Message]:
         """The same payload to every client."""
         return self.call(method, {cid: msg for cid in self.clients}, round, metered, expect=expect)
+
+    def take_notes(self) -> dict[str, Any]:
+        """The runtime's notes since they were last taken (then cleared); the round driver adds them to the
+        round's metrics entry (e.g. ``secagg``: per method, contributors, error bound, clipped values)."""
+        notes, self.notes = self.notes, {}
+        return notes
 
     def take_timing(self, method: str) -> float:
         """Seconds spent in calls of ``method`` since it was last taken (then reset to 0)."""

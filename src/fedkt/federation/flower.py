@@ -371,18 +371,25 @@ class FlowerFederation(Federation):
     ``min_clients``: fewer replies than this in a call (or contributors in an aggregate) stop the run;
     ``max_bytes``: the largest payload sent or accepted; ``action_prefix``: call handler ``m`` as
     ``<action_prefix>m`` (a multi-method app, see :func:`make_client_app`); ``secagg``: the SecAgg+
-    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes."""
+    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes;
+    ``secagg_journal``: a directory keeping each round's unmasked secure aggregate, so that a resumed run never
+    aggregates a round again over another client set (``secagg_guard``)."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
                  timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
                  max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, ttl: float | None = None,
                  on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None,
                  min_clients: int = 1, action_prefix: str = "",
-                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None):
+                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None,
+                 secagg_journal: str | Path | None = None):
         self.grid, self.timeout = grid, timeout
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
         self.action_prefix = action_prefix
         self.secagg = secagg or flower_secagg.SecAggSettings()
+        from fedkt.federation.secagg_guard import AggregationJournal
+
+        self._journal = AggregationJournal(secagg_journal)
+        """Every unmasked secure aggregate (in memory; on disk under ``secagg_journal``): never re-aggregated."""
         self._on_close, self._health_check = on_close, health_check
         self._nodes, served = self._discover(clients, wait_for_nodes, num_clients)
         ids = list(clients) if clients is not None else sorted(self._nodes)
@@ -503,17 +510,30 @@ class FlowerFederation(Federation):
         holds an individual reply's tensors. Clients that fail or drop out are failures under the policy;
         the aggregate holds the others' updates when at least ``min_clients`` (and SecAgg+'s threshold)
         remained. Bytes are the Flower wire bytes of all four protocol stages per client."""
-        from fedkt.seeds import derive_seed
+        from fedkt.federation import secagg_guard
+        from fedkt.federation.validate import as_layout, escape
 
         self._check_call(method, payloads)
         t0 = time.perf_counter()
         node_payloads = {self._nodes[c]: m for c, m in payloads.items()}
         cid_of = {self._nodes[c]: c for c in payloads}
-        seeds = {self._nodes[c]: derive_seed(round, "secagg-rounding", c) for c in payloads}
+        digest = secagg_guard.payload_digest(node_payloads, cid_of)
+        done = self._journal.check(method, round, digest, list(payloads))  # refuses another set/payload
+        if done is not None:  # this round's mean is known already: no second secure sum, no retraining
+            progress.log(f"round {round}: secure aggregate of {method!r} replayed from the journal "
+                         f"({escape(str(done['contributors']))}); not aggregated again")
+            return Aggregate(tensors=done["tensors"], clients=list(done["contributors"]),
+                             weights=dict(done["weights"]), meta=dict(done["meta"]))
+        layout = as_layout(expect)
+
+        def check(node: int, content: Any) -> dict[str, Any]:
+            cid = cid_of[node]
+            return secagg_guard.check_masked_reply(content, cid, method, weight_key, layout,
+                                                   self.declared_examples.get(cid), self.secagg.max_weight)
         try:
             res = flower_secagg.secure_aggregate(lambda msgs, t: self._exchange(msgs, t), node_payloads,
                                                  self.action_prefix + method,
-                                                 round, self.secagg, self.timeout, weight_key, seeds)
+                                                 round, self.secagg, self.timeout, weight_key, check)
         finally:
             self._timings[method] = self._timings.get(method, 0.0) + time.perf_counter() - t0
         if res.halted and self.on_failure == "skip":
@@ -528,9 +548,19 @@ class FlowerFederation(Federation):
                 self.ledger.record(round, method, cid_of[node], "up", res.up_bytes.get(node, 0))
         self._check_quorum(method, round, len(res.contributors), len(payloads))
         order = [c for c in payloads if self._nodes[c] in res.contributors]
-        return Aggregate(tensors=res.tensors, clients=order,
-                         weights={c: res.contributors[self._nodes[c]][0] for c in order},
-                         meta={c: res.contributors[self._nodes[c]][1] for c in order})
+        weights = {c: res.contributors[self._nodes[c]][0] for c in order}
+        meta = {c: res.contributors[self._nodes[c]][1] for c in order}
+        for c, m in meta.items():
+            n = m.get("num_examples") if isinstance(m, dict) else None
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                self.declared_examples.setdefault(c, n)
+        self._journal.record(method, round, digest, order, weights, meta, res.tensors)  # before anyone uses it
+        bound = flower_secagg.error_bound([w * (self.secagg.max_weight if not weight_key else 1.0)
+                                           for w in weights.values()], self.secagg)
+        self.notes.setdefault("secagg", {})[method] = {
+            "clients": len(order), "error_bound": bound,
+            "clipped": {cid_of[n]: k for n, k in res.clipped.items() if k}}
+        return Aggregate(tensors=res.tensors, clients=order, weights=weights, meta=meta)
 
     def close(self) -> None:
         if self._on_close is not None:
