@@ -223,9 +223,13 @@ def test_fedcollm_secure_aggregation_over_flower_hides_client_adapters(tmp_path,
     assert _leaks(plain_spy, plain_up)
     assert not _leaks(sec_spy, sec_up)
     assert sec["comm"]["up_bytes"] > 2 * plain["comm"]["up_bytes"]  # keys, shares, masked vectors
-    # the aggregate is SecAgg+'s (error <= bound, seeded rounding: deterministic); 3 distillation steps run
-    # on it (measured: slm 7.6e-4, llm 8e-7 for a bound of 1.4e-3)
+    # the aggregate is SecAgg+'s (error <= bound; CSPRNG rounding, so it differs run to run); 3 distillation
+    # steps run on it (measured: slm 7.6e-4, llm 8e-7 for a bound of 1.4e-3)
     bound = error_bound([4, 4, 4], SecAggSettings())  # 12 examples over 3 clients
+    # the round's entry reports the induced error bound of the secure aggregate (and no clipping)
+    note = sec["per_round"][0]["secagg"]["fit"]
+    assert note["clients"] == 3 and note["error_bound"] == pytest.approx(bound) and note["clipped"] == {}
+    assert "secagg" not in plain["per_round"][0]
     for role in ("slm", "llm"):
         err = max((plain_ad[role][k] - sec_ad[role][k]).abs().max().item() for k in plain_ad[role])
         assert 0 < err < 2 * bound, (role, err, bound)
