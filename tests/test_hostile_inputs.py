@@ -334,3 +334,128 @@ def test_client_app_refuses_unknown_handler_and_malformed_payload():
         assert torch.allclose(got["c0"].tensors["lora_A"], STATE["lora_A"] + 0.1)
     finally:
         fed.close()
+
+
+# ------------------------------------------------------------- Flower records a hostile node writes itself
+def _tamper(case, rd):
+    import numpy as np
+    from flwr.app import Array, ConfigRecord, RecordDict
+
+    header = dict(rd["fedkt.header"])
+    tensors = rd["fedkt.tensors"]
+    if case == "nested_meta_bomb":
+        header["meta"] = "[" * 200_000 + "]" * 200_000
+    elif case == "qint8_dtype":
+        dtypes = json.loads(header["dtypes"])
+        dtypes["lora_B"] = "qint8"
+        tensors["lora_B"] = Array(np.zeros((4, 2), dtype=np.uint8))
+        header["dtypes"] = json.dumps(dtypes)
+    elif case == "wrong_version":
+        header["version"] = 2
+    elif case == "dtypes_mismatch":
+        header["dtypes"] = json.dumps({"lora_A": "float32"})
+    elif case == "meta_not_json":
+        header["meta"] = "{'num_examples': 40"
+    elif case == "meta_wrong_type":
+        header["meta"] = 42
+    elif case == "duplicate_meta_key":
+        header["meta"] = header["meta"][:-1] + ',"num_examples":4000}'
+    elif case == "stray_record":
+        return RecordDict({"fedkt.tensors": tensors, "fedkt.header": ConfigRecord(header), "x": ConfigRecord({})})
+    return RecordDict({"fedkt.tensors": tensors, "fedkt.header": ConfigRecord(header)})
+
+
+FLOWER_CASES = [
+    ("nested_meta_bomb", r"nested deeper than 64"), ("qint8_dtype", r"quantized dtype 'qint8'"),
+    ("wrong_version", r"header version 2"), ("dtypes_mismatch", r"dtypes name tensors \['lora_A'\]"),
+    ("meta_not_json", r"\['meta'\] is not valid JSON"), ("meta_wrong_type", r"\['meta'\] must be a JSON string"),
+    ("duplicate_meta_key", r"names the key 'num_examples' twice"), ("stray_record", r"unexpected records \['x'\]")]
+
+
+@pytest.fixture(scope="module")
+def flower_hostile():
+    """Four in-process Flower nodes; c3's replies are rewritten as records by ``_tamper`` (what a node running
+    its own code could send), chosen by the ``hostile`` key the test sets."""
+    pytest.importorskip("flwr")
+    from fedkt.federation import flower_codec
+    from fedkt.federation.flower import FlowerFederation
+
+    real_encode = flower_codec.encode
+    chosen: dict[str, str] = {}
+
+    def encode(msg, max_bytes=flower_codec.DEFAULT_MAX_BYTES):
+        rd = real_encode(msg, max_bytes)
+        if chosen.get("case") and msg.meta.get("num_examples") == 40:  # c3's reply
+            return _tamper(chosen["case"], rd)
+        return rd
+
+    flower_codec.encode = encode
+    fed = FlowerFederation.in_process([f"c{i}" for i in range(4)],
+                                      {"fit": lambda ctx, m: honest_reply(ctx.cid, m.tensors)},
+                                      on_failure="skip", timeout=60)
+    try:
+        yield fed, chosen
+    finally:
+        fed.close()
+        flower_codec.encode = real_encode
+
+
+@pytest.mark.parametrize("case,msg", FLOWER_CASES, ids=[c[0] for c in FLOWER_CASES])
+def test_hostile_flower_records_are_that_clients_failure(flower_hostile, case, msg):
+    import re
+
+    fed, chosen = flower_hostile
+    before = len(fed.failures)
+    chosen["case"] = case
+    try:
+        theta = fit_round(fed, STATE, 2, 1.0)
+    finally:
+        chosen.clear()
+    new = fed.failures[before:]
+    assert [f["client"] for f in new] == [EVIL] and re.search(msg, new[0]["error"]), new
+    for k, v in expected_round2(STATE).items():
+        assert torch.allclose(theta[k], v, atol=1e-6), k
+
+
+def test_duplicate_identify_replies_refuse_both_nodes(capsys):
+    """Two nodes claim client c0: neither is trusted; the others are served, and a run over them works."""
+    pytest.importorskip("flwr")
+    from fedkt.federation.flower import CLIENT_ID_KEY, FlowerFederation, InProcessFlower, make_client_app
+
+    engine = InProcessFlower(make_client_app({"fit": lambda ctx, m: honest_reply(ctx.cid, m.tensors)}),
+                             ["c0", "c1", "c2", "c3"], node_configs={"c3": {CLIENT_ID_KEY: "c0"}})
+    try:
+        fed = FlowerFederation(engine.grid, None, on_failure="skip", num_clients=4, wait_for_nodes=30)
+        assert fed.clients == ["c1", "c2"]
+        assert "both claim client 'c0'; both refused" in " ".join(capsys.readouterr().err.split())
+        got = fed.call("fit", {c: Message(tensors=STATE, meta={"round": 1}) for c in fed.clients}, round=1)
+        assert sorted(got) == ["c1", "c2"]
+    finally:
+        engine.close()
+
+
+def test_slow_loris_client_is_dropped_at_the_timeout():
+    """A client that does not answer within the federation's timeout is that call's failure; the others'
+    replies are used (Flower in process; deployment timeouts: the deploy work of issue 20)."""
+    pytest.importorskip("flwr")
+    import time as _time
+
+    from fedkt.federation.flower import FlowerFederation
+
+    def fit(ctx, msg):
+        if ctx.cid == EVIL:
+            _time.sleep(6)
+        return honest_reply(ctx.cid, msg.tensors)
+
+    fed = FlowerFederation.in_process([f"c{i}" for i in range(4)], {"fit": fit}, on_failure="skip",
+                                      timeout=2.5, num_workers=4)
+    try:
+        t0 = _time.perf_counter()
+        theta = fit_round(fed, STATE, 2, 1.0)
+        assert _time.perf_counter() - t0 < 5.5
+        assert [f["client"] for f in fed.failures] == [EVIL] and "no reply within 2.5 s" in fed.failures[0]["error"]
+        for k, v in expected_round2(STATE).items():
+            assert torch.allclose(theta[k], v, atol=1e-6), k
+        _time.sleep(4)  # let the sleeping handler finish before the engine closes
+    finally:
+        fed.close()

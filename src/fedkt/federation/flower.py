@@ -498,10 +498,11 @@ class FlowerFederation(Federation):
                     raise ValueError(f"reply came from node {reply.metadata.src_node_id}, not from client "
                                      f"{cid}'s node {self._nodes[cid]}")
                 got = flower_codec.decode(reply.content, self.max_bytes)
+                up = len(codec.encode(got))
             except Exception as e:  # noqa: BLE001 - a malformed reply is that client's failure
                 out[cid] = Delivery(error=e, down_bytes=down)
                 continue
-            out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=len(codec.encode(got)))
+            out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=up)
         return out
 
     def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,

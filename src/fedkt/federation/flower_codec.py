@@ -133,6 +133,9 @@ def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
     dtype = _BY_NAME.get(dtype_name)
     if dtype is None:
         raise ValueError(f"malformed fedkt record: tensor {name!r} has unknown dtype {dtype_name!r}")
+    if dtype_name.startswith(("qint", "quint")):
+        raise ValueError(f"malformed fedkt record: tensor {name!r} has quantized dtype {dtype_name!r}, which fedkt "
+                         "never sends")
     try:
         nd = arr.numpy()
     except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed record
