@@ -8,7 +8,7 @@ import torch
 from fedkt.algorithms.fedavg import aggregate as fedavg_aggregate
 from fedkt.algorithms.fedavg import fit_round
 from fedkt.clients import ClientContext
-from fedkt.federation import AllClientsFailed, Message
+from fedkt.federation import AllClientsFailed, ClientFailure, Message
 from fedkt.federation.local import LocalFederation
 
 
@@ -54,9 +54,14 @@ def test_local_aggregate_quorum_and_bad_weights():
     with pytest.raises(AllClientsFailed, match=r"only 3 of 4 clients replied in 'fit' \(round 2\); "
                                                r"federation.min_clients = 4"):
         fed.aggregate("fit", _payloads(fed.clients, fail=["c1"]), round=2)
+    # a reply without its weight fails the 'fit' schema (fedkt.federation.validate): that client's failure
     fed = LocalFederation([ClientContext("c0")], {"fit": lambda c, m: Message(tensors={"a": X}, meta={})})
-    with pytest.raises(ValueError, match=r"client c0 replied meta\['num_examples'\] = None"):
+    with pytest.raises(ClientFailure, match=r"client c0 reply to 'fit': meta lacks 'num_examples'"):
         fed.aggregate("fit", _payloads(["c0"]))
+    # a handler without a schema: the weight itself is checked when aggregating
+    fed = LocalFederation([ClientContext("c0")], {"g": lambda c, m: Message(tensors={"a": X}, meta={"n": True})})
+    with pytest.raises(ClientFailure, match=r"client c0 replied meta\['n'\] = True"):
+        fed.aggregate("g", _payloads(["c0"]), weight_key="n")
 
 
 def test_fit_round_secure_equals_plain_in_process():
@@ -92,13 +97,13 @@ class _CallSpy:
         spy = self
         broadcast, aggregate = Federation.broadcast, Federation.aggregate
 
-        def spy_broadcast(fed, method, msg, round=0, metered=True):
-            out = broadcast(fed, method, msg, round, metered)
+        def spy_broadcast(fed, method, msg, round=0, metered=True, **kw):
+            out = broadcast(fed, method, msg, round, metered, **kw)
             spy.calls.append(("broadcast", len(out)))
             return out
 
-        def spy_aggregate(fed, method, payloads, round=0, weight_key="num_examples"):
-            agg = aggregate(fed, method, payloads, round, weight_key)
+        def spy_aggregate(fed, method, payloads, round=0, weight_key="num_examples", **kw):
+            agg = aggregate(fed, method, payloads, round, weight_key, **kw)
             spy.calls.append(("aggregate", len(agg.clients)))
             return agg
 
@@ -154,13 +159,14 @@ def test_fedcot_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs,
         seen: list[tuple[str, str]] = []
         call, aggregate = Federation.call, Federation.aggregate
 
-        def spy_call(fed, method, payloads, round=0, metered=True, _seen=seen, _call=call):
+        def spy_call(fed, method, payloads, round=0, metered=True, _seen=seen, _call=call, **kw):
             _seen.append(("call", method))
-            return _call(fed, method, payloads, round, metered)
+            return _call(fed, method, payloads, round, metered, **kw)
 
-        def spy_aggregate(fed, method, payloads, round=0, weight_key="num_examples", _seen=seen, _agg=aggregate):
+        def spy_aggregate(fed, method, payloads, round=0, weight_key="num_examples", _seen=seen, _agg=aggregate,
+                          **kw):
             _seen.append(("aggregate", method))
-            return _agg(fed, method, payloads, round, weight_key)
+            return _agg(fed, method, payloads, round, weight_key, **kw)
 
         monkeypatch.setattr(Federation, "call", spy_call)
         monkeypatch.setattr(Federation, "aggregate", spy_aggregate)

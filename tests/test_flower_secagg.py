@@ -140,9 +140,12 @@ def test_secagg_tolerates_a_dropout_up_to_the_threshold_then_halts(flower_fed):
     # three of four gone: every client keeps 1 live neighbour < threshold 2 -> the protocol halts
     with pytest.raises(AllClientsFailed, match="SecAgg\\+ halted in round 3 for 'fit'"):
         fed.aggregate("fit", _payloads(clients, fail=["c0", "c1", "c2"]), round=3)
+    # two clients are refused (each would learn the other's update from the mean: secagg min_clients = 3)
+    with pytest.raises(ValueError, match=r"secure aggregation needs at least 3 clients .*got 2 for 'fit' in round 4"):
+        fed.aggregate("fit", _payloads(["c0", "c1"]), round=4)
     # and the federation still works afterwards (clients restart from the setup stage)
-    agg = fed.aggregate("fit", _payloads(["c0", "c1"]), round=4)
-    assert agg.clients == ["c0", "c1"]
+    agg = fed.aggregate("fit", _payloads(["c0", "c1", "c2"]), round=4)
+    assert agg.clients == ["c0", "c1", "c2"]
 
 
 def test_secagg_min_clients_and_oversized_reply_rejected(flower_fed):
@@ -220,9 +223,13 @@ def test_fedcollm_secure_aggregation_over_flower_hides_client_adapters(tmp_path,
     assert _leaks(plain_spy, plain_up)
     assert not _leaks(sec_spy, sec_up)
     assert sec["comm"]["up_bytes"] > 2 * plain["comm"]["up_bytes"]  # keys, shares, masked vectors
-    # the aggregate is SecAgg+'s (error <= bound, seeded rounding: deterministic); 3 distillation steps run
-    # on it (measured: slm 7.6e-4, llm 8e-7 for a bound of 1.4e-3)
+    # the aggregate is SecAgg+'s (error <= bound; CSPRNG rounding, so it differs run to run); 3 distillation
+    # steps run on it (measured: slm 7.6e-4, llm 8e-7 for a bound of 1.4e-3)
     bound = error_bound([4, 4, 4], SecAggSettings())  # 12 examples over 3 clients
+    # the round's entry reports the induced error bound of the secure aggregate (and no clipping)
+    note = sec["per_round"][0]["secagg"]["fit"]
+    assert note["clients"] == 3 and note["error_bound"] == pytest.approx(bound) and note["clipped"] == {}
+    assert "secagg" not in plain["per_round"][0]
     for role in ("slm", "llm"):
         err = max((plain_ad[role][k] - sec_ad[role][k]).abs().max().item() for k in plain_ad[role])
         assert 0 < err < 2 * bound, (role, err, bound)

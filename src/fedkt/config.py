@@ -154,10 +154,30 @@ class FederationConfig:
     """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (0 = wait)."""
     max_payload_mb: float = 2047.0
     """Flower runtime: payloads (either direction) above this many MiB are refused with an error."""
+    secagg_min_clients: int = 3
+    """Secure aggregation refuses to run over fewer clients (>= 3: with 2, each learns the other's update)."""
+    secagg_reconstruction_threshold: float = 0.5
+    """SecAgg+: shares needed to rebuild a secret (a fraction of the clients, or an integer count)."""
+    secagg_max_weight: float = 1000.0
+    """SecAgg+: the largest client weight (examples) expected; weights are scaled by it before quantisation."""
+    secagg_clipping_range: float = 8.0
+    """SecAgg+: (weight-scaled) update values are clipped to [-c, c] before quantisation."""
+    secagg_quantization_range: int = 2**22
+    """SecAgg+: quantisation levels over [-c, c] (grid step 2c/q; the per-round error bound is reported)."""
+    secagg_modulus_range: int = 2**32
+    """SecAgg+: the masking modulus (a power of two, >= clients x quantization range)."""
 
     def __post_init__(self):
-        check_positive(self, "rounds", "min_clients", "max_payload_mb")
+        check_positive(self, "rounds", "min_clients", "max_payload_mb", "secagg_reconstruction_threshold",
+                       "secagg_max_weight", "secagg_clipping_range", "secagg_quantization_range")
         check(self.timeout_s >= 0, f"timeout_s must be >= 0, got {self.timeout_s}")
+        check(self.secagg_min_clients >= 3,
+              f"secagg_min_clients = {self.secagg_min_clients}: secure aggregation needs at least 3 clients "
+              "(with 2, each client learns the other's update from the mean); raise it to 3 or more")
+        q, m = self.secagg_quantization_range, self.secagg_modulus_range
+        check(q <= 2**30, f"secagg_quantization_range = {q} must be <= 2^30 (SecAgg+ rounds into int32)")
+        check(m >= 2 * q and m <= 2**62 and m & (m - 1) == 0,
+              f"secagg_modulus_range = {m} must be a power of two in [2 x secagg_quantization_range, 2^62]")
 
 
 @dataclass
@@ -333,6 +353,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"partition.files lists {len(cfg.partition.files)} files but partition.num_clients = "
             f"{cfg.partition.num_clients}; give one file per client"
         )
+    f = cfg.federation
+    if f.secure_aggregation and cfg.partition.num_clients < f.secagg_min_clients:
+        raise ConfigError(
+            f"federation.secure_aggregation with partition.num_clients = {cfg.partition.num_clients}: secure "
+            f"aggregation needs at least federation.secagg_min_clients = {f.secagg_min_clients} clients (with 2, "
+            "each client learns the other's update from the mean); add clients or turn secure_aggregation off")
     for m in cfg.methods:
         if known[m].needs_llm and not cfg.model.llm:
             raise ConfigError(f"method {m!r} needs a server LLM: set model.llm")

@@ -92,7 +92,7 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
             state = out.state
             for k, v in out.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
-            entry: dict[str, Any] = {"round": rnd, **out.entry}
+            entry: dict[str, Any] = {"round": rnd, **out.entry, **fed.take_notes()}
             if cfg.eval.every_round or rnd == cfg.federation.rounds:
                 t0 = time.perf_counter()
                 for role in algo.roles:

@@ -17,7 +17,7 @@ import torch
 
 from fedkt import progress
 from fedkt.clients import ClientContext
-from fedkt.federation.base import Federation, Message
+from fedkt.federation.base import Federation, Message, check_mean_inputs
 from fedkt.models import get_adapter_state
 from fedkt.registry import MethodSpec, register
 from fedkt.rounds import RoundAlgorithm, RoundOutcome
@@ -41,17 +41,9 @@ HANDLERS = {"fit": client_fit}
 # ---------------------------------------------------------------------------------------------- server
 def aggregate(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted average of adapter state dicts: Σ wᵢ θᵢ / Σ wᵢ, key by key (float64 accumulation)."""
-    if not states:
-        raise ValueError("nothing to aggregate")
-    if len(states) != len(weights):
-        raise ValueError("one weight per state")
+    check_mean_inputs(states, weights)  # weights finite > 0, same keys/shapes, float and finite values
     total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("weights must sum to > 0")
     keys = states[0].keys()
-    for s in states[1:]:
-        if s.keys() != keys:
-            raise ValueError("adapters have different keys")
     out = {}
     for k in keys:
         acc = sum(s[k].double() * (w / total) for s, w in zip(states, weights))
@@ -69,11 +61,11 @@ def fit_round(fed: Federation, global_state: dict[str, torch.Tensor], rnd: int, 
     msg = Message(tensors=global_state, meta={"round": rnd, "epochs": epochs, **(meta or {})})
     if secure:
         agg = fed.aggregate("fit", {cid: msg for cid in fed.clients}, rnd,
-                            weight_key="num_examples" if weighting == "samples" else "")
+                            weight_key="num_examples" if weighting == "samples" else "", expect=global_state)
         progress.log(f"round {rnd}: client train loss {({c: round(m['loss'], 4) for c, m in agg.meta.items()})} "
                      f"(securely aggregated over {len(agg.clients)} clients)")
         return agg.tensors
-    replies = fed.broadcast("fit", msg, rnd)
+    replies = fed.broadcast("fit", msg, rnd, expect=global_state)  # replies checked against the adapter sent
     states = [r.tensors for r in replies.values()]
     weights = [r.meta["num_examples"] if weighting == "samples" else 1.0 for r in replies.values()]
     losses = {c: round(r.meta["loss"], 4) for c, r in replies.items()}

@@ -252,10 +252,10 @@ class FedCoT(RoundAlgorithm):
         t2 = time.perf_counter()
         payloads = {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta) for c in fed.clients}
         if server.cfg.federation.secure_aggregation:  # the server gets only the mean (Flower: SecAgg+)
-            agg = fed.aggregate("decode_train", payloads, rnd, weight_key="num_examples")
+            agg = fed.aggregate("decode_train", payloads, rnd, weight_key="num_examples", expect=state["slm"])
             theta, losses = agg.tensors, {c: m["loss"] for c, m in agg.meta.items()}
         else:
-            replies = fed.call("decode_train", payloads, rnd)
+            replies = fed.call("decode_train", payloads, rnd, expect=state["slm"])
             theta = aggregate([r.tensors for r in replies.values()], [r.meta["num_examples"] for r in replies.values()])
             losses = {c: r.meta["loss"] for c, r in replies.items()}
         client_s = fed.take_timing("decode_train")

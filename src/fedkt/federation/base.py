@@ -22,9 +22,12 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
+
+if TYPE_CHECKING:
+    from fedkt.federation.validate import Layout
 
 FAILURE_POLICIES = ("stop", "skip")
 
@@ -38,7 +41,10 @@ class Message:
 
 class ClientFailure(RuntimeError):
     def __init__(self, client: str, method: str, error: BaseException | str):
-        detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        try:
+            detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        except Exception:  # noqa: BLE001 - a hostile exception whose str raises
+            detail = f"{type(error).__name__}: <unprintable>"
         super().__init__(f"client {client} failed in {method!r}: {detail}")
         self.client, self.method, self.error = client, method, error
 
@@ -61,31 +67,55 @@ class Aggregate:
     """Each contributor's reply meta (not protected)."""
 
 
-def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Σ wᵢ θᵢ / Σ wᵢ key by key, float64 accumulation, cast back to the first state's dtypes (the same
-    arithmetic as ``fedkt.algorithms.fedavg.aggregate``)."""
+def check_mean_inputs(states: list[dict[str, torch.Tensor]], weights: list[float]) -> None:
+    """Refuse what would corrupt a weighted mean silently: a weight that is not a finite real > 0 (a bool,
+    NaN, negative, 1e300), states with different keys, shapes or non-float dtypes, non-finite values."""
+    from fedkt.federation.validate import FLOAT_DTYPES, MAX_WEIGHT
+
     if not states or len(states) != len(weights):
-        raise ValueError(f"weighted_mean needs one weight per state, got {len(states)} states and "
-                         f"{len(weights)} weights")
-    total = float(sum(weights))
-    if total <= 0:
+        raise ValueError(f"weighted mean needs one weight per state, got {len(states)} states and "
+                         f"{len(weights)} weights" if states else "nothing to aggregate")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights):
+        raise ValueError(f"weights must be real numbers (not bools), got {weights}")
+    if not float(sum(weights)) > 0:
         raise ValueError(f"weights must sum to > 0, got {weights}")
+    if any(not (0 < w <= MAX_WEIGHT) for w in weights):  # NaN fails both comparisons
+        raise ValueError(f"weights must be finite numbers in (0, {MAX_WEIGHT:.0f}], got {weights}")
     keys = states[0].keys()
     if any(s.keys() != keys for s in states[1:]):
-        raise ValueError("the clients' tensors have different keys; they cannot be averaged")
+        raise ValueError("the clients' tensors have different keys; they cannot be averaged "
+                         "(adapters have different keys)")
+    for k in keys:
+        ref = states[0][k]
+        for i, s in enumerate(states):
+            t = s[k]
+            if t.dtype not in FLOAT_DTYPES or tuple(t.shape) != tuple(ref.shape):
+                raise ValueError(f"tensor {k!r} of state {i} is {t.dtype}{list(t.shape)}; every state must hold "
+                                 f"a float tensor of shape {list(ref.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor {k!r} of state {i} holds NaN or infinite values")
+
+
+def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ wᵢ θᵢ / Σ wᵢ key by key, float64 accumulation, cast back to the first state's dtypes (the same
+    arithmetic as ``fedkt.algorithms.fedavg.aggregate``); bad inputs are refused
+    (:func:`check_mean_inputs`)."""
+    check_mean_inputs(states, weights)
+    total = float(sum(weights))
+    keys = states[0].keys()
     return {k: sum(s[k].double() * (w / total) for s, w in zip(states, weights)).to(states[0][k].dtype)
             for k in keys}
 
 
-def reply_weight(cid: str, reply: "Message", weight_key: str) -> float:
-    """The reply's weight ``reply.meta[weight_key]``; ``weight_key = ""``: 1 (every reply weighs the same)."""
+def reply_weight(cid: str, reply: "Message", weight_key: str, declared: float | None = None) -> float:
+    """The reply's weight ``reply.meta[weight_key]``; ``weight_key = ""``: 1 (every reply weighs the same).
+    A weight must be a finite real > 0, not a bool, and at most ``declared`` (the client's example count)
+    when known (``fedkt.federation.validate.check_weight``)."""
+    from fedkt.federation.validate import check_weight
+
     if not weight_key:
         return 1.0
-    w = reply.meta.get(weight_key)
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-        raise ValueError(f"client {cid} replied meta[{weight_key!r}] = {w!r}; an aggregated reply needs a "
-                         "positive number as its weight")
-    return float(w)
+    return check_weight(cid, reply.meta.get(weight_key), weight_key, declared)
 
 
 @dataclass
@@ -160,7 +190,14 @@ class Federation(ABC):
         self.min_clients = min_clients
         self.ledger = ByteLedger()
         self.failures: list[dict[str, Any]] = []
+        self.declared_examples: dict[str, int] = {}
+        """Each client's example count as first reported; its later weights may not exceed it."""
+        from fedkt.federation.validate import ReplayGuard
+
+        self._replays = ReplayGuard()
         self._timings: dict[str, float] = {}
+        self.notes: dict[str, Any] = {}
+        """What a runtime reports about the current round (e.g. SecAgg+'s error bound); see take_notes."""
 
     # -- what a runtime implements ---------------------------------------------------------------------
     @abstractmethod
@@ -190,12 +227,18 @@ class Federation(ABC):
                                    "restart the missing clients and resume the run (--resume)")
 
     def call(self, method: str, payloads: dict[str, Message], round: int = 0,
-             metered: bool = True) -> dict[str, Message]:
+             metered: bool = True, expect: "Layout | dict[str, torch.Tensor] | None" = None) -> dict[str, Message]:
         """Send each addressed client its payload, run handler ``method`` there, return the replies.
 
+        Every reply is validated before it is returned (``fedkt.federation.validate.check_reply``: the
+        handler's schema; ``expect``: the adapter the server expects back, names/shapes/dtypes); a reply that
+        fails, or any error while handling it, is that client's failure under the policy.
         ``metered=False`` keeps the exchange out of the protocol's communication totals (evaluation
         reports, which no algorithm needs)."""
+        from fedkt.federation.validate import as_layout, check_reply
+
         self._check_call(method, payloads)
+        layout = as_layout(expect)
         t0 = time.perf_counter()
         deliveries = self._deliver(method, payloads, round)
         replies: dict[str, Message] = {}
@@ -203,8 +246,17 @@ class Federation(ABC):
             d = deliveries.get(cid)
             if d is None:  # the runtime stopped early after a failure under policy "stop"
                 continue
-            if d.error is not None:
-                self._record_failure(cid, method, round, d.error)
+            try:
+                if d.error is not None:
+                    raise _Failed(d.error)
+                check_reply(method, cid, d.reply, layout, self.declared_examples.get(cid))
+                self._replays.check(method, cid, round, payloads[cid].tensors, d.reply)
+                self._pin_examples(cid, d.reply)
+            except _Failed as f:
+                self._record_failure(cid, method, round, f.error)
+                continue
+            except Exception as e:  # noqa: BLE001 - whatever a reply does, it is that client's failure
+                self._record_failure(cid, method, round, e)
                 continue
             if metered:
                 self.ledger.record(round, method, cid, "down", d.down_bytes)
@@ -214,16 +266,30 @@ class Federation(ABC):
         self._check_quorum(method, round, len(replies), len(payloads))
         return replies
 
+    def _pin_examples(self, cid: str, reply: Message) -> None:
+        """The first example count a client reports is its declared one: a later weight may not exceed it."""
+        n = reply.meta.get("num_examples")
+        if cid not in self.declared_examples and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            self.declared_examples[cid] = n
+
     def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,
-                  weight_key: str = "num_examples") -> Aggregate:
+                  weight_key: str = "num_examples",
+                  expect: "Layout | dict[str, torch.Tensor] | None" = None) -> Aggregate:
         """Run handler ``method`` on each addressed client and return only the weighted mean of the
         replies' tensors (weight: ``reply.meta[weight_key]``; ``""``: the plain mean), with each
-        contributor's weight and meta.
+        contributor's weight and meta. ``expect``: the adapter layout every reply must have.
 
         Runtimes with secure aggregation override this so that no individual reply's tensors reach the
         server; here (in-process simulation) it is the plain weighted mean of the replies."""
-        replies = self.call(method, payloads, round)
-        weights = {cid: reply_weight(cid, r, weight_key) for cid, r in replies.items()}
+        replies = self.call(method, payloads, round, expect=expect)
+        weights: dict[str, float] = {}
+        for cid, r in list(replies.items()):
+            try:
+                weights[cid] = reply_weight(cid, r, weight_key, self.declared_examples.get(cid))
+            except Exception as e:  # noqa: BLE001 - that client's failure
+                del replies[cid]
+                self._record_failure(cid, method, round, e)
+        self._check_quorum(method, round, len(replies), len(payloads))
         tensors = weighted_mean([r.tensors for r in replies.values()], list(weights.values()))
         return Aggregate(tensors=tensors, clients=list(replies), weights=weights,
                          meta={cid: dict(r.meta) for cid, r in replies.items()})
@@ -235,11 +301,21 @@ class Federation(ABC):
         self.failures.append({"round": round, "method": method, "client": cid, "error": _describe(error)})
         from fedkt import progress
 
-        progress.log(f"[yellow]client {cid} failed in {method!r} (round {round}): {_describe(error)}; skipped[/]")
+        from fedkt.federation.validate import escape
 
-    def broadcast(self, method: str, msg: Message, round: int = 0, metered: bool = True) -> dict[str, Message]:
+        progress.log(f"[yellow]client {escape(str(cid))} failed in {method!r} (round {round}): "
+                     f"{escape(_describe(error))}; skipped[/]")
+
+    def broadcast(self, method: str, msg: Message, round: int = 0, metered: bool = True,
+                  expect: "Layout | dict[str, torch.Tensor] | None" = None) -> dict[str, Message]:
         """The same payload to every client."""
-        return self.call(method, {cid: msg for cid in self.clients}, round, metered)
+        return self.call(method, {cid: msg for cid in self.clients}, round, metered, expect=expect)
+
+    def take_notes(self) -> dict[str, Any]:
+        """The runtime's notes since they were last taken (then cleared); the round driver adds them to the
+        round's metrics entry (e.g. ``secagg``: per method, contributors, error bound, clipped values)."""
+        notes, self.notes = self.notes, {}
+        return notes
 
     def take_timing(self, method: str) -> float:
         """Seconds spent in calls of ``method`` since it was last taken (then reset to 0)."""
@@ -247,11 +323,13 @@ class Federation(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to resume the federation's bookkeeping."""
-        return {"ledger": self.ledger.to_list(), "failures": [dict(f) for f in self.failures]}
+        return {"ledger": self.ledger.to_list(), "failures": [dict(f) for f in self.failures],
+                "declared_examples": dict(self.declared_examples)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledger.entries[:] = ByteLedger.from_list(state.get("ledger", [])).entries
         self.failures[:] = [dict(f) for f in state.get("failures", [])]
+        self.declared_examples.update(state.get("declared_examples", {}))
 
     def __enter__(self) -> "Federation":
         return self
@@ -260,5 +338,14 @@ class Federation(ABC):
         self.close()
 
 
+class _Failed(Exception):
+    def __init__(self, error: BaseException | str):
+        self.error = error
+
+
 def _describe(error: BaseException | str) -> str:
-    return error if isinstance(error, str) else repr(error)
+    try:
+        text = error if isinstance(error, str) else repr(error)
+    except Exception:  # noqa: BLE001 - a hostile exception whose repr raises
+        text = f"{type(error).__name__}(<unprintable>)"
+    return text if len(text) <= 2000 else text[:2000] + f"... ({len(text)} characters)"

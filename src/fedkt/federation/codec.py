@@ -25,10 +25,26 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    if data[:4] != MAGIC:
+    """Rebuild a :class:`Message`; anything malformed (bad magic, a header length past the end, JSON too
+    large or too deeply nested, a bad safetensors blob) raises ``ValueError`` saying what, never a
+    ``RecursionError`` or a huge allocation."""
+    from fedkt.federation.validate import check_safetensors_header, loads
+
+    if len(data) < 12 or data[:4] != MAGIC:
         raise ValueError("not a fedkt message (bad magic)")
     (n,) = struct.unpack("<Q", data[4:12])
-    header = json.loads(data[12:12 + n])
+    if n > len(data) - 12:
+        raise ValueError(f"malformed fedkt message: header length {n} exceeds the {len(data) - 12} bytes that follow")
+    header = loads(bytes(data[12:12 + n]), "fedkt message header")
+    if not isinstance(header, dict) or not isinstance(header.get("texts"), list) \
+            or not isinstance(header.get("meta"), dict):
+        raise ValueError("malformed fedkt message: the header must be a JSON object with a list 'texts' and an "
+                         "object 'meta'")
     blob = data[12 + n:]
-    tensors = dict(st_load(blob)) if blob else {}
+    if blob:
+        check_safetensors_header(blob, "malformed fedkt message: tensor blob")
+    try:
+        tensors = dict(st_load(bytes(blob))) if blob else {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        raise ValueError(f"malformed fedkt message: the tensor blob is not valid safetensors ({e})") from None
     return Message(tensors=tensors, texts=header["texts"], meta=header["meta"])

@@ -271,6 +271,9 @@ def make_client_app(handlers: dict[str, Handler], context_factory: ContextFactor
         handler = handlers.get(name)
         if handler is None:
             raise KeyError(f"this node serves no handler {name!r}; it serves {', '.join(handlers)}")
+        from fedkt.federation.validate import check_request
+
+        check_request(name.split(SCOPE_SEP)[-1], payload)  # an absurd request fails here, clearly
         cid = client_id_of(context)
         scope = name.split(SCOPE_SEP)[0] if SCOPE_SEP in name else ""
         ctx = factory(cid, context, scope) if scope else factory(cid, context)  # type: ignore[call-arg]
@@ -341,11 +344,15 @@ class RemoteClientError(RuntimeError):
 
 def _error_of(reply: FlMessage) -> BaseException:
     err = reply.error
+    from fedkt.federation.validate import loads
+
     try:
-        info = json.loads(err.reason or "")
+        info = loads(err.reason or "", "error reason", max_bytes=2**20)
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("type", "message", "repr")):
+            raise ValueError("not a fedkt error reason")
         return RemoteClientError.build(info["type"], info["message"], info["repr"])
     except (ValueError, KeyError, TypeError):
-        text = f"Flower error code {err.code}: {err.reason}"
+        text = f"Flower error code {err.code}: {str(err.reason)[:2000]}"
         return RemoteClientError.build("FlowerError", text, f"FlowerError({text!r})")
 
 
@@ -364,18 +371,25 @@ class FlowerFederation(Federation):
     ``min_clients``: fewer replies than this in a call (or contributors in an aggregate) stop the run;
     ``max_bytes``: the largest payload sent or accepted; ``action_prefix``: call handler ``m`` as
     ``<action_prefix>m`` (a multi-method app, see :func:`make_client_app`); ``secagg``: the SecAgg+
-    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes."""
+    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes;
+    ``secagg_journal``: a directory keeping each round's unmasked secure aggregate, so that a resumed run never
+    aggregates a round again over another client set (``secagg_guard``)."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
                  timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
                  max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, ttl: float | None = None,
                  on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None,
                  min_clients: int = 1, action_prefix: str = "",
-                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None):
+                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None,
+                 secagg_journal: str | Path | None = None):
         self.grid, self.timeout = grid, timeout
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
         self.action_prefix = action_prefix
         self.secagg = secagg or flower_secagg.SecAggSettings()
+        from fedkt.federation.secagg_guard import AggregationJournal
+
+        self._journal = AggregationJournal(secagg_journal)
+        """Every unmasked secure aggregate (in memory; on disk under ``secagg_journal``): never re-aggregated."""
         self._on_close, self._health_check = on_close, health_check
         self._nodes, served = self._discover(clients, wait_for_nodes, num_clients)
         ids = list(clients) if clients is not None else sorted(self._nodes)
@@ -400,20 +414,36 @@ class FlowerFederation(Federation):
         msgs = [FlMessage(flower_codec.encode(Message()), dst_node_id=n, message_type=f"{CATEGORY}.{IDENTIFY}")
                 for n in node_ids]
         replies = self._exchange(msgs, timeout=wait_for_nodes)
+        from fedkt.federation.validate import escape
+
         nodes: dict[str, int] = {}
         handlers: dict[str, list[str]] = {}
+        dupes: set[str] = set()
         for node, reply in zip(node_ids, replies):
             if reply is None or reply.has_error():
                 why = "no reply" if reply is None else repr(_error_of(reply))
-                progress.log(f"[yellow]Flower node {node} did not identify itself ({why}); ignored[/]")
+                progress.log(f"[yellow]Flower node {node} did not identify itself ({escape(why)}); ignored[/]")
                 continue
-            meta = flower_codec.decode(reply.content).meta
-            cid = meta["client_id"]
-            if cid in nodes:
-                raise ValueError(f"Flower nodes {nodes[cid]} and {node} both serve client {cid!r}: give "
-                                 f"each SuperNode its own --node-config '{CLIENT_ID_KEY}=\"...\"'")
+            try:
+                meta = flower_codec.decode(reply.content).meta
+                cid, served = meta.get("client_id"), meta.get("handlers")
+                if not isinstance(cid, str) or not cid or not isinstance(served, list) \
+                        or not all(isinstance(h, str) for h in served):
+                    raise ValueError(f"identify reply {str(meta)[:200]} lacks a client_id string and a handlers list")
+            except Exception as e:  # noqa: BLE001 - a malformed identify reply drops that node, not the server
+                progress.log(f"[yellow]Flower node {node} sent a malformed identify reply ({escape(str(e))}); ignored[/]")
+                continue
+            if cid in nodes or cid in dupes:
+                # two nodes claim one client: neither is trusted (node identity is the authenticated key)
+                other = nodes.pop(cid, None)
+                handlers.pop(cid, None)
+                dupes.add(cid)
+                progress.log(f"[red]Flower nodes {other if other is not None else '(earlier)'} and {node} both "
+                             f"claim client {escape(cid)!r}; both refused: give each SuperNode its own "
+                             f"--node-config '{CLIENT_ID_KEY}=\"...\"'[/]")
+                continue
             p = self.action_prefix
-            nodes[cid], handlers[cid] = node, [h[len(p):] for h in meta["handlers"] if h.startswith(p)]
+            nodes[cid], handlers[cid] = node, [h[len(p):] for h in served if h.startswith(p)]
         if clients is not None:
             missing = [c for c in clients if c not in nodes]
             if missing:
@@ -464,30 +494,47 @@ class FlowerFederation(Federation):
                 out[cid] = Delivery(error=_error_of(reply), down_bytes=down)
                 continue
             try:
+                if reply.metadata.src_node_id != self._nodes[cid]:
+                    raise ValueError(f"reply came from node {reply.metadata.src_node_id}, not from client "
+                                     f"{cid}'s node {self._nodes[cid]}")
                 got = flower_codec.decode(reply.content, self.max_bytes)
-            except ValueError as e:
+                up = len(codec.encode(got))
+            except Exception as e:  # noqa: BLE001 - a malformed reply is that client's failure
                 out[cid] = Delivery(error=e, down_bytes=down)
                 continue
-            out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=len(codec.encode(got)))
+            out[cid] = Delivery(reply=got, down_bytes=down, up_bytes=up)
         return out
 
     def aggregate(self, method: str, payloads: dict[str, Message], round: int = 0,
-                  weight_key: str = "num_examples") -> Aggregate:
+                  weight_key: str = "num_examples", expect: Any = None) -> Aggregate:
         """The weighted mean of the clients' reply tensors by SecAgg+ (``flower_secagg``): the server never
         holds an individual reply's tensors. Clients that fail or drop out are failures under the policy;
         the aggregate holds the others' updates when at least ``min_clients`` (and SecAgg+'s threshold)
         remained. Bytes are the Flower wire bytes of all four protocol stages per client."""
-        from fedkt.seeds import derive_seed
+        from fedkt.federation import secagg_guard
+        from fedkt.federation.validate import as_layout, escape
 
         self._check_call(method, payloads)
         t0 = time.perf_counter()
         node_payloads = {self._nodes[c]: m for c, m in payloads.items()}
         cid_of = {self._nodes[c]: c for c in payloads}
-        seeds = {self._nodes[c]: derive_seed(round, "secagg-rounding", c) for c in payloads}
+        digest = secagg_guard.payload_digest(node_payloads, cid_of)
+        done = self._journal.check(method, round, digest, list(payloads))  # refuses another set/payload
+        if done is not None:  # this round's mean is known already: no second secure sum, no retraining
+            progress.log(f"round {round}: secure aggregate of {method!r} replayed from the journal "
+                         f"({escape(str(done['contributors']))}); not aggregated again")
+            return Aggregate(tensors=done["tensors"], clients=list(done["contributors"]),
+                             weights=dict(done["weights"]), meta=dict(done["meta"]))
+        layout = as_layout(expect)
+
+        def check(node: int, content: Any) -> dict[str, Any]:
+            cid = cid_of[node]
+            return secagg_guard.check_masked_reply(content, cid, method, weight_key, layout,
+                                                   self.declared_examples.get(cid), self.secagg.max_weight)
         try:
             res = flower_secagg.secure_aggregate(lambda msgs, t: self._exchange(msgs, t), node_payloads,
                                                  self.action_prefix + method,
-                                                 round, self.secagg, self.timeout, weight_key, seeds)
+                                                 round, self.secagg, self.timeout, weight_key, check)
         finally:
             self._timings[method] = self._timings.get(method, 0.0) + time.perf_counter() - t0
         if res.halted and self.on_failure == "skip":
@@ -502,9 +549,19 @@ class FlowerFederation(Federation):
                 self.ledger.record(round, method, cid_of[node], "up", res.up_bytes.get(node, 0))
         self._check_quorum(method, round, len(res.contributors), len(payloads))
         order = [c for c in payloads if self._nodes[c] in res.contributors]
-        return Aggregate(tensors=res.tensors, clients=order,
-                         weights={c: res.contributors[self._nodes[c]][0] for c in order},
-                         meta={c: res.contributors[self._nodes[c]][1] for c in order})
+        weights = {c: res.contributors[self._nodes[c]][0] for c in order}
+        meta = {c: res.contributors[self._nodes[c]][1] for c in order}
+        for c, m in meta.items():
+            n = m.get("num_examples") if isinstance(m, dict) else None
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                self.declared_examples.setdefault(c, n)
+        self._journal.record(method, round, digest, order, weights, meta, res.tensors)  # before anyone uses it
+        bound = flower_secagg.error_bound([w * (self.secagg.max_weight if not weight_key else 1.0)
+                                           for w in weights.values()], self.secagg)
+        self.notes.setdefault("secagg", {})[method] = {
+            "clients": len(order), "error_bound": bound,
+            "clipped": {cid_of[n]: k for n, k in res.clipped.items() if k}}
+        return Aggregate(tensors=res.tensors, clients=order, weights=weights, meta=meta)
 
     def close(self) -> None:
         if self._on_close is not None:

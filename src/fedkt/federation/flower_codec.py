@@ -120,10 +120,9 @@ def _json_field(header: ConfigRecord, key: str, kind: type) -> Any:
     if not isinstance(raw, str):
         raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] must be a JSON string, "
                          f"got {type(raw).__name__}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] is not valid JSON: {e}") from e
+    from fedkt.federation.validate import loads
+
+    value = loads(raw, f"malformed fedkt record: {HEADER_KEY}[{key!r}]")  # size/depth checked before parsing
     if not isinstance(value, kind):
         raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] must decode to a "
                          f"{kind.__name__}, got {type(value).__name__}")
@@ -134,6 +133,9 @@ def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
     dtype = _BY_NAME.get(dtype_name)
     if dtype is None:
         raise ValueError(f"malformed fedkt record: tensor {name!r} has unknown dtype {dtype_name!r}")
+    if dtype_name.startswith(("qint", "quint")):
+        raise ValueError(f"malformed fedkt record: tensor {name!r} has quantized dtype {dtype_name!r}, which fedkt "
+                         "never sends")
     try:
         nd = arr.numpy()
     except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed record
@@ -145,7 +147,10 @@ def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
     if not nd.flags.writeable:
         nd = np.array(nd)
     t = torch.from_numpy(nd)
-    return t.view(dtype) if carrier is not dtype else t
+    try:
+        return t.view(dtype) if carrier is not dtype else t
+    except Exception as e:  # noqa: BLE001 - e.g. a quantized dtype name
+        raise ValueError(f"malformed fedkt record: tensor {name!r} cannot be viewed as {dtype_name}: {e}") from None
 
 
 def decode(content: RecordDict, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:

@@ -93,6 +93,7 @@ client_app = make_client_app(experiment_handlers(), ExperimentContextFactory())
 def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid):
     """The server side of a deployed run: its own public data, a FlowerFederation per method."""
     from fedkt.data.partition import split_aux, subsample
+    from fedkt.federation import flower_secagg
     from fedkt.data.tasks import load_task
     from fedkt.seeds import derive_seed
     from fedkt.server import ServerContext
@@ -109,7 +110,9 @@ def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid):
     def open_federation(spec):
         return FlowerFederation(grid, None, on_failure=f.on_client_failure, timeout=f.timeout_s or None,
                                 max_bytes=int(f.max_payload_mb * 2**20), min_clients=f.min_clients,
-                                action_prefix=f"{spec.name}{SEP}", num_clients=cfg.partition.num_clients)
+                                action_prefix=f"{spec.name}{SEP}", num_clients=cfg.partition.num_clients,
+                                secagg=flower_secagg.SecAggSettings.from_config(f),
+                                secagg_journal=out / "secagg_journal" / spec.name)
 
     server = ServerContext(cfg=cfg, out=out, open_federation=open_federation, aux=aux, eval_sets=eval_sets)
     summary = {"clients": "deployment", "aux": len(aux), "eval": {t: len(e) for t, e in eval_sets.items()}}

@@ -32,8 +32,14 @@ transport). **Not protected**: each client's weight (``num_examples``) and reply
 the clear, as do the payload the server sends down. Clients that drop out after sending their masked
 vector are still in the sum; fewer than ``threshold`` live neighbours aborts the round.
 
+Hardening (docs/secagg.md "SecAgg+ guarantees"): masks are expanded from the full 32-byte seeds with
+AES-256-CTR (``secagg_crypto``, in place of flwr's 32-bit-seeded Mersenne Twister, flwr #7522), rounding
+draws from the OS CSPRNG, at least ``min_clients`` (3) clients take part, a round's unmasked mean is
+journaled so it is never re-aggregated over another client set (``secagg_guard``), and each masked reply's
+clear parts are validated before it enters the sum.
+
 Precision: each client sends ``round(clip(wᵢ/W · tᵢ) …)`` on a grid of step ``2c/q`` (stochastic
-rounding, seeded per client and round here; ``c = clipping_range``, ``q = quantization_range``, ``W =
+rounding with fresh CSPRNG uniforms; ``c = clipping_range``, ``q = quantization_range``, ``W =
 max_weight``), so the mean is off by at most ``n · 2c/q / Σ (wᵢ/W)`` per coordinate
 (:func:`error_bound`); values outside ``[-c, c]`` (after the ``wᵢ/W`` scaling) are clipped. The plain
 mean (``weight_key = ""``, FedCoLLM's ``aggregation = "uniform"``) sends every weight as ``W`` (ratio 1,
@@ -63,7 +69,12 @@ from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key  # noqa: E402
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState  # noqa: E402
 
-PAYLOAD_KEY, METHOD_KEY, SEED_KEY = "fedkt.payload", "fedkt.method", "fedkt.rounding_seed"
+from fedkt.federation import secagg_crypto  # noqa: E402
+
+secagg_crypto.install()  # masks from the full 32-byte seeds (AES-CTR), CSPRNG rounding: client and server alike
+
+PAYLOAD_KEY, METHOD_KEY, PRG_KEY = "fedkt.payload", "fedkt.method", "fedkt.prg"
+CLIP_KEY, MAXW_KEY = "fedkt.clipping_range", "fedkt.max_weight"
 META_KEY, LAYOUT_KEY = "fedkt.meta", "fedkt.layout"
 UNIFORM_KEY = "fedkt.uniform_weight"
 MODS = [secaggplus_mod]
@@ -83,12 +94,22 @@ class SecAggSettings:
     overflow (Flower warns). ``clipping_range``/``quantization_range``/``modulus_range``: the integer
     encoding (see the module docstring)."""
 
+    min_clients: int = 3
+    """Fewest clients a secure aggregation may run over (with 2, each learns the other's update from the
+    mean); ``[federation] secagg_min_clients``."""
     num_shares: float | int = 1.0
     reconstruction_threshold: float | int = 0.5
     max_weight: float = 1000.0
     clipping_range: float = 8.0
     quantization_range: int = 2**22
     modulus_range: int = 2**32
+
+    @classmethod
+    def from_config(cls, f: Any) -> "SecAggSettings":
+        """The settings of a ``[federation]`` section (``secagg_*`` keys)."""
+        return cls(min_clients=f.secagg_min_clients, reconstruction_threshold=f.secagg_reconstruction_threshold,
+                   max_weight=f.secagg_max_weight, clipping_range=f.secagg_clipping_range,
+                   quantization_range=f.secagg_quantization_range, modulus_range=f.secagg_modulus_range)
 
     def workflow(self, timeout: float | None) -> SecAggPlusWorkflow:
         return SecAggPlusWorkflow(self.num_shares, self.reconstruction_threshold, max_weight=self.max_weight,
@@ -122,11 +143,17 @@ def make_secure_train(run_handler: Callable[[str, Message, Context], Message],
         if not isinstance(cfg.get(PAYLOAD_KEY), bytes) or not isinstance(cfg.get(METHOD_KEY), str):
             raise ValueError("malformed secure-aggregation message: no fedkt payload/method in the FitIns "
                              "config (was it sent by fedkt's FlowerFederation.aggregate?)")
+        if cfg.get(PRG_KEY) != secagg_crypto.PRG_ID or not secagg_crypto.installed():
+            raise RuntimeError(f"secure aggregation asks for mask PRG {cfg.get(PRG_KEY)!r}; this node runs "
+                               f"{secagg_crypto.PRG_ID!r} (installed: {secagg_crypto.installed()}): run the same "
+                               "fedkt version on server and clients")
         payload = codec.decode(cfg[PAYLOAD_KEY])
         weight_key = str(cfg.get("fedkt.weight_key", weight_key_default))
         reply = run_handler(str(cfg[METHOD_KEY]), payload, context)
         from fedkt.federation.base import reply_weight
 
+        if not isinstance(reply, Message):
+            raise TypeError(f"handler {cfg[METHOD_KEY]!r} returned {type(reply).__name__}, expected a Message")
         # uniform (weight_key ""): every client weighs max_weight, the scale SecAgg+ quantises best
         weight = reply_weight("this node", reply, weight_key) if weight_key else float(cfg[UNIFORM_KEY])
         names = sorted(reply.tensors)
@@ -136,10 +163,13 @@ def make_secure_train(run_handler: Callable[[str, Message, Context], Message],
         if bad:
             raise TypeError(f"secure aggregation averages float tensors only; {bad} are not")
         arrays = [reply.tensors[k].detach().cpu().double().numpy() for k in names]
-        layout = {"names": names, "dtypes": [str(reply.tensors[k].dtype).removeprefix("torch.") for k in names]}
-        # SecAgg+ rounds stochastically with numpy's global generator: seed it (not a secret: masks use
-        # os.urandom keys), so a run is reproducible
-        np.random.seed(int(cfg.get(SEED_KEY, 0)) % 2**32)
+        clip = float(cfg.get(CLIP_KEY, 0.0)) or float("inf")
+        ratio = weight / float(cfg.get(MAXW_KEY, 1.0) or 1.0)  # the scaling secaggplus_mod applies
+        clipped = int(sum(int((np.abs(a * ratio) > clip).sum()) for a in arrays))
+        layout = {"names": names, "dtypes": [str(reply.tensors[k].dtype).removeprefix("torch.") for k in names],
+                  "shapes": [list(reply.tensors[k].shape) for k in names], "clipped": clipped}
+        # stochastic rounding draws from the OS CSPRNG (secagg_crypto.stochastic_round): fresh every round,
+        # not derivable from any seed the server knows
         res = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(arrays),
                      num_examples=weight,  # type: ignore[arg-type]  (float weights are fine for SecAgg+)
                      metrics={META_KEY: json.dumps(reply.meta), LAYOUT_KEY: json.dumps(layout)})
@@ -192,17 +222,23 @@ class _ClientManager:
 
 class _ExchangeGrid:
     """The ``grid.send_and_receive`` the workflow uses, on the federation's own push/poll loop; meters
-    the Flower bytes each node was sent (down) and replied (up)."""
+    the Flower bytes each node was sent (down) and replied (up). A collect-stage reply (the masked vector)
+    is validated first (``secagg_guard.check_masked_reply``); a bad one is withheld from the workflow, which
+    then treats its node as dropped out (its masks are removed), and the node is reported as failed."""
 
     def __init__(self, exchange: Callable[[list[FlMessage], float | None], list[FlMessage | None]],
-                 timeout: float | None):
-        self.exchange, self.timeout = exchange, timeout
+                 timeout: float | None, check: Callable[[int, Any], dict[str, Any]] | None = None):
+        self.exchange, self.timeout, self.check = exchange, timeout, check
         self.down: dict[int, int] = {}
         self.up: dict[int, int] = {}
         self.silent: set[int] = set()
         self.errors: dict[int, BaseException] = {}
+        self.clear: dict[int, dict[str, Any]] = {}
+        """node -> the validated clear parts of its masked reply (weight, meta, layout)."""
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[FlMessage]:
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
         from fedkt.federation.flower import _error_of, flower_wire_bytes
 
         messages = list(messages)
@@ -216,8 +252,18 @@ class _ExchangeGrid:
                 continue
             if r.has_error():
                 self.errors.setdefault(node, _error_of(r))
-            else:
+                out.append(r)
+                continue
+            try:
+                if r.metadata.src_node_id != node:
+                    raise ValueError(f"reply for node {node} came from node {r.metadata.src_node_id}")
                 self.up[node] = self.up.get(node, 0) + flower_wire_bytes(r.content)
+                cfgs = r.content.config_records.get(RECORD_KEY_CONFIGS)
+                if self.check is not None and cfgs is not None and Key.MASKED_PARAMETERS in cfgs:
+                    self.clear[node] = self.check(node, r.content)
+            except Exception as e:  # noqa: BLE001 - withheld: the protocol drops this node and removes its masks
+                self.errors.setdefault(node, e)
+                continue
             out.append(r)
         return out
 
@@ -233,30 +279,36 @@ class SecureResult:
     up_bytes: dict[int, int]
     halted: str | None = None
     """Why the protocol stopped before the unmasking (then ``tensors`` is empty)."""
+    clipped: dict[int, int] = dataclasses.field(default_factory=dict)
+    """node id -> how many of its (weight-scaled) values it clipped to [-c, c] (its own report)."""
 
 
 def secure_aggregate(exchange: Callable[[list[FlMessage], float | None], list[FlMessage | None]],
                      node_payloads: dict[int, Message], method: str, round: int, settings: SecAggSettings,
                      timeout: float | None, weight_key: str = "num_examples",
-                     rounding_seeds: dict[int, int] | None = None) -> SecureResult:
+                     check: Callable[[int, Any], dict[str, Any]] | None = None) -> SecureResult:
     """Run SecAgg+ once over ``node_payloads`` (node id -> that client's payload); see the module docstring.
 
-    When the protocol halts (some client kept fewer than ``threshold`` live neighbours) the result says why
-    in ``halted`` and holds no tensors; ``errors`` names the nodes that failed either way."""
-    if len(node_payloads) < 2:
-        raise ValueError(f"secure aggregation needs at least 2 clients, got {len(node_payloads)}")
+    ``check(node, content)`` validates a collect-stage reply and returns its clear parts (weight, meta,
+    layout); a reply it refuses is dropped from the protocol. When the protocol halts (some client kept
+    fewer than ``threshold`` live neighbours) the result says why in ``halted`` and holds no tensors;
+    ``errors`` names the nodes that failed either way."""
+    if len(node_payloads) < max(2, settings.min_clients):
+        raise ValueError(f"secure aggregation needs at least {max(2, settings.min_clients)} clients "
+                         f"(federation.secagg_min_clients; with 2, each client learns the other's update from "
+                         f"the mean), got {len(node_payloads)} for {method!r} in round {round}")
     fitins = {}
     for node, payload in node_payloads.items():
-        seed = (rounding_seeds or {}).get(node, 0)
         fitins[node] = FitIns(Parameters(tensors=[], tensor_type=""),
-                              {PAYLOAD_KEY: codec.encode(payload), METHOD_KEY: method, SEED_KEY: seed,
-                               "fedkt.weight_key": weight_key,
+                              {PAYLOAD_KEY: codec.encode(payload), METHOD_KEY: method,
+                               PRG_KEY: secagg_crypto.PRG_ID, "fedkt.weight_key": weight_key,
+                               CLIP_KEY: float(settings.clipping_range), MAXW_KEY: float(settings.max_weight),
                                **({} if weight_key else {UNIFORM_KEY: float(settings.max_weight)})})
     strategy = _Strategy(fitins)
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: int(round)}),
                         MAIN_PARAMS_RECORD: ArrayRecord()})
     ctx = _LegacyContext(state=state, strategy=strategy, client_manager=_ClientManager(len(node_payloads)))
-    grid = _ExchangeGrid(exchange, timeout)
+    grid = _ExchangeGrid(exchange, timeout, check)
     workflow = settings.workflow(timeout)
     wstate = WorkflowState()
     stages = (workflow.setup_stage, workflow.share_keys_stage, workflow.collect_masked_vectors_stage,
@@ -279,10 +331,14 @@ def secure_aggregate(exchange: Callable[[list[FlMessage], float | None], list[Fl
     arrays = parameters_to_ndarrays(fitres0.parameters)
     contributors: dict[int, tuple[float, dict[str, Any]]] = {}
     layout = None
+    clipped: dict[int, int] = {}
     for node, fr in contributors_nodes.items():
-        meta = json.loads(str(fr.metrics[META_KEY]))
-        contributors[node] = (float(fr.num_examples) if weight_key else 1.0, meta)
-        lay = json.loads(str(fr.metrics[LAYOUT_KEY]))
+        clear = grid.clear.get(node) or {"meta": json.loads(str(fr.metrics[META_KEY])),
+                                         "layout": json.loads(str(fr.metrics[LAYOUT_KEY])),
+                                         "weight": float(fr.num_examples)}
+        contributors[node] = (float(clear["weight"]) if weight_key else 1.0, clear["meta"])
+        lay = {k: clear["layout"][k] for k in ("names", "dtypes")}
+        clipped[node] = int(clear["layout"].get("clipped", 0))
         if layout is not None and lay != layout:
             raise ValueError(f"clients replied different tensor layouts to {method!r}; they cannot be averaged")
         layout = lay
@@ -294,4 +350,4 @@ def secure_aggregate(exchange: Callable[[list[FlMessage], float | None], list[Fl
     tensors = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(_BY_NAME[d])
                for k, d, a in zip(layout["names"], layout["dtypes"], arrays)}
     return SecureResult(tensors=tensors, contributors=contributors, errors=errors, down_bytes=grid.down,
-                        up_bytes=grid.up)
+                        up_bytes=grid.up, clipped=clipped)

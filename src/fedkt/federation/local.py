@@ -13,6 +13,7 @@ from typing import Iterable
 from fedkt.clients import ClientContext, Handler
 from fedkt.federation import codec
 from fedkt.federation.base import Delivery, Federation, Message
+from fedkt.federation.validate import check_request
 
 
 class LocalFederation(Federation):
@@ -30,13 +31,16 @@ class LocalFederation(Federation):
             down = codec.encode(msg)
             try:
                 ctx = self._contexts[cid]
-                reply = handler(ctx, codec.decode(down))
+                request = codec.decode(down)
+                check_request(method, request)  # the client refuses an absurd request (as on Flower)
+                reply = handler(ctx, request)
                 ctx.save_state()
                 up = codec.encode(reply)
+                got = codec.decode(up)  # what the server receives: a malformed reply is this client's failure
             except Exception as e:  # noqa: BLE001 - reported per client, the policy decides
                 out[cid] = Delivery(error=e, down_bytes=len(down))
                 if self.on_failure == "stop":  # no point running the others
                     break
                 continue
-            out[cid] = Delivery(reply=codec.decode(up), down_bytes=len(down), up_bytes=len(up))
+            out[cid] = Delivery(reply=got, down_bytes=len(down), up_bytes=len(up))
         return out

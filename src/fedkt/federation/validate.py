@@ -1,0 +1,391 @@
+"""Every reply a server receives is checked against its handler's schema before any algorithm sees it.
+
+The network is hostile (docs/hostile-inputs.md): a client may reply anything. :func:`check_reply` runs in
+:meth:`Federation.call <fedkt.federation.base.Federation.call>` (the shared path of every runtime, so the
+in-process simulation and a Flower deployment refuse the same replies) and raises :class:`ReplyError`
+naming the client, the handler and the field at fault; the federation turns it into that client's
+failure (``on_client_failure``: ``skip`` goes on with the others, ``stop`` stops with the error).
+
+What is checked:
+
+* **Structure**: ``tensors`` a dict of str -> ``torch.Tensor``, ``texts`` a list of UTF-8-encodable str
+  (at most :data:`MAX_TEXTS` of at most :data:`MAX_TEXT_CHARS` characters), ``meta`` a dict with str keys
+  whose JSON is at most :data:`MAX_META_BYTES` and :data:`MAX_JSON_DEPTH` deep.
+* **Per handler** (:data:`SCHEMAS`, keyed by handler name; a handler without a schema gets the
+  structural checks only): the meta keys it must and may hold and their types, whether it may carry
+  tensors or texts, and for adapter replies (``fit``, ``decode_train``): tensors of an allowed float dtype
+  (:data:`FLOAT_DTYPES`), finite, and -- when the server says what it expects (``expect``: the adapter it
+  sent) -- exactly the expected names, shapes and dtypes.
+* **Weights** (:func:`check_weight`): a real number (not a bool), finite, > 0, at most
+  :data:`MAX_WEIGHT`, and at most the client's declared example count when the federation knows it (the
+  first count a client reported is pinned for the rest of the run).
+
+JSON is parsed by :func:`loads`, which refuses oversized or too deeply nested text *before* ``json``
+recurses into it (an iterative scan), so a nested bomb is a ``ReplyError``, never a ``RecursionError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays/objects accepted in any JSON a peer sends (fedkt's own need at most 4)."""
+MAX_JSON_BYTES = 256 * 2**20
+"""Largest JSON text parsed from a peer (texts of a whole client's data set fit far below it)."""
+MAX_META_BYTES = 8 * 2**20
+"""Largest JSON of one reply's meta."""
+MAX_TEXTS = 1_000_000
+MAX_TEXT_CHARS = 1_000_000
+MAX_WEIGHT = float(2**31 - 1)
+"""Largest aggregation weight (example count) a reply may declare."""
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""dtypes an adapter reply's tensors may have."""
+
+
+class ReplyError(ValueError):
+    """A reply (or a payload) that fails its schema; the message names the field and what was expected."""
+
+
+# ------------------------------------------------------------------------------------------------- JSON
+def check_json_text(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES,
+                    max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON text above ``max_bytes`` or nested deeper than ``max_depth`` (an iterative scan of the
+    brackets outside strings: it never recurses, whatever the input)."""
+    if len(text) > max_bytes:
+        raise ReplyError(f"{what} is {len(text)} bytes of JSON, the limit is {max_bytes}")
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ReplyError(f"{what} is not UTF-8 ({e})") from None
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise ReplyError(f"{what} is JSON nested deeper than {max_depth} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
+def loads(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` after :func:`check_json_text`; any failure is a :class:`ReplyError` naming ``what``."""
+    check_json_text(text, what, max_bytes, max_depth)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise ReplyError(f"{what} names the key {str(e)[:64]!r} twice") from None
+    except (ValueError, RecursionError) as e:
+        raise ReplyError(f"{what} is not valid JSON: {type(e).__name__}: {e}") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects whose keys repeat are refused (parsers disagree on which value wins)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def check_safetensors_header(blob: bytes, what: str) -> None:
+    """The safetensors header of ``blob``: its length within the blob, JSON within the limits, no repeated
+    tensor name (the blob itself is then parsed by safetensors, which checks offsets and shapes)."""
+    import struct
+
+    if len(blob) < 8:
+        raise ReplyError(f"{what}: {len(blob)} bytes, too short for a safetensors blob")
+    (n,) = struct.unpack("<Q", bytes(blob[:8]))
+    if n > len(blob) - 8:
+        raise ReplyError(f"{what}: safetensors header length {n} exceeds the {len(blob) - 8} bytes that follow")
+    header = loads(bytes(blob[8:8 + n]), f"{what}: safetensors header", max_depth=4)
+    if not isinstance(header, dict):
+        raise ReplyError(f"{what}: the safetensors header is not a JSON object")
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class Layout:
+    """The tensors a reply must carry: name -> (shape, dtype)."""
+
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> "Layout":
+        return cls({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+
+
+def as_layout(expect: "Layout | dict[str, torch.Tensor] | None") -> Layout | None:
+    if expect is None or isinstance(expect, Layout):
+        return expect
+    return Layout.of(expect)
+
+
+# ------------------------------------------------------------------------------------------ meta checks
+Check = Callable[[Any], bool]
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def finite(v: Any) -> bool:
+    return _real(v) and math.isfinite(v)
+
+
+def number(v: Any) -> bool:
+    """A real number, NaN allowed (e.g. the loss of a client that had nothing to train on)."""
+    return _real(v) and not math.isinf(v)
+
+
+def count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_WEIGHT
+
+
+def positive_count(v: Any) -> bool:
+    return count(v) and v > 0
+
+
+def probability(v: Any) -> bool:
+    return finite(v) and 0 <= v <= 1
+
+
+def epsilon(v: Any) -> bool:
+    return _real(v) and (v > 0 or v == 0) and not math.isnan(v)  # inf = no privacy, reported as such
+
+
+def text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def obj(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+def num_dict(v: Any) -> bool:
+    return obj(v) and all(number(x) for x in v.values())
+
+
+def metrics(v: Any) -> bool:
+    """{task: {name: number}} (evaluation results)."""
+    return obj(v) and all(num_dict(x) for x in v.values())
+
+
+_CHECK_NAMES = {finite: "a finite number", number: "a number", count: "an integer >= 0",
+                positive_count: "an integer > 0", probability: "a number in [0, 1]", epsilon: "a number >= 0",
+                text: "a string", str_list: "a list of strings", obj: "a JSON object",
+                num_dict: "an object of numbers", metrics: "an object {task: {metric: number}}"}
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a handler's reply may hold. ``tensors``: ``"adapter"`` (float, finite, as expected) or
+    ``"none"``; ``texts``: whether texts may come back; ``meta``: required keys -> check; ``optional``:
+    keys it may hold; ``weight``: the meta key that is an aggregation weight (see :func:`check_weight`)."""
+
+    meta: dict[str, Check]
+    optional: dict[str, Check] = field(default_factory=dict)
+    tensors: str = "none"
+    texts: bool = False
+    weight: str = ""
+
+
+_ADAPTER = Schema(meta={"num_examples": positive_count, "loss": number}, optional={"steps": count},
+                  tensors="adapter", weight="num_examples")
+SCHEMAS: dict[str, Schema] = {
+    # FedAvg / FedProx / FedCoLLM client training, FedCoT's decode + train
+    "fit": _ADAPTER,
+    "decode_train": _ADAPTER,
+    # FedCoT step 1: text-DP-perturbed prompts
+    "encode": Schema(meta={"epsilon_per_token": epsilon, "tokens": count, "changed_fraction": probability,
+                           "prompt_epsilon_mean": epsilon, "prompt_epsilon_max": epsilon}, texts=True),
+    # FDKT step 1: DP synthetic examples
+    "synthesize": Schema(meta={"tasks": str_list, "generated": count, "parsed": count, "rejected": obj,
+                               "label_agree": count, "dp": obj, "raw_samples": str_list, "timings": num_dict},
+                         texts=True),
+    # standalone baseline and FDKT step 4: local training and evaluation, metrics only
+    "train_and_evaluate": Schema(meta={"metrics": metrics, "loss": number},
+                                 optional={"num_examples": count, "trained_on": count, "synthetic": count}),
+}
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_weight(cid: str, value: Any, key: str, declared: int | float | None = None) -> float:
+    """``value`` as an aggregation weight of client ``cid``: a finite real > 0, at most :data:`MAX_WEIGHT` and
+    at most ``declared`` (the client's declared example count) when given."""
+    if not _real(value) or not math.isfinite(value) or not value > 0 or value > MAX_WEIGHT:
+        raise ReplyError(f"client {cid} replied meta[{key!r}] = {value!r}; an aggregated reply needs a finite "
+                         f"number in (0, {MAX_WEIGHT:.0f}] as its weight (not a bool)")
+    if declared is not None and value > declared:
+        raise ReplyError(f"client {cid} replied meta[{key!r}] = {value!r}, more than the {declared} examples it "
+                         "declared: a client cannot raise its own weight")
+    return float(value)
+
+
+def _check_tensors(cid: str, method: str, tensors: dict[str, torch.Tensor], expect: Layout | None) -> None:
+    where = f"client {cid} reply to {method!r}"
+    if expect is not None:
+        missing = sorted(set(expect.spec) - set(tensors))
+        extra = sorted(set(tensors) - set(expect.spec))
+        if missing or extra:
+            raise ReplyError(f"{where}: tensors {sorted(tensors)[:8]} are not the expected adapter's "
+                             f"(missing {missing[:8]}, unexpected {extra[:8]})")
+    for name, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise ReplyError(f"{where}: tensor {name!r} has dtype {t.dtype}; allowed: "
+                             f"{', '.join(str(d) for d in FLOAT_DTYPES)}")
+        if expect is not None:
+            shape, dtype = expect.spec[name]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ReplyError(f"{where}: tensor {name!r} is {t.dtype}{list(t.shape)}, expected "
+                                 f"{dtype}{list(shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ReplyError(f"{where}: tensor {name!r} holds NaN or infinite values")
+
+
+def check_reply(method: str, cid: str, reply: Any, expect: Layout | None = None,
+                declared: int | float | None = None) -> None:
+    """Raise :class:`ReplyError` unless ``reply`` is a well-formed reply of handler ``method`` (see the module
+    docstring); ``expect``: the adapter layout the server expects back; ``declared``: the client's example
+    count, which its weight may not exceed."""
+    from fedkt.federation.base import Message
+
+    where = f"client {cid} reply to {method!r}"
+    if not isinstance(reply, Message):
+        raise ReplyError(f"{where}: a {type(reply).__name__}, expected a fedkt Message")
+    if not isinstance(reply.tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in reply.tensors.items()):
+        raise ReplyError(f"{where}: tensors must map names to torch tensors")
+    if not isinstance(reply.texts, list) or not all(isinstance(t, str) for t in reply.texts):
+        raise ReplyError(f"{where}: texts must be a list of strings")
+    if len(reply.texts) > MAX_TEXTS:
+        raise ReplyError(f"{where}: {len(reply.texts)} texts, the limit is {MAX_TEXTS}")
+    for i, t in enumerate(reply.texts):
+        if len(t) > MAX_TEXT_CHARS:
+            raise ReplyError(f"{where}: text {i} has {len(t)} characters, the limit is {MAX_TEXT_CHARS}")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ReplyError(f"{where}: text {i} is not valid Unicode (lone surrogates)") from None
+    if not obj(reply.meta):
+        raise ReplyError(f"{where}: meta must be a JSON object with string keys")
+    try:
+        raw = json.dumps(reply.meta, allow_nan=True)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ReplyError(f"{where}: meta is not JSON ({type(e).__name__})") from None
+    check_json_text(raw, f"{where}: meta", MAX_META_BYTES)
+    schema = SCHEMAS.get(method)
+    if schema is None:
+        return
+    for key, ok in schema.meta.items():
+        if key not in reply.meta:
+            raise ReplyError(f"{where}: meta lacks {key!r} ({_CHECK_NAMES.get(ok, ok.__name__)})")
+    for key, value in reply.meta.items():
+        ok = schema.meta.get(key) or schema.optional.get(key)
+        if ok is None:
+            allowed = sorted({*schema.meta, *schema.optional})
+            raise ReplyError(f"{where}: unexpected meta key {key[:64]!r}; allowed: {', '.join(allowed)}")
+        if not ok(value):
+            raise ReplyError(f"{where}: meta[{key!r}] = {_short(value)} is not {_CHECK_NAMES.get(ok, ok.__name__)}")
+    if schema.texts is False and reply.texts:
+        raise ReplyError(f"{where}: {len(reply.texts)} texts; this handler replies none")
+    if schema.tensors == "none" and reply.tensors:
+        raise ReplyError(f"{where}: tensors {sorted(reply.tensors)[:8]}; this handler replies none")
+    if schema.tensors == "adapter":
+        _check_tensors(cid, method, reply.tensors, expect)
+    if schema.weight:
+        check_weight(cid, reply.meta[schema.weight], schema.weight, declared)
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def escape(text: str) -> str:
+    """``text`` safe to print through Rich (a peer's ``[/red]`` is shown, not interpreted)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+# ---------------------------------------------------------------------------------------------- replays
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a tensor dict (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ReplayGuard:
+    """Refuses an adapter reply that is bit-identical to one the same client sent for the same handler in an
+    earlier round although the server sent a different adapter since (a replayed, stale update: a client
+    that trained on the new adapter cannot reproduce its old reply bit for bit)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[int, str, str]] = {}
+
+    def check(self, method: str, cid: str, round: int, sent: dict[str, torch.Tensor], reply: Any) -> None:
+        schema = SCHEMAS.get(method)
+        if schema is None or schema.tensors != "adapter" or not reply.tensors:
+            return
+        got, down = digest(reply.tensors), digest(sent)
+        prev = self._seen.get((cid, method))
+        if prev is not None and prev[0] != round and prev[2] == got and prev[1] != down:
+            raise ReplyError(f"client {cid} reply to {method!r} in round {round} is bit-identical to its reply in "
+                             f"round {prev[0]}, although the server sent another adapter: a replayed update")
+        self._seen[(cid, method)] = (round, down, got)
+
+
+# ---------------------------------------------------------------------------------------------- requests
+MAX_EPOCHS = 1000.0
+"""The most local epochs a client accepts in one request (a client's own policy may allow fewer)."""
+
+
+def check_request(method: str, msg: Any) -> None:
+    """Client side: refuse an absurd request before running the handler (``epochs`` not a finite number in
+    [0, :data:`MAX_EPOCHS`], ``round`` not an integer >= 0, adapter tensors not finite floats)."""
+    from fedkt.federation.base import Message
+
+    if not isinstance(msg, Message) or not obj(msg.meta):
+        raise ReplyError(f"request to {method!r} is not a fedkt Message with a JSON-object meta")
+    ep = msg.meta.get("epochs")
+    if ep is not None and not (finite(ep) and 0 <= ep <= MAX_EPOCHS):
+        raise ReplyError(f"request to {method!r} asks for epochs = {_short(ep)}; this client trains a finite "
+                         f"number of epochs in [0, {MAX_EPOCHS:g}]")
+    rnd = msg.meta.get("round")
+    if rnd is not None and not count(rnd):
+        raise ReplyError(f"request to {method!r} has round = {_short(rnd)}; expected an integer >= 0")
+    schema = SCHEMAS.get(method)
+    if schema is not None and schema.tensors == "adapter":
+        for name, t in msg.tensors.items():
+            if t.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(t).all()):
+                raise ReplyError(f"request to {method!r}: adapter tensor {name!r} is not a finite float tensor")
