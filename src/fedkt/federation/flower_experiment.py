@@ -77,7 +77,7 @@ class ExperimentContextFactory:
                           train=cfg.train, eval=cfg.eval, seed=cfg.seed, data_files=client["data_files"],
                           data_task=client.get("data_task", cfg.data.tasks[0] if cfg.data.tasks else "custom"),
                           workdir=Path(client["workdir"]) / scope if scope else Path(client["workdir"]),
-                          secret_seed=client.get("secret_seed"))
+                          secret_seed=client.get("secret_seed"), policy=client["policy"])
         if scope == "standalone":
             from fedkt.simulation import load_eval_sets
 
