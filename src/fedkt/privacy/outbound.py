@@ -114,14 +114,14 @@ ALLOWED: dict[str, tuple[Allowed, ...]] = {
 
 def reply_keys(msg) -> Iterator[str]:
     """Every key of a reply: ``texts`` (when there are any), ``tensors.<name>``, ``meta.<dotted path>``
-    (dicts are walked; any other value is a leaf)."""
+    (dicts are walked, an empty one holds no key; any other value is a leaf)."""
     if msg.texts:
         yield "texts"
     for name in msg.tensors:
         yield f"tensors.{name}"
 
     def walk(prefix: str, v: Any) -> Iterator[str]:
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):  # an empty dict holds no key (e.g. no parse failures)
             for k, x in v.items():
                 yield from walk(f"{prefix}.{k}", x)
         else:
