@@ -61,7 +61,13 @@ def test_adapters_leave_only_under_secure_aggregation():
         "policy.allow_clear_adapters = false refuses the server's request fedavg.fit = 'adapter upload without "
         "secure aggregation'; set federation.secure_aggregation = true on the server, or "
         "policy.allow_clear_adapters = true on this client")
+    # FedCoT's shared variant uploads adapters too; the paper's mode (share_adapters = false) uploads none
+    assert refusal("fedcot", "decode_train", {"epochs": 1, "round": 1, "decode_tokens": 8, "share_adapters": True}
+                   ).startswith("policy.allow_clear_adapters = false refuses the server's request fedcot.decode_train")
     from fedkt.privacy.policy import check_request
+
+    check_request(ClientContext("c0"), "fedcot", "decode_train", handler("fedcot", "decode_train").__wrapped__,
+                  Message(meta={"epochs": 1, "decode_tokens": 8, "share_adapters": False}))
 
     fit = handler("fedavg", "fit")
     token = SECURE_AGGREGATION.set(True)  # what flower_secagg's SecAgg+ train path sets around the handler

@@ -69,6 +69,10 @@ class FedCoTConfig:
     """Server LLM budget per rationale."""
     decode_tokens: int = 96
     """Client SLM budget per decoded rationale."""
+    share_adapters: bool = False
+    """False (the paper's mode): each client keeps its SLM; adapters never leave, clients evaluate locally
+    and send only metrics. True: the federated extension, FedAvg of the clients' adapters every round
+    (a client's default policy lets them leave only under secure aggregation)."""
     empty_rationales: bool = False
     """Ablation: the server returns empty rationales (what the LLM contributes through the decoder)."""
     gen_batch_size: int = 16
@@ -188,9 +192,13 @@ def collate_multitask(items: list[tuple], pad_id: int) -> dict[str, dict[str, to
 
 
 def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
-    """Steps 3–4: decode the LLM's rationales (round 1), then multi-task training from the global adapter."""
+    """Steps 3–4: decode the LLM's rationales (round 1), then multi-task training: from the global adapter
+    (``share_adapters``), or from the client's own (the paper's mode: it never leaves; the client evaluates
+    it locally when asked and replies the metrics)."""
     rnd, m = msg.meta["round"], msg.meta
-    model = ctx.slm.use(msg.tensors or None)
+    share = bool(m.get("share_adapters", True))
+    own = ctx.state.tensors.get("own_slm") if not share else None
+    model = ctx.slm.use(msg.tensors or None) if share else ctx.slm.use(own or None)
     if "rationales" not in ctx.state:
         ctx.state["rationales"] = decode_rationales(ctx, msg.texts, m["decode_tokens"], m["gen_batch_size"])
     tok = ctx.slm.tokenizer
@@ -199,7 +207,19 @@ def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
                        seed=ctx.seed_for("fit", rnd), pad_id=tok.pad_token_id, epochs=m.get("epochs", ctx.train.epochs),
                        desc=f"round {rnd} {ctx.cid} train", collate=collate_multitask)
     progress.log(f"round {rnd} {ctx.cid}: train loss {stats.mean_loss:.4f} (local; not sent)")
-    return Message(tensors=get_adapter_state(model), meta={"num_examples": len(ctx.data), "steps": stats.steps})
+    if share:
+        return Message(tensors=get_adapter_state(model), meta={"num_examples": len(ctx.data), "steps": stats.steps})
+    ctx.state.tensors["own_slm"] = get_adapter_state(model)  # client-owned; never sent
+    meta = {"num_examples": len(ctx.data), "steps": stats.steps}
+    if m.get("evaluate"):
+        from fedkt.evaluate import evaluate_tasks
+        from fedkt.models import save_adapter
+
+        if ctx.workdir is not None:
+            save_adapter(model, None, ctx.workdir / "slm")
+        meta["metrics"] = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
+                                         desc=f"fedcot {ctx.cid} r{rnd}")
+    return Message(meta=meta)
 
 
 HANDLERS = {"encode": client_encode, "decode_train": client_decode_train}
@@ -262,6 +282,20 @@ class FedCoT(RoundAlgorithm):
                                    "empty": sum(1 for t in texts.values() for x in t if not x.strip())}
             entry["audit"] = self.audit(server, fed)
         t2 = time.perf_counter()
+        if not cfg.share_adapters:  # the paper's mode: the clients keep and evaluate their own SLMs
+            evaluate = server.cfg.eval.every_round or rnd == server.cfg.federation.rounds
+            payloads = {c: Message(texts=texts.get(c, []), meta={**meta, "share_adapters": False, "evaluate": evaluate})
+                        for c in fed.clients}
+            replies = fed.call("decode_train", payloads, rnd)
+            if evaluate:
+                from fedkt.algorithms.baselines import mean_metrics
+
+                per_client = {c: r.meta["metrics"] for c, r in replies.items()}
+                for c, mt in per_client.items():
+                    server.log_metrics(method="fedcot", client=c, role="slm", round=rnd, metrics=mt)
+                entry.update(slm=mean_metrics(list(per_client.values())), per_client=per_client)
+            timings.update(client_train_s=fed.take_timing("decode_train"), aggregate_s=0.0)
+            return RoundOutcome(dict(state), entry=entry, timings=timings)
         payloads = {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta) for c in fed.clients}
         if server.cfg.federation.secure_aggregation:  # the server gets only the mean (Flower: SecAgg+)
             agg = fed.aggregate("decode_train", payloads, rnd, weight_key="num_examples")

@@ -71,7 +71,7 @@ ALLOWED: dict[str, tuple[Allowed, ...]] = {
         Allowed("meta.prompt_epsilon_max", DECLARED, "tokens × ε of the longest prompt: a function of the lengths"),
         _RANDOMNESS,
     ),
-    "fedkt.algorithms.fedcot:client_decode_train": (_ADAPTER, _NUM_EXAMPLES, _STEPS),
+    "fedkt.algorithms.fedcot:client_decode_train": (_ADAPTER, _NUM_EXAMPLES, _STEPS, _METRICS),
     "fedkt.algorithms.fdkt:client_synthesize": (
         Allowed("texts", POST, "synthetic examples sampled from the DP-SGD adapter and parsed"),
         Allowed("meta.tasks", PUBLIC, "each sample's task tag, from the public sampling plan"),
