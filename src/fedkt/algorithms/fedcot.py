@@ -12,16 +12,17 @@ Round 1 (the paper's protocol, for every client k in parallel):
   3. decode (client): the SLM turns (perturbed prompt, perturbed rationale, original question) into a
      rationale for the original question by in-context learning; the client keeps it;
   4. train (client): multi-task distillation on the SLM's LoRA,
-         L = α·CE(rationale | "Explain" prompt) + (1−α)·CE(answer | task prompt),
-     and uploads the adapter; the server averages the adapters (FedAvg, sample-weighted).
-Rounds r ≥ 2 (a federated extension of the paper, documented as such): clients re-train on their kept
-rationales from the averaged adapter, and the server averages again. No prompt is perturbed twice, so a
-client's privacy cost is that of round 1 whatever the number of rounds. rounds = 1 is the paper's
-setting (plus one averaging step so the server can report a single model).
+         L = α·CE(rationale | "Explain" prompt) + (1−α)·CE(answer | task prompt).
+     The paper's mode (``share_adapters = false``, the default): the client keeps its SLM, evaluates it
+     locally and sends only the metrics. ``share_adapters = true``: it uploads the adapter and the server
+     averages (FedAvg, sample-weighted; a client's default policy requires secure aggregation).
+Rounds r ≥ 2: clients re-train on their kept rationales, from their own adapter (paper's mode) or from
+the averaged one (shared variant, a federated extension of the paper). No prompt is perturbed twice, so
+a client's privacy cost is that of round 1 whatever the number of rounds.
 
-Evaluation scores the task prompt only ("Predict"), exactly as every other method. The adapters that
-FedAvg uploads are trained on private data as in FedAvg; text DP protects the prompts, not the adapters
-(docs/fedcot.md).
+Evaluation scores the task prompt only ("Predict"), exactly as every other method (on the clients in the
+paper's mode, on the server's average in the shared variant). Adapters of the shared variant are trained
+on private data as in FedAvg; text DP protects the prompts, not the adapters (docs/fedcot.md).
 """
 
 from __future__ import annotations
