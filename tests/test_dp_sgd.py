@@ -272,3 +272,37 @@ def test_prv_accountant(tok):
     assert stats.epsilon_spent == pytest.approx(want, rel=1e-6)
     # PRV is tighter than RDP's conversion to (ε, δ), and in the same range
     assert 0.5 * epsilon_for(1.1, 0.25, 5, 1e-5) < want < epsilon_for(1.1, 0.25, 5, 1e-5)
+
+
+def _csprng_step(tok, exs, C, sigma, rng):
+    from fedkt.privacy import dp_sgd
+
+    model = lora_model(tok)
+    before = {n: p.detach().clone() for n, p in lora_params(model).items()}
+    cfg = DPConfig(batch_size=len(exs), max_steps=1, max_grad_norm=C, noise_multiplier=sigma, optimizer="sgd", lr=1.0)
+    stats = dp_sgd.dp_train_loop(model, tokenize_examples(tok, exs, 256), cfg, 0, tok.pad_token_id, rng=rng)
+    return stats, {n: before[n] - p.detach() for n, p in lora_params(model).items()}
+
+
+def test_client_randomness_sources_for_dp_sgd(tok):
+    """A deployed client's DP-SGD noise and Poisson sampling come from the OS CSPRNG (fresh each run, the
+    same N(0, σ²C²)); a pinned secret reproduces its run; the simulation seed path is the one above."""
+    from fedkt.privacy.randomness import PinnedRandom, SecureRandom
+
+    exs, C, sigma = examples(4), 0.5, 0.8
+    _, _, clean, _ = run_full_batch(tok, exs, C, sigma=0.0)
+    stats, one = _csprng_step(tok, exs, C, sigma, SecureRandom())
+    _, two = _csprng_step(tok, exs, C, sigma, SecureRandom())
+    assert stats.steps == 1 and stats.noise_multiplier == sigma
+    noise = torch.cat([((one[n] - clean[n]) * len(exs)).flatten() for n in clean])
+    assert noise.std().item() == pytest.approx(sigma * C, rel=0.06)
+    assert abs(noise.mean().item()) < 4 * sigma * C / math.sqrt(noise.numel())
+    assert all(not torch.allclose(one[n], two[n]) for n in one)  # never the same draws twice
+    _, p1 = _csprng_step(tok, exs, C, sigma, PinnedRandom(2**100 + 5, "c0", "fdkt-dp"))
+    _, p2 = _csprng_step(tok, exs, C, sigma, PinnedRandom(2**100 + 5, "c0", "fdkt-dp"))
+    assert all(torch.equal(p1[n], p2[n]) for n in p1)  # reproducible by the secret's holder
+    # CSPRNG uniforms and normals themselves
+    u = SecureRandom().rand((200_000,))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.003
+    z = SecureRandom().normal((200_000,), std=2.0, dtype=torch.float64)
+    assert z.std().item() == pytest.approx(2.0, rel=0.01) and abs(z.mean().item()) < 0.02

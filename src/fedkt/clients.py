@@ -27,6 +27,7 @@ from fedkt.config import EvalConfig, LoraSettings, TrainConfig
 from fedkt.data.tasks import Example
 from fedkt.federation.base import Message
 from fedkt.models import LoadedModel, load_lora_model
+from fedkt.privacy.policy import ClientPolicy
 from fedkt.seeds import derive_seed
 
 
@@ -51,8 +52,15 @@ class ClientSpec:
     eval_sets: dict[str, list[Example]] = field(default_factory=dict)
     """Evaluation data the client scores locally (standalone baseline)."""
     workdir: Path | None = None
-    secret_seed: int | None = None
-    """The client's own secret seed (text-DP sampling); None in simulation (derived, see ClientContext)."""
+    secret_seed: int | str | None = None
+    """The client's own pinned secret seed (≥ 64 bits: a hex string of ≥ 16 digits or an int ≥ 2**63),
+    making its privacy noise reproducible by whoever holds it; None: a deployed client draws its privacy
+    noise from the OS CSPRNG (see ClientContext.secret_rng)."""
+    policy: ClientPolicy = field(default_factory=ClientPolicy)
+    """What this client accepts from the server (fedkt.privacy.policy; safe defaults)."""
+    simulation: bool = False
+    """Built by the in-process simulator: privacy randomness is derived from the experiment seed (known to
+    the server; reproducible) and labelled so. Never true for a deployed client."""
 
 
 class StateStore:
@@ -109,18 +117,43 @@ class ClientContext:
     state: StateStore = field(default_factory=StateStore)
     workdir: Path | None = None
 
-    secret_seed: int | None = None
-    """Seeds randomness whose secrecy a privacy guarantee rests on (text-DP sampling). A deployed client
-    sets its own (ClientSpec.secret_seed); in simulation it derives from the config seed, which keeps runs
-    reproducible but is known to the server: simulation only."""
+    secret_seed: int | str | None = None
+    """Seeds randomness whose secrecy a privacy guarantee rests on (text-DP sampling, DP-SGD noise). A
+    deployed client pins its own (ClientSpec.secret_seed, ≥ 64 bits) or, without one, draws from the OS
+    CSPRNG; in simulation it derives from the config seed, which keeps runs reproducible but is known to
+    the server: simulation only."""
+    policy: ClientPolicy = field(default_factory=ClientPolicy)
+    simulation: bool = False
 
     def seed_for(self, *purpose: Any) -> int:
         """A seed for one purpose of this client (e.g. ``ctx.seed_for("fit", round)``)."""
         return derive_seed(self.seed, *purpose, self.cid)
 
+    @property
+    def randomness(self) -> str:
+        """Where this client's privacy noise comes from: "simulation", "secret_seed" or "csprng"."""
+        if self.secret_seed is not None:
+            return "secret_seed"
+        return "simulation" if self.simulation else "csprng"
+
+    def secret_rng(self, *purpose: Any):
+        """The source of one purpose's privacy-relevant draws (``fedkt.privacy.randomness``): in simulation
+        the derived int seed of before (bit-identical runs), with a pinned ``secret_seed`` a
+        :class:`PinnedRandom` (64-bit seeds), else a :class:`SecureRandom` (the OS CSPRNG)."""
+        from fedkt.privacy.randomness import PinnedRandom, SecureRandom, check_secret_seed
+
+        mode = self.randomness
+        if mode == "simulation":
+            return derive_seed(derive_seed(self.seed, "secret", self.cid), *purpose)
+        if mode == "secret_seed":
+            return PinnedRandom(check_secret_seed(self.secret_seed), self.cid, *purpose)
+        return SecureRandom()
+
     def secret_seed_for(self, *purpose: Any) -> int:
-        base = self.secret_seed if self.secret_seed is not None else derive_seed(self.seed, "secret", self.cid)
-        return derive_seed(base, *purpose)
+        """An int seed for a privacy-relevant purpose: derived from the experiment seed in simulation, from
+        the pinned secret (63 bits) or fresh from the OS CSPRNG otherwise."""
+        rng = self.secret_rng(*purpose)
+        return rng if isinstance(rng, int) else rng.int_seed()
 
     def save_state(self) -> None:
         """Persist the state store to the workdir (a resumed run finds it there)."""
@@ -162,9 +195,13 @@ class ClientFactory:
             from fedkt.data.tasks import load_jsonl
 
             data = [e for f in spec.data_files for e in load_jsonl(f, task=spec.data_task)]
+        if spec.secret_seed is not None:
+            from fedkt.privacy.randomness import check_secret_seed
+
+            check_secret_seed(spec.secret_seed)  # refuse a weak pinned seed before anything runs
         state = StateStore()
         if spec.workdir is not None and (spec.workdir / "state.fkt").is_file():
             state = StateStore.from_bytes((spec.workdir / "state.fkt").read_bytes())
         return ClientContext(cid=spec.cid, slm=self.load(spec), data=data, train=spec.train, eval=spec.eval,
                              seed=spec.seed, eval_sets=spec.eval_sets, state=state, workdir=spec.workdir,
-                             secret_seed=spec.secret_seed)
+                             secret_seed=spec.secret_seed, policy=spec.policy, simulation=spec.simulation)

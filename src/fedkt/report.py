@@ -104,14 +104,19 @@ def privacy_tables(results: RunResults) -> str:
         if not first:
             continue
         lines = [f"## Privacy: {_name(m)}", "", "| Client | ε per token | tokens sent | mean ε per prompt | max ε per prompt "
-                 "| tokens changed |", "|---|---|---|---|---|---|"]
+                 "| randomness |", "|---|---|---|---|---|---|"]
         for cid, p in first["privacy"].items():
             eps = "∞" if p["epsilon_per_token"] == float("inf") else f"{p['epsilon_per_token']:g}"
             mean = "∞" if p["prompt_epsilon_mean"] == float("inf") else f"{p['prompt_epsilon_mean']:.0f}"
             mx = "∞" if p["prompt_epsilon_max"] == float("inf") else f"{p['prompt_epsilon_max']:.0f}"
-            lines.append(f"| {cid} | {eps} | {p['tokens']} | {mean} | {mx} | {100 * p['changed_fraction']:.1f}% |")
+            lines.append(f"| {cid} | {eps} | {p['tokens']} | {mean} | {mx} | {p.get('randomness', '–')} |")
         lines += ["", "ε is pure ε-DP per token (exponential mechanism); a prompt's total is its token count × ε under "
                   "basic composition. Later rounds reuse the kept rationales and spend nothing more."]
+        modes = sorted({p.get("randomness") for p in first["privacy"].values()} - {None})
+        if modes:
+            from fedkt.privacy.randomness import describe
+
+            lines += ["", "Randomness: " + " ".join(f"{mode}: {describe(mode)}." for mode in modes)]
         if first.get("audit"):
             from fedkt.privacy.audit import render_audit_table
 

@@ -96,7 +96,8 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
             if cfg.eval.every_round or rnd == cfg.federation.rounds:
                 t0 = time.perf_counter()
                 for role in algo.roles:
-                    entry[role] = server.evaluate(role, state[role], f"{name} r{rnd}")
+                    if role not in entry:  # else the clients evaluated (FedCoT's paper mode: no server model)
+                        entry[role] = server.evaluate(role, state[role], f"{name} r{rnd}")
                 timings["eval_s"] += time.perf_counter() - t0
                 wall["eval_s"] = round(time.perf_counter() - t0, 3)
             for role in algo.roles:

@@ -16,6 +16,7 @@ from fedkt.config import ExperimentConfig
 from fedkt.data.partition import partition, split_aux, subsample
 from fedkt.data.tasks import Example, load_jsonl, load_task
 from fedkt.federation.local import LocalFederation
+from fedkt.privacy.policy import policy_for_experiment
 from fedkt.registry import MethodSpec
 from fedkt.seeds import derive_seed
 from fedkt.server import ServerContext
@@ -74,7 +75,8 @@ class Simulation:
         cid = f"client{i}"
         return ClientSpec(cid=cid, model=cfg.model.slm, dtype=cfg.model.dtype, lora=cfg.lora, train=cfg.train,
                           eval=cfg.eval, seed=cfg.seed, examples=self.clients_data[i], eval_sets=self.eval_sets,
-                          workdir=self.out / "clients" / cid / method)
+                          workdir=self.out / "clients" / cid / method, policy=policy_for_experiment(cfg),
+                          simulation=True)
 
     def federation(self, method: MethodSpec) -> LocalFederation:
         """Fresh clients (fresh state) for ``method``, answering its handlers."""

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import statistics
 
+from fedkt import progress
 from fedkt.clients import ClientContext
 from fedkt.evaluate import evaluate_tasks
 from fedkt.federation.base import Message
 from fedkt.models import get_adapter_state, save_adapter
+from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.results import MethodResult
 from fedkt.seeds import derive_seed
@@ -41,7 +43,8 @@ def client_train_and_evaluate(ctx: ClientContext, msg: Message) -> Message:
         save_adapter(model, None, ctx.workdir / "slm")
     metrics = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
                              desc=f"standalone {ctx.cid}")
-    return Message(meta={"metrics": metrics, "loss": stats.mean_loss, "num_examples": len(ctx.data)})
+    progress.log(f"standalone {ctx.cid}: train loss {stats.mean_loss:.4f} (local; not sent)")
+    return Message(meta={"metrics": metrics, "num_examples": len(ctx.data)})
 
 
 def mean_metrics(per_client: list[dict[str, dict]]) -> dict[str, dict]:
@@ -85,7 +88,7 @@ ZERO_SHOT = register(MethodSpec(name="zero_shot", label="Zero-shot", rank=0, run
                                 summary="the pretrained models as they are"))
 STANDALONE = register(MethodSpec(
     name="standalone", label="Standalone", rank=10, run=standalone,
-    handlers={"train_and_evaluate": client_train_and_evaluate},
+    handlers=guard("standalone", {"train_and_evaluate": client_train_and_evaluate}),
     summary="each client fine-tunes a LoRA adapter alone; the mean over clients"))
 CENTRALIZED = register(MethodSpec(
     name="centralized", label="Centralized", rank=90, run=centralized,

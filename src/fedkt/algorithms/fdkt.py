@@ -52,6 +52,7 @@ from fedkt.data.tasks import GENERATION_TASKS, Example
 from fedkt.federation.base import Message
 from fedkt.fdkt_server import augment, filter_clusters, filter_scored, question_key, topic
 from fedkt.models import get_adapter_state, save_adapter
+from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.results import MethodResult
 from fedkt.seeds import derive_seed
@@ -195,8 +196,9 @@ def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
                   lr=m["dp_lr"], max_length=ctx.train.max_length,
                   noise_multiplier=None if math.isfinite(eps) else 0.0)
     t0 = time.perf_counter()
-    stats = dp_train_loop(model, data, dp, seed=ctx.secret_seed_for("fdkt-dp"), pad_id=pad_id,
-                          desc=f"{ctx.cid} DP-SGD")
+    rng = ctx.secret_rng("fdkt-dp")  # an int in simulation (as before); the client's own source otherwise
+    stats = dp_train_loop(model, data, dp, seed=rng if isinstance(rng, int) else rng.int_seed("dropout"), pad_id=pad_id,
+                          desc=f"{ctx.cid} DP-SGD", rng=None if isinstance(rng, int) else rng)
     ctx.state.tensors["dp_adapter"] = get_adapter_state(model)  # client-owned; never sent
     t1 = time.perf_counter()
     plan = sampling_plan(list(m["tasks"]), int(m["samples"]))
@@ -221,10 +223,13 @@ def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
     k = int(m.get("samples_in_report", 3))
     meta = {"tasks": tasks, "generated": len(raw), "parsed": pstats.accepted, "rejected": dict(pstats.rejected),
             "label_agree": agree, "dp": dp_public, "raw_samples": [r[:400] for r in raw[:k]],
-            "timings": {"dp_train_s": t1 - t0, "sample_s": t2 - t1}}
+            "randomness": ctx.randomness}
     ctx.state["fdkt_reply"] = {"texts": texts, "meta": meta}
+    # timings and the DP training loss stay on the client (a side channel on private data if sent)
+    ctx.state["fdkt_local"] = {"dp_train_s": t1 - t0, "sample_s": t2 - t1, "dp_mean_loss": stats.mean_loss}
     progress.log(f"{ctx.cid}: DP-SGD ε = {stats.epsilon_spent:.3g} over {stats.steps} steps; "
-                 f"{pstats.accepted}/{len(raw)} samples parsed")
+                 f"{pstats.accepted}/{len(raw)} samples parsed; DP-SGD {t1 - t0:.1f} s, sampling {t2 - t1:.1f} s "
+                 f"(local; not sent)")
     return Message(texts=texts, meta=meta)
 
 
@@ -250,15 +255,15 @@ def client_train_and_evaluate(ctx: ClientContext, msg: Message) -> Message:
     synthetic = read_synthetic(msg.texts, m["tasks"])
     data = (list(ctx.data) if m["train_on"] == "private+synthetic" else []) + synthetic
     model, tok = ctx.slm.use(None), ctx.slm.tokenizer
-    loss = float("nan")
     if data:  # same seed as the standalone baseline: a paired comparison
         loss = sft(model, tok, data, ctx.train, seed=ctx.seed_for("standalone"), epochs=m["epochs"],
                    desc=f"fdkt {ctx.cid} train").mean_loss
+        progress.log(f"fdkt {ctx.cid}: train loss {loss:.4f} (local; not sent)")
     if ctx.workdir is not None:
         save_adapter(model, None, ctx.workdir / "slm")
     metrics = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
                              desc=f"fdkt {ctx.cid}")
-    return Message(meta={"metrics": metrics, "loss": loss, "trained_on": len(data), "synthetic": len(synthetic)})
+    return Message(meta={"metrics": metrics, "trained_on": len(data), "synthetic": len(synthetic)})
 
 
 CLIENT_HANDLERS = {"synthesize": client_synthesize}
@@ -356,10 +361,9 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
             "gen_batch_size": cfg.gen_batch_size, "tasks": tasks, "samples_in_report": k_show}
     replies = fed.call("synthesize", {c: Message(meta={**meta, "epsilon": e}) for c, e in eps.items()}, rnd)
     timings["synthesize_s"] = fed.take_timing("synthesize")
-    privacy = {c: r.meta["dp"] for c, r in replies.items()}
+    privacy = {c: {**r.meta["dp"], "randomness": r.meta.get("randomness", "")} for c, r in replies.items()}
     per_client = {c: {"generated": r.meta["generated"], "parsed": r.meta["parsed"], "label_agree": r.meta["label_agree"],
                       "rejected": r.meta["rejected"]} for c, r in replies.items()}
-    client_timings = {c: {k: round(v, 3) for k, v in r.meta["timings"].items()} for c, r in replies.items()}
     # the server re-reads what it received (it trusts no client) and drops duplicates across clients
     recv = ParseStats()
     pool: list[Example] = []
@@ -415,7 +419,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
                "parsed": [render_mc(e) for e in pool[:k_show]], "kept": [render_mc(e) for e in kept[:k_show]],
                "augmented": [render_mc(e) for e in augmented[:k_show]]}
     out = Synthesis(final, {"privacy": privacy, "stages": stages, "samples": samples,
-                            "timings": {k: round(v, 3) for k, v in timings.items()}, "client_timings": client_timings})
+                            "timings": {k: round(v, 3) for k, v in timings.items()}})
     progress.log(f"fdkt: {stages['generated']} generated, {stages['parsed']} parsed, {len(kept)} kept, "
                  f"{len(augmented)} augmented; synthetic set {len(final)}")
     if cache is not None:
@@ -514,7 +518,7 @@ def report_section(result: dict) -> str:
 
 
 FDKT = register(MethodSpec(
-    name="fdkt", label="FDKT", rank=50, run=run, handlers=HANDLERS, config=FDKTConfig, needs_llm=True,
+    name="fdkt", label="FDKT", rank=50, run=run, handlers=guard("fdkt", HANDLERS), config=FDKTConfig, needs_llm=True,
     report=report_section,
     summary="clients DP-train their SLM and send only synthetic samples; the LLM filters and augments them; "
             "clients train on private + synthetic data"))

@@ -19,6 +19,7 @@ from fedkt import progress
 from fedkt.clients import ClientContext
 from fedkt.federation.base import Federation, Message, check_mean_inputs
 from fedkt.models import get_adapter_state
+from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.train import sft
@@ -87,5 +88,5 @@ class FedAvg(RoundAlgorithm):
 
 
 register(MethodSpec(
-    name="fedavg", label="FedAvg", rank=20, algorithm=FedAvg, handlers=HANDLERS,
+    name="fedavg", label="FedAvg", rank=20, algorithm=FedAvg, handlers=guard("fedavg", HANDLERS),
     summary="clients fine-tune LoRA adapters, the server averages them (sample-weighted)"))

@@ -50,6 +50,7 @@ from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
 from fedkt.losses import answer_ce, kd_kl
 from fedkt.models import get_adapter_state
+from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.seeds import derive_seed
@@ -311,6 +312,6 @@ class FedCoLLM(RoundAlgorithm):
 
 
 register(MethodSpec(
-    name="fedcollm", label="FedCoLLM", rank=30, algorithm=FedCoLLM, handlers=HANDLERS, config=FedCoLLMConfig,
+    name="fedcollm", label="FedCoLLM", rank=30, algorithm=FedCoLLM, handlers=guard("fedcollm", HANDLERS), config=FedCoLLMConfig,
     needs_llm=True,
     summary="FedAvg of SLM adapters + mutual LLM/SLM distillation on the server's auxiliary data"))

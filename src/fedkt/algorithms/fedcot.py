@@ -12,16 +12,17 @@ Round 1 (the paper's protocol, for every client k in parallel):
   3. decode (client): the SLM turns (perturbed prompt, perturbed rationale, original question) into a
      rationale for the original question by in-context learning; the client keeps it;
   4. train (client): multi-task distillation on the SLM's LoRA,
-         L = α·CE(rationale | "Explain" prompt) + (1−α)·CE(answer | task prompt),
-     and uploads the adapter; the server averages the adapters (FedAvg, sample-weighted).
-Rounds r ≥ 2 (a federated extension of the paper, documented as such): clients re-train on their kept
-rationales from the averaged adapter, and the server averages again. No prompt is perturbed twice, so a
-client's privacy cost is that of round 1 whatever the number of rounds. rounds = 1 is the paper's
-setting (plus one averaging step so the server can report a single model).
+         L = α·CE(rationale | "Explain" prompt) + (1−α)·CE(answer | task prompt).
+     The paper's mode (``share_adapters = false``, the default): the client keeps its SLM, evaluates it
+     locally and sends only the metrics. ``share_adapters = true``: it uploads the adapter and the server
+     averages (FedAvg, sample-weighted; a client's default policy requires secure aggregation).
+Rounds r ≥ 2: clients re-train on their kept rationales, from their own adapter (paper's mode) or from
+the averaged one (shared variant, a federated extension of the paper). No prompt is perturbed twice, so
+a client's privacy cost is that of round 1 whatever the number of rounds.
 
-Evaluation scores the task prompt only ("Predict"), exactly as every other method. The adapters that
-FedAvg uploads are trained on private data as in FedAvg; text DP protects the prompts, not the adapters
-(docs/fedcot.md).
+Evaluation scores the task prompt only ("Predict"), exactly as every other method (on the clients in the
+paper's mode, on the server's average in the shared variant). Adapters of the shared variant are trained
+on private data as in FedAvg; text DP protects the prompts, not the adapters (docs/fedcot.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from fedkt.data.tasks import Example
 from fedkt.federation.base import Message
 from fedkt.losses import answer_ce
 from fedkt.models import get_adapter_state
+from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.train import train_loop
@@ -68,6 +70,10 @@ class FedCoTConfig:
     """Server LLM budget per rationale."""
     decode_tokens: int = 96
     """Client SLM budget per decoded rationale."""
+    share_adapters: bool = False
+    """False (the paper's mode): each client keeps its SLM; adapters never leave, clients evaluate locally
+    and send only metrics. True: the federated extension, FedAvg of the clients' adapters every round
+    (a client's default policy lets them leave only under secure aggregation)."""
     empty_rationales: bool = False
     """Ablation: the server returns empty rationales (what the LLM contributes through the decoder)."""
     gen_batch_size: int = 16
@@ -119,29 +125,37 @@ def decode_prompt(perturbed: str, rationale: str, ex: Example) -> str:
 
 # ---------------------------------------------------------------------------------------------- client
 def client_encode(ctx: ClientContext, msg: Message) -> Message:
-    """Step 1: perturb every private prompt with text DP; only the perturbed prompts leave."""
-    from fedkt.privacy.text_dp import EmbeddingKit, perturb_batch, tokenizer_fingerprint
+    """Step 1: perturb every private prompt with text DP; only the perturbed prompts leave.
+
+    The kit comes from the client's policy (built from its own model, or a server-named file checked by
+    hash and validated against its own tokenizer: ``fedkt.privacy.kit_check``), the randomness from its
+    own source (``ctx.secret_rng``), and the reply holds only the DP texts and declared counts."""
+    from fedkt.privacy.text_dp import perturb_batch
 
     eps = float(msg.meta["epsilon"])
     tok = ctx.slm.tokenizer
     originals = [render_question(ex) for ex in ctx.data]
+    n_tokens = [len(x) for x in tok(originals, add_special_tokens=False)["input_ids"]] if originals else []
+    prompt_eps = [n * eps for n in n_tokens]
+    if prompt_eps:  # the client's cap on one prompt's ε, before anything is perturbed
+        ctx.policy.at_most("fedcot_max_prompt_epsilon", "fedcot.epsilon × tokens", max(prompt_eps))
     if math.isinf(eps):
-        texts, n_tokens, n_changed = originals, [len(tok(t, add_special_tokens=False)["input_ids"]) for t in originals], 0
+        texts, n_changed = originals, 0
     else:
-        kit = EmbeddingKit.load(msg.meta["kit"])
-        if kit.meta.get("tokenizer_sha256") not in (None, tokenizer_fingerprint(tok)):
-            raise ValueError("the text-DP kit was built for another tokenizer than this client's SLM: FedCoT "
-                             "perturbs in the LLM's token space, so the SLM must share the LLM's tokenizer")
-        results = perturb_batch(originals, kit, tok, eps, seed=ctx.secret_seed_for("textdp"))
+        from fedkt.privacy.kit_check import client_kit
+
+        kit = client_kit(ctx, msg.meta)
+        results = perturb_batch(originals, kit, tok, eps, seed=ctx.secret_rng("textdp"))
         texts = [r.text for r in results]
-        n_tokens = [r.n_tokens for r in results]
         n_changed = sum(r.n_changed for r in results)
     ctx.state["perturbed"] = texts
-    prompt_eps = [n * eps for n in n_tokens]
+    # client-local only (a side channel if sent: 0 would tell the server it got the original text)
+    progress.log(f"{ctx.cid}: text DP ε = {eps:g} per token, {n_changed}/{sum(n_tokens)} tokens changed "
+                 f"(local; not sent)")
     return Message(texts=texts, meta={
-        "epsilon_per_token": eps, "tokens": sum(n_tokens), "changed_fraction": n_changed / max(1, sum(n_tokens)),
+        "epsilon_per_token": eps, "tokens": sum(n_tokens),
         "prompt_epsilon_mean": statistics.fmean(prompt_eps) if prompt_eps else 0.0,
-        "prompt_epsilon_max": max(prompt_eps, default=0.0)})
+        "prompt_epsilon_max": max(prompt_eps, default=0.0), "randomness": ctx.randomness})
 
 
 def decode_rationales(ctx: ClientContext, rationales: list[str], decode_tokens: int, batch_size: int) -> list[str]:
@@ -179,9 +193,13 @@ def collate_multitask(items: list[tuple], pad_id: int) -> dict[str, dict[str, to
 
 
 def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
-    """Steps 3–4: decode the LLM's rationales (round 1), then multi-task training from the global adapter."""
+    """Steps 3–4: decode the LLM's rationales (round 1), then multi-task training: from the global adapter
+    (``share_adapters``), or from the client's own (the paper's mode: it never leaves; the client evaluates
+    it locally when asked and replies the metrics)."""
     rnd, m = msg.meta["round"], msg.meta
-    model = ctx.slm.use(msg.tensors or None)
+    share = bool(m.get("share_adapters", True))
+    own = ctx.state.tensors.get("own_slm") if not share else None
+    model = ctx.slm.use(msg.tensors or None) if share else ctx.slm.use(own or None)
     if "rationales" not in ctx.state:
         ctx.state["rationales"] = decode_rationales(ctx, msg.texts, m["decode_tokens"], m["gen_batch_size"])
     tok = ctx.slm.tokenizer
@@ -189,8 +207,20 @@ def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
     stats = train_loop(model, data, lambda mdl, b: multitask_loss(mdl, b, m["alpha"]), ctx.train,
                        seed=ctx.seed_for("fit", rnd), pad_id=tok.pad_token_id, epochs=m.get("epochs", ctx.train.epochs),
                        desc=f"round {rnd} {ctx.cid} train", collate=collate_multitask)
-    return Message(tensors=get_adapter_state(model),
-                   meta={"num_examples": len(ctx.data), "loss": stats.mean_loss, "steps": stats.steps})
+    progress.log(f"round {rnd} {ctx.cid}: train loss {stats.mean_loss:.4f} (local; not sent)")
+    if share:
+        return Message(tensors=get_adapter_state(model), meta={"num_examples": len(ctx.data), "steps": stats.steps})
+    ctx.state.tensors["own_slm"] = get_adapter_state(model)  # client-owned; never sent
+    meta = {"num_examples": len(ctx.data), "steps": stats.steps}
+    if m.get("evaluate"):
+        from fedkt.evaluate import evaluate_tasks
+        from fedkt.models import save_adapter
+
+        if ctx.workdir is not None:
+            save_adapter(model, None, ctx.workdir / "slm")
+        meta["metrics"] = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
+                                         desc=f"fedcot {ctx.cid} r{rnd}")
+    return Message(meta=meta)
 
 
 HANDLERS = {"encode": client_encode, "decode_train": client_decode_train}
@@ -208,6 +238,9 @@ class FedCoT(RoundAlgorithm):
     def setup(self, server, fed):
         self.cfg = server.cfg.section("fedcot")
         self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
+        from fedkt.privacy.kit_check import kit_sha256
+
+        self.kit_sha256 = kit_sha256(self.kit_path) if self.kit_path else ""
 
     def audit(self, server, fed) -> list[dict]:
         """The text-DP audit on the server's own public prompts (aux set, same format as the clients'): what
@@ -237,29 +270,41 @@ class FedCoT(RoundAlgorithm):
         if rnd == 1:  # later rounds train on the rationales each client kept (in its state)
             t0 = time.perf_counter()
             eps = self.epsilons(fed)
-            encoded = fed.call("encode", {c: Message(meta={"epsilon": e, "kit": self.kit_path}) for c, e in eps.items()},
-                               rnd)
+            kit_meta = {"kit": self.kit_path, "kit_sha256": self.kit_sha256, "kit_neighbors": cfg.kit_neighbors}
+            encoded = fed.call("encode", {c: Message(meta={"epsilon": e, **kit_meta}) for c, e in eps.items()}, rnd)
             timings["encode_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             texts = self.rationales(server, {c: r.texts for c, r in encoded.items()})
             timings["generate_s"] = time.perf_counter() - t1
-            entry["privacy"] = {c: {k: r.meta[k] for k in ("epsilon_per_token", "tokens", "changed_fraction",
-                                                          "prompt_epsilon_mean", "prompt_epsilon_max")}
+            entry["privacy"] = {c: {k: r.meta[k] for k in ("epsilon_per_token", "tokens", "prompt_epsilon_mean",
+                                                          "prompt_epsilon_max", "randomness")}
                                 for c, r in encoded.items()}
             entry["generation"] = {"prompts": sum(len(t) for t in texts.values()),
                                    "empty": sum(1 for t in texts.values() for x in t if not x.strip())}
             entry["audit"] = self.audit(server, fed)
         t2 = time.perf_counter()
+        if not cfg.share_adapters:  # the paper's mode: the clients keep and evaluate their own SLMs
+            evaluate = server.cfg.eval.every_round or rnd == server.cfg.federation.rounds
+            payloads = {c: Message(texts=texts.get(c, []), meta={**meta, "share_adapters": False, "evaluate": evaluate})
+                        for c in fed.clients}
+            replies = fed.call("decode_train", payloads, rnd)
+            if evaluate:
+                from fedkt.algorithms.baselines import mean_metrics
+
+                per_client = {c: r.meta["metrics"] for c, r in replies.items()}
+                for c, mt in per_client.items():
+                    server.log_metrics(method="fedcot", client=c, role="slm", round=rnd, metrics=mt)
+                entry.update(slm=mean_metrics(list(per_client.values())), per_client=per_client)
+            timings.update(client_train_s=fed.take_timing("decode_train"), aggregate_s=0.0)
+            return RoundOutcome(dict(state), entry=entry, timings=timings)
         payloads = {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta) for c in fed.clients}
         if server.cfg.federation.secure_aggregation:  # the server gets only the mean (Flower: SecAgg+)
             agg = fed.aggregate("decode_train", payloads, rnd, weight_key="num_examples", expect=state["slm"])
-            theta, losses = agg.tensors, {c: m["loss"] for c, m in agg.meta.items()}
+            theta = agg.tensors
         else:
             replies = fed.call("decode_train", payloads, rnd, expect=state["slm"])
             theta = aggregate([r.tensors for r in replies.values()], [r.meta["num_examples"] for r in replies.values()])
-            losses = {c: r.meta["loss"] for c, r in replies.items()}
         client_s = fed.take_timing("decode_train")
-        progress.log(f"round {rnd}: client train loss " + str({c: round(v, 4) for c, v in losses.items()}))
         timings.update(client_train_s=client_s, aggregate_s=time.perf_counter() - t2 - client_s)
         return RoundOutcome({"slm": theta}, entry=entry, timings=timings)
 
@@ -309,7 +354,7 @@ def kit_for(server, cfg: FedCoTConfig) -> str:
 
 
 register(MethodSpec(
-    name="fedcot", label="FedCoT", rank=40, algorithm=FedCoT, handlers=HANDLERS, config=FedCoTConfig,
+    name="fedcot", label="FedCoT", rank=40, algorithm=FedCoT, handlers=guard("fedcot", HANDLERS), config=FedCoTConfig,
     needs_llm=True,
     summary="clients send text-DP-perturbed prompts, the LLM writes rationales, clients decode them and "
             "distil step by step"))

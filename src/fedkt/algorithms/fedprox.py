@@ -21,6 +21,7 @@ from fedkt.config import check
 from fedkt.federation.base import Message
 from fedkt.losses import answer_ce
 from fedkt.models import get_adapter_state
+from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.train import tokenize_examples, train_loop, trainable_parameters
@@ -76,5 +77,5 @@ class FedProx(RoundAlgorithm):
 
 
 register(MethodSpec(
-    name="fedprox", label="FedProx", rank=25, algorithm=FedProx, handlers={"fit": client_fit},
+    name="fedprox", label="FedProx", rank=25, algorithm=FedProx, handlers=guard("fedprox", {"fit": client_fit}),
     config=FedProxConfig, summary="FedAvg with a proximal term μ/2·‖θ − θᵗ‖² in each client's objective"))

@@ -105,7 +105,7 @@ def _example_from_dict(d: dict[str, Any]) -> Any:
 def spec_to_json(spec: ClientSpec) -> str:
     """The JSON text of a :class:`ClientSpec` (what a node config's ``fedkt-client-spec`` holds)."""
     d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    for key in ("lora", "train", "eval"):
+    for key in ("lora", "train", "eval", "policy"):
         d[key] = dataclasses.asdict(d[key])
     d["examples"] = None if spec.examples is None else [_example_to_dict(e) for e in spec.examples]
     d["eval_sets"] = {k: [_example_to_dict(e) for e in v] for k, v in spec.eval_sets.items()}
@@ -117,6 +117,7 @@ def spec_to_json(spec: ClientSpec) -> str:
 def spec_from_json(text: str) -> ClientSpec:
     """Rebuild a :class:`ClientSpec` from :func:`spec_to_json`'s text; sections are validated like config."""
     from fedkt.config import EvalConfig, LoraSettings, TrainConfig, from_dict
+    from fedkt.privacy.policy import ClientPolicy
 
     try:
         d = json.loads(text)
@@ -130,7 +131,7 @@ def spec_from_json(text: str) -> ClientSpec:
     if unknown or "cid" not in d or "model" not in d:
         raise ValueError(f"{SPEC_KEY}: unknown keys {unknown} or missing cid/model; allowed keys: "
                          f"{', '.join(names)}")
-    for key, cls in (("lora", LoraSettings), ("train", TrainConfig), ("eval", EvalConfig)):
+    for key, cls in (("lora", LoraSettings), ("train", TrainConfig), ("eval", EvalConfig), ("policy", ClientPolicy)):
         if key in d:
             d[key] = from_dict(cls, d[key], prefix=key + ".")
     if d.get("examples") is not None:

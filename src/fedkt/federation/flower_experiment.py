@@ -77,8 +77,8 @@ class ExperimentContextFactory:
                           train=cfg.train, eval=cfg.eval, seed=cfg.seed, data_files=client["data_files"],
                           data_task=client.get("data_task", cfg.data.tasks[0] if cfg.data.tasks else "custom"),
                           workdir=Path(client["workdir"]) / scope if scope else Path(client["workdir"]),
-                          secret_seed=client.get("secret_seed"))
-        if scope == "standalone":
+                          secret_seed=client.get("secret_seed"), policy=client["policy"])
+        if scope in ("standalone", "fedcot"):  # methods whose clients evaluate their own models
             from fedkt.simulation import load_eval_sets
 
             spec.eval_sets = load_eval_sets(cfg)

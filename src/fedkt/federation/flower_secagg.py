@@ -149,7 +149,13 @@ def make_secure_train(run_handler: Callable[[str, Message, Context], Message],
                                "fedkt version on server and clients")
         payload = codec.decode(cfg[PAYLOAD_KEY])
         weight_key = str(cfg.get("fedkt.weight_key", weight_key_default))
-        reply = run_handler(str(cfg[METHOD_KEY]), payload, context)
+        from fedkt.privacy.policy import SECURE_AGGREGATION
+
+        token = SECURE_AGGREGATION.set(True)  # the client's policy may let adapters leave: they leave masked
+        try:
+            reply = run_handler(str(cfg[METHOD_KEY]), payload, context)
+        finally:
+            SECURE_AGGREGATION.reset(token)
         from fedkt.federation.base import reply_weight
 
         if not isinstance(reply, Message):

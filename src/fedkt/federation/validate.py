@@ -213,22 +213,27 @@ class Schema:
     weight: str = ""
 
 
-_ADAPTER = Schema(meta={"num_examples": positive_count, "loss": number}, optional={"steps": count},
+_ADAPTER = Schema(meta={"num_examples": positive_count}, optional={"steps": count, "loss": number},
                   tensors="adapter", weight="num_examples")
+# The keys mirror fedkt.privacy.outbound.ALLOWED (what a client may send); tests/test_outbound.py checks that
+# every key an honest client sends passes here.
 SCHEMAS: dict[str, Schema] = {
-    # FedAvg / FedProx / FedCoLLM client training, FedCoT's decode + train
+    # FedAvg / FedProx / FedCoLLM client training
     "fit": _ADAPTER,
-    "decode_train": _ADAPTER,
+    # FedCoT's decode + train: the adapter (shared variant) or, in the paper's mode, local metrics only
+    "decode_train": Schema(meta={"num_examples": positive_count}, optional={"steps": count, "metrics": metrics},
+                           tensors="adapter", weight="num_examples"),
     # FedCoT step 1: text-DP-perturbed prompts
-    "encode": Schema(meta={"epsilon_per_token": epsilon, "tokens": count, "changed_fraction": probability,
-                           "prompt_epsilon_mean": epsilon, "prompt_epsilon_max": epsilon}, texts=True),
+    "encode": Schema(meta={"epsilon_per_token": epsilon, "tokens": count, "prompt_epsilon_mean": epsilon,
+                           "prompt_epsilon_max": epsilon}, optional={"randomness": text}, texts=True),
     # FDKT step 1: DP synthetic examples
     "synthesize": Schema(meta={"tasks": str_list, "generated": count, "parsed": count, "rejected": obj,
-                               "label_agree": count, "dp": obj, "raw_samples": str_list, "timings": num_dict},
-                         texts=True),
+                               "label_agree": count, "dp": obj, "raw_samples": str_list},
+                         optional={"randomness": text}, texts=True),
     # standalone baseline and FDKT step 4: local training and evaluation, metrics only
-    "train_and_evaluate": Schema(meta={"metrics": metrics, "loss": number},
-                                 optional={"num_examples": count, "trained_on": count, "synthetic": count}),
+    "train_and_evaluate": Schema(meta={"metrics": metrics},
+                                 optional={"num_examples": count, "trained_on": count, "synthetic": count,
+                                           "loss": number}),
 }
 
 

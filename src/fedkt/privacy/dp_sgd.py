@@ -309,8 +309,34 @@ def dp_train(model, tok, examples: Sequence[Example], cfg: DPConfig, seed: int, 
     return dp_train_loop(model, data, cfg, seed, pad_id, desc=desc)
 
 
+def _secure_noise(opt, rng) -> None:
+    """Replace the DP optimizer's noise by CSPRNG noise (``fedkt.privacy.randomness.SecureRandom``): the
+    same N(0, σ²C²) per coordinate, drawn from os.urandom instead of a torch generator."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise():
+        std = opt.noise_multiplier * opt.max_grad_norm
+        for p in opt.params:
+            _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
+            noise = rng.normal(ref.shape, std, ref.dtype).to(ref.device) if std else torch.zeros_like(ref)
+            p.grad = (ref + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    opt.add_noise = add_noise
+
+
+def _secure_poisson(n: int, q: float, steps: int, rng) -> Iterator[list[int]]:
+    """Poisson sampling from the CSPRNG: each example joins each step's batch with probability q."""
+    for _ in range(steps):
+        yield torch.nonzero(rng.rand(n) < q).flatten().tolist()
+
+
 def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, pad_id: int,
-                  desc: str = "dp-sgd") -> DPStats:
+                  desc: str = "dp-sgd", rng=None) -> DPStats:
+    """``rng`` (``fedkt.privacy.randomness``): None (simulation: noise and sampling from generators seeded
+    from ``seed``, bit-identical to before), a ``PinnedRandom`` (64-bit seeds from the client's secret) or
+    a ``SecureRandom`` (noise and Poisson sampling from the OS CSPRNG)."""
     from opacus import PrivacyEngine
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -338,9 +364,15 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
         except ImportError as e:
             raise ImportError(f"DPConfig.secure_mode = true needs torchcsprng ({e}); set secure_mode = "
                               f"false for experiments") from None
-        noise_gen = None if cfg.secure_mode else torch.Generator().manual_seed(_sub_seed(seed, "dp-noise"))
-        sample_gen = engine.secure_rng if cfg.secure_mode else torch.Generator().manual_seed(
-            _sub_seed(seed, "dp-poisson"))
+        csprng = rng is not None and hasattr(rng, "rand") and not cfg.secure_mode
+        if cfg.secure_mode or csprng:
+            noise_gen = None
+            sample_gen = engine.secure_rng if cfg.secure_mode else None
+        elif rng is not None:  # a pinned secret: 64-bit seeds
+            noise_gen, sample_gen = rng.generator("dp-noise"), rng.generator("dp-poisson")
+        else:
+            noise_gen = torch.Generator().manual_seed(_sub_seed(seed, "dp-noise"))
+            sample_gen = torch.Generator().manual_seed(_sub_seed(seed, "dp-poisson"))
         loader = torch.utils.data.DataLoader(_Indices(n), batch_size=min(n, cfg.batch_size))
         model.train()  # Opacus validates that the model is in training mode
         hooks = None
@@ -355,8 +387,12 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
             # counts each step at that same q (make_private derived both from len(loader) instead).
             opt.expected_batch_size = q * n
             opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
-            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen,
-                                                    steps=steps)
+            if csprng:
+                _secure_noise(opt, rng)
+                sampler = _secure_poisson(n, q, steps, rng)
+            else:
+                sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen,
+                                                        steps=steps)
             chunk = cfg.max_physical_batch or n
             with progress.bar(desc, steps) as pb:
                 for idx in sampler:

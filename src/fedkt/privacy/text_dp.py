@@ -64,7 +64,9 @@ not depend on the search being exact; the benchmark measures its recall against 
 
 **Randomness.** The seed must be secret to the client. Anyone who knows the seed can replay the sampler
 and test which original produces the observed output, which voids the guarantee: never derive it from a
-config the server sees.
+config the server sees. ``seed`` may be an int or torch.Generator (simulation, tests), a
+``fedkt.privacy.randomness.PinnedRandom`` (a client's pinned ≥ 64-bit secret) or a ``SecureRandom``
+(the OS CSPRNG: what a deployed client uses by default).
 
 Files: a kit is ``kit.safetensors`` (neighbours, utilities, radius, class, coverage) plus ``kit.json``
 (fingerprint of the embedding matrix and tokenizer, N, the utility's definition).
@@ -416,12 +418,22 @@ def _class_neighbors(e: torch.Tensor, N: int, utility: str, search_dtype: torch.
 # ------------------------------------------------------------------------------------------ sampling
 
 
-def _generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
+def _generator(seed):
+    """A torch.Generator, or the client's CSPRNG source (``fedkt.privacy.randomness.SecureRandom``)."""
+    if isinstance(seed, torch.Generator) or hasattr(seed, "rand"):
         return seed
+    if hasattr(seed, "generator"):  # PinnedRandom: a 64-bit seeded generator
+        return seed.generator()
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or a torch.Generator (client-secret), got {type(seed).__name__}")
+        raise TypeError(f"seed must be an int, a torch.Generator or a fedkt.privacy.randomness source "
+                        f"(client-secret), got {type(seed).__name__}")
     return torch.Generator().manual_seed(seed)
+
+
+def _uniform(g, shape) -> torch.Tensor:
+    if isinstance(g, torch.Generator):
+        return torch.rand(shape, generator=g, dtype=torch.float64)
+    return g.rand(shape)
 
 
 def _check_epsilon(epsilon: float) -> float:
@@ -458,9 +470,9 @@ def sample_replacements(ids: torch.Tensor, kit: EmbeddingKit, epsilon: float,
     logw_nb = neighbour_log_weights(kit, flat, epsilon)  # [T, N]
     logw_tail = torch.log(sizes[k].double()) - epsilon * kit.exponent_scale  # [T]: uniform over the class
     logits = torch.cat([logw_nb, logw_tail[:, None]], dim=1)
-    u = torch.rand(logits.shape, generator=g, dtype=torch.float64)
+    u = _uniform(g, logits.shape)
     choice = torch.argmax(logits - torch.log(-torch.log(u)), dim=1)  # Gumbel-max
-    uniform = torch.rand(flat.shape, generator=g, dtype=torch.float64)
+    uniform = _uniform(g, flat.shape)
     tail = members[offsets[k] + (uniform * sizes[k]).long().clamp_max(sizes[k] - 1)]
     nb = kit.neighbors[flat].long()
     picked = torch.gather(nb, 1, choice.clamp_max(kit.n_neighbors - 1)[:, None]).squeeze(1)
