@@ -112,7 +112,7 @@ CASES = [
     ("qint8_tensor", lambda h, s, c: Message(tensors={**h.tensors, "lora_A": torch.quantize_per_tensor(
         h.tensors["lora_A"], 0.1, 0, torch.qint8)}, meta=h.meta), r"qint8|QInt8|quantized|Quantized"),
     ("missing_num_examples", lambda h, s, c: Message(tensors=h.tensors, meta={"loss": 1.0}), r"meta lacks 'num_examples'"),
-    ("missing_loss", lambda h, s, c: Message(tensors=h.tensors, meta={"num_examples": 40}), r"meta lacks 'loss'"),
+    ("side_channel_key", lambda h, s, c: _meta(h, changed_fraction=0.0), r"unexpected meta key 'changed_fraction'"),
     ("num_examples_str", lambda h, s, c: _meta(h, num_examples="40"), r"meta\['num_examples'\] = '40' is not an integer > 0"),
     ("loss_str", lambda h, s, c: _meta(h, loss="low"), r"meta\['loss'\] = 'low' is not a number"),
     ("loss_dict", lambda h, s, c: _meta(h, loss={"a": 1}), r"meta\['loss'\]"),
