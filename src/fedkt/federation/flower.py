@@ -65,7 +65,7 @@ from typing import Any
 from fedkt import progress
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler, StateStore
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
-from fedkt.federation import flower_secagg
+from fedkt.federation import flower_node_auth, flower_secagg
 from fedkt.federation.base import Aggregate, AllClientsFailed, Delivery, Federation, Message
 
 from flwr.app import ConfigRecord, Context, Error, RecordDict  # noqa: E402  (after FLOWER_ENV)
@@ -371,8 +371,11 @@ class FlowerFederation(Federation):
                  max_bytes: int = flower_codec.DEFAULT_MAX_BYTES, ttl: float | None = None,
                  on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None,
                  min_clients: int = 1, action_prefix: str = "",
-                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None):
+                 secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None,
+                 round_deadline: float | None = None, allowed_nodes: dict[str, int] | None = None):
         self.grid, self.timeout = grid, timeout
+        self.round_deadline, self._round_start = round_deadline, {}
+        self.allowed_nodes = allowed_nodes
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
         self.action_prefix = action_prefix
         self.secagg = secagg or flower_secagg.SecAggSettings()
@@ -397,6 +400,7 @@ class FlowerFederation(Federation):
                                        "start the SuperNodes or raise wait_for_nodes")
                 break  # identify the nodes that are there; missing clients are named below
             time.sleep(0.1)
+        node_ids = flower_node_auth.known_nodes(node_ids, self.allowed_nodes)
         msgs = [FlMessage(flower_codec.encode(Message()), dst_node_id=n, message_type=f"{CATEGORY}.{IDENTIFY}")
                 for n in node_ids]
         replies = self._exchange(msgs, timeout=wait_for_nodes)
@@ -409,6 +413,8 @@ class FlowerFederation(Federation):
                 continue
             meta = flower_codec.decode(reply.content).meta
             cid = meta["client_id"]
+            if not flower_node_auth.may_serve(node, cid, self.allowed_nodes):
+                continue
             if cid in nodes:
                 raise ValueError(f"Flower nodes {nodes[cid]} and {node} both serve client {cid!r}: give "
                                  f"each SuperNode its own --node-config '{CLIENT_ID_KEY}=\"...\"'")
@@ -431,6 +437,7 @@ class FlowerFederation(Federation):
                                "unknown node?); see the flwr log above")
         pending = {i for i in ids if i}
         got: dict[str, FlMessage] = {}
+        timeout = flower_node_auth.capped_timeout(timeout, messages, self.round_deadline, self._round_start)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             if self._health_check is not None:
