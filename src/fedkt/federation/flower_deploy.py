@@ -158,13 +158,14 @@ class LocalFlowerDeployment:
             raise
         return self
 
-    def start_node(self, cid: str, auth_key: Path | None = None) -> subprocess.Popen:
-        """(Re)start client ``cid``'s SuperNode (``auth_key``: another private key than its own)."""
+    def start_node(self, cid: str, auth_key: Path | None = None, name: str | None = None) -> subprocess.Popen:
+        """(Re)start client ``cid``'s SuperNode (``auth_key``: another private key than its own; ``name``: of
+        its process and log, default ``supernode-<cid>``: give another to start a second node for ``cid``)."""
         ca = None if self.certs is None else self.certs / "ca.pem"
         key = auth_key if auth_key is not None else (self.node_key(cid) if self.node_auth else None)
         extra = {} if self.trusted_app is None else flower_cli.trusted_node_env(
             self.trusted_app, self.workdir / f"bin-{cid}", self.bin_dir)
-        return self._spawn(f"supernode-{cid}", flower_cli.supernode_argv(
+        return self._spawn(name or f"supernode-{cid}", flower_cli.supernode_argv(
             self.address, cid, self.client_files.get(cid), ca, key, port=free_port(), host=HOST,
             insecure=ca is None), **extra)
 

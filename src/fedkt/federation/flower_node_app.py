@@ -104,8 +104,11 @@ def main() -> None:
     from fedkt.federation.flower_env import set_flower_env
 
     set_flower_env()
-    from flwr.supernode.cli import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as rc
+    import importlib
+
+    # by module path: the packages re-export functions of the same names as these modules
+    flwr_clientapp = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    rc = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     if not app_dir or not (Path(app_dir) / "pyproject.toml").is_file():
         raise SystemExit(f"fedkt ClientApp runner: {TRUSTED_APP_ENV} must name the trusted app directory "
