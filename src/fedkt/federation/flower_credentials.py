@@ -66,6 +66,7 @@ def make_certs(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "lo
                force: bool = False) -> dict[str, Path]:
     """A local CA and a server certificate for ``hosts`` signed by it, valid for ``days`` days.
 
+    The certificate is also valid for 127.0.0.1 and localhost (the SuperLink's operator listener).
     Writes ``ca.pem`` (hand this one to the clients), ``server.pem``, ``server.key`` (0600) and
     ``ca/ca.key`` (0600, in a 0700 directory: it signs certificates, keep it off the network)."""
     from cryptography import x509
@@ -77,6 +78,8 @@ def make_certs(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "lo
         raise CredentialError(f"certificate lifetime must be at least 1 day, got days={days}")
     if not hosts:
         raise CredentialError("make_certs needs at least one host name or IP for the server certificate")
+    # the operator listener (Control + Runtime API, where the SuperExec and ServerApps connect) is 127.0.0.1
+    hosts = tuple(hosts) + tuple(h for h in ("127.0.0.1", "localhost") if h not in hosts)
     d = Path(directory)
     paths = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "ca_key": d / "ca" / "ca.key"}
     existing = [str(p) for p in paths.values() if p.exists()]
