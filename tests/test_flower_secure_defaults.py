@@ -250,3 +250,14 @@ def test_flower_commands_module_is_the_cli():
     assert flower_commands.flower_app is not None
     r = runner.invoke(app, ["flower", "--help"])
     assert r.exit_code == 0 and "superlink" in r.output
+
+
+def test_run_config_nodes_is_checked():
+    from fedkt.federation.flower_experiment import PYPROJECT, allowed_nodes
+
+    assert allowed_nodes("") is None
+    assert allowed_nodes('{"c0": 18446744073709551615}') == {"c0": 2**64 - 1}
+    for bad in ("[1]", '{"c0": "7"}', '{"c0": true}', "{"):
+        with pytest.raises(ConfigError, match="run config 'nodes'"):
+            allowed_nodes(bad)
+    assert 'nodes = ""' in PYPROJECT  # flwr only accepts run-config keys the app declares

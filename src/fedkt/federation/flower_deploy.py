@@ -15,8 +15,9 @@ first signal): SIGTERM, then SIGKILL after a grace period. Stopping only the Sup
 its SuperExec running for several seconds; stopping only the SuperLink's group left its SuperExec
 spawning ServerApps (on a loaded machine, for minutes).
 
-This module imports nothing from ``flwr``: it drives the installed CLIs (``flower-superlink``,
-``flower-supernode``, ``flwr run``/``flwr ls``) found next to the running Python interpreter.
+This module imports nothing from ``flwr``: it drives fedkt's SuperLink (``python -m
+fedkt.federation.flower_link``) and the installed CLIs (``flower-supernode``, ``flwr run``/``flwr ls``)
+found next to the running Python interpreter.
 
 The SuperLink is fedkt's (:mod:`~fedkt.federation.flower_link`): the Fleet API alone on ``port``, the
 Control and Runtime API on ``control_port`` (both 127.0.0.1 here). Optional TLS (``tls=True``: a local

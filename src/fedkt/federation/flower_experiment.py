@@ -4,7 +4,10 @@
 files: ``pyproject.toml`` and ``fedkt_flower_app.py``, which only imports :data:`server_app` and
 :data:`client_app` from here) with run config ``experiment`` (the resolved experiment TOML text: every
 node gets the same LoRA/training/evaluation settings and seed from the server), ``out`` (the run
-directory on the server machine) and ``resume``.
+directory on the server machine), ``resume`` and ``nodes`` (the allow-list ``{client id: node id}`` as JSON,
+from the server operator's ``nodes.toml``: each client is served only by the node registered for its key;
+empty in insecure trials). The SuperNodes run this app only if it is file for file the one their own
+fedkt writes (:mod:`fedkt.federation.flower_node_app`).
 
 * **Server** (:func:`server_main`): :func:`fedkt.runs.run_experiment` with a :class:`ServerContext`
   whose federation is a :class:`FlowerFederation` over the Grid: the same round driver, checkpoints,
