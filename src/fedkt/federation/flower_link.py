@@ -24,8 +24,8 @@ process:
 Both use the same TLS certificate. The lifespan (LinkState, SuperExec) runs once, on the operator
 listener. Usage (what ``fedkt flower superlink`` runs)::
 
-    python -m fedkt.federation.flower_link --fleet-address 0.0.0.0:9093 -- \\
-        --host 127.0.0.1 --port 9091 --ssl-ca-certfile ... --enable-supernode-auth ...
+    python -m fedkt.federation.flower_link --fleet-address 0.0.0.0:9092 -- \\
+        --host 127.0.0.1 --port 9093 --ssl-ca-certfile ... --enable-supernode-auth ...
 
 This uses flwr internals (``flwr.superlink.cli.flower_superlink``, ``flwr.superlink.main.create_app``),
 pinned by the ``flower`` extra's exact version.
