@@ -1,8 +1,8 @@
 """A deployment as an attacker meets it: real SuperLink + SuperNodes on 127.0.0.1, TLS, node
 authentication, the node allow-list, trusted-app SuperNodes (slow, one deployment for every check).
 
-* the Control API (``flwr ls``, ``flwr run``) sent to the client-facing Fleet address is refused (403, and
-  no run is created), while the operator address on 127.0.0.1 serves it;
+* the Control API (``flwr ls``, ``flwr run``, ``flwr supernode register``) sent to the client-facing Fleet
+  address is refused (403, no run created, no key registered), while the operator address serves it;
 * a node with an unregistered key is refused by the SuperLink; a node whose key is registered for client
   c2 but which claims to be c0 is refused by the ServerApp (allow-list) and named in its log;
 * a node that stops answering (its ClientApp hangs; the node itself stays connected and heartbeats, so
@@ -125,6 +125,9 @@ def test_control_api_refused_on_fleet_address_allow_list_hung_node_and_untrusted
         ls_fleet = flower_cli.flwr(["ls", CONNECTION, "--format", "json"], fleet_home)
         run_fleet = flower_cli.flwr(["run", str(submitted), CONNECTION, "--format", "json"], fleet_home)
         ls_operator = dep.flwr("ls", CONNECTION, "--format", "json")
+        _, rogue_pub = flower_cli.make_node_key(tmp_path / "rogue")  # a client registering its own key
+        reg_fleet = flower_cli.flwr(["supernode", "register", str(rogue_pub), CONNECTION, "--format", "json"],
+                                    fleet_home)
         # (2) an unregistered key, and a registered key (c2's) claiming to be c0
         intruder_key, _ = flower_cli.make_node_key(tmp_path / "deploy" / "keys" / "intruder")
         dep.start_node("c1", auth_key=intruder_key, name="supernode-intruder")
@@ -166,6 +169,9 @@ def test_control_api_refused_on_fleet_address_allow_list_hung_node_and_untrusted
     assert json.loads(ls_operator.stdout) == {"success": True, "runs": []}
     assert logs["superlink"].count('"POST /v1/control/list-runs HTTP/1.1" 403') == 1
     assert logs["superlink"].count('"POST /v1/control/start-run HTTP/1.1" 403') == 1
+    assert json.loads(reg_fleet.stdout)["success"] is False
+    assert logs["superlink"].count('"POST /v1/control/register-node HTTP/1.1" 403') == 1
+    assert logs["superlink"].count('"POST /v1/control/register-node HTTP/1.1" 200') == 3  # c0, c1, c2, by S on 127.0.0.1
     assert "refused POST /v1/control/start-run from 127.0.0.1" in logs["superlink"]
     # (2)
     assert "No SuperNode found with the given public key" in logs["superlink"]
