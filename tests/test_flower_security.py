@@ -171,7 +171,7 @@ def test_control_api_refused_on_fleet_address_allow_list_hung_node_and_untrusted
     assert logs["superlink"].count('"POST /v1/control/start-run HTTP/1.1" 403') == 1
     assert json.loads(reg_fleet.stdout)["success"] is False
     assert logs["superlink"].count('"POST /v1/control/register-node HTTP/1.1" 403') == 1
-    assert logs["superlink"].count('"POST /v1/control/register-node HTTP/1.1" 200') == 3  # c0, c1, c2, by S on 127.0.0.1
+    assert logs["superlink"].count('"POST /v1/control/register-node HTTP/1.1" 200') == 3  # by S: c0, c1, c2
     assert "refused POST /v1/control/start-run from 127.0.0.1" in logs["superlink"]
     # (2)
     assert "No SuperNode found with the given public key" in logs["superlink"]
