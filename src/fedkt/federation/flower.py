@@ -364,7 +364,11 @@ class FlowerFederation(Federation):
     ``min_clients``: fewer replies than this in a call (or contributors in an aggregate) stop the run;
     ``max_bytes``: the largest payload sent or accepted; ``action_prefix``: call handler ``m`` as
     ``<action_prefix>m`` (a multi-method app, see :func:`make_client_app`); ``secagg``: the SecAgg+
-    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes."""
+    parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes;
+    ``round_deadline``: seconds from a round's first call after which the round's calls wait for nobody
+    (each waits at most ``min(timeout, what is left)``); ``allowed_nodes``: client id -> the node id
+    registered for its key: other nodes, or a node claiming another client's id, are refused and logged
+    (:mod:`fedkt.federation.flower_node_auth`)."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
                  timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
