@@ -151,7 +151,7 @@ def run_deployed(config: Path, out: Path, root: Path, clients: list[str], client
         dep.start()
         start_s = time.perf_counter() - t0
         home = root / "ctl"
-        flower_cli.write_connection(home, dep.address)
+        flower_cli.write_connection(home, dep.control_address)  # the operator listener (Control API)
         t0 = time.perf_counter()
         run_id, status = flower_cli.run_experiment(config, out, home, timeout=timeout)
         wall = time.perf_counter() - t0

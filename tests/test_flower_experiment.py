@@ -81,7 +81,7 @@ def _client_file(tmp_path, cid, data_file):
 def _flower_run(config, out, superlink, home, resume=False):
     """``fedkt flower run`` as the server operator runs it (its own process)."""
     argv = [str(Path(sys.executable).parent / "fedkt"), "flower", "run", str(config), "--out", str(out),
-            "--superlink", superlink, "--home", str(home)] + (["--resume"] if resume else [])
+            "--superlink", superlink, "--home", str(home), "--insecure"] + (["--resume"] if resume else [])
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -159,14 +159,18 @@ def test_flower_run_equals_in_process_and_resumes_after_a_crash(tmp_path, model_
 
     # deployed: fedkt flower run over a SuperLink + 2 SuperNodes
     db = tmp_path / "superlink.db"
-    dep = LocalFlowerDeployment(tmp_path / "deploy", CLIENTS, client_files=client_files, database=db)
+    from fedkt.federation.flower_experiment import write_app
+
+    trusted = write_app(tmp_path / "trusted-app")  # the nodes run only their own fedkt app (same code)
+    dep = LocalFlowerDeployment(tmp_path / "deploy", CLIENTS, client_files=client_files, database=db,
+                                trusted_app=trusted)
     pids = []
     timings = {}
     try:
         dep.start()
         pids += [p.pid for p in dep.procs.values()]
         t0 = time.perf_counter()
-        rc, log = _finish(_flower_run(config, tmp_path / "flower", dep.address, tmp_path / "ctl"))
+        rc, log = _finish(_flower_run(config, tmp_path / "flower", dep.control_address, tmp_path / "ctl"))
         timings["full"] = time.perf_counter() - t0
         assert rc == 0 and "finished:completed" in log, log[-4000:]
         flower = json.loads((tmp_path / "flower" / "results.json").read_text())
@@ -178,7 +182,7 @@ def test_flower_run_equals_in_process_and_resumes_after_a_crash(tmp_path, model_
         # a second run, killed with the whole deployment right after its round-1 checkpoint
         cut = tmp_path / "cut"
         t0 = time.perf_counter()
-        proc = _flower_run(config, cut, dep.address, tmp_path / "ctl")
+        proc = _flower_run(config, cut, dep.control_address, tmp_path / "ctl")
         done = cut / "checkpoints" / "fedavg" / "round_001" / "state.json"
         deadline = time.monotonic() + 900
         while not done.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -192,11 +196,11 @@ def test_flower_run_equals_in_process_and_resumes_after_a_crash(tmp_path, model_
 
         # the SuperLink restarts from its database on the same port, the nodes reconnect, --resume
         dep = LocalFlowerDeployment(tmp_path / "deploy2", CLIENTS, client_files=client_files, database=db,
-                                    port=dep.port)
+                                    port=dep.port, trusted_app=trusted)
         dep.start()
         pids += [p.pid for p in dep.procs.values()]
         t0 = time.perf_counter()
-        rc, log = _finish(_flower_run(config, cut, dep.address, tmp_path / "ctl", resume=True))
+        rc, log = _finish(_flower_run(config, cut, dep.control_address, tmp_path / "ctl", resume=True))
         timings["resume"] = time.perf_counter() - t0
         assert rc == 0 and "finished:completed" in log, log[-4000:]
     finally:

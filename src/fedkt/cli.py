@@ -185,7 +185,7 @@ def models(fetch: Optional[str] = typer.Option(None, help="Build a built-in mode
     typer.echo(f"cache: {cache_dir()}")
 
 
-from fedkt.federation.flower_cli import flower_app  # noqa: E402  (flwr-free; commands need the [flower] extra)
+from fedkt.federation.flower_commands import flower_app  # noqa: E402  (flwr-free; commands need the [flower] extra)
 
 app.add_typer(flower_app, name="flower")
 

@@ -150,8 +150,10 @@ class FederationConfig:
     secure_aggregation: bool = False
     """FedAvg, FedProx, FedCoLLM and FedCoT average the clients' adapters by secure aggregation (Flower: SecAgg+; in
     process: the same mean, computed in the clear)."""
-    timeout_s: float = 0.0
-    """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (0 = wait)."""
+    timeout_s: float = 1800.0
+    """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (finite: > 0)."""
+    round_deadline_s: float = 7200.0
+    """Flower runtime: seconds from a round's first call after which its calls wait for nobody (finite: > 0)."""
     max_payload_mb: float = 2047.0
     """Flower runtime: payloads (either direction) above this many MiB are refused with an error."""
     secagg_min_clients: int = 3
@@ -170,7 +172,10 @@ class FederationConfig:
     def __post_init__(self):
         check_positive(self, "rounds", "min_clients", "max_payload_mb", "secagg_reconstruction_threshold",
                        "secagg_max_weight", "secagg_clipping_range", "secagg_quantization_range")
-        check(self.timeout_s >= 0, f"timeout_s must be >= 0, got {self.timeout_s}")
+        for key in ("timeout_s", "round_deadline_s"):
+            v = getattr(self, key)
+            check(v > 0 and v != float("inf"), f"federation.{key} must be a finite number of seconds > 0, got {v} "
+                  "(0 no longer means 'wait for ever': a hung client would stall the run)")
         check(self.secagg_min_clients >= 3,
               f"secagg_min_clients = {self.secagg_min_clients}: secure aggregation needs at least 3 clients "
               "(with 2, each client learns the other's update from the mean); raise it to 3 or more")

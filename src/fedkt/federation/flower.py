@@ -65,7 +65,7 @@ from typing import Any
 from fedkt import progress
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler, StateStore
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
-from fedkt.federation import flower_secagg
+from fedkt.federation import flower_node_auth, flower_secagg
 from fedkt.federation.base import Aggregate, AllClientsFailed, Delivery, Federation, Message
 
 from flwr.app import ConfigRecord, Context, Error, RecordDict  # noqa: E402  (after FLOWER_ENV)
@@ -374,7 +374,11 @@ class FlowerFederation(Federation):
     ``<action_prefix>m`` (a multi-method app, see :func:`make_client_app`); ``secagg``: the SecAgg+
     parameters of :meth:`aggregate`; ``num_clients``: with ``clients=None``, wait for this many nodes;
     ``secagg_journal``: a directory keeping each round's unmasked secure aggregate, so that a resumed run never
-    aggregates a round again over another client set (``secagg_guard``)."""
+    aggregates a round again over another client set (``secagg_guard``);
+    ``round_deadline``: seconds from a round's first call after which the round's calls wait for nobody
+    (each waits at most ``min(timeout, what is left)``); ``allowed_nodes``: client id -> the node id
+    registered for its key: other nodes, or a node claiming another client's id, are refused and logged
+    (:mod:`fedkt.federation.flower_node_auth`)."""
 
     def __init__(self, grid: Grid, clients: list[str] | None = None, on_failure: str = "stop",
                  timeout: float | None = None, poll_interval: float = 0.02, wait_for_nodes: float = 120.0,
@@ -382,8 +386,11 @@ class FlowerFederation(Federation):
                  on_close: Callable[[], None] | None = None, health_check: Callable[[], None] | None = None,
                  min_clients: int = 1, action_prefix: str = "",
                  secagg: flower_secagg.SecAggSettings | None = None, num_clients: int | None = None,
-                 secagg_journal: str | Path | None = None):
+                 secagg_journal: str | Path | None = None, round_deadline: float | None = None,
+                 allowed_nodes: dict[str, int] | None = None):
         self.grid, self.timeout = grid, timeout
+        self.round_deadline, self._round_start = round_deadline, {}
+        self.allowed_nodes = allowed_nodes
         self.poll_interval, self.max_bytes, self.ttl = poll_interval, max_bytes, ttl
         self.action_prefix = action_prefix
         self.secagg = secagg or flower_secagg.SecAggSettings()
@@ -412,6 +419,7 @@ class FlowerFederation(Federation):
                                        "start the SuperNodes or raise wait_for_nodes")
                 break  # identify the nodes that are there; missing clients are named below
             time.sleep(0.1)
+        node_ids = flower_node_auth.known_nodes(node_ids, self.allowed_nodes)
         msgs = [FlMessage(flower_codec.encode(Message()), dst_node_id=n, message_type=f"{CATEGORY}.{IDENTIFY}")
                 for n in node_ids]
         replies = self._exchange(msgs, timeout=wait_for_nodes)
@@ -434,6 +442,8 @@ class FlowerFederation(Federation):
             except Exception as e:  # noqa: BLE001 - a malformed identify reply drops that node, not the server
                 progress.log(f"[yellow]Flower node {node} sent a malformed identify reply ({escape(str(e))}); ignored[/]")
                 continue
+            if not flower_node_auth.may_serve(node, cid, self.allowed_nodes):
+                continue  # not the node registered for this client's key: refused and logged there
             if cid in nodes or cid in dupes:
                 # two nodes claim one client: neither is trusted (node identity is the authenticated key)
                 other = nodes.pop(cid, None)
@@ -462,6 +472,7 @@ class FlowerFederation(Federation):
                                "unknown node?); see the flwr log above")
         pending = {i for i in ids if i}
         got: dict[str, FlMessage] = {}
+        timeout = flower_node_auth.capped_timeout(timeout, messages, self.round_deadline, self._round_start)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             if self._health_check is not None:

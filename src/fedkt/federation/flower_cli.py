@@ -1,30 +1,28 @@
-"""What ``fedkt flower ...`` does: start a SuperLink or a SuperNode, submit an experiment, make certificates.
+"""What ``fedkt flower ...`` runs: command lines of the SuperLink and SuperNodes, ``flwr`` calls.
 
-Every command is a thin layer over Flower's own executables (``flower-superlink``, ``flower-supernode``,
-``flwr``), started with :data:`~fedkt.federation.flower_env.FLOWER_ENV` (no run-time dependency
-installation, no telemetry, no update check) and, for ``flwr``, a private ``FLWR_HOME`` whose
-``config.toml`` names exactly one SuperLink connection (never Flower's hosted default). The argv
-builders here are used by the CLI and by :class:`~fedkt.federation.flower_deploy.LocalFlowerDeployment`
-(the tests), so both run the same command lines.
+The commands themselves are in :mod:`fedkt.federation.flower_commands`. Every process is started with
+:data:`~fedkt.federation.flower_env.FLOWER_ENV` (no run-time dependency installation, no telemetry, no
+update check) and, for ``flwr``, a private ``FLWR_HOME`` whose ``config.toml`` names exactly one
+SuperLink connection (never Flower's hosted default). The argv builders here are used by the CLI and by
+:class:`~fedkt.federation.flower_deploy.LocalFlowerDeployment` (the tests), so both run the same command
+lines.
 
-* **TLS**: :func:`make_certs` writes a throw-away local CA (``ca.pem``/``ca.key``) and a server
-  certificate for ``127.0.0.1``/``localhost`` (and any extra host names) signed by it
-  (``server.pem``/``server.key``). The SuperLink serves with ``--ssl-ca-certfile ca.pem --ssl-certfile
-  server.pem --ssl-keyfile server.key``; SuperNodes and ``flwr`` trust ``ca.pem``
-  (``--root-certificates``, ``root-certificates`` in the connection). For production use a real CA.
-* **SuperNode authentication** (flwr 1.41): the SuperLink runs with ``--enable-supernode-auth``; each
-  SuperNode has an EC key pair (NIST curve, OpenSSH format: :func:`make_node_key` or ``ssh-keygen -t
-  ecdsa -b 384 -N "" -f node``) and starts with ``--auth-supernode-private-key``; the server operator
-  registers each client's *public* key with ``flwr supernode register node.pub CONNECTION`` before it
-  connects (:func:`register_node`). A node whose key is not registered is refused by the SuperLink.
+* **SuperLink** (:func:`superlink_argv`): fedkt's :mod:`~fedkt.federation.flower_link` process, Fleet API
+  alone on the client-facing address, Control and Runtime API on 127.0.0.1; TLS required (or
+  ``insecure`` by name); node authentication (``--enable-supernode-auth``) on by default.
+* **SuperNode** (:func:`supernode_argv`, :func:`trusted_node_env`): TLS with the server's ``ca.pem``
+  required (or ``insecure``), signs its requests with its EC key (``--auth-supernode-private-key``), and
+  runs only the trusted local app (:mod:`~fedkt.federation.flower_node_app`).
+* **Registration** (:func:`register_node`): ``flwr supernode register KEY.pub`` on the operator listener,
+  then the allow-list entry ``cid -> (key, node id)`` (:class:`~fedkt.federation.flower_credentials.AllowList`)
+  that ``fedkt flower run`` hands to the ServerApp.
+* **Credentials**: :mod:`fedkt.federation.flower_credentials` (0600 from creation, no overwrite).
 """
 
 from __future__ import annotations
 
-import datetime
-import tomllib
-import ipaddress
 import json
+import tomllib
 import os
 import subprocess
 import sys
@@ -91,98 +89,55 @@ def client_policy(table: Any, path: Path):
 
 
 # ------------------------------------------------------------------------------------------ credentials
-def make_certs(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
-               days: int = 30) -> dict[str, Path]:
-    """A local CA and a server certificate for ``hosts`` signed by it (for trying TLS out)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    until = now + datetime.timedelta(days=days)
-
-    def key():
-        return ec.generate_private_key(ec.SECP384R1())
-
-    def name(cn: str):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = key()
-    ca = (x509.CertificateBuilder().subject_name(name("fedkt local CA")).issuer_name(name("fedkt local CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now).not_valid_after(until)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    alt: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            alt.append(x509.DNSName(h))
-    srv_key = key()
-    srv = (x509.CertificateBuilder().subject_name(name(hosts[0])).issuer_name(ca.subject)
-           .public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
-           .not_valid_before(now).not_valid_after(until)
-           .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-           .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    paths = {n: d / f for n, f in (("ca", "ca.pem"), ("ca_key", "ca.key"), ("cert", "server.pem"),
-                                    ("key", "server.key"))}
-    paths["ca"].write_bytes(ca.public_bytes(pem))
-    paths["cert"].write_bytes(srv.public_bytes(pem))
-    for k, path in ((ca_key, paths["ca_key"]), (srv_key, paths["key"])):
-        path.write_bytes(k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        path.chmod(0o600)
-    return paths
-
-
-def make_node_key(path: str | Path) -> tuple[Path, Path]:
-    """A SuperNode's authentication key pair: ``path`` (private, OpenSSH) and ``path.pub`` (register it)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    priv = Path(path)
-    priv.parent.mkdir(parents=True, exist_ok=True)
-    k = ec.generate_private_key(ec.SECP384R1())
-    priv.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                     serialization.NoEncryption()))
-    priv.chmod(0o600)
-    pub = priv.with_name(priv.name + ".pub")
-    pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                serialization.PublicFormat.OpenSSH) + b" fedkt-node\n")
-    return priv, pub
+from fedkt.federation.flower_credentials import (AllowList, CredentialError, make_certs,  # noqa: E402,F401
+                                                 make_node_key, public_key_text)
 
 
 # ------------------------------------------------------------------------------------------ command lines
-def superlink_argv(host: str = "0.0.0.0", port: int = 9093, certs: str | Path | None = None,
-                   node_auth: bool = False, database: str | Path | None = None) -> list[str]:
-    """``flower-superlink``: Fleet, Control and Runtime API on one port; TLS from ``certs`` (a
-    :func:`make_certs` directory) or ``--insecure``; ``database`` keeps its state across restarts."""
-    argv = ["flower-superlink", "--host", host, "--port", str(port)]
-    if certs is None:
+FLEET_PORT = 9092
+"""Default port of the Fleet listener (the only one the clients reach)."""
+CONTROL_PORT = 9093
+"""Default port of the operator listener (Control + Runtime API), always on 127.0.0.1."""
+LOOPBACK = "127.0.0.1"
+
+
+def superlink_argv(host: str | None = None, port: int = FLEET_PORT, certs: str | Path | None = None,
+                   node_auth: bool = True, database: str | Path | None = None, control_port: int = CONTROL_PORT,
+                   insecure: bool = False) -> list[str]:
+    """fedkt's SuperLink (:mod:`fedkt.federation.flower_link`): the Fleet API alone on ``host:port``
+    (default ``0.0.0.0`` with TLS, ``127.0.0.1`` when insecure), Control and Runtime API on
+    ``127.0.0.1:control_port``. TLS from ``certs`` (a :func:`make_certs` directory) unless ``insecure``
+    (then no node authentication: flwr requires TLS for it); ``database`` keeps its state across restarts.
+    ``argv[0]`` is ``python`` (next to this interpreter)."""
+    if certs is None and not insecure:
+        raise CredentialError("the SuperLink needs TLS certificates (--certs DIR from `fedkt flower make-certs`, "
+                              "or a real CA's); pass --insecure only to try fedkt out on one machine")
+    if host is None:
+        host = LOOPBACK if insecure else "0.0.0.0"
+    argv = ["python", "-m", "fedkt.federation.flower_link", "--fleet-address", f"{host}:{port}", "--",
+            "--host", LOOPBACK, "--port", str(control_port)]
+    if insecure:
         argv.append("--insecure")
     else:
         c = Path(certs)
         argv += ["--ssl-ca-certfile", str(c / "ca.pem"), "--ssl-certfile", str(c / "server.pem"),
                  "--ssl-keyfile", str(c / "server.key")]
-    if node_auth:
-        argv.append("--enable-supernode-auth")
+        if node_auth:
+            argv.append("--enable-supernode-auth")
     if database is not None:
         argv += ["--database", str(database)]
     return argv
 
 
 def supernode_argv(superlink: str, cid: str, client_file: str | Path | None = None, ca: str | Path | None = None,
-                   auth_key: str | Path | None = None, port: int = 9094, host: str = "127.0.0.1") -> list[str]:
+                   auth_key: str | Path | None = None, port: int = 9094, host: str = LOOPBACK,
+                   insecure: bool = False) -> list[str]:
     """``flower-supernode`` for client ``cid`` (``client_file``: its private side, see
-    :func:`fedkt.federation.flower_experiment.load_client_file`)."""
+    :func:`fedkt.federation.flower_cli.load_client_file`). TLS with ``ca`` (the server's ``ca.pem``)
+    unless ``insecure``; ``auth_key``: this node's private key (node authentication)."""
+    if ca is None and not insecure:
+        raise CredentialError(f"client {cid}: the SuperNode needs the server's CA certificate (--ca ca.pem) to "
+                              "check whom it talks to; pass --insecure only to try fedkt out on one machine")
     node_config = f"fedkt-client-id={json.dumps(cid)}"
     if client_file is not None:
         node_config += f" fedkt-client-spec={json.dumps(str(Path(client_file).resolve()))}"
@@ -192,6 +147,17 @@ def supernode_argv(superlink: str, cid: str, client_file: str | Path | None = No
     if auth_key is not None:
         argv += ["--auth-supernode-private-key", str(auth_key)]
     return argv
+
+
+def trusted_node_env(trusted_app: str | Path, shim: str | Path, bin_dir: Path | None = None) -> dict[str, str]:
+    """Environment of a SuperNode that runs only the app in ``trusted_app``
+    (:mod:`fedkt.federation.flower_node_app`): its ``flwr-clientapp`` shim in ``shim`` first on PATH."""
+    from fedkt.federation.flower_node_app import TRUSTED_APP_ENV, shim_dir
+
+    bin_dir = bin_dir or Path(sys.executable).parent
+    shim_dir(shim, str(bin_dir / "python"))
+    return {TRUSTED_APP_ENV: str(Path(trusted_app).resolve()),
+            "PATH": f"{Path(shim).resolve()}{os.pathsep}{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def write_connection(home: str | Path, address: str, ca: str | Path | None = None,
@@ -232,12 +198,25 @@ def _json_out(res: subprocess.CompletedProcess) -> dict[str, Any]:
 
 
 def register_node(public_key: str | Path, home: str | Path, connection: str = CONNECTION,
-                  bin_dir: Path | None = None) -> None:
-    """``flwr supernode register KEY.pub CONNECTION``: allow the SuperNode holding the matching private key."""
+                  bin_dir: Path | None = None, cid: str | None = None, allow_list: str | Path | None = None,
+                  force: bool = False) -> int:
+    """``flwr supernode register KEY.pub CONNECTION``: allow the SuperNode holding the matching private key;
+    returns its node id. With ``cid``, also bind client ``cid`` to this key and node id in the allow-list
+    file ``allow_list`` (default ``home/nodes.toml``): the ServerApp then accepts only this node as ``cid``."""
+    allowed = None
+    if cid is not None:  # check the allow-list first: nothing registered when it would refuse
+        allowed = AllowList.load(allow_list or Path(home) / "nodes.toml")
+        allowed.add(cid, public_key_text(public_key), 0, force)
     res = flwr(["supernode", "register", str(public_key), connection, "--format", "json"], home, bin_dir=bin_dir)
-    if res.returncode != 0 or _json_out(res).get("success") is False:
+    out = _json_out(res)
+    if res.returncode != 0 or out.get("success") is False or "node-id" not in out:
         raise RuntimeError(f"flwr supernode register {public_key} failed (exit {res.returncode}): "
                            f"{res.stdout}{res.stderr}")
+    node_id = int(out["node-id"])
+    if allowed is not None:
+        allowed.add(cid, public_key_text(public_key), node_id, True)
+        allowed.save()
+    return node_id
 
 
 def submit(app_dir: str | Path, home: str | Path, run_config: dict[str, Any] | None = None,
@@ -300,100 +279,30 @@ def run_log(run_id: int, home: str | Path, connection: str = CONNECTION, bin_dir
 
 def run_experiment(config: str | Path, out: str | Path, home: str | Path, resume: bool = False,
                    overrides: list[str] | None = None, timeout: float = 24 * 3600.0,
-                   bin_dir: Path | None = None) -> tuple[int, str]:
+                   bin_dir: Path | None = None, nodes: dict[str, int] | None = None) -> tuple[int, str]:
     """Submit experiment ``config`` to the SuperLink of ``home``'s connection; the ServerApp writes the run
-    directory ``out`` on the SuperLink's machine. Returns (run id, final status)."""
+    directory ``out`` on the SuperLink's machine. ``nodes``: the allow-list (client id -> node id) the
+    ServerApp enforces (None: any node that names itself, insecure trials only). Returns (run id, status)."""
     from fedkt.config import dump_toml, load_config
     from fedkt.federation.flower_experiment import write_app
 
     cfg = load_config(config, overrides or [])
     out = Path(out).resolve()
     app = write_app(Path(home) / "app")
-    run_id = submit(app, home, {"experiment": dump_toml(cfg), "out": str(out), "resume": resume},
-                    bin_dir=bin_dir)
+    run_config = {"experiment": dump_toml(cfg), "out": str(out), "resume": resume}
+    if nodes is not None:
+        run_config["nodes"] = json.dumps(nodes)
+    run_id = submit(app, home, run_config, bin_dir=bin_dir)
     return run_id, wait_run(run_id, home, timeout=timeout, bin_dir=bin_dir)
 
 
-def exec_flower(argv: list[str], home: str | Path | None = None) -> None:
-    """Replace this process with Flower executable ``argv[0]`` (found next to this Python) in FLOWER_ENV."""
+def exec_flower(argv: list[str], home: str | Path | None = None, **extra: str) -> None:
+    """Replace this process with ``argv[0]`` (found next to this Python) in FLOWER_ENV (plus ``extra``)."""
     bin_dir = Path(sys.executable).parent
     exe = bin_dir / argv[0]
     if not exe.exists():
         raise FileNotFoundError(f"{argv[0]} not found next to {sys.executable}: install fedkt's Flower extra "
                                 "(pip install 'fedkt[flower]')")
-    os.execve(str(exe), [str(exe), *argv[1:]], flower_env(home, bin_dir))
+    os.execve(str(exe), [str(exe), *argv[1:]], flower_env(home, bin_dir, **extra))
 
 
-# ------------------------------------------------------------------------------------------ `fedkt flower`
-import typer  # noqa: E402
-
-flower_app = typer.Typer(no_args_is_help=True, help="Run fedkt on real Flower processes (SuperLink, SuperNodes, "
-                         "flwr run). See docs/deployment.md.")
-HOME_OPT = typer.Option(Path(".fedkt-flwr"), "--home", help="Private FLWR_HOME for flwr's connection config.")
-
-
-@flower_app.command("superlink")
-def cli_superlink(host: str = typer.Option("0.0.0.0", help="Interface to listen on."),
-                  port: int = typer.Option(9093, help="Fleet, Control and Runtime API port."),
-                  certs: Optional[Path] = typer.Option(None, help="TLS: a `fedkt flower make-certs` directory "
-                                                       "(ca.pem, server.pem, server.key); default: insecure."),
-                  node_auth: bool = typer.Option(False, "--node-auth", help="Accept only registered SuperNodes."),
-                  database: Optional[Path] = typer.Option(None, help="SQLite file keeping the SuperLink's state.")):
-    """The server operator: start the SuperLink (foreground)."""
-    exec_flower(superlink_argv(host, port, certs, node_auth, database))
-
-
-@flower_app.command("supernode")
-def cli_supernode(spec: Path = typer.Option(..., "--spec", help="This client's file ([client] cid, data_files, ...)."),
-                  superlink: str = typer.Option(..., help="The SuperLink's HOST:PORT."),
-                  ca: Optional[Path] = typer.Option(None, help="TLS: the CA certificate (ca.pem); default: insecure."),
-                  auth_key: Optional[Path] = typer.Option(None, help="Node auth: this node's private key."),
-                  port: int = typer.Option(9094, help="Local port of the node's ClientApp API (127.0.0.1).")):
-    """A client operator: start this organisation's SuperNode (foreground)."""
-    client = load_client_file(spec)
-    exec_flower(supernode_argv(superlink, str(client["cid"]), spec, ca, auth_key, port))
-
-
-@flower_app.command("run")
-def cli_run(config: Path = typer.Argument(..., help="Experiment TOML."),
-            out: Path = typer.Option(..., "--out", help="Run directory, on the SuperLink's machine."),
-            superlink: str = typer.Option("127.0.0.1:9093", help="The SuperLink's HOST:PORT (Control API)."),
-            ca: Optional[Path] = typer.Option(None, help="TLS: the CA certificate; default: insecure."),
-            resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
-            set_: List[str] = typer.Option([], "--set", help="Override a config key."),
-            home: Path = HOME_OPT):
-    """The server operator: run an experiment's methods over the connected SuperNodes and wait for it."""
-    write_connection(home, superlink, ca)
-    run_id, status = run_experiment(config, out, home, resume, set_)
-    typer.echo(f"run {run_id}: {status}")
-    if status != "finished:completed":
-        typer.echo(run_log(run_id, home)[-4000:], err=True)
-        raise typer.Exit(1)
-    typer.echo(f"run directory: {out}")
-
-
-@flower_app.command("make-certs")
-def cli_make_certs(directory: Path = typer.Argument(..., help="Where to write ca.pem, server.pem, server.key."),
-                   host: List[str] = typer.Option(["127.0.0.1", "localhost"], "--host",
-                                                  help="Names/IPs the server certificate is valid for.")):
-    """A local CA + server certificate, for trying TLS out (use a real CA in production)."""
-    paths = make_certs(directory, tuple(host))
-    typer.echo("\n".join(f"{k}: {v}" for k, v in paths.items()))
-
-
-@flower_app.command("make-node-key")
-def cli_make_node_key(path: Path = typer.Argument(..., help="Private key path; the public key goes to PATH.pub.")):
-    """A client operator: this SuperNode's authentication key pair (send PATH.pub to the server operator)."""
-    priv, pub = make_node_key(path)
-    typer.echo(f"private: {priv}\npublic (register it on the SuperLink): {pub}")
-
-
-@flower_app.command("register-node")
-def cli_register_node(public_key: Path = typer.Argument(..., help="A client's PATH.pub."),
-                      superlink: str = typer.Option("127.0.0.1:9093", help="The SuperLink's HOST:PORT."),
-                      ca: Optional[Path] = typer.Option(None, help="TLS: the CA certificate; default: insecure."),
-                      home: Path = HOME_OPT):
-    """The server operator: allow the SuperNode holding the matching private key (node auth)."""
-    write_connection(home, superlink, ca)
-    register_node(public_key, home)
-    typer.echo(f"registered {public_key}")

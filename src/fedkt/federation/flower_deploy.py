@@ -15,13 +15,19 @@ first signal): SIGTERM, then SIGKILL after a grace period. Stopping only the Sup
 its SuperExec running for several seconds; stopping only the SuperLink's group left its SuperExec
 spawning ServerApps (on a loaded machine, for minutes).
 
-This module imports nothing from ``flwr``: it drives the installed CLIs (``flower-superlink``,
-``flower-supernode``, ``flwr run``/``flwr ls``) found next to the running Python interpreter.
+This module imports nothing from ``flwr``: it drives fedkt's SuperLink (``python -m
+fedkt.federation.flower_link``) and the installed CLIs (``flower-supernode``, ``flwr run``/``flwr ls``)
+found next to the running Python interpreter.
 
-Optional TLS (``tls=True``: a local CA and server certificate from
-:func:`~fedkt.federation.flower_cli.make_certs`) and SuperNode authentication (``node_auth=True``: one
-key pair per client, public keys registered with ``flwr supernode register`` before the SuperNodes
-start), with the same command lines as ``fedkt flower ...`` (:mod:`fedkt.federation.flower_cli`).
+The SuperLink is fedkt's (:mod:`~fedkt.federation.flower_link`): the Fleet API alone on ``port``, the
+Control and Runtime API on ``control_port`` (both 127.0.0.1 here). Optional TLS (``tls=True``: a local
+CA and server certificate from :func:`~fedkt.federation.flower_credentials.make_certs`; without it the
+SuperLink runs ``--insecure``, as only a test may), SuperNode authentication (``node_auth=True``: one
+key pair per client, registered with ``flwr supernode register`` and bound to its client id in the
+allow-list ``flwr-home/nodes.toml`` before the SuperNodes start; :meth:`allowed_nodes` is what
+``fedkt flower run`` hands the ServerApp) and a trusted app (``trusted_app``: a directory; each SuperNode
+then runs only that app, :mod:`~fedkt.federation.flower_node_app`), with the same command lines as
+``fedkt flower ...`` (:mod:`fedkt.federation.flower_cli`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedkt.federation import flower_cli
+from fedkt.federation import flower_cli, flower_credentials
 
 HOST = "127.0.0.1"
 CONNECTION = "fedkt-local"
@@ -75,11 +81,17 @@ class LocalFlowerDeployment:
     superexec_poll_interval: float = 0.1
     """SuperExec task polling (Flower's default is 1 s): how soon a ClientApp/ServerApp process starts."""
     port: int = 0
+    """Fleet listener port (0: a free one)."""
+    control_port: int = 0
+    """Operator listener port: Control + Runtime API (0: a free one)."""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     tls: bool = False
     node_auth: bool = False
     client_files: dict[str, Path] = field(default_factory=dict)
     database: Path | None = None
+    trusted_app: Path | None = None
+    """A Flower app directory: each SuperNode runs only this app and refuses a run whose app differs
+    (default: the SuperNodes run the submitted app, as plain Flower does)."""
     """SQLite file keeping the SuperLink's state (``--database``): a SuperLink restarted with the same file
     (and ``port``) continues where the killed one stopped; default: in memory."""
 
@@ -92,18 +104,29 @@ class LocalFlowerDeployment:
         return flower_cli.flower_env(self.home, self.bin_dir,
                                      FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(self.superexec_poll_interval))
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], **extra: str) -> subprocess.Popen:
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen([str(self.bin_dir / argv[0]), *argv[1:]], stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._env(),
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**self._env(), **extra},
                                     cwd=self.workdir, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     @property
     def address(self) -> str:
+        """The Fleet listener (what SuperNodes connect to)."""
         return f"{HOST}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The operator listener (Control API: ``flwr``; Runtime API: the ServerApps)."""
+        return f"{HOST}:{self.control_port}"
+
+    def allowed_nodes(self) -> dict[str, int] | None:
+        """The allow-list ``client id -> node id`` (None without node authentication)."""
+        path = self.home / "nodes.toml"
+        return flower_credentials.AllowList.load(path).node_ids() if self.node_auth else None
 
     def node_key(self, cid: str) -> Path:
         return self.workdir / "keys" / cid
@@ -113,29 +136,39 @@ class LocalFlowerDeployment:
         self.home.mkdir(parents=True, exist_ok=True)
         try:
             self.port = self.port or free_port()
+            self.control_port = self.control_port or free_port()
             if self.certs is not None and not (self.certs / "ca.pem").is_file():
                 flower_cli.make_certs(self.certs)
             ca = None if self.certs is None else self.certs / "ca.pem"
-            flower_cli.write_connection(self.home, self.address, ca, name=CONNECTION)
-            link = self._spawn("superlink", flower_cli.superlink_argv(HOST, self.port, self.certs, self.node_auth,
-                                                                         self.database))
-            _wait_port(HOST, self.port, link, timeout, "flower-superlink", self.workdir / "superlink.log")
+            flower_cli.write_connection(self.home, self.control_address, ca, name=CONNECTION)
+            link = self._spawn("superlink", flower_cli.superlink_argv(
+                HOST, self.port, self.certs, self.node_auth, self.database, self.control_port,
+                insecure=self.certs is None))
+            for p in (self.control_port, self.port):
+                _wait_port(HOST, p, link, timeout, "fedkt's SuperLink", self.workdir / "superlink.log")
             for cid in self.client_ids:
                 if self.node_auth:
-                    _, pub = flower_cli.make_node_key(self.node_key(cid))
-                    flower_cli.register_node(pub, self.home, CONNECTION, self.bin_dir)
+                    key = self.node_key(cid)
+                    pub = key.with_name(key.name + ".pub")
+                    if not pub.is_file():  # a restarted deployment keeps its node keys
+                        _, pub = flower_cli.make_node_key(key)
+                    flower_cli.register_node(pub, self.home, CONNECTION, self.bin_dir, cid=cid, force=True)
                 self.start_node(cid)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def start_node(self, cid: str, auth_key: Path | None = None) -> subprocess.Popen:
-        """(Re)start client ``cid``'s SuperNode (``auth_key``: another private key than its own)."""
+    def start_node(self, cid: str, auth_key: Path | None = None, name: str | None = None) -> subprocess.Popen:
+        """(Re)start client ``cid``'s SuperNode (``auth_key``: another private key than its own; ``name``: of
+        its process and log, default ``supernode-<cid>``: give another to start a second node for ``cid``)."""
         ca = None if self.certs is None else self.certs / "ca.pem"
         key = auth_key if auth_key is not None else (self.node_key(cid) if self.node_auth else None)
-        return self._spawn(f"supernode-{cid}", flower_cli.supernode_argv(
-            self.address, cid, self.client_files.get(cid), ca, key, port=free_port(), host=HOST))
+        extra = {} if self.trusted_app is None else flower_cli.trusted_node_env(
+            self.trusted_app, self.workdir / f"bin-{cid}", self.bin_dir)
+        return self._spawn(name or f"supernode-{cid}", flower_cli.supernode_argv(
+            self.address, cid, self.client_files.get(cid), ca, key, port=free_port(), host=HOST,
+            insecure=ca is None), **extra)
 
     def kill_node(self, cid: str) -> None:
         """SIGKILL client ``cid``'s SuperNode and everything it started (a machine that vanished)."""
