@@ -155,7 +155,8 @@ def test_fedcot_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs,
     results, used = {}, {}
     for secure in (False, True):
         cfg = fedcot_config(tmp_path / str(secure), model_dirs, data_dir, **{
-            "federation.secure_aggregation": str(secure).lower(), "eval.every_round": "false"})
+            "federation.secure_aggregation": str(secure).lower(), "eval.every_round": "false",
+            "fedcot.share_adapters": "true"})
         seen: list[tuple[str, str]] = []
         call, aggregate = Federation.call, Federation.aggregate
 
