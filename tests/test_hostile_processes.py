@@ -4,7 +4,7 @@ Client c3's node runs a test-only ClientApp that wraps fedkt's and answers round
 records no fedkt client writes (a nested-JSON bomb, a qint8 dtype, another version, an error reason with Rich
 markup) and replies fedkt's checks refuse (NaN values, a bool weight, another shape, a missing meta key).
 Every round completes with c0..c2, c3 is named with the reason, the aggregate is the honest mean by hand, and
-the server process finishes the run (tests/test_hostile_inputs.py has the 51 cases in process).
+the server process finishes the run (tests/test_hostile_inputs.py has the 50 cases in process).
 
 Slow (~1.5-3 min on 2 busy cores): each Flower message starts a ``flwr-clientapp`` process."""
 
