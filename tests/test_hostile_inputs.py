@@ -459,3 +459,71 @@ def test_slow_loris_client_is_dropped_at_the_timeout():
         _time.sleep(4)  # let the sleeping handler finish before the engine closes
     finally:
         fed.close()
+
+
+# ----------------------------------------------------------------------- other handlers' schemas
+GOOD_SYNTH = {"tasks": ["arc_easy"], "generated": 2, "parsed": 1, "rejected": {"format": 1}, "label_agree": 1,
+              "dp": {"epsilon": 1.0}, "raw_samples": ["q"], "timings": {"dp_train_s": 0.1}}
+
+
+@pytest.mark.parametrize("method,reply,msg", [
+    ("synthesize", Message(texts=["a", "b"], meta=GOOD_SYNTH), r"2 texts but 1 task tags"),
+    ("synthesize", Message(texts=["a"], meta={**GOOD_SYNTH, "timings": {"x": "slow"}}), r"meta\['timings'\]"),
+    ("synthesize", Message(texts=["a"], tensors={"x": torch.zeros(1)}, meta=GOOD_SYNTH), r"this handler replies none"),
+    ("encode", Message(texts=["p"], meta={"epsilon_per_token": 1.0, "tokens": 3, "changed_fraction": 1.5,
+                                          "prompt_epsilon_mean": 3.0, "prompt_epsilon_max": 3.0}),
+     r"changed_fraction'\] = 1.5 is not a number in \[0, 1\]"),
+    ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": "high"}}, "loss": 1.0}), r"meta\['metrics'\]"),
+    ("train_and_evaluate", Message(meta={"metrics": {}, "loss": 1.0, "num_examples": -3}), r"num_examples'\] = -3")])
+def test_other_handler_schemas_refuse(method, reply, msg):
+    with pytest.raises(validate.ReplyError, match=msg):
+        validate.check_reply(method, "c1", reply)
+
+
+@pytest.mark.parametrize("method,reply", [
+    ("synthesize", Message(texts=["a"], meta=GOOD_SYNTH)),
+    ("encode", Message(texts=["p"], meta={"epsilon_per_token": float("inf"), "tokens": 3, "changed_fraction": 0.0,
+                                          "prompt_epsilon_mean": float("inf"), "prompt_epsilon_max": float("inf")})),
+    ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": 4}}, "loss": float("nan"),
+                                         "trained_on": 0, "synthetic": 0}))])
+def test_other_handler_schemas_accept_what_fedkt_clients_send(method, reply):
+    validate.check_reply(method, "c1", reply)
+
+
+# ------------------------------------------------------------------- a whole run: results and checkpoints
+def test_fedavg_run_with_a_hostile_client_keeps_results_and_checkpoints_intact(tmp_path, model_dirs, data_dir,
+                                                                              monkeypatch):
+    """A real (tiny) FedAvg run under skip whose client c2 replies a NaN adapter in round 2: the run finishes,
+    results.json names c2, round 2's checkpoint is finite and is the mean of the two honest clients'
+    adapters (recomputed from what they replied), and the saved final adapter is that checkpoint."""
+    from test_runs import tiny_config
+
+    from fedkt.algorithms import fedavg
+    from fedkt.models import load_adapter_state
+    from fedkt.rounds import Checkpoints
+    from fedkt.runs import run_experiment
+
+    honest_fit = fedavg.HANDLERS["fit"]
+    sent: dict[int, list] = {}
+
+    def fit(ctx, msg):
+        reply = honest_fit(ctx, msg)
+        rnd = msg.meta["round"]
+        if ctx.cid.endswith("2") and rnd == 2:
+            return Message(tensors={k: v * float("nan") for k, v in reply.tensors.items()}, meta=reply.meta)
+        sent.setdefault(rnd, []).append((reply.meta["num_examples"], {k: v.clone() for k, v in reply.tensors.items()}))
+        return reply
+
+    monkeypatch.setitem(fedavg.HANDLERS, "fit", fit)
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedavg"], **{"federation.on_client_failure": '"skip"'})
+    res = run_experiment(cfg, tmp_path / "run")["methods"]["fedavg"]
+    assert [(f["round"], f["method"], f["client"][-1]) for f in res["failures"]] == [(2, "fit", "2")]
+    assert "holds NaN or infinite values" in res["failures"][0]["error"]
+    _, state, saved = Checkpoints(tmp_path / "run", "fedavg").latest()
+    assert saved["round"] == 2 and len(sent[2]) == 2
+    total = sum(n for n, _ in sent[2])
+    for k, v in state["slm"].items():
+        want = sum(t[k].double() * n / total for n, t in sent[2]).to(v.dtype)
+        assert torch.isfinite(v).all() and torch.equal(v, want), k
+    final = load_adapter_state(tmp_path / "run" / "adapters" / "fedavg" / "slm")
+    assert all(torch.equal(final[k], state["slm"][k]) for k in final)

@@ -211,6 +211,8 @@ class Schema:
     tensors: str = "none"
     texts: bool = False
     weight: str = ""
+    consistent: Callable[[Any], str] | None = None
+    """A cross-field check of the whole reply: returns what is wrong ("" if nothing)."""
 
 
 _ADAPTER = Schema(meta={"num_examples": positive_count}, optional={"steps": count, "loss": number},
@@ -229,7 +231,9 @@ SCHEMAS: dict[str, Schema] = {
     # FDKT step 1: DP synthetic examples
     "synthesize": Schema(meta={"tasks": str_list, "generated": count, "parsed": count, "rejected": obj,
                                "label_agree": count, "dp": obj, "raw_samples": str_list},
-                         optional={"randomness": text}, texts=True),
+                         optional={"randomness": text}, texts=True,
+                         consistent=lambda r: "" if len(r.texts) == len(r.meta["tasks"]) else
+                         f"{len(r.texts)} texts but {len(r.meta['tasks'])} task tags"),
     # standalone baseline and FDKT step 4: local training and evaluation, metrics only
     "train_and_evaluate": Schema(meta={"metrics": metrics},
                                  optional={"num_examples": count, "trained_on": count, "synthetic": count,
@@ -323,6 +327,8 @@ def check_reply(method: str, cid: str, reply: Any, expect: Layout | None = None,
         _check_tensors(cid, method, reply.tensors, expect)
     if schema.weight:
         check_weight(cid, reply.meta[schema.weight], schema.weight, declared)
+    if schema.consistent is not None and (why := schema.consistent(reply)):
+        raise ReplyError(f"{where}: {why}")
 
 
 def _short(value: Any) -> str:
