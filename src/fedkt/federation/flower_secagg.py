@@ -124,9 +124,10 @@ def make_secure_train(run_handler: Callable[[str, Message, Context], Message],
                              "config (was it sent by fedkt's FlowerFederation.aggregate?)")
         payload = codec.decode(cfg[PAYLOAD_KEY])
         weight_key = str(cfg.get("fedkt.weight_key", weight_key_default))
-        from fedkt.privacy.policy import SECURE_AGGREGATION
+        from fedkt.privacy.policy import CLIENT_ROUNDING_SEED, SECURE_AGGREGATION
 
         token = SECURE_AGGREGATION.set(True)  # the client's policy may let adapters leave: they leave masked
+        CLIENT_ROUNDING_SEED.set(None)  # a guarded handler sets the client's own rounding seed
         try:
             reply = run_handler(str(cfg[METHOD_KEY]), payload, context)
         finally:
@@ -143,9 +144,11 @@ def make_secure_train(run_handler: Callable[[str, Message, Context], Message],
             raise TypeError(f"secure aggregation averages float tensors only; {bad} are not")
         arrays = [reply.tensors[k].detach().cpu().double().numpy() for k in names]
         layout = {"names": names, "dtypes": [str(reply.tensors[k].dtype).removeprefix("torch.") for k in names]}
-        # SecAgg+ rounds stochastically with numpy's global generator: seed it (not a secret: masks use
-        # os.urandom keys), so a run is reproducible
-        np.random.seed(int(cfg.get(SEED_KEY, 0)) % 2**32)
+        # SecAgg+ rounds stochastically with numpy's global generator: a deployed client seeds it from its
+        # own randomness (256 bits; the server does not know the rounding); in simulation (and for bare
+        # handlers) the server's per-round seed keeps a run reproducible (masks use os.urandom keys anyway)
+        own = CLIENT_ROUNDING_SEED.get()
+        np.random.seed(own if own is not None else int(cfg.get(SEED_KEY, 0)) % 2**32)
         res = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(arrays),
                      num_examples=weight,  # type: ignore[arg-type]  (float weights are fine for SecAgg+)
                      metrics={META_KEY: json.dumps(reply.meta), LAYOUT_KEY: json.dumps(layout)})

@@ -41,6 +41,23 @@ SECURE_AGGREGATION: contextvars.ContextVar[bool] = contextvars.ContextVar("fedkt
 the server only masked, summed with the other clients'. Set by ``flower_secagg.make_secure_train``."""
 
 
+CLIENT_ROUNDING_SEED: contextvars.ContextVar = contextvars.ContextVar("fedkt_client_rounding_seed", default=None)
+"""Set by :func:`guard` after a handler ran: the seed (uint32 words) of SecAgg+'s stochastic rounding from
+the client's own randomness, or None in simulation (then the server's per-round seed keeps runs
+reproducible). Read by ``flower_secagg.make_secure_train``."""
+
+
+def rounding_seed(ctx, rnd: Any = 0) -> Any:
+    """SecAgg+ rounding seed of a client: None in simulation, 256 bits of its own randomness otherwise."""
+    import numpy as np
+
+    rng = ctx.secret_rng("secagg-rounding", rnd)
+    if isinstance(rng, int):
+        return None
+    words = [rng.int_seed("secagg-rounding", i) for i in range(4)]  # 4 x 63 bits
+    return np.array([w >> s & 0xFFFFFFFF for w in words for s in (0, 32)], dtype=np.uint32)
+
+
 class PolicyViolation(PermissionError):
     """The server asked for something the client's policy refuses (or the client's reply would carry a key
     that is not on the outbound allow-list)."""
@@ -284,6 +301,8 @@ def guard(method: str, handlers: dict[str, "Handler"]) -> dict[str, "Handler"]:
             check_request(ctx, method, name, fn, msg)
             reply = fn(ctx, msg)
             check_reply(handler_key(fn), f"{method}.{name}", reply)
+            if reply.tensors and SECURE_AGGREGATION.get():
+                CLIENT_ROUNDING_SEED.set(rounding_seed(ctx, msg.meta.get("round", 0)))
             return reply
         return guarded
 
