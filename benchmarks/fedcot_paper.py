@@ -66,9 +66,9 @@ def main() -> None:
         pr = (r.get("per_round") or [{}])[0]
         if pr.get("privacy"):
             eps = {c: p["prompt_epsilon_mean"] for c, p in pr["privacy"].items()}
-            ch = {c: round(100 * p["changed_fraction"], 1) for c, p in pr["privacy"].items()}
+            mode = {c: p.get("randomness") for c, p in pr["privacy"].items()}  # changed_fraction stays on the client
             print(f"{label}: mean ε per prompt {json.dumps({c: (None if math.isinf(v) else round(v)) for c, v in eps.items()})}, "
-                  f"tokens changed % {ch}, rationales {pr['generation']}")
+                  f"randomness {mode}, rationales {pr['generation']}")
 
 
 if __name__ == "__main__":

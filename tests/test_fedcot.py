@@ -183,6 +183,7 @@ def test_report_has_privacy_and_audit_tables(tmp_path, model_dirs, data_dir, rec
     assert audit[-1]["unchanged"] == 1.0 and audit[0]["unchanged"] < audit[-2]["unchanged"]
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## Privacy: FedCoT" in report and "| client0 | 2 |" in report and "recovered: MAP" in report
+    assert "Randomness: simulation: derived from the experiment seed (simulation): known to the server" in report
 
 
 from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture

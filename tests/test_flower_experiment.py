@@ -74,7 +74,9 @@ target_modules = ["q_proj", "v_proj"]
 def _client_file(tmp_path, cid, data_file):
     path = tmp_path / "orgs" / cid / "client.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'[client]\ncid = "{cid}"\ndata_files = ["{data_file}"]\nworkdir = "state"\n')
+    # FedAvg without secure aggregation: the client's policy must allow its adapter to leave in the clear
+    path.write_text(f'[client]\ncid = "{cid}"\ndata_files = ["{data_file}"]\nworkdir = "state"\n\n'
+                    '[policy]\nallow_clear_adapters = true\n')
     return path
 
 

@@ -237,3 +237,27 @@ def test_a_refusing_client_is_skipped_and_the_round_goes_on(tmp_path, model_dirs
     cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedavg"])  # "stop": the run ends, naming the client
     with pytest.raises(Exception, match="client client1 failed in 'fit': PolicyViolation: policy.allow_clear_adapters"):
         run_experiment(cfg, tmp_path / "r2")
+
+
+def test_deployed_fedcot_client_end_to_end_through_its_guarded_handler(kit_dir, model_dirs, data_dir):
+    """A deployed client (no simulation flag): the guarded encode handler checks the request, validates the
+    kit, perturbs with CSPRNG draws (two calls differ) and replies only allow-listed keys."""
+    from fedkt.data.tasks import load_jsonl
+    from fedkt.privacy.kit_check import kit_sha256
+
+    path, _ = kit_dir
+    spec = ClientSpec(cid="h1", model=str(model_dirs["slm"]), lora=LoraSettings(r=4, alpha=8),
+                      examples=load_jsonl(data_dir / "arc_easy" / "train.jsonl", task="arc_easy")[:6],
+                      policy=ClientPolicy(fedcot_kit_sha256=[kit_sha256(path)]))
+    encode = handler("fedcot", "encode")
+    one = encode(ClientFactory(share_base=False).build(spec), Message(meta={"epsilon": 3.0, "kit": str(path)}))
+    two = encode(ClientFactory(share_base=False).build(spec), Message(meta={"epsilon": 3.0, "kit": str(path)}))
+    assert one.meta["randomness"] == "csprng" and set(one.meta) == {
+        "epsilon_per_token", "tokens", "prompt_epsilon_mean", "prompt_epsilon_max", "randomness"}
+    assert len(one.texts) == 6 and one.texts != two.texts
+    capped = ClientPolicy(fedcot_max_prompt_epsilon=30.0)
+    ctx = ClientFactory(share_base=False).build(spec)
+    ctx.policy = capped
+    with pytest.raises(PolicyViolation, match=r"policy\.fedcot_max_prompt_epsilon = 30 refuses the server's request "
+                                              r"fedcot\.epsilon × tokens = \d+"):
+        encode(ctx, Message(meta={"epsilon": 3.0, "kit": str(path)}))
