@@ -75,6 +75,12 @@ def test_every_outbound_key_of_every_method_is_justified(tmp_path, model_dirs, d
     assert ("fedkt.algorithms.fedcot:client_encode", "meta.randomness") in sent
     assert ("fedkt.algorithms.fedcot:client_encode", "texts") in sent
     assert any(k == "fedkt.algorithms.fedavg:client_fit" and key.startswith("tensors.") for k, key in sent)
+    # and the server's reply schemas (federation/validate.py) accept every honest reply as sent
+    from fedkt.federation.validate import SCHEMAS, check_reply as server_check
+
+    assert {method for _, method, _ in seen} <= set(SCHEMAS)
+    for _, method, msg in seen:
+        server_check(method, "c", msg)
 
 
 def test_doc_table_is_the_code_s():
