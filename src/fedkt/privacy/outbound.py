@@ -85,8 +85,8 @@ ALLOWED: dict[str, tuple[Allowed, ...]] = {
         Allowed("meta.dp.delta", DECLARED, "min(δ, 1/n²): discloses n when 1/n² < δ"),
         Allowed("meta.dp.noise_multiplier", PUBLIC, "σ, calibrated from (ε, δ, q, steps)"),
         Allowed("meta.dp.sample_rate", DECLARED, "q = batch_size / n: discloses n"),
-        Allowed("meta.dp.steps", PUBLIC, "DP-SGD steps taken (the planned number: Poisson steps are counted "
-                "even when empty)"),
+        Allowed("meta.dp.steps", DECLARED, "DP-SGD steps taken (the planned number, a function of n: Poisson "
+                "steps are counted even when empty)"),
         Allowed("meta.dp.planned_steps", DECLARED, "ceil(epochs · n / batch): a function of n"),
         Allowed("meta.dp.examples", DECLARED, "n, the client's number of training examples"),
         Allowed("meta.dp.max_grad_norm", PUBLIC, "the clipping bound the server set"),
