@@ -209,3 +209,48 @@ def test_adapter_membership_exposure(tok):
         assert 0 <= r[k] <= top
     assert 0 <= r["secure_aggregation"] <= top and r["max_exposure"] == top
     assert r["random_baseline"] == pytest.approx(random_baseline(128))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_fedkt_audit_cli_and_audit_text_dp_alias(tmp_path, model_dirs, data_dir, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedkt.cli import app
+
+    monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "audit.json"
+    r = CliRunner().invoke(app, ["audit", "--model", str(model_dirs["llm"]), "--data-dir", str(data_dir),
+                                 "--limit", "3", "--epsilons", "2,inf", "--neighbors", "8", "--beam", "2",
+                                 "--top-k", "4", "--lm-top", "4", "--exposure-candidates", "64", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "| ∞ | 100.0% / 100% | 100.0% / 100% | 100.0% / 100% |" in r.output  # restore: whatever it writes
+    assert "| ∞ | 6.00 | 6.00 |" in r.output  # exposure at ε = ∞: rank 1 of 64
+    res = json.loads(out.read_text())
+    assert [row["epsilon"] for row in res["attacks"]] == [2.0, math.inf]
+    assert set(res["attacks"][0]["token_recovery"]) == {"nn1", "map", "contextual", "restore"}
+    assert res["exposure_text_dp"][0]["exposure_mean"] < res["exposure_text_dp"][1]["exposure_mean"] == 6.0
+    r = CliRunner().invoke(app, ["audit-text-dp", "--model", str(model_dirs["llm"]), "--data-dir", str(data_dir),
+                                 "--limit", "3", "--epsilons", "2,inf", "--neighbors", "8"])
+    assert r.exit_code == 0 and "recovered: MAP" in r.output, r.output
+
+
+def test_run_hook_setting_and_sample_leaves_rng_and_mode(tok, tkit):
+    from fedkt.algorithms.fedcot import FedCoTConfig
+    from fedkt.privacy.attacks_text import attack_sample
+
+    assert FedCoTConfig().attack_prompts == 8 and FedCoTConfig(attack_prompts=0).attack_prompts == 0
+    with pytest.raises(Exception, match="attack_prompts must be >= 0"):
+        FedCoTConfig(attack_prompts=-1)
+    m = make_llama(tok, layers=2, seed=6)
+    m.train()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    rows = attack_sample(m, tok, tkit, ["Which planet is closest to the Sun?"], [3.0, 10.0], seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before) and m.training
+    assert [r["epsilon"] for r in rows] == [3.0, 10.0] and set(rows[0]["token_recovery"]) == {"nn1", "map", "contextual"}
+    assert rows == attack_sample(m, tok, tkit, ["Which planet is closest to the Sun?"], [3.0, 10.0], seed=0)
+    assert attack_sample(m, tok, tkit, [], [3.0]) == []

@@ -290,6 +290,24 @@ def attack_table(texts: Sequence[str], canaries: Sequence[str], kit: EmbeddingKi
     return rows
 
 
+def attack_sample(model, tok, kit: EmbeddingKit, texts: Sequence[str], epsilons: Sequence[float], seed: int = 0,
+                  beam: int = 2, top_k: int = 8, lm_top: int = 8) -> list[dict[str, Any]]:
+    """The cheap version for every FedCoT run's privacy section: a few public prompts with planted
+    canaries, a short beam, no restore. The model's training mode and the global RNG are left as found
+    (the attack is deterministic given ``seed``, and the run's training numbers do not move)."""
+    if not texts:
+        return []
+    canaries = make_canaries(len(texts), seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng():
+            return attack_table(plant(texts, canaries), canaries, kit, tok, model, epsilons, seed=seed,
+                                setting=AttackSetting(beam=beam, top_k=top_k, lm_top=lm_top, restore=False))
+    finally:
+        model.train(was_training)
+
+
 def _fmt_eps(e: float) -> str:
     return "∞" if math.isinf(e) else f"{e:g}"
 

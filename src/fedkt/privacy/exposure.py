@@ -14,7 +14,7 @@ attacker with no information (all scores equal) gets rank (N + 1) / 2.
 **Baselines, precisely.** The maximum is log2 N (rank 1). An attacker with no information ranks the true
 canary uniformly on 1..N, and then
 
-    E[exposure] = log2 N - log2(N!) / N  ->  log2 e ~ 1.44   (Stirling; 1.36 at N = 1000),
+    E[exposure] = log2 N - log2(N!) / N  ->  log2 e ~ 1.44   (Stirling; 1.436 at N = 1000, 1.417 at N = 200),
 
 and P(exposure >= x) = floor(N 2^-x) / N ~ 2^-x: exposure x is as surprising as a coin coming up heads x
 times in a row. So "near the random baseline" means an average near 1.44, not near log2 N; a single
@@ -120,12 +120,12 @@ def ngram_exposure(received_texts: Sequence[str], tok, template: str, candidates
 # --------------------------------------------------------------------------------- text-DP attacker
 
 
-def channel_scores(kit, tok, observed: Sequence[int], texts: Sequence[str], epsilon: float) -> torch.Tensor:
+def channel_scores(kit, tok, observed: Sequence[int], texts: Sequence[str], epsilon: float, ch=None) -> torch.Tensor:
     """log P(observed | text) under the text-DP mechanism for each candidate original text: exact, the sum
     of the per-token channel log-probabilities; -inf for a candidate whose token count differs."""
     from fedkt.privacy.attacks_text import ChannelModel
 
-    ch = ChannelModel(kit, epsilon)
+    ch = ch if ch is not None else ChannelModel(kit, epsilon)
     obs = torch.tensor(list(observed), dtype=torch.long)
     out = torch.full((len(texts),), -math.inf, dtype=torch.float64)
     ids = tok(list(texts), add_special_tokens=False)["input_ids"]
