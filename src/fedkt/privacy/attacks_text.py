@@ -43,6 +43,10 @@ from fedkt.privacy.audit import map_attack
 from fedkt.privacy.text_dp import EmbeddingKit, _tokenize, neighbour_log_weights, sample_replacements
 
 ATTACKS = ("nn1", "map", "contextual", "restore")
+RECOMMENDED_MAX_EPSILON = 6.0
+"""fedkt's recommended ceiling on FedCoT's ε per token, set from the contextual attack on SmolLM2-135M
+(docs/privacy-attacks.md): at ε <= 6 it recovers < 5% of tokens and no canary, and a planted secret's
+exposure stays at the no-information level; at ε = 10 it recovers 44% of tokens."""
 ATTACK_LABELS = {"nn1": "nearest embedding (NN@1)", "map": "per-token MAP", "contextual": "contextual (LM beam)",
                  "restore": "LLM restore"}
 RESTORE_SYSTEM = ("Some words of the text below were replaced by random similar words. Write the original "

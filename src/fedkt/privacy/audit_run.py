@@ -85,7 +85,8 @@ def render_audit(res: dict[str, Any]) -> str:
     st = res["setting"]
     lines = [f"## Text DP: attacks on {res['n_prompts']} prompts with planted canaries", "",
              f"Token recovery / exact canary recovery (contextual: beam {st['beam']}, {st['top_k']} channel + "
-             f"{st['lm_top']} LM candidates per position; restore: greedy, recovery by alignment).", "",
+             f"{st['lm_top']} LM candidates per position"
+             + ("; restore: greedy, recovery by alignment)." if st["restore"] else ")."), "",
              render_attack_table(res["attacks"]),
              f"## Exposure of a 4-digit secret in a FedCoT prompt (N = {res['exposure_candidates']}; max "
              f"{math.log2(res['exposure_candidates']):.2f}, random baseline {res['random_baseline']:.2f})", "",

@@ -17,7 +17,9 @@ canary uniformly on 1..N, and then
     E[exposure] = log2 N - log2(N!) / N  ->  log2 e ~ 1.44   (Stirling; 1.436 at N = 1000, 1.417 at N = 200),
 
 and P(exposure >= x) = floor(N 2^-x) / N ~ 2^-x: exposure x is as surprising as a coin coming up heads x
-times in a row. So "near the random baseline" means an average near 1.44, not near log2 N; a single
+times in a row. An attacker whose scores are all *equal* (exactly no information) gets the tied rank
+(N + 1) / 2, i.e. exposure log2(2N / (N + 1)) ~ 1.0: both 1.0 (ties) and 1.44 (random order) are
+no-information levels. So "near the random baseline" means an average near 1.44, not near log2 N; a single
 canary's exposure has a wide spread (sd ~1.44 bits), so one reports the mean over several canaries.
 
 Scorers here: ``NGramModel`` (a token n-gram fit on the texts the server received: FDKT's synthetic
