@@ -254,3 +254,17 @@ def test_run_hook_setting_and_sample_leaves_rng_and_mode(tok, tkit):
     assert [r["epsilon"] for r in rows] == [3.0, 10.0] and set(rows[0]["token_recovery"]) == {"nn1", "map", "contextual"}
     assert rows == attack_sample(m, tok, tkit, ["Which planet is closest to the Sun?"], [3.0, 10.0], seed=0)
     assert attack_sample(m, tok, tkit, [], [3.0]) == []
+
+
+def test_fedkt_audit_membership_section(tmp_path, model_dirs, data_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedkt.cli import app
+
+    monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))
+    r = CliRunner().invoke(app, ["audit", "--model", str(model_dirs["slm"]), "--data-dir", str(data_dir),
+                                 "--limit", "2", "--epsilons", "inf", "--neighbors", "8", "--no-restore",
+                                 "--exposure-candidates", "16", "--membership", "--membership-steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "Exposure through uploaded adapters (N = 16; max 4.00" in r.output
+    assert "mean of 3 clients' adapters (secure aggregation)" in r.output and "restore" not in r.output
