@@ -212,10 +212,8 @@ def _decode_batch(model, tok, ch: ChannelModel, obs: list[list[int]], B: int, K:
 
 def llm_restore(generator, perturbed_texts: Sequence[str], max_new_tokens: int = 160) -> list[str]:
     """Greedy restoration of each perturbed prompt by a text generator (``fedkt.backends``)."""
-    from fedkt.algorithms.fedcot import STOP
-
     prompts = [generator.chat_prompt(RESTORE_SYSTEM, t) for t in perturbed_texts]
-    stop = [s for s in STOP if s not in ("\nQuestion:",)]
+    stop = ["\n\n", "<|im_end|>", "<|endoftext|>"]
     return [o.strip() for o in generator.generate(prompts, max_new_tokens=max_new_tokens, stop=stop)]
 
 
