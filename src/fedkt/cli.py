@@ -151,9 +151,13 @@ def audit(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM
         mem_model, _ = load_model(model)
         mem_model = add_lora(mem_model, LoraSettings(dropout=0.0), seed=seed)
         mem = MembershipSetting(steps=membership_steps, n_candidates=exposure_candidates, canaries=2)
-    res = run_audit(m, tok, kit, [render_question(e) for e in exs], eps, seed=seed,
-                    setting=AttackSetting(beam=beam, top_k=top_k, lm_top=lm_top, restore=restore),
-                    exposure_candidates=exposure_candidates, membership=mem, membership_model=mem_model)
+    progress.enable()
+    try:
+        res = run_audit(m, tok, kit, [render_question(e) for e in exs], eps, seed=seed,
+                        setting=AttackSetting(beam=beam, top_k=top_k, lm_top=lm_top, restore=restore),
+                        exposure_candidates=exposure_candidates, membership=mem, membership_model=mem_model)
+    finally:
+        progress.disable()
     typer.echo(f"{len(exs)} {task} {split} prompts, kit N={neighbors}, attacker LM {model}\n")
     typer.echo(render_audit(res))
     if json_out:

@@ -135,15 +135,20 @@ def contextual_attack(model, tok, kit: EmbeddingKit, observed: Sequence[Sequence
     among the proposed candidates)."""
     if beam < 1 or top_k < 1 or lm_top < 0:
         raise ValueError(f"beam and top_k must be >= 1 and lm_top >= 0, got {beam}, {top_k}, {lm_top}")
+    from fedkt import progress
+
     ch = ChannelModel(kit, epsilon)
     out: list[list[int]] = []
-    for s in range(0, len(observed), batch_prompts):
-        out += _decode_batch(model, tok, ch, [list(x) for x in observed[s: s + batch_prompts]], beam, top_k,
-                             lm_top, lm_weight)
+    chunks = [[list(x) for x in observed[s: s + batch_prompts]] for s in range(0, len(observed), batch_prompts)]
+    with progress.bar(f"contextual attack ε={epsilon:g} (positions)",
+                      sum(max((len(x) for x in c), default=0) for c in chunks)) as pb:
+        for chunk in chunks:
+            out += _decode_batch(model, tok, ch, chunk, beam, top_k, lm_top, lm_weight, tick=pb.advance)
     return out
 
 
-def _decode_batch(model, tok, ch: ChannelModel, obs: list[list[int]], B: int, K: int, M: int, w: float):
+def _decode_batch(model, tok, ch: ChannelModel, obs: list[list[int]], B: int, K: int, M: int, w: float,
+                  tick=lambda: None):
     P = len(obs)
     L = max((len(x) for x in obs), default=0)
     if L == 0:
@@ -196,6 +201,7 @@ def _decode_batch(model, tok, ch: ChannelModel, obs: list[list[int]], B: int, K:
         hist = torch.cat([torch.gather(hist, 1, b_idx[..., None].expand_as(hist)),
                           torch.where(active[:, None], tok_new, 0)[..., None]], -1)
         score = new_score
+        tick()
         if pos + 1 == L:
             break
         rows = (torch.arange(P)[:, None] * B + b_idx).flatten()
