@@ -184,6 +184,10 @@ def test_report_has_privacy_and_audit_tables(tmp_path, model_dirs, data_dir, rec
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## Privacy: FedCoT" in report and "| client0 | 2 |" in report and "recovered: MAP" in report
     assert "Randomness: simulation: derived from the experiment seed (simulation): known to the server" in report
+    attack = out["methods"]["fedcot"]["per_round"][0]["attack"]  # the contextual attack on a few public prompts
+    assert {3.0, 6.0, 10.0} <= {r["epsilon"] for r in attack} and all(not math.isinf(r["epsilon"]) for r in attack)
+    assert all(0 <= r["token_recovery"]["contextual"] <= 1 for r in attack) and attack[0]["n_texts"] > 0
+    assert "Contextual attack on" in report and "contextual (LM beam): tokens / canaries" in report
 
 
 from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture

@@ -27,7 +27,7 @@ def refusal(method, name, meta, ctx=None):
 
 def test_server_asks_infinite_epsilon_refused():
     msg = refusal("fedcot", "encode", {"epsilon": math.inf, "kit": ""})
-    assert msg == ("policy.fedcot_max_token_epsilon = 10 refuses the server's request fedcot.epsilon = inf; ε = inf "
+    assert msg == ("policy.fedcot_max_token_epsilon = 6 refuses the server's request fedcot.epsilon = inf; ε = inf "
                    "switches the noise off; set policy.allow_infinite_epsilon = true to accept that")
     msg = refusal("fdkt", "synthesize", {"epsilon": math.inf, "delta": 1e-5, "dp_epochs": 1, "samples": 4})
     assert msg.startswith("policy.fdkt_max_epsilon = 10 refuses the server's request fdkt.epsilon = inf")
@@ -38,8 +38,8 @@ def test_server_asks_infinite_epsilon_refused():
 
 
 def test_weak_protection_and_ceilings_refused():
-    assert refusal("fedcot", "encode", {"epsilon": 12.0}) == (
-        "policy.fedcot_max_token_epsilon = 10 refuses the server's request fedcot.epsilon = 12; raise "
+    assert refusal("fedcot", "encode", {"epsilon": 10.0}) == (
+        "policy.fedcot_max_token_epsilon = 6 refuses the server's request fedcot.epsilon = 10; raise "
         "policy.fedcot_max_token_epsilon to accept it")
     assert refusal("fdkt", "synthesize", {"epsilon": 3.0, "delta": 1e-3, "dp_epochs": 1, "samples": 4}).startswith(
         "policy.fdkt_max_delta = 1e-05 refuses the server's request fdkt.delta = 0.001")

@@ -82,7 +82,8 @@ def audit_text_dp(model: str = typer.Option("builtin:smollm2-135m", help="The se
                   epsilons: str = typer.Option("1,3,6,10,inf", help="Comma-separated ε per token."),
                   neighbors: int = typer.Option(64, help="N: neighbours per token in the kit."),
                   seed: int = typer.Option(0)):
-    """Audit token-level text DP: what a server-side embedding-inversion attacker recovers at each ε."""
+    """Audit token-level text DP: what a server-side embedding-inversion attacker recovers at each ε (the
+    per-token attacks only; ``fedkt audit`` runs these and the contextual ones)."""
     from fedkt.algorithms.fedcot import render_question
     from fedkt.data.partition import subsample
     from fedkt.data.tasks import load_task
@@ -102,6 +103,65 @@ def audit_text_dp(model: str = typer.Option("builtin:smollm2-135m", help="The se
         progress.disable()
     typer.echo(f"{len(exs)} {task} {split} prompts, kit N={neighbors} ({model})\n")
     typer.echo(render_audit_table(rows))
+
+
+@app.command("audit")
+def audit(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM: its tokenizer + input embeddings "
+                                    "define the text-DP kit, and it is the attacker's LM prior and restorer."),
+          task: str = typer.Option("arc_easy", help="Task whose prompts are attacked."),
+          split: str = typer.Option("test"),
+          data_dir: str = typer.Option("", help="Directory of TASK/SPLIT.jsonl (default: bundled data)."),
+          limit: int = typer.Option(20, help="Prompts (a seeded subsample); each gets a planted canary."),
+          epsilons: str = typer.Option("1,3,6,10,inf", help="Comma-separated ε per token."),
+          neighbors: int = typer.Option(64, help="N: neighbours per token in the kit."),
+          beam: int = typer.Option(4, help="Contextual attack: beam width."),
+          top_k: int = typer.Option(16, help="Contextual attack: channel candidates per position."),
+          lm_top: int = typer.Option(16, help="Contextual attack: LM candidates per position and beam."),
+          restore: bool = typer.Option(True, help="Also ask the model to restore each perturbed prompt."),
+          exposure_candidates: int = typer.Option(1000, help="N for canary exposure (random 4-digit secrets)."),
+          membership: bool = typer.Option(False, help="Also train LoRA adapters on a canary and attack them "
+                                          "(plain, secure aggregation, DP-SGD): minutes on a real model."),
+          membership_steps: int = typer.Option(40, help="Training steps per adapter in --membership."),
+          seed: int = typer.Option(0),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results here.")):
+    """Attack the privacy mechanisms: text-DP attacks (nearest embedding, MAP, contextual LM beam, LLM
+    restore) with canary recovery, and canary exposure (docs/privacy-attacks.md)."""
+    import math
+
+    from fedkt.algorithms.fedcot import render_question
+    from fedkt.data.partition import subsample
+    from fedkt.data.tasks import load_task
+    from fedkt.models import load_model
+    from fedkt.privacy.attacks_text import AttackSetting
+    from fedkt.privacy.audit_run import render_audit, run_audit
+    from fedkt.privacy.text_dp import EmbeddingKit
+    from fedkt.seeds import derive_seed
+
+    eps = [float(e) for e in epsilons.split(",") if e.strip()]
+    m, tok = load_model(model)
+    m.eval()
+    kit = EmbeddingKit.for_model(tok, m.get_input_embeddings().weight.detach(), n_neighbors=neighbors)
+    exs = subsample(load_task(task, split, data_dir), limit, derive_seed(seed, "audit", task))
+    mem, mem_model = None, None
+    if membership:
+        from fedkt.config import LoraSettings
+        from fedkt.models import add_lora
+        from fedkt.privacy.membership import MembershipSetting
+
+        mem_model, _ = load_model(model)
+        mem_model = add_lora(mem_model, LoraSettings(dropout=0.0), seed=seed)
+        mem = MembershipSetting(steps=membership_steps, n_candidates=exposure_candidates, canaries=2)
+    progress.enable()
+    try:
+        res = run_audit(m, tok, kit, [render_question(e) for e in exs], eps, seed=seed,
+                        setting=AttackSetting(beam=beam, top_k=top_k, lm_top=lm_top, restore=restore),
+                        exposure_candidates=exposure_candidates, membership=mem, membership_model=mem_model)
+    finally:
+        progress.disable()
+    typer.echo(f"{len(exs)} {task} {split} prompts, kit N={neighbors}, attacker LM {model}\n")
+    typer.echo(render_audit(res))
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1, default=str))
 
 
 @app.command("methods")

@@ -122,6 +122,14 @@ def privacy_tables(results: RunResults) -> str:
 
             lines += ["", f"Text-DP audit on {first['audit'][0]['n_texts']} public prompts of the same format "
                       "(server-side attacker; docs/text-dp.md):", "", render_audit_table(first["audit"])]
+        if first.get("attack"):
+            from fedkt.privacy.attacks_text import render_attack_table
+
+            a = first["attack"]
+            lines += ["", f"Contextual attack on {a[0]['n_texts']} public prompts with planted canaries (noisy-channel "
+                      f"beam {a[0]['setting']['beam']} with the server LLM as LM prior; token recovery / exact canary "
+                      "recovery; docs/privacy-attacks.md; `fedcot.attack_prompts = 0` turns it off):", "",
+                      render_attack_table(a)]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

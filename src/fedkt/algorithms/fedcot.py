@@ -77,12 +77,16 @@ class FedCoTConfig:
     empty_rationales: bool = False
     """Ablation: the server returns empty rationales (what the LLM contributes through the decoder)."""
     gen_batch_size: int = 16
+    attack_prompts: int = 8
+    """Public prompts the contextual attack (LM prior = the server LLM) runs on for the run's privacy
+    section (docs/privacy-attacks.md); 0 turns it off. Needs a local ``model.llm``."""
 
     def __post_init__(self):
         check(self.epsilon > 0, f"epsilon must be > 0 (inf for no perturbation), got {self.epsilon}")
         for i, e in enumerate(self.client_epsilons):
             check(e > 0, f"client_epsilons[{i}] must be > 0, got {e}")
         check(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
+        check(self.attack_prompts >= 0, f"attack_prompts must be >= 0 (0 = off), got {self.attack_prompts}")
         for name in ("kit_neighbors", "rationale_tokens", "decode_tokens", "gen_batch_size"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -256,6 +260,19 @@ class FedCoT(RoundAlgorithm):
         return text_dp_audit([render_question(e) for e in server.aux[:AUDIT_PROMPTS]], kit, tok, eps,
                              seed=server.cfg.seed, top_k=min(10, kit.n_neighbors))
 
+    def attack(self, server, fed) -> list[dict]:
+        """The contextual attack (noisy channel + the server LLM as LM prior) on ``attack_prompts`` public
+        prompts with planted canaries, at the run's finite ε values and 3, 6, 10 (docs/privacy-attacks.md)."""
+        from fedkt.privacy.attacks_text import attack_sample
+        from fedkt.privacy.text_dp import EmbeddingKit
+
+        n = self.cfg.attack_prompts
+        if not n or not self.kit_path or not server.aux or server.cfg.model.llm.startswith("openai:"):
+            return []
+        eps = sorted({e for e in self.epsilons(fed).values() if not math.isinf(e)} | {3.0, 6.0, 10.0})
+        return attack_sample(server.llm.use(None), server.slm.tokenizer, EmbeddingKit.load(self.kit_path),
+                             [render_question(e) for e in server.aux[:n]], eps, seed=server.cfg.seed)
+
     def epsilons(self, fed) -> dict[str, float]:
         eps = self.cfg.client_epsilons
         if eps and len(eps) != len(fed.clients):
@@ -282,6 +299,7 @@ class FedCoT(RoundAlgorithm):
             entry["generation"] = {"prompts": sum(len(t) for t in texts.values()),
                                    "empty": sum(1 for t in texts.values() for x in t if not x.strip())}
             entry["audit"] = self.audit(server, fed)
+            entry["attack"] = self.attack(server, fed)
         t2 = time.perf_counter()
         if not cfg.share_adapters:  # the paper's mode: the clients keep and evaluate their own SLMs
             evaluate = server.cfg.eval.every_round or rnd == server.cfg.federation.rounds
