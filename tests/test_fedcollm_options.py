@@ -233,7 +233,7 @@ def test_sequential_update_trains_the_llm_against_the_distilled_slm(model_dirs):
 class FakeFederation:
     """Two clients holding 1 and 3 examples whose adapters are the constants 1 and 3."""
 
-    def broadcast(self, name, msg, rnd):
+    def broadcast(self, name, msg, rnd, **kw):
         return {c: Message(tensors={"w": torch.tensor([v])}, meta={"num_examples": n, "loss": 0.0})
                 for c, v, n in (("c0", 1.0, 1), ("c1", 3.0, 3))}
 

@@ -463,16 +463,20 @@ def test_slow_loris_client_is_dropped_at_the_timeout():
 
 # ----------------------------------------------------------------------- other handlers' schemas
 GOOD_SYNTH = {"tasks": ["arc_easy"], "generated": 2, "parsed": 1, "rejected": {"format": 1}, "label_agree": 1,
-              "dp": {"epsilon": 1.0}, "raw_samples": ["q"], "timings": {"dp_train_s": 0.1}}
+              "dp": {"epsilon": 1.0}, "raw_samples": ["q"], "randomness": "csprng"}
 
 
 @pytest.mark.parametrize("method,reply,msg", [
     ("synthesize", Message(texts=["a", "b"], meta=GOOD_SYNTH), r"2 texts but 1 task tags"),
-    ("synthesize", Message(texts=["a"], meta={**GOOD_SYNTH, "timings": {"x": "slow"}}), r"meta\['timings'\]"),
+    ("synthesize", Message(texts=["a"], meta={**GOOD_SYNTH, "timings": {"dp_train_s": 0.1}}),
+     r"unexpected meta key 'timings'"),  # a side channel (issue 19): refused by the server too
+    ("synthesize", Message(texts=["a"], meta={**GOOD_SYNTH, "randomness": {"seed": 1}}), r"meta\['randomness'\]"),
     ("synthesize", Message(texts=["a"], tensors={"x": torch.zeros(1)}, meta=GOOD_SYNTH), r"this handler replies none"),
-    ("encode", Message(texts=["p"], meta={"epsilon_per_token": 1.0, "tokens": 3, "changed_fraction": 1.5,
+    ("encode", Message(texts=["p"], meta={"epsilon_per_token": 1.0, "tokens": 3, "changed_fraction": 0.0,
                                           "prompt_epsilon_mean": 3.0, "prompt_epsilon_max": 3.0}),
-     r"changed_fraction'\] = 1.5 is not a number in \[0, 1\]"),
+     r"unexpected meta key 'changed_fraction'"),
+    ("encode", Message(texts=["p"], meta={"epsilon_per_token": -1.0, "tokens": 3, "prompt_epsilon_mean": 3.0,
+                                          "prompt_epsilon_max": 3.0}), r"epsilon_per_token'\] = -1.0 is not"),
     ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": "high"}}, "loss": 1.0}), r"meta\['metrics'\]"),
     ("train_and_evaluate", Message(meta={"metrics": {}, "loss": 1.0, "num_examples": -3}), r"num_examples'\] = -3")])
 def test_other_handler_schemas_refuse(method, reply, msg):
@@ -482,7 +486,7 @@ def test_other_handler_schemas_refuse(method, reply, msg):
 
 @pytest.mark.parametrize("method,reply", [
     ("synthesize", Message(texts=["a"], meta=GOOD_SYNTH)),
-    ("encode", Message(texts=["p"], meta={"epsilon_per_token": float("inf"), "tokens": 3, "changed_fraction": 0.0,
+    ("encode", Message(texts=["p"], meta={"epsilon_per_token": float("inf"), "tokens": 3, "randomness": "simulation",
                                           "prompt_epsilon_mean": float("inf"), "prompt_epsilon_max": float("inf")})),
     ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": 4}}, "loss": float("nan"),
                                          "trained_on": 0, "synthetic": 0}))])
@@ -498,12 +502,13 @@ def test_fedavg_run_with_a_hostile_client_keeps_results_and_checkpoints_intact(t
     adapters (recomputed from what they replied), and the saved final adapter is that checkpoint."""
     from test_runs import tiny_config
 
-    from fedkt.algorithms import fedavg
     from fedkt.models import load_adapter_state
     from fedkt.rounds import Checkpoints
     from fedkt.runs import run_experiment
 
-    honest_fit = fedavg.HANDLERS["fit"]
+    from fedkt import registry
+
+    honest_fit = registry.get("fedavg").handlers["fit"]  # the honest client, its policy guard included
     sent: dict[int, list] = {}
 
     def fit(ctx, msg):
@@ -514,7 +519,7 @@ def test_fedavg_run_with_a_hostile_client_keeps_results_and_checkpoints_intact(t
         sent.setdefault(rnd, []).append((reply.meta["num_examples"], {k: v.clone() for k, v in reply.tensors.items()}))
         return reply
 
-    monkeypatch.setitem(fedavg.HANDLERS, "fit", fit)
+    monkeypatch.setitem(registry.get("fedavg").handlers, "fit", fit)  # c2 turns hostile after its guard
     cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedavg"], **{"federation.on_client_failure": '"skip"'})
     res = run_experiment(cfg, tmp_path / "run")["methods"]["fedavg"]
     assert [(f["round"], f["method"], f["client"][-1]) for f in res["failures"]] == [(2, "fit", "2")]

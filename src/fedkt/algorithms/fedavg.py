@@ -63,13 +63,13 @@ def fit_round(fed: Federation, global_state: dict[str, torch.Tensor], rnd: int, 
     if secure:
         agg = fed.aggregate("fit", {cid: msg for cid in fed.clients}, rnd,
                             weight_key="num_examples" if weighting == "samples" else "", expect=global_state)
-        progress.log(f"round {rnd}: client train loss {({c: round(m['loss'], 4) for c, m in agg.meta.items()})} "
+        progress.log(f"round {rnd}: client train loss {({c: round(m.get('loss', float('nan')), 4) for c, m in agg.meta.items()})} "
                      f"(securely aggregated over {len(agg.clients)} clients)")
         return agg.tensors
     replies = fed.broadcast("fit", msg, rnd, expect=global_state)  # replies checked against the adapter sent
     states = [r.tensors for r in replies.values()]
     weights = [r.meta["num_examples"] if weighting == "samples" else 1.0 for r in replies.values()]
-    losses = {c: round(r.meta["loss"], 4) for c, r in replies.items()}
+    losses = {c: round(r.meta.get("loss", float("nan")), 4) for c, r in replies.items()}  # optional key
     progress.log(f"round {rnd}: client train loss {losses}")
     return aggregate(states, weights)
 
