@@ -28,7 +28,7 @@ CASES = {
     6: ("nan_values", r"'lora_B' holds NaN or infinite"),
     7: ("weight_true", r"num_examples'\] = True"),
     8: ("other_shape", r"'lora_A' is torch\.float32\[4, 3\], expected torch\.float32\[3, 4\]"),
-    9: ("missing_meta_key", r"meta lacks 'loss'"),
+    9: ("missing_meta_key", r"meta lacks 'num_examples'"),
 }
 
 APP = '''
@@ -59,7 +59,7 @@ def fit(ctx, msg):
     elif case == "other_shape":
         A = torch.zeros(4, 3)
     elif case == "missing_meta_key":
-        del meta["loss"]
+        del meta["num_examples"]
     return Message(tensors={"lora_A": A, "lora_B": B}, meta=meta)
 
 
