@@ -17,7 +17,7 @@ import torch
 
 from fedkt import progress
 from fedkt.clients import ClientContext
-from fedkt.federation.base import Federation, Message, check_mean_inputs
+from fedkt.federation.base import Federation, Message, weighted_mean
 from fedkt.models import get_adapter_state
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
@@ -41,15 +41,9 @@ HANDLERS = {"fit": client_fit}
 
 # ---------------------------------------------------------------------------------------------- server
 def aggregate(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted average of adapter state dicts: Σ wᵢ θᵢ / Σ wᵢ, key by key (float64 accumulation)."""
-    check_mean_inputs(states, weights)  # weights finite > 0, same keys/shapes, float and finite values
-    total = float(sum(weights))
-    keys = states[0].keys()
-    out = {}
-    for k in keys:
-        acc = sum(s[k].double() * (w / total) for s, w in zip(states, weights))
-        out[k] = acc.to(states[0][k].dtype)
-    return out
+    """Weighted average of adapter state dicts: Σ wᵢ θᵢ / Σ wᵢ, key by key (float64 accumulation); the
+    federation's own mean (``weighted_mean``), bad inputs refused by ``check_mean_inputs``."""
+    return weighted_mean(states, weights)
 
 
 def fit_round(fed: Federation, global_state: dict[str, torch.Tensor], rnd: int, epochs: float,

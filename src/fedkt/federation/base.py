@@ -97,9 +97,8 @@ def check_mean_inputs(states: list[dict[str, torch.Tensor]], weights: list[float
 
 
 def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Σ wᵢ θᵢ / Σ wᵢ key by key, float64 accumulation, cast back to the first state's dtypes (the same
-    arithmetic as ``fedkt.algorithms.fedavg.aggregate``); bad inputs are refused
-    (:func:`check_mean_inputs`)."""
+    """Σ wᵢ θᵢ / Σ wᵢ key by key, float64 accumulation, cast back to the first state's dtypes (FedAvg's
+    ``aggregate`` is this function); bad inputs are refused (:func:`check_mean_inputs`)."""
     check_mean_inputs(states, weights)
     total = float(sum(weights))
     keys = states[0].keys()
