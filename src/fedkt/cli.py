@@ -72,6 +72,20 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
         json_out.write_text(json.dumps(scores, indent=2))
 
 
+def _audit_inputs(model: str, task: str, split: str, data_dir: str, limit: int, neighbors: int, seed: int):
+    """What both audit commands attack: the server LLM, its text-DP kit and a seeded subsample of prompts."""
+    from fedkt.data.partition import subsample
+    from fedkt.data.tasks import load_task
+    from fedkt.models import load_model
+    from fedkt.privacy.text_dp import EmbeddingKit
+    from fedkt.seeds import derive_seed
+
+    m, tok = load_model(model)
+    m.eval()
+    kit = EmbeddingKit.for_model(tok, m.get_input_embeddings().weight.detach(), n_neighbors=neighbors)
+    return m, tok, kit, subsample(load_task(task, split, data_dir), limit, derive_seed(seed, "audit", task))
+
+
 @app.command("audit-text-dp")
 def audit_text_dp(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM whose public tokenizer and "
                                             "input embeddings define the text-DP kit."),
@@ -85,19 +99,12 @@ def audit_text_dp(model: str = typer.Option("builtin:smollm2-135m", help="The se
     """Audit token-level text DP: what a server-side embedding-inversion attacker recovers at each ε (the
     per-token attacks only; ``fedkt audit`` runs these and the contextual ones)."""
     from fedkt.algorithms.fedcot import render_question
-    from fedkt.data.partition import subsample
-    from fedkt.data.tasks import load_task
-    from fedkt.models import load_model
     from fedkt.privacy.audit import render_audit_table, text_dp_audit
-    from fedkt.privacy.text_dp import EmbeddingKit
-    from fedkt.seeds import derive_seed
 
     eps = [float(e) for e in epsilons.split(",") if e.strip()]
     progress.enable()
     try:
-        m, tok = load_model(model)
-        kit = EmbeddingKit.for_model(tok, m.get_input_embeddings().weight.detach(), n_neighbors=neighbors)
-        exs = subsample(load_task(task, split, data_dir), limit, derive_seed(seed, "audit", task))
+        _, tok, kit, exs = _audit_inputs(model, task, split, data_dir, limit, neighbors, seed)
         rows = text_dp_audit([render_question(e) for e in exs], kit, tok, eps, seed=seed, top_k=min(10, neighbors))
     finally:
         progress.disable()
@@ -126,22 +133,13 @@ def audit(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results here.")):
     """Attack the privacy mechanisms: text-DP attacks (nearest embedding, MAP, contextual LM beam, LLM
     restore) with canary recovery, and canary exposure (docs/privacy-attacks.md)."""
-    import math
-
     from fedkt.algorithms.fedcot import render_question
-    from fedkt.data.partition import subsample
-    from fedkt.data.tasks import load_task
     from fedkt.models import load_model
     from fedkt.privacy.attacks_text import AttackSetting
     from fedkt.privacy.audit_run import render_audit, run_audit
-    from fedkt.privacy.text_dp import EmbeddingKit
-    from fedkt.seeds import derive_seed
 
     eps = [float(e) for e in epsilons.split(",") if e.strip()]
-    m, tok = load_model(model)
-    m.eval()
-    kit = EmbeddingKit.for_model(tok, m.get_input_embeddings().weight.detach(), n_neighbors=neighbors)
-    exs = subsample(load_task(task, split, data_dir), limit, derive_seed(seed, "audit", task))
+    m, tok, kit, exs = _audit_inputs(model, task, split, data_dir, limit, neighbors, seed)
     mem, mem_model = None, None
     if membership:
         from fedkt.config import LoraSettings
