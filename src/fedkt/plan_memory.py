@@ -5,13 +5,15 @@ formulas):
 
 * weights: parameters × bytes of the dtype; with ``load_in_4bit`` the decoder's linear layers take NF4 with
   double quantisation, 4.127 bits per parameter (QLoRA, Dettmers et al. 2023, §3), the rest stays in the dtype;
-* training activations of a frozen base with LoRA, per token and layer: ``6.5·h + 3·i + 2·kv`` values in the
-  activation dtype — what torch's saved-tensor hooks count in a Llama block (the MLP's gate, up and
-  activation: 3·i; norms, the LoRA inputs after dropout, residual adds, attention output: 6.5·h; rotary k/v:
-  2·kv; the frozen linears save only their weights) — ``h`` only with gradient checkpointing, plus one layer
-  recomputed; attention by a fused kernel (no s² term);
-* logits: ``copies`` fp32 [tokens × vocab] tensors alive at the loss's peak (3 for cross-entropy: the logits,
-  the log-softmax saved for backward and its gradient; 6 per model for FedCoLLM's mutual distillation, whose
+* training activations of a frozen base with LoRA, per token and layer: ``10·h + 3·i + 2·kv`` values in the
+  activation dtype (norm inputs and outputs, the LoRA inputs after dropout, rotary q/k, attention output,
+  residual adds; the MLP's gate, up and activation: 3·i; the frozen linears save only their weights). Torch's
+  saved-tensor hooks count 10,672 per token and layer in a SmolLM2 block (h 576, i 1536, kv 192), the
+  formula 10,752. With gradient checkpointing: ``h`` per layer plus one layer recomputed. Attention by a
+  fused kernel (no s² term);
+* logits: ``copies`` fp32 [tokens × vocab] tensors alive at the loss's peak (4 for cross-entropy, in its
+  backward: the saved log-softmax, its gradient, the gradient through the shift's copy and the slice's
+  zero-filled full-size gradient; 6 per model for FedCoLLM's mutual distillation, whose
   KL keeps both sides' log-probabilities, the teacher's probabilities and their difference);
 * inference: the KV cache ``2·layers·kv`` values per token plus one layer's transient.
 """
@@ -26,7 +28,7 @@ ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp32": "fp
            "fp16": "fp16", "auto": "fp32"}
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 """Bytes per 4-bit parameter: 4-bit NF4 + one 8-bit absmax per 64-block + one fp32 per 256 absmax blocks."""
-SFT_LOGIT_COPIES = 3
+SFT_LOGIT_COPIES = 4
 KD_LOGIT_COPIES = 6
 
 
@@ -120,7 +122,7 @@ def weight_bytes(m, opts: Options) -> int:
 
 def activation_bytes(arch: Arch, tokens: int, act_bytes: int, checkpointing: bool, logit_copies: int) -> int:
     """Training activations of ``tokens`` tokens (batch × sequence) through a frozen base with LoRA."""
-    per_layer = int(6.5 * arch.hidden) + 3 * arch.intermediate + 2 * arch.kv_dim
+    per_layer = 10 * arch.hidden + 3 * arch.intermediate + 2 * arch.kv_dim
     if checkpointing:
         layers = arch.layers * arch.hidden + per_layer
     else:
