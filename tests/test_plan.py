@@ -164,3 +164,40 @@ def test_cli_plan_json(tmp_path, model_dirs, data_dir):
     assert p["options"]["dtype"] == "bf16" and p["options"]["gradient_checkpointing"] and p["options"]["seq_len"] == 40
     r = CliRunner().invoke(app, ["plan", str(write_cfg(tmp_path, model_dirs, data_dir))])
     assert "| fedcollm | server LLM | 5 | 15 |" in r.output
+
+
+def test_activation_formula_tracks_what_autograd_saves(tok):
+    """The per-token, per-layer count of the memory model against the bytes autograd really saves for a LoRA
+    SFT step of a tiny Llama (weights and the log-softmax taken out), within 15%."""
+    import torch
+
+    from conftest import make_llama
+    from fedkt.losses import answer_ce
+    from fedkt.models import add_lora
+    from fedkt.plan_memory import Arch, activation_bytes
+
+    model = make_llama(tok, layers=3, hidden=64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model = add_lora(model, LoraSettings(r=4))
+    model.train()
+    weights |= {p.untyped_storage().data_ptr() for p in model.parameters()}
+    B, S = 4, 40
+    ids = torch.randint(0, len(tok), (B, S))
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        lsm_bytes = B * (S - 1) * logits.shape[-1] * 4
+        answer_ce(logits, ids)
+    measured = sum(saved.values()) - lsm_bytes
+    arch = Arch.from_hf(model.config)
+    formula = activation_bytes(arch, B * S, 4, False, 0)
+    print(f"saved {measured} B, formula {formula} B, ratio {measured / formula:.3f}")
+    assert 0.85 < measured / formula < 1.15, (measured, formula)
