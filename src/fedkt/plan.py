@@ -26,6 +26,8 @@ SECAGG_BYTES_PER_VALUE = 8
 """SecAgg+ uploads each adapter value as a masked 64-bit integer (docs/deployment.md measured ~2x plain bytes)."""
 ADAM_STATES = 2
 """AdamW keeps two fp32 moments per trainable parameter (``train.make_optimizer``)."""
+PLANNED = ("zero_shot", "standalone", "fedavg", "fedprox", "fedcollm", "fedcot", "fdkt", "centralized")
+"""Methods :mod:`fedkt.plan_methods` models one by one."""
 BYTES_PER_TOKEN_TEXT = 4
 """Rough UTF-8 bytes per generated token, for text messages (FedCoT rationales, FDKT samples)."""
 
@@ -235,9 +237,12 @@ def plan(cfg: ExperimentConfig, opts: Options | None = None, config_path: str = 
     if opts.seq_len <= 0:
         opts.seq_len, opts.seq_len_source = data_seq_len(cfg, [e for c in clients for e in c])
         opts.aux_seq_len = data_seq_len(cfg, aux_examples)[0] if aux_examples else opts.seq_len
-    methods, transient = {}, {"server": 0, "client": 0}
+    methods, transient, notes = {}, {"server": 0, "client": 0}, []
     for name in cfg.methods:
         rows, busy = method_rows(name, cfg, models, sizes, aux, opts)
+        if name not in PLANNED:
+            notes.append(f"{name}: not in fedkt.plan_methods; " + ("planned as FedAvg (clients train, adapters "
+                         "both ways)" if rows else "not planned (one-shot method)"))
         methods[name] = [r.to_dict() for r in rows]
         transient = {w: max(transient[w], busy[w]) for w in transient}
     server_roles = {r["role"].split()[1].lower() for rows in methods.values() for r in rows
@@ -252,7 +257,7 @@ def plan(cfg: ExperimentConfig, opts: Options | None = None, config_path: str = 
             "processes": {"server_peak_bytes": resident + transient["server"],
                           "client_peak_bytes": client_w + transient["client"],
                           "simulation_peak_bytes": sim},
-            "notes": ["peak = weights + adapter/gradients/AdamW + activations of the busiest phase; add the runtime "
+            "notes": notes + ["peak = weights + adapter/gradients/AdamW + activations of the busiest phase; add the runtime "
                       "(Python + torch: ~0.4-0.6 GB RSS on CPU, ~0.5 GB CUDA context on a GPU)",
                       "simulation = one `fedkt run` process: the server's models + one shared client SLM base "
                       "+ the largest phase"]}
@@ -290,6 +295,9 @@ def render(p: dict[str, Any]) -> str:
     for name, rows in p["methods"].items():
         for r in rows:
             pp = r["peak_parts"]
+            if not pp:
+                lines.append(f"| {name} | {r['role']} | – | – | – | – | (served elsewhere) |")
+                continue
             approx = "≈" if r["bytes_estimated"] else ""
             parts = " + ".join(human(pp.get(k, 0)) for k in ("weights", "states", "activations"))
             lines.append(f"| {name} | {r['role']} | {r['steps_per_round']} | {r['steps_total']} | "
