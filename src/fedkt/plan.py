@@ -14,22 +14,15 @@ and docs/gpu.md, and ``benchmarks/plan_vs_measured.py`` checks them against a me
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedkt.config import ConfigError, ExperimentConfig
 from fedkt.plan_memory import Arch, Options, activation_bytes, dtype_bytes, kv_cache_bytes, weight_bytes
+from fedkt.plan_methods import (BYTES_PER_TOKEN_TEXT, PLANNED, SECAGG_BYTES_PER_VALUE, Row, method_rows,
+                                sft_steps, states)
 
-SECAGG_BYTES_PER_VALUE = 8
-"""SecAgg+ uploads each adapter value as a masked 64-bit integer (docs/deployment.md measured ~2x plain bytes)."""
-ADAM_STATES = 2
-"""AdamW keeps two fp32 moments per trainable parameter (``train.make_optimizer``)."""
-PLANNED = ("zero_shot", "standalone", "fedavg", "fedprox", "fedcollm", "fedcot", "fdkt", "centralized")
-"""Methods :mod:`fedkt.plan_methods` models one by one."""
-BYTES_PER_TOKEN_TEXT = 4
-"""Rough UTF-8 bytes per generated token, for text messages (FedCoT rationales, FDKT samples)."""
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -187,47 +180,9 @@ def data_seq_len(cfg: ExperimentConfig, examples: list) -> tuple[int, str]:
     return longest, "longest tokenized training example"
 
 
-def sft_steps(n: int, train, epochs: float) -> int:
-    """Optimizer steps of ``train.train_loop`` over ``n`` examples for ``epochs``."""
-    batches = max(1, math.ceil(math.ceil(n / train.batch_size) * epochs))
-    steps = math.ceil(batches / train.grad_accum)
-    return min(steps, train.max_steps) if train.max_steps > 0 else steps
-
-
 # ---------------------------------------------------------------------------------------------- the plan
-@dataclass
-class Row:
-    """One role of one method."""
-
-    role: str
-    where: str
-    """"server" or "client" (each client)."""
-    steps_per_round: int | str = 0
-    steps_total: int = 0
-    down_per_round: int = 0
-    """Bytes the server sends one client per round (0 for server roles)."""
-    up_per_round: int = 0
-    peak: dict[str, int] = field(default_factory=dict)
-    """Peak memory estimate by part: weights, states (adapter + gradients + AdamW), activations."""
-    approx_bytes: bool = False
-    """Bytes are text and estimated (FedCoT, FDKT)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "where": self.where, "steps_per_round": self.steps_per_round,
-                "steps_total": self.steps_total, "down_bytes_per_round": self.down_per_round,
-                "up_bytes_per_round": self.up_per_round, "bytes_estimated": self.approx_bytes,
-                "peak_bytes": sum(self.peak.values()), "peak_parts": dict(self.peak)}
-
-
-def states(m: ModelFacts, extra_copies: int = 0) -> int:
-    """Adapter + its gradients + AdamW moments (+ ``extra_copies`` more adapter-sized buffers), fp32."""
-    return 4 * m.trainable * (2 + ADAM_STATES + extra_copies)
-
-
 def plan(cfg: ExperimentConfig, opts: Options | None = None, config_path: str = "") -> dict[str, Any]:
     """The plan of ``cfg`` as a JSON-able dict (see :func:`render`)."""
-    from fedkt.plan_methods import method_rows
-
     opts = opts or Options.from_config(cfg)
     models = {"slm": model_facts("slm", cfg.model.slm, cfg.lora)}
     if cfg.model.llm:
@@ -257,10 +212,12 @@ def plan(cfg: ExperimentConfig, opts: Options | None = None, config_path: str = 
             "processes": {"server_peak_bytes": resident + transient["server"],
                           "client_peak_bytes": client_w + transient["client"],
                           "simulation_peak_bytes": sim},
-            "notes": notes + ["peak = weights + adapter/gradients/AdamW + activations of the busiest phase; add the runtime "
-                      "(Python + torch: ~0.4-0.6 GB RSS on CPU, ~0.5 GB CUDA context on a GPU)",
-                      "simulation = one `fedkt run` process: the server's models + one shared client SLM base "
-                      "+ the largest phase"]}
+            "notes": notes + NOTES}
+
+
+NOTES = ["peak = weights + adapter/gradients/AdamW + activations of the busiest phase; add the runtime "
+         "(Python + torch: ~0.4-0.6 GB RSS on CPU, ~0.5 GB CUDA context on a GPU)",
+         "simulation = one `fedkt run` process: the server's models + one shared client SLM base + the largest phase"]
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -288,7 +245,8 @@ def render(p: dict[str, Any]) -> str:
         if m.get("served"):
             lines.append(f"| {m['role']} | {m['spec']} (served) | – | – | – | – |")
             continue
-        lines.append(f"| {m['role']} | {m['spec']} ({m['model_type']}, {m['layers']} layers) | {count_str(m['params'])} | "
+        lines.append(f"| {m['role']} | {m['spec']} ({m['model_type']}, {m['layers']} layers) | "
+                     f"{count_str(m['params'])} | "
                      f"{count_str(m['trainable'])} | {human(m['adapter_bytes'])} | {human(m['weights_bytes'])} |")
     lines += ["", "| method | role | steps/round | steps total | down/round | up/round | peak memory "
               "(weights + states + activations) |", "|---|---|---|---|---|---|---|"]

@@ -17,12 +17,14 @@ _SMOLLM2 = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num
 
 KNOWN: dict[str, dict] = {
     # fedkt's built-ins (their cached config.json wins when present: ~/.cache/fedkt/NAME/config.json)
-    "builtin:smollm2-135m": dict(_SMOLLM2, num_hidden_layers=30, source=HUB.format("HuggingFaceTB/SmolLM2-135M-Instruct")),
+    "builtin:smollm2-135m": dict(_SMOLLM2, num_hidden_layers=30,
+                                 source=HUB.format("HuggingFaceTB/SmolLM2-135M-Instruct")),
     "builtin:smollm2-slm": dict(_SMOLLM2, num_hidden_layers=16,
                                 source="fedkt's derived SLM: 16 of smollm2-135m's 30 blocks (docs/derive-slm.md)"),
     # the FedCoLLM paper's pairs (Fan et al., arXiv 2411.11707)
     "openai-community/gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024,
-                                  vocab_size=50257, activation_function="gelu_new", source=HUB.format("openai-community/gpt2")),
+                                  vocab_size=50257, activation_function="gelu_new",
+                                  source=HUB.format("openai-community/gpt2")),
     "openai-community/gpt2-large": dict(model_type="gpt2", n_embd=1280, n_layer=36, n_head=20, n_positions=1024,
                                         vocab_size=50257, activation_function="gelu_new",
                                         source=HUB.format("openai-community/gpt2-large")),

@@ -8,9 +8,60 @@ and synthetic samples); FedCoT exchanges texts in round 1 (adapters too with ``s
 
 from __future__ import annotations
 
-from fedkt.plan import (BYTES_PER_TOKEN_TEXT, SECAGG_BYTES_PER_VALUE, Row, ModelFacts, sft_steps, states)
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
 from fedkt.plan_memory import (KD_LOGIT_COPIES, SFT_LOGIT_COPIES, Options, activation_bytes, dtype_bytes,
                                inference_bytes, weight_bytes)
+
+# ``ModelFacts`` (in annotations) is fedkt.plan.ModelFacts, not imported: fedkt.plan imports this module.
+
+SECAGG_BYTES_PER_VALUE = 8
+"""SecAgg+ uploads each adapter value as a masked 64-bit integer (docs/deployment.md measured ~2x plain bytes)."""
+ADAM_STATES = 2
+"""AdamW keeps two fp32 moments per trainable parameter (``train.make_optimizer``)."""
+PLANNED = ("zero_shot", "standalone", "fedavg", "fedprox", "fedcollm", "fedcot", "fdkt", "centralized")
+"""Methods :mod:`fedkt.plan_methods` models one by one."""
+BYTES_PER_TOKEN_TEXT = 4
+"""Rough UTF-8 bytes per generated token, for text messages (FedCoT rationales, FDKT samples)."""
+
+
+def sft_steps(n: int, train, epochs: float) -> int:
+    """Optimizer steps of ``train.train_loop`` over ``n`` examples for ``epochs``."""
+    batches = max(1, math.ceil(math.ceil(n / train.batch_size) * epochs))
+    steps = math.ceil(batches / train.grad_accum)
+    return min(steps, train.max_steps) if train.max_steps > 0 else steps
+
+
+@dataclass
+class Row:
+    """One role of one method."""
+
+    role: str
+    where: str
+    """"server" or "client" (each client)."""
+    steps_per_round: int | str = 0
+    steps_total: int = 0
+    down_per_round: int = 0
+    """Bytes the server sends one client per round (0 for server roles)."""
+    up_per_round: int = 0
+    peak: dict[str, int] = field(default_factory=dict)
+    """Peak memory estimate by part: weights, states (adapter + gradients + AdamW), activations."""
+    approx_bytes: bool = False
+    """Bytes are text and estimated (FedCoT, FDKT)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "where": self.where, "steps_per_round": self.steps_per_round,
+                "steps_total": self.steps_total, "down_bytes_per_round": self.down_per_round,
+                "up_bytes_per_round": self.up_per_round, "bytes_estimated": self.approx_bytes,
+                "peak_bytes": sum(self.peak.values()), "peak_parts": dict(self.peak)}
+
+
+def states(m: ModelFacts, extra_copies: int = 0) -> int:
+    """Adapter + its gradients + AdamW moments (+ ``extra_copies`` more adapter-sized buffers), fp32."""
+    return 4 * m.trainable * (2 + ADAM_STATES + extra_copies)
+
 
 FEW_SHOT_PROMPT_TOKENS = 256
 """FedCoT's teacher prompt (system + two worked examples) before the client's question, roughly."""
