@@ -201,3 +201,22 @@ def test_activation_formula_tracks_what_autograd_saves(tok):
     formula = activation_bytes(arch, B * S, 4, False, 0)
     print(f"saved {measured} B, formula {formula} B, ratio {measured / formula:.3f}")
     assert 0.85 < measured / formula < 1.15, (measured, formula)
+
+
+def test_methods_outside_the_table_are_planned_as_fedavg_or_noted(tmp_path, model_dirs, data_dir):
+    from fedkt import registry
+    from fedkt.algorithms.fedavg import FedAvg
+    from fedkt.registry import MethodSpec
+
+    registry.register(MethodSpec(name="toyround", label="T", summary="t", algorithm=FedAvg))
+    registry.register(MethodSpec(name="toyshot", label="S", summary="s", run=lambda server: None))
+    try:
+        p = write_cfg(tmp_path, model_dirs, data_dir)
+        cfg = load_config(p, ['methods=["fedavg", "toyround", "toyshot"]'])
+        out = plan(cfg, Options.from_config(cfg))
+    finally:
+        registry._REGISTRY.pop("toyround")
+        registry._REGISTRY.pop("toyshot")
+    assert out["methods"]["toyround"] == out["methods"]["fedavg"] and out["methods"]["toyshot"] == []
+    assert any(n.startswith("toyround: not in fedkt.plan_methods; planned as FedAvg") for n in out["notes"])
+    assert any(n.startswith("toyshot: not in fedkt.plan_methods; not planned") for n in out["notes"])
