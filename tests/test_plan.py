@@ -109,6 +109,7 @@ def test_plan_steps_and_bytes_by_hand(tmp_path, model_dirs, data_dir):
     rows = {(m, r["role"]): r for m, rs in p["methods"].items() for r in rs}
     fit = rows[("fedavg", "client SLM")]
     assert fit["steps_per_round"] == 4 and fit["steps_total"] == 4 * 4 * 3  # ceil(12/8)·2 epochs, 4 clients, 3 rounds
+    assert fit["per_client_steps"] == [4, 4, 4, 4]
     assert fit["down_bytes_per_round"] == fit["up_bytes_per_round"] == slm["adapter_bytes"] == 4 * slm["trainable"]
     assert rows[("standalone", "client SLM")]["steps_total"] == 4 * 2 * 6  # 4 clients, ceil(12/8) batches, 2·3 epochs
     assert rows[("fedcollm", "server LLM")]["steps_total"] == 15

@@ -50,12 +50,15 @@ class Row:
     """Peak memory estimate by part: weights, states (adapter + gradients + AdamW), activations."""
     approx_bytes: bool = False
     """Bytes are text and estimated (FedCoT, FDKT)."""
+    per_client_steps: list[int] = field(default_factory=list)
+    """Client rows: each client's optimizer steps per round (per run for one-shot methods)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"role": self.role, "where": self.where, "steps_per_round": self.steps_per_round,
                 "steps_total": self.steps_total, "down_bytes_per_round": self.down_per_round,
                 "up_bytes_per_round": self.up_per_round, "bytes_estimated": self.approx_bytes,
-                "peak_bytes": sum(self.peak.values()), "peak_parts": dict(self.peak)}
+                "peak_bytes": sum(self.peak.values()), "peak_parts": dict(self.peak),
+                **({"per_client_steps": list(self.per_client_steps)} if self.per_client_steps else {})}
 
 
 def states(m: ModelFacts, extra_copies: int = 0) -> int:
@@ -101,7 +104,8 @@ class _Ctx:
                    sum(steps) * (R if per_round else 1),
                    self.slm.adapter_bytes if exchange else 0, self.adapter_up(self.slm) if exchange else 0,
                    {"weights": weight_bytes(self.slm, self.opts), "states": states(self.slm, extra_copies),
-                    "activations": max(self.train_act(self.slm, t.batch_size), self.eval_act(self.slm))})
+                    "activations": max(self.train_act(self.slm, t.batch_size), self.eval_act(self.slm))},
+                   per_client_steps=steps)
 
     def server_eval(self, m: ModelFacts, buffers: int = 0) -> Row:
         """A server model that only evaluates (and, with ``buffers`` adapters, aggregates)."""
@@ -159,7 +163,7 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
                       "activations": max(c.train_act(c.slm, t.batch_size, seqs=2),
                                          inference_bytes(c.slm.arch, fc.gen_batch_size, c.S + fc.decode_tokens,
                                                          c.act(c.slm)))},
-                     approx_bytes=True)
+                     approx_bytes=True, per_client_steps=steps)
         rows = [client, c.server_eval(c.slm, buffers=K + 1 if share else 0),
                 c.server_generate(c.llm, fc.gen_batch_size, FEW_SHOT_PROMPT_TOKENS + c.S + fc.rationale_tokens)]
     elif name == "fdkt":
@@ -178,7 +182,7 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
                      fd.samples_per_client * sample_tokens * BYTES_PER_TOKEN_TEXT,
                      {"weights": weight_bytes(c.slm, opts), "states": states(c.slm),
                       "activations": max(dp_act, c.train_act(c.slm, t.batch_size), c.eval_act(c.slm))},
-                     approx_bytes=True)
+                     approx_bytes=True, per_client_steps=[d + f for d, f in zip(dp, final)])
         client.steps_per_round = f"DP {_span(dp)} + train {_span(final)}"
         gen_len = (fd.shots + 1) * sample_tokens + fd.augment_tokens
         rows = [client, c.server_generate(c.llm, fd.gen_batch_size, gen_len)]
