@@ -24,7 +24,6 @@ from fedkt.plan_methods import (BYTES_PER_TOKEN_TEXT, PLANNED, SECAGG_BYTES_PER_
                                 sft_steps, states)
 
 
-
 # ---------------------------------------------------------------------------------------------- models
 @dataclass
 class ModelFacts:
