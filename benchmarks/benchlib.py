@@ -73,7 +73,7 @@ def make_tiny_pair(root: Path) -> dict[str, Path]:
 def bench_config(slm: str, methods: list[str], clients: int, per_client: int, aux: int = 0, llm: str = "",
                  extra: list[str] | None = None):
     """2 x 16-style benchmark config on the bundled ARC-Easy train split; evaluation only when forced."""
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
 
     sets = [f'model.slm="{slm}"', f"methods={json.dumps(methods)}", f"partition.num_clients={clients}",
             f"partition.aux_size={aux}", f"data.max_train_examples={clients * per_client + aux}",

@@ -50,7 +50,7 @@ def fmt_eps(x: float) -> str:
 
 def paper(a) -> None:
     from fedkt import progress
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
     from fedkt.runs import run_experiment
 
     out = Path(a.out)

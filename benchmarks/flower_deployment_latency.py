@@ -111,7 +111,7 @@ def main():
 
     import torch
 
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
     from fedkt.data.tasks import bundled_dir
     from fedkt.models import load_adapter_state
     from fedkt.runs import run_experiment

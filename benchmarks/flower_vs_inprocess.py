@@ -53,7 +53,8 @@ def main() -> None:
     import torch
 
     from fedkt import progress
-    from fedkt.config import dump_toml, load_config
+    from fedkt.config import dump_toml
+    from fedkt.registry import load_config
     from fedkt.data.tasks import load_jsonl
     from fedkt.models import load_adapter_state
     from fedkt.runs import run_experiment

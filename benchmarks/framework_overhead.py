@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from benchlib import Timers, bench_config, make_tiny_pair, median  # noqa: E402
 
+from fedkt.algorithms.fedcollm import FedCoLLMConfig  # noqa: E402
 from fedkt.data.collate import IGNORE, collate_sft  # noqa: E402
 from fedkt.seeds import derive_seed  # noqa: E402
 from fedkt.train import batch_order, tokenize_examples  # noqa: E402
@@ -141,7 +142,7 @@ class Bare:
 
     def distill(self, theta, omega, rnd: int):
         t0 = time.perf_counter()
-        kd, tc = self.cfg.section("fedcollm"), self.cfg.train
+        kd, tc = self.cfg.section(FedCoLLMConfig), self.cfg.train
         self.load(self.p_slm, theta)
         self.load(self.p_llm, omega)
         seed = derive_seed(self.cfg.seed, "kd", rnd)

@@ -22,7 +22,7 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
 def golden_config(model_dirs, data_dir, methods, extra_sets=()):
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
 
     sets = [f'model.slm="{model_dirs["slm"]}"', f'data.dir="{data_dir}"', f"methods={json.dumps(methods)}",
             "partition.num_clients=3", "partition.aux_size=8", "federation.rounds=2", "train.batch_size=4",

@@ -11,7 +11,8 @@ import torch
 
 from fedkt import registry
 from fedkt.clients import ClientContext, StateStore
-from fedkt.config import ConfigError, ExperimentConfig, load_config
+from fedkt.config import ConfigError, ExperimentConfig
+from fedkt.registry import load_config
 from fedkt.registry import MethodSpec
 from fedkt.results import MethodResult, RunResults
 from fedkt.runs import run_experiment
@@ -115,7 +116,7 @@ def toy_method():
 
     def run(server):
         return MethodResult(metrics={"slm": {"arc_easy": {"acc": 0.5, "acc_norm": 0.5, "n": 1}}},
-                            extra={"strength": server.cfg.section("toy").strength})
+                            extra={"strength": server.cfg.section(ToyConfig).strength})
 
     spec = registry.register(MethodSpec(name="toy", label="Toy-Method", summary="a toy for the tests", run=run,
                                         config=ToyConfig, needs_llm=True, rank=15))
@@ -133,7 +134,7 @@ def test_registry_feeds_config_cli_and_report(tmp_path, toy_method, model_dirs, 
     with pytest.raises(ConfigError, match="method 'toy' needs a server LLM: set model.llm"):
         load_config(None, ['methods=["toy"]'])
     cfg = load_config(None, ['methods=["toy"]', 'model.llm="x"', "toy.strength=3"])
-    assert cfg.section("toy").strength == 3.0
+    assert cfg.section(toy_method.config).strength == 3.0
     with pytest.raises(ConfigError, match=r"toy.strength must be <= 10, got 11.0"):
         load_config(None, ['methods=["toy"]', 'model.llm="x"', "toy.strength=11"])
     with pytest.raises(ConfigError, match=r"unknown key toy.strenght in \[toy\]"):

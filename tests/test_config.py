@@ -1,6 +1,8 @@
 import pytest
 
-from fedkt.config import ConfigError, load_config
+from fedkt.algorithms.fedcot import FedCoTConfig
+from fedkt.config import ConfigError
+from fedkt.registry import load_config
 
 
 def write(tmp_path, text):
@@ -109,10 +111,10 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path, mon
     assert cfg.model.llm == "builtin:smollm2-135m"
     assert cfg.data.dir == str(tmp_path / "proj" / "data")
     assert cfg.partition.files == [str(conf / "a.jsonl"), "/abs/b.jsonl"]
-    assert cfg.section("fedcot").kit_model == "openai:http://127.0.0.1:1/v1#m"
+    assert cfg.section(FedCoTConfig).kit_model == "openai:http://127.0.0.1:1/v1#m"
     cfg = load_config(p, ['data.dir="rel/data"', 'fedcot.kit_model="kit/model"'])
     assert cfg.data.dir == "rel/data"  # --set: relative to the working directory, as typed
-    assert cfg.section("fedcot").kit_model == "kit/model"
+    assert cfg.section(FedCoTConfig).kit_model == "kit/model"
 
 
 def test_examples_run_from_another_directory(tmp_path, monkeypatch):

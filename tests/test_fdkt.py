@@ -10,7 +10,8 @@ import torch
 
 from fedkt.algorithms import fdkt
 from fedkt.clustering import kmeans, mean_pooled_embeddings
-from fedkt.config import ConfigError, load_config
+from fedkt.config import ConfigError
+from fedkt.registry import load_config
 from fedkt.data.synthetic import ParseStats, fill_mc_template, make_mc, parse_mc, read_indices, render_mc
 from fedkt.fdkt_server import augment, filter_clusters, validate_generated
 from fedkt.models import load_model
@@ -228,7 +229,7 @@ def test_config_validation():
         load_config(None, ["fdkt.epsilon=0"])
     with pytest.raises(ConfigError, match=r"method 'fdkt' needs a server LLM"):
         load_config(None, ['methods=["fdkt"]'])
-    assert math.isinf(load_config(None, ["fdkt.epsilon=inf"]).section("fdkt").epsilon)
+    assert math.isinf(load_config(None, ["fdkt.epsilon=inf"]).section(fdkt.FDKTConfig).epsilon)
 
 
 def test_dp_training_text_and_sampling_plan():

@@ -8,7 +8,8 @@ import torch
 
 from fedkt.algorithms.fedcot import (FedCoTConfig, collate_multitask, explain_prompt, multitask_data, multitask_loss,
                                      render_question)
-from fedkt.config import ConfigError, LoraSettings, load_config
+from fedkt.config import ConfigError, LoraSettings
+from fedkt.registry import load_config
 from fedkt.data.collate import collate_sft
 from fedkt.data.tasks import Example
 from fedkt.losses import answer_ce
@@ -59,7 +60,7 @@ def test_config_validation():
         load_config(None, ["fedcot.alpha=1.5"])
     with pytest.raises(ConfigError, match=r"fedcot.epsilon must be > 0"):
         load_config(None, ["fedcot.epsilon=0"])
-    assert math.isinf(load_config(None, ["fedcot.epsilon=inf"]).section("fedcot").epsilon)
+    assert math.isinf(load_config(None, ["fedcot.epsilon=inf"]).section(FedCoTConfig).epsilon)
 
 
 def fedcot_config(tmp_path, model_dirs, data_dir, **extra):

@@ -10,9 +10,11 @@ import torch
 
 from fedkt import registry
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec
-from fedkt.config import ConfigError, LoraSettings, from_dict, load_config
+from fedkt.config import ConfigError, LoraSettings, from_dict
+from fedkt.registry import load_config
 from fedkt.federation.base import Message
-from fedkt.privacy.policy import SECURE_AGGREGATION, ClientPolicy, PolicyViolation, model_sha256, policy_for_experiment
+from fedkt.privacy.policy import SECURE_AGGREGATION, ClientPolicy, PolicyViolation, model_sha256
+from fedkt.simulation import policy_for_experiment
 
 
 def handler(method, name):

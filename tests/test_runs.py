@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedkt.cli import app
-from fedkt.config import load_config
+from fedkt.registry import load_config
 from fedkt.rounds import Checkpoints
 from fedkt.federation import codec, Message
 from fedkt.models import load_adapter_state

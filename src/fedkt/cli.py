@@ -28,7 +28,7 @@ def run(config: Path = typer.Argument(..., help="Experiment TOML (see examples/)
         set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.lr=1e-4."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")):
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
     from fedkt.report import render
     from fedkt.runs import new_run_dir, run_experiment
 

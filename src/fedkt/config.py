@@ -1,47 +1,36 @@
-"""Typed experiment configuration, loaded from TOML and validated with errors that name the key.
+"""The experiment's schema: typed sections (``[model]``, ``[data]``, ``[train]``, ...) and the checks across them.
 
-A config is a tree of dataclasses. ``load_config(path, overrides)`` reads a TOML file, applies
-``--set section.key=value`` overrides and checks every key and value: an unknown key, a wrong type or
-a value outside the allowed set raises :class:`ConfigError` naming the dotted key and what is allowed.
+An experiment config is a tree of dataclasses whose field docstrings are the reference
+(docs/configuration.md is generated from them: ``python -m fedkt.docs_config``). Each method adds its own
+section type (``[fedcollm]``, ...): the caller feeds the methods to :func:`load_experiment` (the registry
+does, in ``fedkt.registry.load_config``), so this module knows no method. Reading TOML, ``--set``
+overrides, path resolution and per-key errors are the generic engine in ``fedkt.toml_config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import tomllib
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Protocol, TypeVar
 
+from fedkt.toml_config import (  # noqa: F401 - the engine's names that sections and callers use
+    PATH,
+    ConfigError,
+    FieldError,
+    apply_overrides,
+    check,
+    check_positive,
+    dump_toml,
+    from_dict,
+    load_section,
+    read_toml,
+    resolve_paths,
+)
+
+T = TypeVar("T")
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "gsm8k")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the key and the allowed values."""
-
-
-class FieldError(ConfigError):
-    """Raised by a config dataclass's own ``__post_init__`` checks with a key relative to its section;
-    :func:`from_dict` prefixes the section (``batch_size must be > 0`` -> ``train.batch_size must be > 0``)."""
-
-
-PATH = {"path": True}
-"""Field metadata of a file, directory or model key: a relative value read from a TOML file resolves
-against that file's directory (``resolve_paths``); ``--set`` values stay relative to the working directory."""
-
-
-def check(condition: bool, message: str) -> None:
-    """For ``__post_init__`` validation: raise :class:`FieldError` with ``message`` unless ``condition``."""
-    if not condition:
-        raise FieldError(message)
-
-
-def check_positive(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        check(v > 0, f"{n} must be > 0, got {v}")
 
 
 @dataclass
@@ -241,113 +230,47 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     sections: dict[str, Any] = field(default_factory=dict, metadata={"toml": False})
-    """Method sections (``[fedcollm]``, ...), one per registered method that has a config; read with
-    :meth:`section`. Each is the method's own config dataclass (see ``fedkt.registry``)."""
+    """Method sections (``[fedcollm]``, ...), one per method the loader was given that has a config; read
+    with :meth:`section`. Each is the method's own config dataclass (see ``fedkt.registry``)."""
 
     @property
     def eval_tasks(self) -> list[str]:
         return self.data.eval_tasks or self.data.tasks
 
-    def section(self, method: str) -> Any:
-        """The config of ``method``'s own section (its defaults when the TOML has none)."""
-        if method not in self.sections:
-            from fedkt import registry
-
-            self.sections[method] = registry.default_section(method)
-        return self.sections[method]
+    def section(self, kind: type[T]) -> T:
+        """The method section of type ``kind`` (e.g. ``cfg.section(FedCoLLMConfig)``); its defaults when the
+        config has none."""
+        if not isinstance(kind, type):
+            raise TypeError(f"section() takes the section's config class (e.g. cfg.section(FedCoLLMConfig)), "
+                            f"not {kind!r}")
+        for value in self.sections.values():
+            if type(value) is kind:
+                return value
+        return kind()
 
     def to_dict(self) -> dict[str, Any]:
-        from fedkt import registry
-
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
                else getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("toml", True)}
-        for name in registry.config_sections():
-            out[name] = dataclasses.asdict(self.section(name))
+        out.update({name: dataclasses.asdict(value) for name, value in self.sections.items()})
         return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# building dataclasses from dicts, with validation
+class MethodSchema(Protocol):
+    """What config loading needs of a method (``fedkt.registry.MethodSpec`` is one)."""
+
+    config: type | None
+    needs_llm: bool
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
+def config_sections(methods: Mapping[str, MethodSchema]) -> dict[str, type]:
+    """Method name -> config dataclass, for the methods that have a TOML section."""
+    return {n: m.config for n, m in methods.items() if m.config is not None}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a {_type_name(tp)}, got {value!r}")
-        (item,) = get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"[{key}] must be a table, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
-    raise TypeError(f"unsupported config type {tp} at {key}")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and ill-typed values."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("toml", True)]
-    sections: dict[str, type] = {}
-    if cls is ExperimentConfig:
-        from fedkt import registry
-
-        sections = registry.config_sections()
-    unknown = [k for k in data if k not in names and k not in sections]
-    if unknown:
-        where = f"[{prefix[:-1]}]" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} in {where}; allowed keys: {', '.join(names + list(sections))}"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items() if k in names}
-    if sections:
-        kwargs["sections"] = {}
-        for name, section_cls in sections.items():
-            value = data.get(name, {})
-            if not isinstance(value, dict):
-                raise ConfigError(f"[{name}] must be a table, got {value!r}")
-            kwargs["sections"][name] = from_dict(section_cls, value, prefix=name + ".")
-    try:
-        return cls(**kwargs)
-    except FieldError as e:
-        raise ConfigError(f"{prefix}{e}") from None
-
-
-def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-section checks that no single section can make (each section validates itself)."""
-    from fedkt import registry
-
-    known = registry.methods()
+def validate(cfg: ExperimentConfig, methods: Mapping[str, MethodSchema]) -> ExperimentConfig:
+    """Cross-section checks that no single section can make (each section validates itself); ``methods``
+    are the known methods by name."""
+    known = methods
     for i, m in enumerate(cfg.methods):
         if m not in known:
             raise ConfigError(f"methods[{i}] = {m!r} is not a method; allowed values: {', '.join(known)}")
@@ -370,103 +293,19 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); values parse as TOML, else as a bare string."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
+def experiment_from_dict(data: dict[str, Any], methods: Mapping[str, MethodSchema]) -> ExperimentConfig:
+    """The experiment in ``data`` (a parsed TOML document), with a section for each of ``methods``."""
+    return validate(from_dict(ExperimentConfig, data, sections=config_sections(methods)), methods)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a table")
-        node[path[-1]] = value
-    return data
-
-
-def read_toml(path: str | Path | None) -> dict[str, Any]:
-    """A TOML file as a dict ({} for no file), with errors that name the file."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        return tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from None
-
-
-def _is_local_path(value: str) -> bool:
-    """A relative file/dir/model value (not empty, not absolute, not a ``scheme:`` spec such as
-    ``builtin:NAME``, ``hf:ORG/NAME`` or ``openai:URL``)."""
-    return bool(value) and not Path(value).is_absolute() and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value)
-
-
-def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Rewrite, in place, every relative value of a path field (metadata ``PATH``) of ``cls`` (and its
-    nested sections, and the registered method sections of an experiment) as ``base / value``."""
-    if not isinstance(data, dict):
-        return data
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    nested: dict[str, type] = {n: hints[n] for n in fields if dataclasses.is_dataclass(hints[n])}
-    if cls is ExperimentConfig:
-        from fedkt import registry
-
-        nested.update(registry.config_sections())
-    for key, value in data.items():
-        f = fields.get(key)
-        if key in nested:
-            resolve_paths(nested[key], value, base)
-        elif f is not None and f.metadata.get("path"):
-            if isinstance(value, str) and _is_local_path(value):
-                data[key] = str((base / value).resolve())
-            elif isinstance(value, list):
-                data[key] = [str((base / v).resolve()) if isinstance(v, str) and _is_local_path(v) else v
-                             for v in value]
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_experiment(path: str | Path | None, overrides: list[str] | None,
+                    methods: Mapping[str, MethodSchema]) -> ExperimentConfig:
     """The experiment in TOML file ``path`` (its relative paths resolved against the file's directory),
-    with ``--set`` ``overrides`` (relative to the working directory) on top."""
+    with ``--set`` ``overrides`` (relative to the working directory) on top. ``methods`` (name -> spec) are
+    the methods it may name and whose sections it may hold: ``fedkt.registry.load_config`` passes the
+    registered ones."""
     data = read_toml(path)
     if path is not None:
-        resolve_paths(ExperimentConfig, data, Path(path).resolve().parent)
+        resolve_paths(ExperimentConfig, data, Path(path).resolve().parent, sections=config_sections(methods))
     apply_overrides(data, overrides or [])
-    return validate(from_dict(ExperimentConfig, data))
-
-
-def load_section(cls: type, path: str | Path | None, section: str, overrides: list[str] | None = None,
-                 values: dict[str, Any] | None = None) -> Any:
-    """One table of a TOML file (e.g. ``[derive]``) as ``cls``, with ``--set key=value`` overrides
-    (keys relative to the table) and explicit ``values`` (e.g. from command-line flags) on top."""
-    raw = read_toml(path)
-    if path is not None and section not in raw:
-        stray = sorted(k for k in raw if not isinstance(raw[k], dict))
-        raise ConfigError(f"{path}: no [{section}] table" + (
-            f" (found top-level keys {', '.join(stray)}: put them under a [{section}] line)" if stray else ""))
-    data = raw.get(section, {})
-    if path is not None:
-        resolve_paths(cls, data, Path(path).resolve().parent)
-    apply_overrides(data, overrides or [])
-    data.update({k: v for k, v in (values or {}).items() if v is not None})
-    return from_dict(cls, data, prefix=section + ".")
-
-
-def dump_toml(cfg: Any) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg))
+    return experiment_from_dict(data, methods)

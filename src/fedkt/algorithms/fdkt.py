@@ -340,7 +340,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     new one is saved there."""
     from fedkt.clustering import kmeans, mean_pooled_embeddings
 
-    cfg = cfg or server.cfg.section("fdkt")
+    cfg = cfg or server.cfg.section(FDKTConfig)
     if cache is not None and cache.is_file():
         progress.log(f"fdkt: re-using the synthetic set saved in {cache}")
         return Synthesis.from_dict(json.loads(cache.read_text()))
@@ -440,7 +440,7 @@ def synthetic_aux(server, fed, cfg: FDKTConfig | None = None, cache: Path | None
 def run(server) -> MethodResult:
     from fedkt.algorithms.baselines import mean_metrics
 
-    cfg = server.cfg.section("fdkt")
+    cfg = server.cfg.section(FDKTConfig)
     epochs = server.cfg.train.epochs * server.cfg.federation.rounds
     with server.federation(FDKT) as fed:
         syn = synthesize(server, fed, cfg, rnd=1, cache=server.out / "fdkt" / "synthetic.json")

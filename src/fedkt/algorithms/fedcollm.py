@@ -277,8 +277,8 @@ class FedCoLLM(RoundAlgorithm):
     def setup(self, server, fed):
         check_shared_vocabulary(server.slm.tokenizer, server.llm.tokenizer, server.slm.model, server.llm.model)
         self.aux, self.synthesis = server.aux, None
-        if server.cfg.section("fedcollm").aux_source == "fdkt":
-            syn = fdkt.synthesize(server, fed, server.cfg.section("fdkt"), rnd=1,
+        if server.cfg.section(FedCoLLMConfig).aux_source == "fdkt":
+            syn = fdkt.synthesize(server, fed, server.cfg.section(fdkt.FDKTConfig), rnd=1,
                                   cache=server.out / "fedcollm" / "synthetic_aux.json")
             if not syn.examples:
                 raise ValueError(f"fedcollm.aux_source = 'fdkt': the clients' DP synthesis produced no usable "
@@ -288,7 +288,7 @@ class FedCoLLM(RoundAlgorithm):
             progress.log(f"fedcollm: auxiliary set = {len(self.aux)} DP synthetic examples (FDKT steps 1-3)")
 
     def round(self, server, fed, state, rnd):
-        cfg, kd = server.cfg, server.cfg.section("fedcollm")
+        cfg, kd = server.cfg, server.cfg.section(FedCoLLMConfig)
         # 1–3: broadcast θᵗ, local fine-tuning, FedAvg
         t0 = time.perf_counter()
         theta = fit_round(fed, state["slm"], rnd, cfg.train.epochs, weighting=kd.aggregation,

@@ -240,7 +240,7 @@ class FedCoT(RoundAlgorithm):
     phases = ("encode_s", "generate_s", "client_train_s", "aggregate_s")
 
     def setup(self, server, fed):
-        self.cfg = server.cfg.section("fedcot")
+        self.cfg = server.cfg.section(FedCoTConfig)
         self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
         from fedkt.privacy.kit_check import kit_sha256
 

@@ -283,7 +283,8 @@ def run_experiment(config: str | Path, out: str | Path, home: str | Path, resume
     """Submit experiment ``config`` to the SuperLink of ``home``'s connection; the ServerApp writes the run
     directory ``out`` on the SuperLink's machine. ``nodes``: the allow-list (client id -> node id) the
     ServerApp enforces (None: any node that names itself, insecure trials only). Returns (run id, status)."""
-    from fedkt.config import dump_toml, load_config
+    from fedkt.config import dump_toml
+    from fedkt.registry import load_config
     from fedkt.federation.flower_experiment import write_app
 
     cfg = load_config(config, overrides or [])

@@ -27,15 +27,14 @@ import tomllib
 from pathlib import Path
 
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler
-from fedkt.config import ConfigError, ExperimentConfig, from_dict, validate
+from fedkt.config import ConfigError, ExperimentConfig
 from fedkt.federation import flower  # sets FLOWER_ENV before flwr is imported
-from fedkt.federation.flower import SPEC_KEY, FlowerFederation, make_client_app
+from fedkt.federation.flower import SCOPE_SEP, SPEC_KEY, FlowerFederation, make_client_app
 from fedkt.federation.flower_cli import load_client_file
 
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-SEP = "__"
 
 
 def experiment_from_text(text: str) -> ExperimentConfig:
@@ -43,13 +42,15 @@ def experiment_from_text(text: str) -> ExperimentConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"run config 'experiment' is not valid TOML: {e}") from e
-    return validate(from_dict(ExperimentConfig, data))
+    from fedkt import registry
+
+    return registry.config_from_dict(data)
 
 
 def experiment_handlers() -> dict[str, Handler]:
     from fedkt import registry
 
-    return {f"{name}{SEP}{h}": fn for name, spec in registry.methods().items()
+    return {f"{name}{SCOPE_SEP}{h}": fn for name, spec in registry.methods().items()
             for h, fn in (spec.handlers or {}).items()}
 
 
@@ -114,7 +115,7 @@ def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid, nodes: dict[
         return FlowerFederation(grid, None, on_failure=f.on_client_failure, timeout=f.timeout_s,
                                 round_deadline=f.round_deadline_s, allowed_nodes=nodes,
                                 max_bytes=int(f.max_payload_mb * 2**20), min_clients=f.min_clients,
-                                action_prefix=f"{spec.name}{SEP}", num_clients=cfg.partition.num_clients,
+                                action_prefix=f"{spec.name}{SCOPE_SEP}", num_clients=cfg.partition.num_clients,
                                 secagg=flower_secagg.SecAggSettings.from_config(f),
                                 secagg_journal=out / "secagg_journal" / spec.name)
 
