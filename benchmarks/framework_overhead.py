@@ -231,8 +231,8 @@ def max_diff(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch
 
 
 def derived_slm(root: Path, layers: int) -> Path:
-    """``fedkt.derive.build_child`` of the 135M with ``layers`` blocks (bottom and top halves), no healing."""
-    from fedkt.derive import build_child
+    """``fedkt.derived_model.build_child`` of the 135M with ``layers`` blocks (bottom and top halves), no healing."""
+    from fedkt.derived_model import build_child
     from fedkt.models import load_model
 
     parent, tok = load_model("builtin:smollm2-135m")

@@ -250,7 +250,7 @@ def test_comm_table_divides_by_client_rounds():
 
 def test_derive_seeds_come_from_the_config(tmp_path, model_dirs, monkeypatch):
     import fedkt.derive as d
-    from fedkt.config import DeriveConfig
+    from fedkt.derive import DeriveConfig
     from fedkt.seeds import derive_seed
 
     seen = []

@@ -67,8 +67,8 @@ def test_missing_file_and_bad_toml(tmp_path):
 def test_examples_parse():
     from pathlib import Path
 
-    from fedkt.config import DeriveConfig, load_section
-    from fedkt.derive import DEFAULT_SLM
+    from fedkt.config import load_section
+    from fedkt.derive import DEFAULT_SLM, DeriveConfig
 
     for p in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
         if p.name.startswith("derive_"):
@@ -80,7 +80,8 @@ def test_examples_parse():
 
 
 def test_section_file_without_its_table_is_an_error_not_the_defaults(tmp_path):
-    from fedkt.config import DeriveConfig, load_section
+    from fedkt.config import load_section
+    from fedkt.derive import DeriveConfig
 
     p = tmp_path / "d.toml"
     p.write_text("num_layers = 16\nsteps = 5\n")  # the [derive] line forgotten
@@ -136,7 +137,8 @@ def test_examples_run_from_another_directory(tmp_path, monkeypatch):
 
 
 def test_derive_section_paths_resolve_against_its_file(tmp_path):
-    from fedkt.config import DeriveConfig, load_section
+    from fedkt.config import load_section
+    from fedkt.derive import DeriveConfig
 
     p = tmp_path / "d.toml"
     p.write_text('[derive]\nparent = "models/llm"\nout = "out/slm"\ndata_dir = "data"\n')

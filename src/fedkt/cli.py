@@ -207,8 +207,8 @@ def derive_slm(config: Optional[Path] = typer.Argument(None, help="TOML with a [
                set_: List[str] = typer.Option([], "--set", help="Override a derive key, e.g. --set lr=1e-3."),
                quiet: bool = typer.Option(False, "--quiet")):
     """Derive a smaller same-tokenizer model from a parent by layer selection + distillation healing."""
-    from fedkt.config import ConfigError, DeriveConfig, load_section
-    from fedkt.derive import derive
+    from fedkt.config import ConfigError, load_section
+    from fedkt.derive import DeriveConfig, derive
 
     cfg = load_section(DeriveConfig, config, "derive", set_, values={
         "parent": parent, "out": str(out) if out else None, "num_layers": num_layers, "steps": steps,
@@ -227,12 +227,13 @@ def derive_slm(config: Optional[Path] = typer.Argument(None, help="TOML with a [
 @app.command()
 def models(fetch: Optional[str] = typer.Option(None, help="Build a built-in model now (e.g. smollm2-135m).")):
     """List the built-in offline models, or fetch/build one into the cache."""
-    from fedkt.builtin import BUILTINS, cache_dir, ensure_builtin
+    from fedkt.builtin_models import BUILTINS, cache_dir, ensure_builtin
+    from fedkt.models import load_model
 
     if fetch:
         progress.enable()
         try:
-            path = ensure_builtin(fetch)
+            path = ensure_builtin(fetch, load_model)
         finally:
             progress.disable()
         typer.echo(str(path))
@@ -253,7 +254,7 @@ def main() -> None:
 
     # peft asks transformers about gradient checkpointing through a name transformers 5 deprecates
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from fedkt.builtin import ModelFetchError
+    from fedkt.builtin_models import ModelFetchError
     from fedkt.config import ConfigError
     from fedkt.data.tasks import DataError
     from fedkt.federation import AllClientsFailed, ClientFailure

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedkt.builtin_models import ensure_builtin
 from fedkt.config import LoraSettings
 
 
@@ -53,9 +54,7 @@ def resolve(spec: str) -> str | Path:
     if not spec:
         raise ModelLoadError("empty model spec; give builtin:NAME, a local directory, a .gguf file or hf:ORG/NAME")
     if spec.startswith("builtin:"):
-        from fedkt.builtin import ensure_builtin
-
-        return ensure_builtin(spec.split(":", 1)[1])
+        return ensure_builtin(spec.split(":", 1)[1], load_model)
     if spec.startswith("hf:"):
         return spec[3:]
     if spec.startswith("openai:"):
