@@ -153,7 +153,7 @@ def run_deployed(config: Path, out: Path, root: Path, clients: list[str], client
         home = root / "ctl"
         flower_cli.write_connection(home, dep.control_address)  # the operator listener (Control API)
         t0 = time.perf_counter()
-        run_id, status = flower_cli.run_experiment(config, out, home, timeout=timeout)
+        run_id, status = flower_cli.submit_experiment(config, out, home, timeout=timeout)
         wall = time.perf_counter() - t0
         if status != "finished:completed":
             print(flower_cli.run_log(run_id, home)[-6000:])

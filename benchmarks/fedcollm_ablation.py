@@ -34,7 +34,7 @@ from fedkt import progress  # noqa: E402
 from fedkt.algorithms.fedcollm import FedCoLLMConfig  # noqa: E402
 from fedkt.algorithms.fedcollm import PAPER_CHOICES  # noqa: E402
 from fedkt.registry import load_config  # noqa: E402
-from fedkt.runs import run_experiment  # noqa: E402
+from fedkt.experiment import run_experiment  # noqa: E402
 
 LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA", "commonsense_qa": "CSQA",
           "gsm8k": "GSM8K"}

@@ -5,7 +5,7 @@
     PYTHONPATH=src python benchmarks/framework_overhead.py --model tiny --method fedcollm
     PYTHONPATH=src python benchmarks/framework_overhead.py --model 135m --method fedcollm   # 135M LLM + 6-layer child SLM
 
-The fedkt side is the real path: ``fedkt.runs.run_method(server, METHOD)`` on a
+The fedkt side is the real path: ``fedkt.experiment.run_method(server, METHOD)`` on a
 ``fedkt.simulation.Simulation`` (round driver, LocalFederation with codec and ledger, per-round
 checkpoints, final adapter save, metrics.jsonl). Evaluation is excluded (``ServerContext.evaluate`` is
 replaced by a no-op); model loading is excluded on both sides (models are loaded before timing).
@@ -261,7 +261,7 @@ def main():
 
     from fedkt import registry
     from fedkt.models import load_adapter_state, resolve
-    from fedkt.runs import run_method
+    from fedkt.experiment import run_method
     from fedkt.simulation import Simulation
 
     tmp = Path(tempfile.mkdtemp(prefix="fedkt-overhead-"))

@@ -65,7 +65,7 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
     """Run the golden experiment for ``method`` (``extra_sets``: --set overrides); return its outcome."""
     import fedkt.train as T
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     losses: list[float] = []
     orig = T.train_loop

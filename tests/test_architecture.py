@@ -1,5 +1,5 @@
 """The architecture's promises: clients own their side, the registry feeds config/CLI/report, FedProx is
-one file, and the review's fixes (aux de-dup, per-client bytes, derive seeds)."""
+one file, the auxiliary set excludes client rows, bytes are per client and round, derive seeds come from the config."""
 
 import ast
 import dataclasses
@@ -14,8 +14,8 @@ from fedkt.clients import ClientContext, StateStore
 from fedkt.config import ConfigError, ExperimentConfig
 from fedkt.registry import load_config
 from fedkt.registry import MethodSpec
-from fedkt.results import MethodResult, RunResults
-from fedkt.runs import run_experiment
+from fedkt.run_results import MethodResult, RunResults
+from fedkt.experiment import run_experiment
 from fedkt.server import ServerContext
 from fedkt.simulation import Simulation
 
@@ -70,7 +70,7 @@ def test_clients_own_their_side(tmp_path, model_dirs, data_dir):
 
 
 def test_client_side_modules_never_import_the_server_side():
-    server_side = {"fedkt.server", "fedkt.rounds", "fedkt.runs", "fedkt.simulation", "fedkt.registry",
+    server_side = {"fedkt.server", "fedkt.rounds", "fedkt.experiment", "fedkt.simulation", "fedkt.registry",
                    "fedkt.algorithms"}
     for f in ("clients.py", "federation/base.py", "federation/local.py", "federation/codec.py"):
         tree = ast.parse((SRC / f).read_text())

@@ -144,3 +144,29 @@ def test_derive_section_paths_resolve_against_its_file(tmp_path):
     p.write_text('[derive]\nparent = "models/llm"\nout = "out/slm"\ndata_dir = "data"\n')
     cfg = load_section(DeriveConfig, p, "derive", ['data_dir="x"'])
     assert (cfg.parent, cfg.out, cfg.data_dir) == (str(tmp_path / "models" / "llm"), str(tmp_path / "out" / "slm"), "x")
+
+
+def test_config_loading_knows_only_the_methods_it_is_given():
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from fedkt.config import load_experiment
+
+    @dataclass
+    class MineConfig:
+        k: int = 1
+
+    @dataclass
+    class OtherConfig:
+        k: int = 7
+
+    methods = {"mine": SimpleNamespace(config=MineConfig, needs_llm=False)}
+    cfg = load_experiment(None, ['methods=["mine"]', "mine.k=5"], methods)
+    assert cfg.section(MineConfig) == MineConfig(k=5) and cfg.to_dict()["mine"] == {"k": 5}
+    assert cfg.section(OtherConfig) == OtherConfig(k=7)  # a section the config does not hold: its defaults
+    with pytest.raises(TypeError, match=r"section\(\) takes the section's config class"):
+        cfg.section("mine")
+    with pytest.raises(ConfigError, match=r"methods\[0\] = 'fedavg' is not a method; allowed values: mine"):
+        load_experiment(None, ['methods=["fedavg"]'], methods)
+    with pytest.raises(ConfigError, match=r"unknown key fedcollm in the top level; allowed keys: .*, mine$"):
+        load_experiment(None, ["fedcollm.kd_steps=1"], methods)

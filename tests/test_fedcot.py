@@ -14,7 +14,7 @@ from fedkt.data.collate import collate_sft
 from fedkt.data.tasks import Example
 from fedkt.losses import answer_ce
 from fedkt.models import add_lora, load_model
-from fedkt.runs import run_experiment
+from fedkt.experiment import run_experiment
 
 from test_runs import tiny_config
 
@@ -191,7 +191,7 @@ def test_report_has_privacy_and_audit_tables(tmp_path, model_dirs, data_dir, rec
     assert "Contextual attack on" in report and "contextual (LM beam): tokens / canaries" in report
 
 
-from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
+from test_text_generators import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
 
 
 def test_fedcot_with_an_openai_compatible_llm(tmp_path, model_dirs, data_dir, recorded, stub):

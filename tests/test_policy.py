@@ -214,7 +214,7 @@ def test_client_refuses_a_kit_it_did_not_pin(kit_dir, tmp_path, model_dirs):
 
 # ------------------------------------------------------------------------------ the failure policy
 def test_a_refusing_client_is_skipped_and_the_round_goes_on(tmp_path, model_dirs, data_dir, monkeypatch):
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
     from fedkt.simulation import Simulation
     from test_runs import tiny_config
 

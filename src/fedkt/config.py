@@ -38,8 +38,10 @@ class ModelConfig:
     slm: str = field(default="builtin:smollm2-135m", metadata=PATH)
     """The clients' small model: ``builtin:NAME``, a local HF directory, a ``.gguf`` file or ``hf:ORG/NAME``."""
     llm: str = field(default="", metadata=PATH)
-    """The server's large model (FedCoLLM, centralized LLM baseline); same forms as ``slm``."""
+    """The server's large model; same forms as ``slm``. Needed by the methods that say so (``fedkt methods``);
+    adds LLM rows to ``zero_shot`` and ``centralized``."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype of every model the run loads."""
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
 
@@ -47,9 +49,13 @@ class ModelConfig:
 @dataclass
 class LoraSettings:
     r: int = 8
+    """LoRA rank."""
     alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """LoRA dropout, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names LoRA wraps."""
 
     def __post_init__(self):
         check_positive(self, "r")
@@ -66,10 +72,13 @@ class DataConfig:
     eval_tasks: list[str] = field(default_factory=list)
     """Tasks to evaluate on; empty means the same as ``tasks``."""
     train_split: str = "train"
+    """Split of ``tasks`` the clients' data comes from."""
     eval_split: str = "test"
+    """Split evaluated on."""
     max_train_examples: int = 0
     """Cap on training examples per task before partitioning (0 = all); a seeded subsample."""
     on_bad_line: Literal["error", "skip"] = "error"
+    """"error": a bad row stops with ``file:line: reason``; "skip": it is skipped and the count warned."""
 
     def __post_init__(self):
         for key, tasks in (("tasks", self.tasks), ("eval_tasks", self.eval_tasks)):
@@ -80,7 +89,9 @@ class DataConfig:
 @dataclass
 class PartitionConfig:
     num_clients: int = 4
+    """K, the number of clients."""
     scheme: Literal["iid", "dirichlet", "files"] = "iid"
+    """How the training data is split: "iid", "dirichlet" (over ``key``, concentration ``alpha``) or "files" (one JSONL per client)."""
     alpha: float = 0.5
     """Dirichlet concentration (scheme = "dirichlet"); smaller is more skewed."""
     key: str = "answer"
@@ -88,7 +99,8 @@ class PartitionConfig:
     files: list[str] = field(default_factory=list, metadata=PATH)
     """One JSONL file per client (scheme = "files")."""
     aux_size: int = 200
-    """Examples held out of the training data as the server's auxiliary (public) set."""
+    """Examples held out of the training data as the server's auxiliary (public) set, disjoint from the clients'
+    data."""
 
     def __post_init__(self):
         check_positive(self, "num_clients", "alpha")
@@ -98,17 +110,25 @@ class PartitionConfig:
 @dataclass
 class TrainConfig:
     lr: float = 3e-4
+    """AdamW learning rate."""
     epochs: float = 1.0
     """Local epochs per round (standalone/centralized train ``epochs * rounds`` in total)."""
     max_steps: int = 0
     """If > 0, caps optimizer steps per training call (overrides epochs)."""
     batch_size: int = 8
+    """Examples per forward pass."""
     grad_accum: int = 1
+    """Forward passes per optimizer step."""
     max_length: int = 256
+    """Tokens per example; long prompts are cut from the left, answers kept."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_ratio: float = 0.05
+    """Fraction of the steps the learning rate warms up over."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warm-up."""
     max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
 
     def __post_init__(self):
         check_positive(self, "batch_size", "grad_accum", "max_length", "lr")
@@ -122,6 +142,7 @@ class EvalConfig:
     batch_size: int = 32
     """Sequences per forward pass (a multiple-choice question contributes one per choice)."""
     every_round: bool = True
+    """Evaluate after every round (else only after the last)."""
     max_new_tokens: int = 256
     """GSM8K greedy generation budget."""
 
@@ -132,6 +153,7 @@ class EvalConfig:
 @dataclass
 class FederationConfig:
     rounds: int = 3
+    """T, the number of federated rounds."""
     on_client_failure: Literal["stop", "skip"] = "stop"
     """A failing client stops the run ("stop") or is reported and left out of the round ("skip")."""
     min_clients: int = 1
@@ -142,11 +164,14 @@ class FederationConfig:
     timeout_s: float = 1800.0
     """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (finite: > 0)."""
     round_deadline_s: float = 7200.0
-    """Flower runtime: seconds from a round's first call after which its calls wait for nobody (finite: > 0)."""
+    """Flower runtime: seconds from a round's first call after which its calls wait for nobody (each call waits
+    at most ``min(timeout_s, what is left)``): one hung client costs a round at most this. SecAgg+ stages are
+    bounded by ``timeout_s`` each (finite: > 0)."""
     max_payload_mb: float = 2047.0
     """Flower runtime: payloads (either direction) above this many MiB are refused with an error."""
     secagg_min_clients: int = 3
-    """Secure aggregation refuses to run over fewer clients (>= 3: with 2, each learns the other's update)."""
+    """Secure aggregation refuses to run over fewer clients (>= 3: with 2, each learns the other's update); also
+    checked against ``partition.num_clients``."""
     secagg_reconstruction_threshold: float = 0.5
     """SecAgg+: shares needed to rebuild a secret (a fraction of the clients, or an integer count)."""
     secagg_max_weight: float = 1000.0
@@ -154,7 +179,8 @@ class FederationConfig:
     secagg_clipping_range: float = 8.0
     """SecAgg+: (weight-scaled) update values are clipped to [-c, c] before quantisation."""
     secagg_quantization_range: int = 2**22
-    """SecAgg+: quantisation levels over [-c, c] (grid step 2c/q; the per-round error bound is reported)."""
+    """SecAgg+: quantisation levels over [-c, c] (grid step 2c/q); the per-round error bound
+    (``secagg.<method>.error_bound`` in ``per_round``) is ``n·2c/q / Σ(wᵢ/W)``."""
     secagg_modulus_range: int = 2**32
     """SecAgg+: the masking modulus (a power of two, >= clients x quantization range)."""
 
@@ -164,7 +190,7 @@ class FederationConfig:
         for key in ("timeout_s", "round_deadline_s"):
             v = getattr(self, key)
             check(v > 0 and v != float("inf"), f"federation.{key} must be a finite number of seconds > 0, got {v} "
-                  "(0 no longer means 'wait for ever': a hung client would stall the run)")
+                  "(0 does not mean 'wait for ever': a hung client would stall the run)")
         check(self.secagg_min_clients >= 3,
               f"secagg_min_clients = {self.secagg_min_clients}: secure aggregation needs at least 3 clients "
               "(with 2, each client learns the other's update from the mean); raise it to 3 or more")
@@ -177,8 +203,11 @@ class FederationConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
+    """Run name (the run directory is ``runs/NAME-TIME`` unless ``--out``)."""
     seed: int = 0
+    """Every random choice derives from it."""
     methods: list[str] = field(default_factory=lambda: ["zero_shot", "standalone", "fedavg"])
+    """Registered methods to run, in order (``fedkt methods`` lists them)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -227,10 +256,9 @@ def config_sections(methods: Mapping[str, MethodSchema]) -> dict[str, type]:
 def validate(cfg: ExperimentConfig, methods: Mapping[str, MethodSchema]) -> ExperimentConfig:
     """Cross-section checks that no single section can make (each section validates itself); ``methods``
     are the known methods by name."""
-    known = methods
     for i, m in enumerate(cfg.methods):
-        if m not in known:
-            raise ConfigError(f"methods[{i}] = {m!r} is not a method; allowed values: {', '.join(known)}")
+        if m not in methods:
+            raise ConfigError(f"methods[{i}] = {m!r} is not a method; allowed values: {', '.join(methods)}")
     if not cfg.data.tasks and cfg.partition.scheme != "files":
         raise ConfigError("data.tasks must name at least one task")
     if cfg.partition.scheme == "files" and len(cfg.partition.files) != cfg.partition.num_clients:
@@ -245,7 +273,7 @@ def validate(cfg: ExperimentConfig, methods: Mapping[str, MethodSchema]) -> Expe
             f"aggregation needs at least federation.secagg_min_clients = {f.secagg_min_clients} clients (with 2, "
             "each client learns the other's update from the mean); add clients or turn secure_aggregation off")
     for m in cfg.methods:
-        if known[m].needs_llm and not cfg.model.llm:
+        if methods[m].needs_llm and not cfg.model.llm:
             raise ConfigError(f"method {m!r} needs a server LLM: set model.llm")
     return cfg
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from fedkt.builtin_models import ensure_builtin
@@ -200,8 +201,6 @@ def save_adapter(model, state: dict[str, torch.Tensor] | None, path: str | Path)
 
 def load_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a peft adapter directory's weights (peft key names, as ``get_adapter_state`` gives)."""
-    from safetensors.torch import load_file
-
     f = Path(path) / "adapter_model.safetensors"
     if not f.is_file():
         raise ModelLoadError(f"{path} holds no adapter_model.safetensors (not a peft adapter directory)")

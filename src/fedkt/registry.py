@@ -26,7 +26,7 @@ from fedkt.config import ExperimentConfig, experiment_from_dict, load_experiment
 
 if TYPE_CHECKING:
     from fedkt.clients import Handler
-    from fedkt.results import MethodResult
+    from fedkt.run_results import MethodResult
     from fedkt.rounds import RoundAlgorithm
     from fedkt.server import ServerContext
 

@@ -54,7 +54,7 @@ from fedkt.fdkt_server import augment, filter_clusters, filter_scored, question_
 from fedkt.models import get_adapter_state, save_adapter
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
-from fedkt.results import MethodResult
+from fedkt.run_results import MethodResult
 from fedkt.seeds import derive_seed
 
 
@@ -301,7 +301,7 @@ def client_epsilons(cfg: FDKTConfig, clients: list[str]) -> dict[str, float]:
 
 def llm_generator(server, cfg: FDKTConfig):
     """The server LLM as a text generator: an ``openai:`` server, or the local LLM (its initial adapter)."""
-    from fedkt.backends import HFGenerator, make_generator
+    from fedkt.text_generators import HFGenerator, make_generator
 
     spec = server.cfg.model.llm
     if spec.startswith("openai:"):

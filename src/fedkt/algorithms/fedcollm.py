@@ -68,13 +68,17 @@ class FedCoLLMConfig:
     kd_steps: int = 20
     """R: optimizer steps of mutual distillation on the auxiliary set per round (per model)."""
     kd_lambda: float = 1.0
+    """λ: weight of the distillation term against each model's own supervised loss."""
     temperature: float = 2.0
     """T: both distributions are softened by T and the KL is multiplied by T²; T = 1 is the plain KL."""
     top_k: int = 0
     """0: KL over the full vocabulary; k > 0: over the teacher's top-k logits (FATE default 128)."""
     lr_slm: float = 3e-4
+    """η_θ: the SLM's learning rate during distillation."""
     lr_llm: float = 3e-4
+    """η_ω: the LLM's learning rate during distillation."""
     batch_size: int = 8
+    """Auxiliary examples per distillation step."""
     kd_tokens: Literal["all", "answer"] = "all"
     """Positions the KL is taken over: every non-padding token, or only the answer tokens."""
     kl_direction: Literal["forward", "reverse"] = "forward"
@@ -252,22 +256,6 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
     out.update({f"{k}_last": v[-1] for k, v in hist.items() if v})
     out["steps"] = len(batches)
     return out
-
-
-@torch.no_grad()
-def kd_divergence(slm, llm, tok, examples, cfg: FedCoLLMConfig, max_length: int) -> dict[str, float]:
-    """Mean KD terms on ``examples`` (no update): how far apart the two models are. ``kl_g`` is the SLM's
-    (KL(f‖g) with ``kl_direction = "forward"``), ``kl_f`` the LLM's (KL(g‖f))."""
-    data = tokenize_examples(tok, examples, max_length)
-    tot = {"kl_g": 0.0, "kl_f": 0.0}
-    n = 0
-    for s in range(0, len(data), cfg.batch_size):
-        batch = collate_sft(data[s:s + cfg.batch_size], tok.pad_token_id)
-        losses = mutual_losses(slm, llm, batch, cfg)
-        for k in tot:
-            tot[k] += losses[k].item() * len(batch["input_ids"])
-        n += len(batch["input_ids"])
-    return {k: v / n for k, v in tot.items()}
 
 
 class FedCoLLM(RoundAlgorithm):

@@ -9,7 +9,7 @@ from the server operator's ``nodes.toml``: each client is served only by the nod
 empty in insecure trials). The SuperNodes run this app only if it is file for file the one their own
 fedkt writes (:mod:`fedkt.federation.flower_node_app`).
 
-* **Server** (:func:`server_main`): :func:`fedkt.runs.run_experiment` with a :class:`ServerContext`
+* **Server** (:func:`server_main`): :func:`fedkt.experiment.run_experiment` with a :class:`ServerContext`
   whose federation is a :class:`FlowerFederation` over the Grid: the same round driver, checkpoints,
   results and report as in process. With ``resume`` it continues each method from its last completed
   round checkpoint in ``out`` (the nodes' client state comes back from their workdirs). The server's
@@ -74,7 +74,7 @@ class ExperimentContextFactory:
         if client["cid"] != cid:
             raise ValueError(f"node serves client {cid!r} but its client file is for {client['cid']!r}")
         cfg = experiment_from_text(text)
-        from fedkt.runs import set_threads
+        from fedkt.experiment import set_threads
 
         set_threads(cfg)  # the node's torch, as the server's
         spec = ClientSpec(cid=cid, model=client.get("model", cfg.model.slm), dtype=cfg.model.dtype, lora=cfg.lora,
@@ -129,7 +129,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     rc = context.run_config
     cfg = experiment_from_text(str(rc["experiment"]))

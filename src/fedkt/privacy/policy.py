@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
 from fedkt.config import check
 
 if TYPE_CHECKING:
@@ -166,8 +168,6 @@ def model_sha256(model) -> str:
     """sha256 of a model's base weights: every parameter and buffer other than LoRA's, by name (peft's
     wrapper prefixes removed, so a plain ``load_model`` and fedkt's LoRA-wrapped copy agree), dtype,
     shape and bytes, in name order. Cached on the model object."""
-    import torch
-
     cached = getattr(model, "_fedkt_sha256", None)
     if cached is not None:
         return cached
@@ -263,7 +263,7 @@ def check_request(ctx: "ClientContext", method: str, name: str, fn: Callable, ms
 def guard(method: str, handlers: dict[str, "Handler"]) -> dict[str, "Handler"]:
     """``handlers`` wrapped so that each checks the request against the client's policy before running
     and the reply against the outbound allow-list before it is sent (what a method registers)."""
-    from fedkt.privacy.outbound import check_reply
+    from fedkt.privacy.outbound import check_reply  # deferred: outbound imports policy back (a known circle)
 
     def wrap(name: str, fn: "Handler") -> "Handler":
         @functools.wraps(fn)
