@@ -91,7 +91,8 @@ class PartitionConfig:
     num_clients: int = 4
     """K, the number of clients."""
     scheme: Literal["iid", "dirichlet", "files"] = "iid"
-    """How the training data is split: "iid", "dirichlet" (over ``key``, concentration ``alpha``) or "files" (one JSONL per client)."""
+    """How the training data is split: "iid", "dirichlet" (over ``key``, concentration ``alpha``) or "files"
+    (one JSONL per client)."""
     alpha: float = 0.5
     """Dirichlet concentration (scheme = "dirichlet"); smaller is more skewed."""
     key: str = "answer"
