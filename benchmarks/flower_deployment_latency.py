@@ -111,10 +111,10 @@ def main():
 
     import torch
 
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
     from fedkt.data.tasks import bundled_dir
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="fedkt-flower-latency-"))

@@ -27,10 +27,10 @@ import torch
 pytest.importorskip("flwr")
 
 from conftest import write_arc  # noqa: E402
-from fedkt.config import load_config  # noqa: E402
+from fedkt.registry import load_config  # noqa: E402
 from fedkt.federation.flower_deploy import LocalFlowerDeployment  # noqa: E402
 from fedkt.models import load_adapter_state  # noqa: E402
-from fedkt.runs import run_experiment  # noqa: E402
+from fedkt.experiment import run_experiment  # noqa: E402
 
 CLIENTS = ["client0", "client1"]
 

@@ -504,7 +504,7 @@ def test_fedavg_run_with_a_hostile_client_keeps_results_and_checkpoints_intact(t
 
     from fedkt.models import load_adapter_state
     from fedkt.rounds import Checkpoints
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     from fedkt import registry
 

@@ -41,7 +41,7 @@ def test_unlisted_key_is_refused_before_sending():
 def test_every_outbound_key_of_every_method_is_justified(tmp_path, model_dirs, data_dir, monkeypatch):
     """Run every method that calls clients (tiny models, one round) and enumerate every reply's keys."""
     from fedkt.federation.local import LocalFederation
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
     from test_runs import tiny_config
 
     monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))

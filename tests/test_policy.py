@@ -10,9 +10,11 @@ import torch
 
 from fedkt import registry
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec
-from fedkt.config import ConfigError, LoraSettings, from_dict, load_config
+from fedkt.config import ConfigError, LoraSettings, from_dict
+from fedkt.registry import load_config
 from fedkt.federation.base import Message
-from fedkt.privacy.policy import SECURE_AGGREGATION, ClientPolicy, PolicyViolation, model_sha256, policy_for_experiment
+from fedkt.privacy.policy import SECURE_AGGREGATION, ClientPolicy, PolicyViolation, model_sha256
+from fedkt.simulation import policy_for_experiment
 
 
 def handler(method, name):
@@ -212,7 +214,7 @@ def test_client_refuses_a_kit_it_did_not_pin(kit_dir, tmp_path, model_dirs):
 
 # ------------------------------------------------------------------------------ the failure policy
 def test_a_refusing_client_is_skipped_and_the_round_goes_on(tmp_path, model_dirs, data_dir, monkeypatch):
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
     from fedkt.simulation import Simulation
     from test_runs import tiny_config
 

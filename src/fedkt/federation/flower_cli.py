@@ -277,13 +277,14 @@ def run_log(run_id: int, home: str | Path, connection: str = CONNECTION, bin_dir
     return res.stdout + res.stderr
 
 
-def run_experiment(config: str | Path, out: str | Path, home: str | Path, resume: bool = False,
-                   overrides: list[str] | None = None, timeout: float = 24 * 3600.0,
-                   bin_dir: Path | None = None, nodes: dict[str, int] | None = None) -> tuple[int, str]:
+def submit_experiment(config: str | Path, out: str | Path, home: str | Path, resume: bool = False,
+                      overrides: list[str] | None = None, timeout: float = 24 * 3600.0,
+                      bin_dir: Path | None = None, nodes: dict[str, int] | None = None) -> tuple[int, str]:
     """Submit experiment ``config`` to the SuperLink of ``home``'s connection; the ServerApp writes the run
     directory ``out`` on the SuperLink's machine. ``nodes``: the allow-list (client id -> node id) the
     ServerApp enforces (None: any node that names itself, insecure trials only). Returns (run id, status)."""
-    from fedkt.config import dump_toml, load_config
+    from fedkt.config import dump_toml
+    from fedkt.registry import load_config
     from fedkt.federation.flower_experiment import write_app
 
     cfg = load_config(config, overrides or [])

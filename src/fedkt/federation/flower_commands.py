@@ -133,7 +133,7 @@ def cli_run(config: Path = typer.Argument(..., help="Experiment TOML."),
             nodes = allowed.node_ids()
     except CredentialError as e:
         _fail(e)
-    run_id, status = fc.run_experiment(config, out, home, resume, set_, nodes=nodes)
+    run_id, status = fc.submit_experiment(config, out, home, resume, set_, nodes=nodes)
     typer.echo(f"run {run_id}: {status}")
     if status != "finished:completed":
         typer.echo(fc.run_log(run_id, home)[-4000:], err=True)

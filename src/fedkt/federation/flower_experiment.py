@@ -9,7 +9,7 @@ from the server operator's ``nodes.toml``: each client is served only by the nod
 empty in insecure trials). The SuperNodes run this app only if it is file for file the one their own
 fedkt writes (:mod:`fedkt.federation.flower_node_app`).
 
-* **Server** (:func:`server_main`): :func:`fedkt.runs.run_experiment` with a :class:`ServerContext`
+* **Server** (:func:`server_main`): :func:`fedkt.experiment.run_experiment` with a :class:`ServerContext`
   whose federation is a :class:`FlowerFederation` over the Grid: the same round driver, checkpoints,
   results and report as in process. With ``resume`` it continues each method from its last completed
   round checkpoint in ``out`` (the nodes' client state comes back from their workdirs). The server's
@@ -27,15 +27,14 @@ import tomllib
 from pathlib import Path
 
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler
-from fedkt.config import ConfigError, ExperimentConfig, from_dict, validate
+from fedkt.config import ConfigError, ExperimentConfig
 from fedkt.federation import flower  # sets FLOWER_ENV before flwr is imported
-from fedkt.federation.flower import SPEC_KEY, FlowerFederation, make_client_app
+from fedkt.federation.flower import SCOPE_SEP, SPEC_KEY, FlowerFederation, make_client_app
 from fedkt.federation.flower_cli import load_client_file
 
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-SEP = "__"
 
 
 def experiment_from_text(text: str) -> ExperimentConfig:
@@ -43,13 +42,15 @@ def experiment_from_text(text: str) -> ExperimentConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"run config 'experiment' is not valid TOML: {e}") from e
-    return validate(from_dict(ExperimentConfig, data))
+    from fedkt import registry
+
+    return registry.config_from_dict(data)
 
 
 def experiment_handlers() -> dict[str, Handler]:
     from fedkt import registry
 
-    return {f"{name}{SEP}{h}": fn for name, spec in registry.methods().items()
+    return {f"{name}{SCOPE_SEP}{h}": fn for name, spec in registry.methods().items()
             for h, fn in (spec.handlers or {}).items()}
 
 
@@ -73,7 +74,7 @@ class ExperimentContextFactory:
         if client["cid"] != cid:
             raise ValueError(f"node serves client {cid!r} but its client file is for {client['cid']!r}")
         cfg = experiment_from_text(text)
-        from fedkt.runs import set_threads
+        from fedkt.experiment import set_threads
 
         set_threads(cfg)  # the node's torch, as the server's
         spec = ClientSpec(cid=cid, model=client.get("model", cfg.model.slm), dtype=cfg.model.dtype, lora=cfg.lora,
@@ -114,7 +115,7 @@ def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid, nodes: dict[
         return FlowerFederation(grid, None, on_failure=f.on_client_failure, timeout=f.timeout_s,
                                 round_deadline=f.round_deadline_s, allowed_nodes=nodes,
                                 max_bytes=int(f.max_payload_mb * 2**20), min_clients=f.min_clients,
-                                action_prefix=f"{spec.name}{SEP}", num_clients=cfg.partition.num_clients,
+                                action_prefix=f"{spec.name}{SCOPE_SEP}", num_clients=cfg.partition.num_clients,
                                 secagg=flower_secagg.SecAggSettings.from_config(f),
                                 secagg_journal=out / "secagg_journal" / spec.name)
 
@@ -128,7 +129,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     rc = context.run_config
     cfg = experiment_from_text(str(rc["experiment"]))
