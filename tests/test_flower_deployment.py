@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from fedkt.federation import Message, codec
-from fedkt.federation.flower import FlowerFederation, make_client_app
+from fedkt.federation.flower import FlowerFederation
+from fedkt.federation.flower_client_app import make_client_app
 from flwr.serverapp import ServerApp
 
 MARK = Path(os.environ["FEDKT_TEST_MARK_DIR"])

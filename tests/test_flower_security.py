@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from fedkt.federation import Message
-from fedkt.federation.flower import FlowerFederation, make_client_app
+from fedkt.federation.flower import FlowerFederation
+from fedkt.federation.flower_client_app import make_client_app
 from flwr.app import Message as FlMessage, RecordDict
 from flwr.serverapp import ServerApp
 

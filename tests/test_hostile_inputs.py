@@ -311,7 +311,8 @@ def test_client_app_refuses_unknown_handler_and_malformed_payload():
     from flwr.app import Message as FlMessage
 
     from fedkt.federation import flower_codec
-    from fedkt.federation.flower import FlowerFederation, _error_of
+    from fedkt.federation.flower import FlowerFederation
+    from fedkt.federation.flower_protocol import error_of
 
     fed = FlowerFederation.in_process(["c0", "c1"], {"fit": lambda ctx, m: honest_reply(ctx.cid, m.tensors)},
                                       on_failure="skip", timeout=30)
@@ -327,9 +328,9 @@ def test_client_app_refuses_unknown_handler_and_malformed_payload():
                                           "fedkt.header": ConfigRecord({
                                               "version": 1, "texts": "[]", "meta": "[" * 5000 + "]" * 5000,
                                               "dtypes": "{}"})}))
-        assert r.has_error() and "nested deeper than 64" in str(_error_of(r))
+        assert r.has_error() and "nested deeper than 64" in str(error_of(r))
         r = ask("query.fit", flower_codec.encode(Message(tensors=STATE, meta={"round": 1, "epochs": 1e9})))
-        assert r.has_error() and "epochs = 1000000000.0" in str(_error_of(r))
+        assert r.has_error() and "epochs = 1000000000.0" in str(error_of(r))
         got = fed.call("fit", {"c0": Message(tensors=STATE, meta={"round": 1, "epochs": 1})}, round=1)
         assert torch.allclose(got["c0"].tensors["lora_A"], STATE["lora_A"] + 0.1)
     finally:
@@ -420,7 +421,10 @@ def test_hostile_flower_records_are_that_clients_failure(flower_hostile, case, m
 def test_duplicate_identify_replies_refuse_both_nodes(capsys):
     """Two nodes claim client c0: neither is trusted; the others are served, and a run over them works."""
     pytest.importorskip("flwr")
-    from fedkt.federation.flower import CLIENT_ID_KEY, FlowerFederation, InProcessFlower, make_client_app
+    from fedkt.federation.flower import FlowerFederation
+    from fedkt.federation.flower_client_app import make_client_app
+    from fedkt.federation.flower_engine import InProcessFlower
+    from fedkt.federation.flower_spec import CLIENT_ID_KEY
 
     engine = InProcessFlower(make_client_app({"fit": lambda ctx, m: honest_reply(ctx.cid, m.tensors)}),
                              ["c0", "c1", "c2", "c3"], node_configs={"c3": {CLIENT_ID_KEY: "c0"}})

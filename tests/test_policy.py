@@ -107,7 +107,7 @@ def test_client_file_policy_table_and_secret_seed(tmp_path):
 
 
 def test_spec_json_carries_the_policy(tmp_path):
-    from fedkt.federation.flower import spec_from_json, spec_to_json
+    from fedkt.federation.flower_spec import spec_from_json, spec_to_json
 
     spec = ClientSpec(cid="a", model="m", policy=ClientPolicy(fdkt_max_epsilon=2.0, max_epochs=math.inf),
                       simulation=True)

@@ -29,7 +29,9 @@ from pathlib import Path
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler
 from fedkt.config import ConfigError, ExperimentConfig, from_dict, validate
 from fedkt.federation import flower  # sets FLOWER_ENV before flwr is imported
-from fedkt.federation.flower import SPEC_KEY, FlowerFederation, make_client_app
+from fedkt.federation.flower import FlowerFederation
+from fedkt.federation.flower_client_app import make_client_app
+from fedkt.federation.flower_spec import SPEC_KEY
 from fedkt.federation.flower_cli import load_client_file
 
 from flwr.app import Context  # noqa: E402
