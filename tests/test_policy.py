@@ -89,7 +89,7 @@ def test_policy_validates_itself_and_reads_from_a_table():
 
 
 def test_client_file_policy_table_and_secret_seed(tmp_path):
-    from fedkt.federation.flower_cli import load_client_file
+    from fedkt.federation.flower_client_file import load_client_file
 
     f = tmp_path / "client.toml"
     f.write_text('[client]\ncid = "h1"\nsecret_seed = "00112233445566778899aabbccddeeff"\n\n'

@@ -13,7 +13,7 @@ by that name). It runs Flower's own ``run_clientapp`` with two steps replaced:
 
 * **install** (``install_from_fab``): nothing is unpacked or installed; the FAB's files are compared
   with the files of the node's **trusted app directory** (``FEDKT_TRUSTED_APP``, written by the client
-  organisation from its own fedkt installation: :func:`fedkt.federation.flower_experiment.write_app`).
+  organisation from its own fedkt installation: :func:`fedkt.federation.flower_app_files.write_app`).
   Every file must be byte-identical and no file may be missing or extra (``.info/`` excepted); else the
   message is answered with a Flower error naming the differing files, and the node logs it.
 * **load** (``get_load_client_app_fn``): the ClientApp is imported from the trusted directory (and the
