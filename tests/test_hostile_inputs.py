@@ -21,6 +21,7 @@ import torch
 from fedkt.algorithms.fedavg import fit_round
 from fedkt.clients import ClientContext
 from fedkt.federation import AllClientsFailed, ClientFailure, Message, codec, local
+from fedkt import message
 from fedkt.federation import validate
 from fedkt.federation.local import LocalFederation
 
@@ -276,11 +277,11 @@ def test_weighted_mean_and_fedavg_aggregate_refuse_bad_states(bad, msg):
 def test_json_scan_never_recurses():
     bomb = "[" * 1_000_000 + "]" * 1_000_000
     with pytest.raises(validate.ReplyError, match="nested deeper than 64"):
-        validate.loads(bomb, "x")
+        message.loads(bomb, "x")
     # brackets inside strings do not count; escaped quotes do not end a string
-    assert validate.loads(json.dumps({"a": "[[[[" * 100 + '\\"]]' + "{" * 100}), "x")["a"].startswith("[[[[")
+    assert message.loads(json.dumps({"a": "[[[[" * 100 + '\\"]]' + "{" * 100}), "x")["a"].startswith("[[[[")
     with pytest.raises(validate.ReplyError, match="names the key 'a' twice"):
-        validate.loads('{"a": 1, "a": 2}', "x")
+        message.loads('{"a": 1, "a": 2}', "x")
 
 
 # ------------------------------------------------------------------------ hostile server: absurd requests

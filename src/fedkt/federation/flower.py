@@ -66,13 +66,14 @@ from fedkt import progress
 from fedkt.clients import ClientSpec, Handler
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
 from fedkt.federation import flower_node_auth, flower_secagg, secagg_guard
-from fedkt.federation.base import Aggregate, AllClientsFailed, Delivery, Federation, Message
+from fedkt.federation.base import Aggregate, AllClientsFailed, Delivery, Federation
 from fedkt.federation.flower_client_app import ContextFactory, make_client_app
 from fedkt.federation.flower_engine import InProcessFlower
 from fedkt.federation.flower_protocol import CATEGORY, IDENTIFY, error_of
 from fedkt.federation.flower_spec import CLIENT_ID_KEY, SPEC_KEY, spec_to_json
 from fedkt.federation.secagg_guard import AggregationJournal
 from fedkt.federation.validate import as_layout, escape
+from fedkt.message import Message
 
 from flwr.app import Message as FlMessage  # noqa: E402  (after FLOWER_ENV)
 from flwr.serverapp import Grid  # noqa: E402

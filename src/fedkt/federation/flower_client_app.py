@@ -21,7 +21,7 @@ from collections.abc import Callable
 from fedkt.clients import ClientContext, ClientFactory, Handler
 from fedkt.federation import flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
 from fedkt.federation import flower_secagg
-from fedkt.federation.base import Message
+from fedkt.message import Message
 from fedkt.federation.flower_protocol import IDENTIFY, SCOPE_SEP, client_id_of, error_reply
 from fedkt.federation.flower_spec import SPEC_KEY, spec_from_json, spec_text
 from fedkt.federation.flower_state import ContextStateStore, DirStateStore, restore_state

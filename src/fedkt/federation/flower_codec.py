@@ -41,8 +41,8 @@ set_flower_env()  # before the first flwr import: flwr reads telemetry settings 
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
-from fedkt.federation.base import Message  # noqa: E402
-from fedkt.federation.validate import loads  # noqa: E402
+from fedkt.message import Message  # noqa: E402
+from fedkt.message import loads  # noqa: E402
 
 VERSION = 1
 TENSORS_KEY = "fedkt.tensors"

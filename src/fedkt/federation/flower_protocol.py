@@ -20,7 +20,7 @@ from typing import Any
 
 from fedkt.federation import flower_codec  # noqa: F401  (sets FLOWER_ENV before flwr is imported)
 from fedkt.federation.flower_spec import CLIENT_ID_KEY, SPEC_KEY, spec_text
-from fedkt.federation.validate import loads
+from fedkt.message import loads
 
 from flwr.app import Context, Error, RecordDict  # noqa: E402  (after FLOWER_ENV)
 from flwr.app import Message as FlMessage  # noqa: E402

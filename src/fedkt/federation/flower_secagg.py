@@ -57,7 +57,8 @@ import numpy as np
 import torch
 
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
-from fedkt.federation.base import Message, reply_weight
+from fedkt.federation.base import reply_weight
+from fedkt.message import Message
 from fedkt.federation.flower_codec import DTYPES_BY_NAME
 from fedkt.federation.flower_protocol import error_of, flower_wire_bytes
 from fedkt.privacy.policy import SECURE_AGGREGATION

@@ -31,10 +31,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedkt.federation import codec
-from fedkt.federation.base import Message
 from fedkt.federation.flower_codec import DTYPES_BY_NAME  # sets FLOWER_ENV before flwr is imported
 from fedkt.federation.flower_secagg import LAYOUT_KEY, META_KEY
-from fedkt.federation.validate import Layout, ReplyError, check_reply, check_weight, loads
+from fedkt.federation.validate import Layout, check_reply, check_weight
+from fedkt.message import Message, ReplyError, loads
 
 import flwr.compat.common.recorddict_compat as compat  # noqa: E402
 from flwr.common import bytes_to_ndarray  # noqa: E402

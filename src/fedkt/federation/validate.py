@@ -20,23 +20,22 @@ What is checked:
   :data:`MAX_WEIGHT`, and at most the client's declared example count when the federation knows it (the
   first count a client reported is pinned for the rest of the run).
 
-JSON is parsed by :func:`loads`, which refuses oversized or too deeply nested text *before* ``json``
-recurses into it (an iterative scan), so a nested bomb is a ``ReplyError``, never a ``RecursionError``.
+JSON a peer sends is parsed by :func:`fedkt.message.loads` (size and depth checked before parsing).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from rich.markup import escape as rich_escape
 
-MAX_JSON_DEPTH = 64
-"""Deepest nesting of arrays/objects accepted in any JSON a peer sends (fedkt's own need at most 4)."""
-MAX_JSON_BYTES = 256 * 2**20
-"""Largest JSON text parsed from a peer (texts of a whole client's data set fit far below it)."""
+from fedkt.message import Message, ReplyError, check_json_text
+
 MAX_META_BYTES = 8 * 2**20
 """Largest JSON of one reply's meta."""
 MAX_TEXTS = 1_000_000
@@ -45,81 +44,6 @@ MAX_WEIGHT = float(2**31 - 1)
 """Largest aggregation weight (example count) a reply may declare."""
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 """dtypes an adapter reply's tensors may have."""
-
-
-class ReplyError(ValueError):
-    """A reply (or a payload) that fails its schema; the message names the field and what was expected."""
-
-
-# ------------------------------------------------------------------------------------------------- JSON
-def check_json_text(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES,
-                    max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Refuse JSON text above ``max_bytes`` or nested deeper than ``max_depth`` (an iterative scan of the
-    brackets outside strings: it never recurses, whatever the input)."""
-    if len(text) > max_bytes:
-        raise ReplyError(f"{what} is {len(text)} bytes of JSON, the limit is {max_bytes}")
-    if isinstance(text, (bytes, bytearray)):
-        try:
-            text = bytes(text).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ReplyError(f"{what} is not UTF-8 ({e})") from None
-    depth, in_str, esc = 0, False, False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > max_depth:
-                raise ReplyError(f"{what} is JSON nested deeper than {max_depth} levels")
-        elif ch in "]}":
-            depth -= 1
-
-
-def loads(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` after :func:`check_json_text`; any failure is a :class:`ReplyError` naming ``what``."""
-    check_json_text(text, what, max_bytes, max_depth)
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        raise ReplyError(f"{what} names the key {str(e)[:64]!r} twice") from None
-    except (ValueError, RecursionError) as e:
-        raise ReplyError(f"{what} is not valid JSON: {type(e).__name__}: {e}") from None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """JSON objects whose keys repeat are refused (parsers disagree on which value wins)."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-def check_safetensors_header(blob: bytes, what: str) -> None:
-    """The safetensors header of ``blob``: its length within the blob, JSON within the limits, no repeated
-    tensor name (the blob itself is then parsed by safetensors, which checks offsets and shapes)."""
-    import struct
-
-    if len(blob) < 8:
-        raise ReplyError(f"{what}: {len(blob)} bytes, too short for a safetensors blob")
-    (n,) = struct.unpack("<Q", bytes(blob[:8]))
-    if n > len(blob) - 8:
-        raise ReplyError(f"{what}: safetensors header length {n} exceeds the {len(blob) - 8} bytes that follow")
-    header = loads(bytes(blob[8:8 + n]), f"{what}: safetensors header", max_depth=4)
-    if not isinstance(header, dict):
-        raise ReplyError(f"{what}: the safetensors header is not a JSON object")
 
 
 # ---------------------------------------------------------------------------------------------- layouts
@@ -280,8 +204,6 @@ def check_reply(method: str, cid: str, reply: Any, expect: Layout | None = None,
     """Raise :class:`ReplyError` unless ``reply`` is a well-formed reply of handler ``method`` (see the module
     docstring); ``expect``: the adapter layout the server expects back; ``declared``: the client's example
     count, which its weight may not exceed."""
-    from fedkt.federation.base import Message
-
     where = f"client {cid} reply to {method!r}"
     if not isinstance(reply, Message):
         raise ReplyError(f"{where}: a {type(reply).__name__}, expected a fedkt Message")
@@ -338,16 +260,12 @@ def _short(value: Any) -> str:
 
 def escape(text: str) -> str:
     """``text`` safe to print through Rich (a peer's ``[/red]`` is shown, not interpreted)."""
-    from rich.markup import escape as rich_escape
-
     return rich_escape(text)
 
 
 # ---------------------------------------------------------------------------------------------- replays
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of a tensor dict (names, dtypes, shapes, bytes)."""
-    import hashlib
-
     h = hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k].detach().cpu().contiguous()
@@ -384,8 +302,6 @@ MAX_EPOCHS = 1000.0
 def check_request(method: str, msg: Any) -> None:
     """Client side: refuse an absurd request before running the handler (``epochs`` not a finite number in
     [0, :data:`MAX_EPOCHS`], ``round`` not an integer >= 0, adapter tensors not finite floats)."""
-    from fedkt.federation.base import Message
-
     if not isinstance(msg, Message) or not obj(msg.meta):
         raise ReplyError(f"request to {method!r} is not a fedkt Message with a JSON-object meta")
     ep = msg.meta.get("epochs")

@@ -31,7 +31,7 @@ from fedkt.config import check
 
 if TYPE_CHECKING:
     from fedkt.clients import ClientContext, Handler
-    from fedkt.federation.base import Message
+    from fedkt.message import Message
 
 CLIENT_METHODS = ("standalone", "fedavg", "fedprox", "fedcollm", "fedcot", "fdkt")
 """The built-in methods that call clients (zero_shot and centralized do not)."""
