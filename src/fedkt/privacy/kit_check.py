@@ -1,6 +1,6 @@
 """The FedCoT client's own check of the text-DP kit it perturbs with.
 
-The kit (``text_dp.EmbeddingKit``) defines the exponential mechanism's utilities; an edited kit can
+The kit (``text_dp_kit.EmbeddingKit``) defines the exponential mechanism's utilities; an edited kit can
 switch the DP off (a token alone in its class, a neighbour listed twice, utilities outside [-1, 0]). So
 the client never trusts a server-named kit file: it either builds the kit itself from a local model
 (``policy.fedcot_kit_model``) or loads the server's file, checks its sha256 against the policy's pins
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fedkt.privacy.text_dp import (
+from fedkt.privacy.text_dp_kit import (
     CLASS_SCHEMES,
     KIT_FORMAT,
     SENSITIVITY,
