@@ -483,7 +483,11 @@ GOOD_SYNTH = {"tasks": ["arc_easy"], "generated": 2, "parsed": 1, "rejected": {"
     ("encode", Message(texts=["p"], meta={"epsilon_per_token": -1.0, "tokens": 3, "prompt_epsilon_mean": 3.0,
                                           "prompt_epsilon_max": 3.0}), r"epsilon_per_token'\] = -1.0 is not"),
     ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": "high"}}, "loss": 1.0}), r"meta\['metrics'\]"),
-    ("train_and_evaluate", Message(meta={"metrics": {}, "loss": 1.0, "num_examples": -3}), r"num_examples'\] = -3")])
+    ("train_and_evaluate", Message(meta={"metrics": {}, "num_examples": -3}), r"num_examples'\] = -3"),
+    # no fedkt client may send a loss here (outbound allow-list), so the server, whose schemas are derived from
+    # the same declaration (fedkt.reply_schemas), refuses it too
+    ("train_and_evaluate", Message(meta={"metrics": {}, "loss": 1.0}), r"unexpected meta key 'loss'; allowed: "
+                                                                      r"metrics, num_examples, synthetic, trained_on")])
 def test_other_handler_schemas_refuse(method, reply, msg):
     with pytest.raises(validate.ReplyError, match=msg):
         validate.check_reply(method, "c1", reply)
@@ -493,7 +497,7 @@ def test_other_handler_schemas_refuse(method, reply, msg):
     ("synthesize", Message(texts=["a"], meta=GOOD_SYNTH)),
     ("encode", Message(texts=["p"], meta={"epsilon_per_token": float("inf"), "tokens": 3, "randomness": "simulation",
                                           "prompt_epsilon_mean": float("inf"), "prompt_epsilon_max": float("inf")})),
-    ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": 4}}, "loss": float("nan"),
+    ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": float("nan")}},
                                          "trained_on": 0, "synthetic": 0}))])
 def test_other_handler_schemas_accept_what_fedkt_clients_send(method, reply):
     validate.check_reply(method, "c1", reply)

@@ -11,8 +11,8 @@ What is checked:
 * **Structure**: ``tensors`` a dict of str -> ``torch.Tensor``, ``texts`` a list of UTF-8-encodable str
   (at most :data:`MAX_TEXTS` of at most :data:`MAX_TEXT_CHARS` characters), ``meta`` a dict with str keys
   whose JSON is at most :data:`MAX_META_BYTES` and :data:`MAX_JSON_DEPTH` deep.
-* **Per handler** (:data:`SCHEMAS`, keyed by handler name; a handler without a schema gets the
-  structural checks only): the meta keys it must and may hold and their types, whether it may carry
+* **Per handler** (:data:`SCHEMAS`, keyed by handler name and derived from the declarations in
+  :mod:`fedkt.reply_schemas`; a handler without a schema gets the structural checks only): the meta keys it must and may hold and their types, whether it may carry
   tensors or texts, and for adapter replies (``fit``, ``decode_train``): tensors of an allowed float dtype
   (:data:`FLOAT_DTYPES`), finite, and -- when the server says what it expects (``expect``: the adapter it
   sent) -- exactly the expected names, shapes and dtypes.
@@ -35,13 +35,13 @@ import torch
 from rich.markup import escape as rich_escape
 
 from fedkt.message import Message, ReplyError, check_json_text
+from fedkt.reply_schemas import (CHECK_NAMES, MAX_WEIGHT, REPLIES, Check, Reply, count, finite, obj,
+                                  real)
 
 MAX_META_BYTES = 8 * 2**20
 """Largest JSON of one reply's meta."""
 MAX_TEXTS = 1_000_000
 MAX_TEXT_CHARS = 1_000_000
-MAX_WEIGHT = float(2**31 - 1)
-"""Largest aggregation weight (example count) a reply may declare."""
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 """dtypes an adapter reply's tensors may have."""
 
@@ -64,66 +64,6 @@ def as_layout(expect: "Layout | dict[str, torch.Tensor] | None") -> Layout | Non
     return Layout.of(expect)
 
 
-# ------------------------------------------------------------------------------------------ meta checks
-Check = Callable[[Any], bool]
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def finite(v: Any) -> bool:
-    return _real(v) and math.isfinite(v)
-
-
-def number(v: Any) -> bool:
-    """A real number, NaN allowed (e.g. the loss of a client that had nothing to train on)."""
-    return _real(v) and not math.isinf(v)
-
-
-def count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_WEIGHT
-
-
-def positive_count(v: Any) -> bool:
-    return count(v) and v > 0
-
-
-def probability(v: Any) -> bool:
-    return finite(v) and 0 <= v <= 1
-
-
-def epsilon(v: Any) -> bool:
-    return _real(v) and (v > 0 or v == 0) and not math.isnan(v)  # inf = no privacy, reported as such
-
-
-def text(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def obj(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
-
-
-def num_dict(v: Any) -> bool:
-    return obj(v) and all(number(x) for x in v.values())
-
-
-def metrics(v: Any) -> bool:
-    """{task: {name: number}} (evaluation results)."""
-    return obj(v) and all(num_dict(x) for x in v.values())
-
-
-_CHECK_NAMES = {finite: "a finite number", number: "a number", count: "an integer >= 0",
-                positive_count: "an integer > 0", probability: "a number in [0, 1]", epsilon: "a number >= 0",
-                text: "a string", str_list: "a list of strings", obj: "a JSON object",
-                num_dict: "an object of numbers", metrics: "an object {task: {metric: number}}"}
-
-
 @dataclass(frozen=True)
 class Schema:
     """What a handler's reply may hold. ``tensors``: ``"adapter"`` (float, finite, as expected) or
@@ -139,37 +79,43 @@ class Schema:
     """A cross-field check of the whole reply: returns what is wrong ("" if nothing)."""
 
 
-_ADAPTER = Schema(meta={"num_examples": positive_count}, optional={"steps": count, "loss": number},
-                  tensors="adapter", weight="num_examples")
-# The keys mirror fedkt.privacy.outbound.ALLOWED (what a client may send); tests/test_outbound.py checks that
-# every key an honest client sends passes here.
-SCHEMAS: dict[str, Schema] = {
-    # FedAvg / FedProx / FedCoLLM client training
-    "fit": _ADAPTER,
-    # FedCoT's decode + train: the adapter (shared variant) or, in the paper's mode, local metrics only
-    "decode_train": Schema(meta={"num_examples": positive_count}, optional={"steps": count, "metrics": metrics},
-                           tensors="adapter", weight="num_examples"),
-    # FedCoT step 1: text-DP-perturbed prompts
-    "encode": Schema(meta={"epsilon_per_token": epsilon, "tokens": count, "prompt_epsilon_mean": epsilon,
-                           "prompt_epsilon_max": epsilon}, optional={"randomness": text}, texts=True),
-    # FDKT step 1: DP synthetic examples
-    "synthesize": Schema(meta={"tasks": str_list, "generated": count, "parsed": count, "rejected": obj,
-                               "label_agree": count, "dp": obj, "raw_samples": str_list},
-                         optional={"randomness": text}, texts=True,
-                         consistent=lambda r: "" if len(r.texts) == len(r.meta["tasks"]) else
-                         f"{len(r.texts)} texts but {len(r.meta['tasks'])} task tags"),
-    # standalone baseline and FDKT step 4: local training and evaluation, metrics only
-    "train_and_evaluate": Schema(meta={"metrics": metrics},
-                                 optional={"num_examples": count, "trained_on": count, "synthetic": count,
-                                           "loss": number}),
-}
+def _schemas(replies: tuple[Reply, ...]) -> dict[str, Schema]:
+    """Handler name -> the union of the reply declarations registered under it (see :mod:`fedkt.reply_schemas`)."""
+    out: dict[str, Schema] = {}
+    for name in dict.fromkeys(r.handler for r in replies):
+        group = [r for r in replies if r.handler == name]
+        checks: dict[str, Check] = {}
+        required: dict[str, int] = {}
+        for r in group:
+            for k in r.keys:
+                if not k.pattern.startswith("meta."):
+                    continue
+                key = k.pattern.removeprefix("meta.")
+                if checks.setdefault(key, k.check) is not k.check:
+                    raise ValueError(f"reply_schemas: handler {name!r} declares meta key {key!r} with two checks")
+                required[key] = required.get(key, 0) + k.required
+        patterns = {k.pattern for r in group for k in r.keys}
+        weights = {r.weight for r in group}
+        consistent = {r.consistent for r in group}
+        if len(weights) > 1 or len(consistent) > 1:
+            raise ValueError(f"reply_schemas: the declarations of handler {name!r} disagree on weight/consistent")
+        out[name] = Schema(meta={k: c for k, c in checks.items() if required[k] == len(group)},
+                           optional={k: c for k, c in checks.items() if required[k] < len(group)},
+                           tensors="adapter" if "tensors.*" in patterns else "none", texts="texts" in patterns,
+                           weight=weights.pop(), consistent=consistent.pop())
+    return out
+
+
+SCHEMAS: dict[str, Schema] = _schemas(REPLIES)
+"""Handler name -> the schema of its replies, derived from :data:`fedkt.reply_schemas.REPLIES` (the same
+declaration the client's outbound allow-list is derived from)."""
 
 
 # ----------------------------------------------------------------------------------------------- checks
 def check_weight(cid: str, value: Any, key: str, declared: int | float | None = None) -> float:
     """``value`` as an aggregation weight of client ``cid``: a finite real > 0, at most :data:`MAX_WEIGHT` and
     at most ``declared`` (the client's declared example count) when given."""
-    if not _real(value) or not math.isfinite(value) or not value > 0 or value > MAX_WEIGHT:
+    if not real(value) or not math.isfinite(value) or not value > 0 or value > MAX_WEIGHT:
         raise ReplyError(f"client {cid} replied meta[{key!r}] = {value!r}; an aggregated reply needs a finite "
                          f"number in (0, {MAX_WEIGHT:.0f}] as its weight (not a bool)")
     if declared is not None and value > declared:
@@ -233,14 +179,14 @@ def check_reply(method: str, cid: str, reply: Any, expect: Layout | None = None,
         return
     for key, ok in schema.meta.items():
         if key not in reply.meta:
-            raise ReplyError(f"{where}: meta lacks {key!r} ({_CHECK_NAMES.get(ok, ok.__name__)})")
+            raise ReplyError(f"{where}: meta lacks {key!r} ({CHECK_NAMES.get(ok, ok.__name__)})")
     for key, value in reply.meta.items():
         ok = schema.meta.get(key) or schema.optional.get(key)
         if ok is None:
             allowed = sorted({*schema.meta, *schema.optional})
             raise ReplyError(f"{where}: unexpected meta key {key[:64]!r}; allowed: {', '.join(allowed)}")
         if not ok(value):
-            raise ReplyError(f"{where}: meta[{key!r}] = {_short(value)} is not {_CHECK_NAMES.get(ok, ok.__name__)}")
+            raise ReplyError(f"{where}: meta[{key!r}] = {_short(value)} is not {CHECK_NAMES.get(ok, ok.__name__)}")
     if schema.texts is False and reply.texts:
         raise ReplyError(f"{where}: {len(reply.texts)} texts; this handler replies none")
     if schema.tensors == "none" and reply.tensors:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
 from fedkt.config import check
+from fedkt.privacy.outbound import check_reply
 
 if TYPE_CHECKING:
     from fedkt.clients import ClientContext, Handler
@@ -278,8 +279,6 @@ def check_request(ctx: "ClientContext", method: str, name: str, fn: Callable, ms
 def guard(method: str, handlers: dict[str, "Handler"]) -> dict[str, "Handler"]:
     """``handlers`` wrapped so that each checks the request against the client's policy before running
     and the reply against the outbound allow-list before it is sent (what a method registers)."""
-    from fedkt.privacy.outbound import check_reply
-
     def wrap(name: str, fn: "Handler") -> "Handler":
         @functools.wraps(fn)
         def guarded(ctx, msg):
