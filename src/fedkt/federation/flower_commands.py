@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import typer
 
+from fedkt.config import ConfigError
 from fedkt.federation import flower_cli as fc
 from fedkt.federation.flower_app_files import write_app
 from fedkt.federation.flower_client_file import load_client_file
@@ -94,7 +95,6 @@ def cli_supernode(spec: Path = typer.Option(..., "--spec", help="This client's f
                   insecure: bool = INSECURE_OPT):
     """A client operator: start this organisation's SuperNode (foreground). It runs only the fedkt ClientApp
     of this machine's fedkt installation; a run whose app differs is refused."""
-    from fedkt.config import ConfigError
 
     try:
         client = load_client_file(spec)

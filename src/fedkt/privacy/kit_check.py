@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fedkt.models import load_model
+from fedkt.privacy.policy import PolicyViolation
 from fedkt.privacy.text_dp_kit import (
     CLASS_SCHEMES,
     KIT_FORMAT,
@@ -110,12 +112,8 @@ def validate_kit(kit: EmbeddingKit, tok, where: str = "the kit") -> None:
 def client_kit(ctx, meta: dict) -> EmbeddingKit:
     """The kit this client perturbs with, per its policy (module docstring); raises PolicyViolation or
     KitValidationError when the server's kit is not acceptable."""
-    from fedkt.privacy.policy import PolicyViolation
-
     p, tok = ctx.policy, ctx.slm.tokenizer
     if p.fedcot_kit_model:  # built here from the client's own copy of the model
-        from fedkt.models import load_model
-
         model, mtok = load_model(p.fedcot_kit_model)
         kit = EmbeddingKit.for_model(mtok, model.get_input_embeddings().weight.detach(),
                                      n_neighbors=int(meta.get("kit_neighbors", 64)))
