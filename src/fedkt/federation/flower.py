@@ -33,22 +33,23 @@ Decisions:
   client serves, in the order the first client registered them), so unknown clients and handlers are
   refused on the server with the same ``KeyError`` as in-process, before anything is sent.
 * **Client state** (``ClientContext.state``, a :class:`~fedkt.clients.StateStore`) survives between
-  calls as ``StateStore.to_bytes`` in a state store: by default :class:`ContextStateStore` keeps it in
-  the node's Flower ``Context.state`` (Flower rebuilds the ClientApp for every message and hands back
-  the node's context); :class:`~fedkt.federation.flower_state.DirStateStore` keeps it in a node-local directory (large states). Before
-  each call the context's state is restored from the store (a node with nothing stored yet starts from
-  ``workdir/state.fkt`` when the context has a workdir holding one, else empty); after the call it is
-  stored again, even when the handler raised (as in-process, where the context object keeps what the
-  handler changed), and ``ctx.save_state()`` writes it to the workdir after a successful call, exactly
-  as ``LocalFederation`` does.
+  calls as ``StateStore.to_bytes`` in a state store (:mod:`~fedkt.federation.flower_state`): by default
+  in the node's Flower ``Context.state`` (Flower rebuilds the ClientApp for every message and hands back
+  the node's context), or in a node-local directory (large states). Before each call the context's state
+  is restored from the store (a node with nothing stored yet starts from ``workdir/state.fkt`` when the
+  context has a workdir holding one, else empty); after the call it is stored again, even when the
+  handler raised (as in-process, where the context object keeps what the handler changed), and
+  ``ctx.save_state()`` writes it to the workdir after a successful call, exactly as ``LocalFederation``
+  does.
 * **Failures.** A handler exception is caught in the ClientApp and returned as a Flower ``Error``
   whose reason carries the exception type, message and repr as JSON; the server rebuilds a
-  :class:`~fedkt.federation.flower_protocol.RemoteClientError` of the same type name, so ``ClientFailure`` messages and ``failures``
-  entries read exactly as in-process. Transport errors (no reply within ``timeout``, a malformed
-  reply) are failures of that client too.
+  :class:`~fedkt.federation.flower_protocol.RemoteClientError` of the same type name, so
+  ``ClientFailure`` messages and ``failures`` entries read exactly as in-process. Transport errors (no
+  reply within ``timeout``, a malformed reply) are failures of that client too.
 * **Bytes** are metered as ``len(codec.encode(msg))`` down and up, the figure ``LocalFederation``
   records, so communication totals do not depend on the runtime; Flower's own framing adds a few
-  hundred bytes per message on top (:func:`~fedkt.federation.flower_protocol.flower_wire_bytes` measures it).
+  hundred bytes per message on top (:func:`~fedkt.federation.flower_protocol.flower_wire_bytes`
+  measures it).
 * **Polling.** The federation polls the grid every ``poll_interval`` seconds (default 0.02) instead of
   ``grid.send_and_receive``, whose deployment Grid sleeps 3 s between polls.
 * **In-process engine.** :meth:`FlowerFederation.in_process` runs the clients in this process on

@@ -56,8 +56,9 @@ def superlink_argv(host: str | None = None, port: int = FLEET_PORT, certs: str |
                    insecure: bool = False) -> list[str]:
     """fedkt's SuperLink (:mod:`fedkt.federation.flower_link`): the Fleet API alone on ``host:port``
     (default ``0.0.0.0`` with TLS, ``127.0.0.1`` when insecure), Control and Runtime API on
-    ``127.0.0.1:control_port``. TLS from ``certs`` (a :func:`~fedkt.federation.flower_credentials.make_certs` directory) unless ``insecure``
-    (then no node authentication: flwr requires TLS for it); ``database`` keeps its state across restarts.
+    ``127.0.0.1:control_port``. TLS from ``certs`` (a
+    :func:`~fedkt.federation.flower_credentials.make_certs` directory) unless ``insecure`` (then no node
+    authentication: flwr requires TLS for it); ``database`` keeps its state across restarts.
     ``argv[0]`` is ``python`` (next to this interpreter)."""
     if certs is None and not insecure:
         raise CredentialError("the SuperLink needs TLS certificates (--certs DIR from `fedkt flower make-certs`, "

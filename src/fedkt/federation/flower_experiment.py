@@ -1,9 +1,10 @@
 """A fedkt experiment as a Flower app: the ServerApp runs ``fedkt run``'s methods over real SuperNodes.
 
 ``fedkt flower run experiment.toml --out DIR`` submits the app written by
-:func:`~fedkt.federation.flower_app_files.write_app` (two small files: ``pyproject.toml`` and ``fedkt_flower_app.py``, which only imports :data:`server_app` and
-:data:`client_app` from here) with run config ``experiment`` (the resolved experiment TOML text: every
-node gets the same LoRA/training/evaluation settings and seed from the server), ``out`` (the run
+:func:`~fedkt.federation.flower_app_files.write_app` (two small files: ``pyproject.toml`` and
+``fedkt_flower_app.py``, which only imports :data:`server_app` and :data:`client_app` from here)
+with run config ``experiment`` (the resolved experiment TOML text: every node gets the same
+LoRA/training/evaluation settings and seed from the server), ``out`` (the run
 directory on the server machine), ``resume`` and ``nodes`` (the allow-list ``{client id: node id}`` as JSON,
 from the server operator's ``nodes.toml``: each client is served only by the node registered for its key;
 empty in insecure trials). The SuperNodes run this app only if it is file for file the one their own
@@ -17,8 +18,9 @@ fedkt writes (:mod:`fedkt.federation.flower_node_app`).
 * **Clients** (:data:`client_app`): one ClientApp serves every registered method; handler ``h`` of
   method ``m`` answers message type ``query.m__h`` (two methods may both have a ``fit``), and the
   server's federation for ``m`` uses ``action_prefix = "m__"``. A node's private side comes from its
-  client file (node config ``fedkt-client-spec``, see :func:`~fedkt.federation.flower_client_file.load_client_file`): its id, its data
-  files, optionally its own model path, its workdir and secret seed.
+  client file (node config ``fedkt-client-spec``, see
+  :func:`~fedkt.federation.flower_client_file.load_client_file`): its id, its data files, optionally its
+  own model path, its workdir and secret seed.
 """
 
 from __future__ import annotations

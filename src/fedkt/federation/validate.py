@@ -12,10 +12,11 @@ What is checked:
   (at most :data:`MAX_TEXTS` of at most :data:`MAX_TEXT_CHARS` characters), ``meta`` a dict with str keys
   whose JSON is at most :data:`MAX_META_BYTES` and :data:`MAX_JSON_DEPTH` deep.
 * **Per handler** (:data:`SCHEMAS`, keyed by handler name and derived from the declarations in
-  :mod:`fedkt.reply_schemas`; a handler without a schema gets the structural checks only): the meta keys it must and may hold and their types, whether it may carry
-  tensors or texts, and for adapter replies (``fit``, ``decode_train``): tensors of an allowed float dtype
-  (:data:`FLOAT_DTYPES`), finite, and -- when the server says what it expects (``expect``: the adapter it
-  sent) -- exactly the expected names, shapes and dtypes.
+  :mod:`fedkt.reply_schemas`; a handler without a schema gets the structural checks only): the meta
+  keys it must and may hold and their types, whether it may carry tensors or texts, and for adapter
+  replies (``fit``, ``decode_train``): tensors of an allowed float dtype (:data:`FLOAT_DTYPES`), finite,
+  and -- when the server says what it expects (``expect``: the adapter it sent) -- exactly the expected
+  names, shapes and dtypes.
 * **Weights** (:func:`check_weight`): a real number (not a bool), finite, > 0, at most
   :data:`MAX_WEIGHT`, and at most the client's declared example count when the federation knows it (the
   first count a client reported is pinned for the rest of the run).
