@@ -80,7 +80,7 @@ def wire_bytes(out: Path, cfg, comm: dict[int, dict], clients: list[str], sizes:
 
     from fedkt.clients import lora_seed
     from fedkt.federation import Message, codec, flower_codec
-    from fedkt.federation.flower import flower_wire_bytes
+    from fedkt.federation.flower_protocol import flower_wire_bytes
     from fedkt.models import load_lora_model
 
     init = load_lora_model(cfg.model.slm, cfg.model.dtype, cfg.lora, lora_seed(cfg.seed)).init_adapter

@@ -72,11 +72,18 @@ def test_clients_own_their_side(tmp_path, model_dirs, data_dir):
 def test_client_side_modules_never_import_the_server_side():
     server_side = {"fedkt.server", "fedkt.rounds", "fedkt.experiment", "fedkt.simulation", "fedkt.registry",
                    "fedkt.algorithms"}
-    for f in ("clients.py", "federation/base.py", "federation/local.py", "federation/codec.py"):
+    for f in ("message.py", "clients.py", "federation/base.py", "federation/local.py", "federation/codec.py"):
         tree = ast.parse((SRC / f).read_text())
         names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in names if any(m == s or m.startswith(s + ".") for s in server_side)}, f
+    # the message both sides exchange sits below both: it imports nothing of fedkt's, and the client side
+    # reaches it without going through the federation package
+    tree = ast.parse((SRC / "message.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("fedkt")]
+    tree = ast.parse((SRC / "clients.py").read_text())
+    assert not [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.module or "").startswith("fedkt.federation")]
 
 
 def test_deployed_client_reads_its_own_files(tmp_path, model_dirs):

@@ -229,7 +229,7 @@ def test_fleet_only_passes_fleet_routes_and_refuses_the_rest():
 def test_trusted_app_check(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
-    from fedkt.federation.flower_experiment import write_app
+    from fedkt.federation.flower_app_files import write_app
     from fedkt.federation.flower_node_app import UntrustedAppError, check_fab, load_client_app
 
     trusted, shipped = write_app(tmp_path / "trusted"), write_app(tmp_path / "shipped")
@@ -253,7 +253,8 @@ def test_flower_commands_module_is_the_cli():
 
 
 def test_run_config_nodes_is_checked():
-    from fedkt.federation.flower_experiment import PYPROJECT, allowed_nodes
+    from fedkt.federation.flower_app_files import PYPROJECT
+    from fedkt.federation.flower_experiment import allowed_nodes
 
     assert allowed_nodes("") is None
     assert allowed_nodes('{"c0": 18446744073709551615}') == {"c0": 2**64 - 1}

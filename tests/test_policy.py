@@ -91,7 +91,7 @@ def test_policy_validates_itself_and_reads_from_a_table():
 
 
 def test_client_file_policy_table_and_secret_seed(tmp_path):
-    from fedkt.federation.flower_cli import load_client_file
+    from fedkt.federation.flower_client_file import load_client_file
 
     f = tmp_path / "client.toml"
     f.write_text('[client]\ncid = "h1"\nsecret_seed = "00112233445566778899aabbccddeeff"\n\n'
@@ -109,7 +109,7 @@ def test_client_file_policy_table_and_secret_seed(tmp_path):
 
 
 def test_spec_json_carries_the_policy(tmp_path):
-    from fedkt.federation.flower import spec_from_json, spec_to_json
+    from fedkt.federation.flower_spec import spec_from_json, spec_to_json
 
     spec = ClientSpec(cid="a", model="m", policy=ClientPolicy(fdkt_max_epsilon=2.0, max_epochs=math.inf),
                       simulation=True)

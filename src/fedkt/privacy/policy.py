@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from fedkt.config import check
+from fedkt.privacy.outbound import check_reply
 
 if TYPE_CHECKING:
     from fedkt.clients import ClientContext, Handler
-    from fedkt.federation.base import Message
+    from fedkt.message import Message
 
 CLIENT_METHODS = ("standalone", "fedavg", "fedprox", "fedcollm", "fedcot", "fdkt")
 """The built-in methods that call clients (zero_shot and centralized do not)."""
@@ -263,8 +264,6 @@ def check_request(ctx: "ClientContext", method: str, name: str, fn: Callable, ms
 def guard(method: str, handlers: dict[str, "Handler"]) -> dict[str, "Handler"]:
     """``handlers`` wrapped so that each checks the request against the client's policy before running
     and the reply against the outbound allow-list before it is sent (what a method registers)."""
-    from fedkt.privacy.outbound import check_reply  # deferred: outbound imports policy back (a known circle)
-
     def wrap(name: str, fn: "Handler") -> "Handler":
         @functools.wraps(fn)
         def guarded(ctx, msg):
