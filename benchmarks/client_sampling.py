@@ -1,6 +1,6 @@
 """Client sampling at scale: wall per round and peak RSS of FedAvg with K simulated clients, k per round.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/client_sampling.py                  # (K, k) = (10, all), (64, 10), (128, 10)
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/client_sampling.py     # (K, k) = (10, all), (64, 10), (128, 10), (128, all)
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/client_sampling.py --runs 128:10,10:0
 
 Each (K, k) runs in a fresh subprocess (peaks do not carry over): a ``fedkt.simulation.Simulation`` with K
@@ -64,7 +64,7 @@ def child(a) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", default="10:0,64:10,128:10", help="K:k pairs (k = 0: all K clients every round)")
+    ap.add_argument("--runs", default="10:0,64:10,128:10,128:0", help="K:k pairs (k = 0: all K clients every round)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-client", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -91,17 +91,23 @@ def main():
         print(f"{r['k']:4d} {r['per_round'] or r['k']:9d} {str(r['called']):>12s} "
               f"{' '.join(f'{x:.2f}' for x in r['round_s']):>24s} {statistics.fmean(r['round_s']):6.2f} "
               f"{r['setup_s']:7.2f} {r['peak'] / MB:11.1f}")
-    sampled = sorted((r for r in rows if r["per_round"]), key=lambda r: r["k"])
-    if len(sampled) >= 2:
-        lo, hi = sampled[0], sampled[-1]
-        print(f"peak RSS per extra (idle) client, K {lo['k']} -> {hi['k']} at {hi['per_round']} per round: "
-              f"{(hi['peak'] - lo['peak']) / (hi['k'] - lo['k']) / MB:.3f} MB")
-    full = [r for r in rows if not r["per_round"]]
-    if full and sampled:
-        f, s = full[0], sampled[-1]
-        print(f"wall per round, K = {s['k']} with {s['per_round']} sampled vs K = {f['k']} all: "
-              f"{statistics.fmean(s['round_s']) / statistics.fmean(f['round_s']):.2f}x")
+    def active(r):
+        return r["per_round"] or r["k"]
 
+    for hi in (r for r in rows if r["per_round"]):
+        same = [r for r in rows if active(r) == active(hi) and r["k"] < hi["k"]]
+        if same:
+            lo = min(same, key=lambda r: r["k"])
+            print(f"K = {hi['k']}, {active(hi)} per round vs K = {lo['k']}, {active(lo)} per round: wall per round "
+                  f"{statistics.fmean(hi['round_s']) / statistics.fmean(lo['round_s']):.2f}x, peak RSS per extra "
+                  f"(idle) client {(hi['peak'] - lo['peak']) / (hi['k'] - lo['k']) / MB:+.4f} MB")
+    for r in rows:
+        if not r["per_round"] and r["k"] > 10:
+            base = min((x for x in rows if not x["per_round"]), key=lambda x: x["k"])
+            if base is not r:
+                print(f"every client every round, K {base['k']} -> {r['k']}: peak RSS per extra (active) client "
+                      f"{(r['peak'] - base['peak']) / (r['k'] - base['k']) / MB:+.4f} MB, wall per round "
+                      f"{statistics.fmean(r['round_s']) / statistics.fmean(base['round_s']):.2f}x")
 
 if __name__ == "__main__":
     main()
