@@ -61,13 +61,19 @@ def federated_mean(fed: "Federation", method: str, payloads: dict[str, Message],
     ``expect`` (the adapter sent: names, shapes, dtypes)."""
     if secure:
         agg = fed.aggregate(method, payloads, rnd, weight_key=weight_key, expect=expect)
-        losses = {c: round(m.get("loss", float("nan")), 4) for c, m in agg.meta.items()}
-        progress.log(f"round {rnd}: client train loss {losses} (securely aggregated over {len(agg.clients)} clients)")
+        _log_losses(rnd, agg.meta, f" (securely aggregated over {len(agg.clients)} clients)")
         return agg.tensors
     replies = fed.call(method, payloads, rnd, expect=expect)
     weights = [r.meta[weight_key] if weight_key else 1.0 for r in replies.values()]
-    progress.log(f"round {rnd}: client train loss {({c: round(r.meta.get('loss', float('nan')), 4) for c, r in replies.items()})}")
+    _log_losses(rnd, {c: r.meta for c, r in replies.items()})
     return weighted_mean([r.tensors for r in replies.values()], weights)
+
+
+def _log_losses(rnd: int, metas: dict[str, dict], note: str = "") -> None:
+    """The clients' train losses (an optional reply key) in the progress log."""
+    if any("loss" in m for m in metas.values()):
+        losses = {c: round(m.get("loss", float("nan")), 4) for c, m in metas.items()}
+        progress.log(f"round {rnd}: client train loss {losses}{note}")
 
 
 class FedAvgRound(RoundAlgorithm):
