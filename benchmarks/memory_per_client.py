@@ -9,7 +9,7 @@ clients (``per-client`` examples each, ``train.max_steps=1``), one FedAvg round 
 Simulated clients share one frozen base model (``ClientFactory``), so peak RSS should grow by about one
 adapter (plus, at most, its AdamW state: 3x adapter bytes) per client, not by a model copy.
 
-To say *what* holds the memory, the child also snapshots, when ``fedavg.aggregate`` is entered (the
+To say *what* holds the memory, the child also snapshots, when the round's ``weighted_mean`` is entered (the
 moment every client's reply is alive), every live tensor storage that is not a parameter or buffer of a
 loaded model, grouped by size, and the number of distinct base models loaded.
 
@@ -68,7 +68,7 @@ def live_tensors(exclude: set[int]) -> Counter:
 def child(a) -> None:
     import torch
 
-    import fedkt.algorithms.fedavg as fedavg
+    import fedkt.fedavg_round as fedavg_round
     import fedkt.server
     from fedkt.models import adapter_nbytes
     from fedkt.experiment import run_method
@@ -88,7 +88,7 @@ def child(a) -> None:
     rss_models = current_rss()
 
     snap: dict = {}
-    orig = fedavg.aggregate
+    orig = fedavg_round.weighted_mean
 
     def aggregate(states, weights):
         models = list(server.loaded_models().values()) + list(sim.factory._models.values())
@@ -105,7 +105,7 @@ def child(a) -> None:
                     top_sizes=[[k, v] for k, v in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:4]])
         return orig(states, weights)
 
-    fedavg.aggregate = aggregate
+    fedavg_round.weighted_mean = aggregate
     run_method(server, "fedavg")
     m = server.slm
     print(json.dumps({
@@ -146,7 +146,7 @@ def main():
     print(f"{a.model} base ({slm}): model {mb / MB:.2f} MB, LoRA adapter {ad / MB:.3f} MB "
           f"(adapter + AdamW state = 3x = {3 * ad / MB:.3f} MB); FedAvg, 1 round, max_steps=1, "
           f"{a.per_client} examples/client, max_length {a.max_length}; MB = 2^20 bytes")
-    print("RSS@agg: resident when fedavg.aggregate is entered (all replies alive); trimmed: the same after "
+    print("RSS@agg: resident when the round's weighted_mean is entered (all replies alive); trimmed: the same after "
           "malloc_trim(0); live: non-model tensor storages then")
     print(f"{'K':>4s} {'peak RSS':>9s} {'after load':>10s} {'RSS@agg':>8s} {'trimmed':>8s} {'live':>7s} "
           f"{'replies':>8s} {'py objs':>8s} {'bases':>5s}")

@@ -94,20 +94,26 @@ class _CallSpy:
         from fedkt.federation.base import Federation
 
         self.calls: list[tuple[str, int]] = []
+        self.in_aggregate = False
         spy = self
-        broadcast, aggregate = Federation.broadcast, Federation.aggregate
+        call, aggregate = Federation.call, Federation.aggregate
 
-        def spy_broadcast(fed, method, msg, round=0, metered=True, **kw):
-            out = broadcast(fed, method, msg, round, metered, **kw)
-            spy.calls.append(("broadcast", len(out)))
+        def spy_call(fed, method, payloads, round=0, *a, **kw):
+            out = call(fed, method, payloads, round, *a, **kw)
+            if not spy.in_aggregate:  # the replies themselves reached the algorithm
+                spy.calls.append(("call", len(out)))
             return out
 
         def spy_aggregate(fed, method, payloads, round=0, weight_key="num_examples", **kw):
-            agg = aggregate(fed, method, payloads, round, weight_key, **kw)
+            spy.in_aggregate = True
+            try:
+                agg = aggregate(fed, method, payloads, round, weight_key, **kw)
+            finally:
+                spy.in_aggregate = False
             spy.calls.append(("aggregate", len(agg.clients)))
             return agg
 
-        monkeypatch.setattr(Federation, "broadcast", spy_broadcast)
+        monkeypatch.setattr(Federation, "call", spy_call)
         monkeypatch.setattr(Federation, "aggregate", spy_aggregate)
 
 
@@ -116,7 +122,7 @@ class _CallSpy:
 def test_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs, data_dir, monkeypatch, method, extra):
     """FedProx and FedCoLLM with federation.secure_aggregation on LocalFederation: the same adapters and
     results bit for bit (the in-process mean is the same arithmetic), and the algorithm only ever received
-    the mean (``Federation.aggregate``), never the clients' replies (``broadcast``). Over Flower the mean
+    the mean (``Federation.aggregate``), never the clients' replies (``call``). Over Flower the mean
     is SecAgg+'s: tests/test_flower_secagg.py."""
     from test_runs import tiny_config
 
@@ -132,7 +138,7 @@ def test_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs, data_d
         results[secure] = run_experiment(cfg, tmp_path / str(secure))["methods"][method]
         calls[secure] = spy.calls
         monkeypatch.undo()
-    assert calls == {False: [("broadcast", 3)] * 2, True: [("aggregate", 3)] * 2}
+    assert calls == {False: [("call", 3)] * 2, True: [("aggregate", 3)] * 2}
     for role in (["slm", "llm"] if method == "fedcollm" else ["slm"]):
         a = load_adapter_state(tmp_path / "False" / "adapters" / method / role)
         b = load_adapter_state(tmp_path / "True" / "adapters" / method / role)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedkt.algorithms import fedcollm
+from fedkt import fedavg_round
 from fedkt.algorithms.fedavg import fit_round
 from fedkt.algorithms.fedcollm import (PAPER_CHOICES, FedCoLLM, FedCoLLMConfig, kd_mask, mutual_distill,
                                        mutual_losses)
@@ -234,9 +234,11 @@ def test_sequential_update_trains_the_llm_against_the_distilled_slm(model_dirs):
 class FakeFederation:
     """Two clients holding 1 and 3 examples whose adapters are the constants 1 and 3."""
 
-    def broadcast(self, name, msg, rnd, **kw):
+    clients = ["c0", "c1"]
+
+    def call(self, name, payloads, rnd, **kw):
         return {c: Message(tensors={"w": torch.tensor([v])}, meta={"num_examples": n, "loss": 0.0})
-                for c, v, n in (("c0", 1.0, 1), ("c1", 3.0, 3))}
+                for c, v, n in (("c0", 1.0, 1), ("c1", 3.0, 3)) if c in payloads}
 
 
 def test_sample_weighted_and_uniform_aggregation_by_hand():
@@ -254,16 +256,16 @@ def test_fedcollm_round_aggregates_as_configured(monkeypatch, aggregation):
 
     seen = []
 
-    def fake_fit_round(fed, state, rnd, epochs, weighting="samples", secure=False):
-        seen.append((weighting, secure))
+    def fake_federated_mean(fed, method, payloads, rnd, expect, weight_key="num_examples", secure=False):
+        seen.append((method, sorted(payloads), weight_key, secure))
         raise Stop
 
-    monkeypatch.setattr(fedcollm, "fit_round", fake_fit_round)
+    monkeypatch.setattr(fedavg_round, "federated_mean", fake_federated_mean)
     cfg = SimpleNamespace(section=lambda name: FedCoLLMConfig(aggregation=aggregation), train=SimpleNamespace(epochs=1.0),
-                          federation=SimpleNamespace(secure_aggregation=True))
+                          seed=0, federation=SimpleNamespace(secure_aggregation=True, clients_per_round=0))
     with pytest.raises(Stop):
-        FedCoLLM().round(SimpleNamespace(cfg=cfg), None, {"slm": {}, "llm": {}}, 1)
-    assert seen == [(aggregation, True)]
+        FedCoLLM().round(SimpleNamespace(cfg=cfg), FakeFederation(), {"slm": {}, "llm": {}}, 1)
+    assert seen == [("fit", ["c0", "c1"], "num_examples" if aggregation == "samples" else "", True)]
 
 
 # ------------------------------------------------------------------------------------- validation

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                  "fedkt.generate", "fedkt.text_generators", "fedkt.clustering", "fedkt.fdkt_server")),
     ("privacy, federation",     ("fedkt.privacy", "fedkt.privacy.*", "fedkt.federation", "fedkt.federation.*",
                                  "fedkt.clients", "fedkt.server")),
-    ("algorithms",              ("fedkt.registry", "fedkt.rounds", "fedkt.algorithms", "fedkt.algorithms.*")),
+    ("algorithms",              ("fedkt.registry", "fedkt.rounds", "fedkt.fedavg_round", "fedkt.algorithms", "fedkt.algorithms.*")),
     ("experiments",             ("fedkt.simulation", "fedkt.experiment", "fedkt.report", "fedkt.report_seeds",
                                  "fedkt.paired", "fedkt.privacy.audit_run", "fedkt.privacy.membership",
                                  "fedkt.federation.flower_experiment", "fedkt.plan", "fedkt.plan_methods",

@@ -56,7 +56,7 @@ def test_every_outbound_key_of_every_method_is_justified(tmp_path, model_dirs, d
 
     monkeypatch.setattr(LocalFederation, "_deliver", deliver)
     methods = [m for m, s in registry.methods().items() if s.handlers]
-    assert set(methods) == {"standalone", "fedavg", "fedprox", "fedcollm", "fedcot", "fdkt"}
+    assert set(methods) == {"standalone", "fedavg", "fedavgm", "fedprox", "fedcollm", "fedcot", "fdkt"}
     extra = {"federation.rounds": 1, "partition.num_clients": 2, "train.max_steps": 2,
              "fedcot.kit_neighbors": 8, "fedcot.rationale_tokens": 4, "fedcot.decode_tokens": 4,
              "fdkt.samples_per_client": 4, "fdkt.sample_tokens": 12, "fdkt.question_tokens": 8,

@@ -160,8 +160,14 @@ class FederationConfig:
     min_clients: int = 1
     """Under "skip": fewer replies than this in a call stop the run (the last checkpoint is kept)."""
     secure_aggregation: bool = False
-    """FedAvg, FedProx, FedCoLLM and FedCoT average the clients' adapters by secure aggregation (Flower: SecAgg+; in
-    process: the same mean, computed in the clear)."""
+    """Methods whose spec declares ``supports_secure_aggregation`` (FedAvg, FedProx, FedAvgM, FedCoLLM, FedCoT)
+    average the clients' adapters by secure aggregation (Flower: SecAgg+; in process: the same mean, computed
+    in the clear); a federated method that does not declare it is refused."""
+    clients_per_round: int = 0
+    """Clients sampled each round by the FedAvg-style methods (0: all). Drawn without replacement from the
+    experiment seed and the round number (a resumed run draws the same); the mean weighs the sampled clients'
+    replies only; the round's metrics list them (``sampled_clients``). 1 ≤ k ≤ partition.num_clients, and
+    ≥ secagg_min_clients under secure aggregation."""
     timeout_s: float = 1800.0
     """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (finite: > 0)."""
     round_deadline_s: float = 7200.0
@@ -188,6 +194,7 @@ class FederationConfig:
     def __post_init__(self):
         check_positive(self, "rounds", "min_clients", "max_payload_mb", "secagg_reconstruction_threshold",
                        "secagg_max_weight", "secagg_clipping_range", "secagg_quantization_range")
+        check(self.clients_per_round >= 0, f"clients_per_round must be >= 0 (0: all clients), got {self.clients_per_round}")
         for key in ("timeout_s", "round_deadline_s"):
             v = getattr(self, key)
             check(v > 0 and v != float("inf"), f"federation.{key} must be a finite number of seconds > 0, got {v} "
@@ -247,6 +254,9 @@ class MethodSchema(Protocol):
 
     config: type | None
     needs_llm: bool
+    algorithm: Any
+    """Set for a federated (round-by-round) method; None for a one-shot one."""
+    supports_secure_aggregation: bool
 
 
 def config_sections(methods: Mapping[str, MethodSchema]) -> dict[str, type]:
@@ -273,6 +283,21 @@ def validate(cfg: ExperimentConfig, methods: Mapping[str, MethodSchema]) -> Expe
             f"federation.secure_aggregation with partition.num_clients = {cfg.partition.num_clients}: secure "
             f"aggregation needs at least federation.secagg_min_clients = {f.secagg_min_clients} clients (with 2, "
             "each client learns the other's update from the mean); add clients or turn secure_aggregation off")
+    k = f.clients_per_round
+    if k and not 1 <= k <= cfg.partition.num_clients:
+        raise ConfigError(f"federation.clients_per_round = {k}: it must be between 1 and partition.num_clients = "
+                          f"{cfg.partition.num_clients} (or 0 for every client each round)")
+    if f.secure_aggregation and k and k < f.secagg_min_clients:
+        raise ConfigError(
+            f"federation.clients_per_round = {k} with secure_aggregation: each round's secure mean needs at least "
+            f"federation.secagg_min_clients = {f.secagg_min_clients} clients; sample more clients per round")
+    for m in cfg.methods:
+        spec = methods[m]
+        if f.secure_aggregation and spec.algorithm is not None and not spec.supports_secure_aggregation:
+            raise ConfigError(
+                f"federation.secure_aggregation = true, but method {m!r} does not support secure aggregation (its "
+                f"MethodSpec does not declare supports_secure_aggregation): its server would see each client's "
+                f"upload. Remove {m!r} from methods or set federation.secure_aggregation = false")
     for m in cfg.methods:
         if methods[m].needs_llm and not cfg.model.llm:
             raise ConfigError(f"method {m!r} needs a server LLM: set model.llm")

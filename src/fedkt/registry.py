@@ -48,6 +48,11 @@ class MethodSpec:
     config: type | None = None
     """Dataclass of the method's own TOML section ``[NAME]`` (validates itself in ``__post_init__``)."""
     needs_llm: bool = False
+    supports_secure_aggregation: bool = False
+    """Whether the method's clients' adapters reach the server only as a mean under
+    ``federation.secure_aggregation = true`` (true for a round built on :class:`~fedkt.fedavg_round.FedAvgRound`,
+    which owns secure aggregation). Config validation refuses secure aggregation for a federated
+    (``algorithm=``) method that does not declare it."""
     rank: int = 50
     """Position in report tables: baselines first, federated methods, then centralized."""
     report: Callable[[dict], str] | None = None

@@ -3,4 +3,5 @@ client handlers it calls, and registers itself with :func:`fedkt.registry.regist
 package registers the built-in methods."""
 
 from fedkt.algorithms import baselines, fedavg, fedcollm, fedcot, fedprox  # noqa: F401
+from fedkt.algorithms import fedavgm  # noqa: F401
 from fedkt.algorithms import fdkt  # noqa: F401

@@ -45,14 +45,13 @@ import torch
 from fedkt import progress
 from fedkt.algorithms import fdkt
 from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
-from fedkt.algorithms.fedavg import fit_round
 from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
+from fedkt.fedavg_round import FedAvgRound
 from fedkt.losses import answer_ce, kd_kl
 from fedkt.models import get_adapter_state
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
-from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.seeds import derive_seed
 from fedkt.train import batch_order, make_optimizer, seed_everything, tokenize_examples, trainable_parameters
 
@@ -258,7 +257,7 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
     return out
 
 
-class FedCoLLM(RoundAlgorithm):
+class FedCoLLM(FedAvgRound):
     roles = ("slm", "llm")
     phases = ("client_train_s", "aggregate_s", "distill_s")
 
@@ -275,31 +274,28 @@ class FedCoLLM(RoundAlgorithm):
             self.aux, self.synthesis = syn.examples, syn.record
             progress.log(f"fedcollm: auxiliary set = {len(self.aux)} DP synthetic examples (FDKT steps 1-3)")
 
-    def round(self, server, fed, state, rnd):
-        cfg, kd = server.cfg, server.cfg.section(FedCoLLMConfig)
-        # 1–3: broadcast θᵗ, local fine-tuning, FedAvg
-        t0 = time.perf_counter()
-        theta = fit_round(fed, state["slm"], rnd, cfg.train.epochs, weighting=kd.aggregation,
-                          secure=cfg.federation.secure_aggregation)
-        t1 = time.perf_counter()
-        client_s = fed.take_timing("fit")
+    def weight_key(self, server):  # 1–3: FedAvg, sample-weighted or 1/K (the paper's Algorithm 1)
+        return "" if server.cfg.section(FedCoLLMConfig).aggregation == "uniform" else "num_examples"
+
+    def after_aggregate(self, server, fed, state, theta, rnd, out):
         # 4: mutual knowledge transfer on Dᵃ
+        cfg, kd = server.cfg, server.cfg.section(FedCoLLMConfig)
+        t1 = time.perf_counter()
         slm, llm = server.slm.use(theta), server.llm.use(state["llm"])
         stats = mutual_distill(slm, llm, server.slm.tokenizer, self.aux, kd, cfg.train.max_length,
                                cfg.train.max_grad_norm, seed=derive_seed(cfg.seed, "kd", rnd),
                                desc=f"round {rnd} server distill")
-        theta, omega = get_adapter_state(slm), get_adapter_state(llm)
         g_term, f_term = ("KL(f‖g)", "KL(g‖f)") if kd.kl_direction == "forward" else ("KL(g‖f)", "KL(f‖g)")
         progress.log(f"round {rnd}: distill SLM's {g_term} {stats['kl_g_first']:.4f}->{stats['kl_g_last']:.4f}, "
                      f"LLM's {f_term} {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
         # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here
-        entry = {"distill": stats, **({"fdkt": self.synthesis} if rnd == 1 and self.synthesis else {})}
-        return RoundOutcome({"slm": theta, "llm": omega}, entry=entry, logs={"llm": {"distill": stats}},
-                            timings={"client_train_s": client_s, "aggregate_s": (t1 - t0) - client_s,
-                                     "distill_s": time.perf_counter() - t1})
+        out.state.update(slm=get_adapter_state(slm), llm=get_adapter_state(llm))
+        out.entry.update(distill=stats, **({"fdkt": self.synthesis} if rnd == 1 and self.synthesis else {}))
+        out.logs.setdefault("llm", {})["distill"] = stats
+        out.timings["distill_s"] = time.perf_counter() - t1
 
 
 register(MethodSpec(
     name="fedcollm", label="FedCoLLM", rank=30, algorithm=FedCoLLM, handlers=guard("fedcollm", HANDLERS), config=FedCoLLMConfig,
-    needs_llm=True,
+    needs_llm=True, supports_secure_aggregation=True,
     summary="FedAvg of SLM adapters + mutual LLM/SLM distillation on the server's auxiliary data"))

@@ -31,23 +31,21 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from fedkt import progress
-from fedkt.algorithms.fedavg import aggregate
 from fedkt.clients import ClientContext
 from fedkt.config import PATH, check
 from fedkt.data.collate import collate_sft, make_sft_example
 from fedkt.data.prompts import training_text
 from fedkt.data.tasks import Example
+from fedkt.fedavg_round import FedAvgRound
 from fedkt.federation.base import Message
 from fedkt.losses import answer_ce
 from fedkt.models import get_adapter_state
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
-from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.train import train_loop
 
 
@@ -236,12 +234,17 @@ def teacher_prompts(generator, perturbed: list[str]) -> list[str]:
     return [generator.chat_prompt(TEACHER_SYSTEM, p, FEW_SHOT) for p in perturbed]
 
 
-class FedCoT(RoundAlgorithm):
-    roles = ("slm",)
+class FedCoT(FedAvgRound):
     phases = ("encode_s", "generate_s", "client_train_s", "aggregate_s")
+    client_method = "decode_train"
 
     def setup(self, server, fed):
         self.cfg = server.cfg.section(FedCoTConfig)
+        k = server.cfg.federation.clients_per_round
+        if k and k < len(fed.clients):
+            raise ValueError(f"fedcot does not support client sampling (federation.clients_per_round = {k} of "
+                             f"{len(fed.clients)} clients): each client decodes the LLM's rationales in round 1 "
+                             "and trains on them every round; set federation.clients_per_round = 0 for fedcot")
         self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
         from fedkt.privacy.kit_check import kit_sha256
 
@@ -280,52 +283,50 @@ class FedCoT(RoundAlgorithm):
             raise ValueError(f"fedcot.client_epsilons lists {len(eps)} values for {len(fed.clients)} clients")
         return {c: (eps[i] if eps else self.cfg.epsilon) for i, c in enumerate(fed.clients)}
 
-    def round(self, server, fed, state, rnd):
-        cfg, timings, entry = self.cfg, {}, {}
+    def before_round(self, server, fed, state, rnd, out):
+        """Round 1: steps 1-2 (clients encode, the LLM writes rationales); later rounds train on the rationales
+        each client kept (in its state)."""
+        self.texts: dict[str, list[str]] = {}
+        if rnd != 1:
+            return
+        cfg, timings, entry = self.cfg, out.timings, out.entry
+        t0 = time.perf_counter()
+        eps = self.epsilons(fed)
+        kit_meta = {"kit": self.kit_path, "kit_sha256": self.kit_sha256, "kit_neighbors": cfg.kit_neighbors}
+        encoded = fed.call("encode", {c: Message(meta={"epsilon": e, **kit_meta}) for c, e in eps.items()}, rnd)
+        timings["encode_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.texts = self.rationales(server, {c: r.texts for c, r in encoded.items()})
+        timings["generate_s"] = time.perf_counter() - t1
+        entry["privacy"] = {c: {k: r.meta[k] for k in ("epsilon_per_token", "tokens", "prompt_epsilon_mean",
+                                                      "prompt_epsilon_max", "randomness")}
+                            for c, r in encoded.items()}
+        entry["generation"] = {"prompts": sum(len(t) for t in self.texts.values()),
+                               "empty": sum(1 for t in self.texts.values() for x in t if not x.strip())}
+        entry["audit"] = self.audit(server, fed)
+        entry["attack"] = self.attack(server, fed)
+
+    def aggregates(self, server):  # the paper's mode: the clients keep (and evaluate) their own SLMs
+        return self.cfg.share_adapters
+
+    def client_requests(self, server, state, rnd, clients):
+        cfg = self.cfg
         meta = {"round": rnd, "epochs": server.cfg.train.epochs, "alpha": cfg.alpha,
                 "decode_tokens": cfg.decode_tokens, "gen_batch_size": cfg.gen_batch_size}
-        texts: dict[str, list[str]] = {c: [] for c in fed.clients}
-        if rnd == 1:  # later rounds train on the rationales each client kept (in its state)
-            t0 = time.perf_counter()
-            eps = self.epsilons(fed)
-            kit_meta = {"kit": self.kit_path, "kit_sha256": self.kit_sha256, "kit_neighbors": cfg.kit_neighbors}
-            encoded = fed.call("encode", {c: Message(meta={"epsilon": e, **kit_meta}) for c, e in eps.items()}, rnd)
-            timings["encode_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            texts = self.rationales(server, {c: r.texts for c, r in encoded.items()})
-            timings["generate_s"] = time.perf_counter() - t1
-            entry["privacy"] = {c: {k: r.meta[k] for k in ("epsilon_per_token", "tokens", "prompt_epsilon_mean",
-                                                          "prompt_epsilon_max", "randomness")}
-                                for c, r in encoded.items()}
-            entry["generation"] = {"prompts": sum(len(t) for t in texts.values()),
-                                   "empty": sum(1 for t in texts.values() for x in t if not x.strip())}
-            entry["audit"] = self.audit(server, fed)
-            entry["attack"] = self.attack(server, fed)
-        t2 = time.perf_counter()
-        if not cfg.share_adapters:  # the paper's mode: the clients keep and evaluate their own SLMs
-            evaluate = server.cfg.eval.every_round or rnd == server.cfg.federation.rounds
-            payloads = {c: Message(texts=texts.get(c, []), meta={**meta, "share_adapters": False, "evaluate": evaluate})
-                        for c in fed.clients}
-            replies = fed.call("decode_train", payloads, rnd)
-            if evaluate:
-                from fedkt.algorithms.baselines import mean_metrics
+        if cfg.share_adapters:
+            return {c: Message(tensors=state["slm"], texts=self.texts.get(c, []), meta=meta) for c in clients}
+        self.evaluate = server.cfg.eval.every_round or rnd == server.cfg.federation.rounds
+        return {c: Message(texts=self.texts.get(c, []), meta={**meta, "share_adapters": False, "evaluate": self.evaluate})
+                for c in clients}
 
-                per_client = {c: r.meta["metrics"] for c, r in replies.items()}
-                for c, mt in per_client.items():
-                    server.log_metrics(method="fedcot", client=c, role="slm", round=rnd, metrics=mt)
-                entry.update(slm=mean_metrics(list(per_client.values())), per_client=per_client)
-            timings.update(client_train_s=fed.take_timing("decode_train"), aggregate_s=0.0)
-            return RoundOutcome(dict(state), entry=entry, timings=timings)
-        payloads = {c: Message(tensors=state["slm"], texts=texts.get(c, []), meta=meta) for c in fed.clients}
-        if server.cfg.federation.secure_aggregation:  # the server gets only the mean (Flower: SecAgg+)
-            agg = fed.aggregate("decode_train", payloads, rnd, weight_key="num_examples", expect=state["slm"])
-            theta = agg.tensors
-        else:
-            replies = fed.call("decode_train", payloads, rnd, expect=state["slm"])
-            theta = aggregate([r.tensors for r in replies.values()], [r.meta["num_examples"] for r in replies.values()])
-        client_s = fed.take_timing("decode_train")
-        timings.update(client_train_s=client_s, aggregate_s=time.perf_counter() - t2 - client_s)
-        return RoundOutcome({"slm": theta}, entry=entry, timings=timings)
+    def after_replies(self, server, fed, replies, rnd, out):
+        if self.evaluate:
+            from fedkt.algorithms.baselines import mean_metrics
+
+            per_client = {c: r.meta["metrics"] for c, r in replies.items()}
+            for c, mt in per_client.items():
+                server.log_metrics(method="fedcot", client=c, role="slm", round=rnd, metrics=mt)
+            out.entry.update(slm=mean_metrics(list(per_client.values())), per_client=per_client)
 
     def rationales(self, server, perturbed: dict[str, list[str]]) -> dict[str, list[str]]:
         """Step 2: the LLM's rationales for every client's perturbed prompts, in one batched pass."""
@@ -374,6 +375,6 @@ def kit_for(server, cfg: FedCoTConfig) -> str:
 
 register(MethodSpec(
     name="fedcot", label="FedCoT", rank=40, algorithm=FedCoT, handlers=guard("fedcot", HANDLERS), config=FedCoTConfig,
-    needs_llm=True,
+    needs_llm=True, supports_secure_aggregation=True,
     summary="clients send text-DP-perturbed prompts, the LLM writes rationales, clients decode them and "
             "distil step by step"))

@@ -4,26 +4,24 @@ Per round t: the server broadcasts θᵗ; client k minimises  L_k(θ) + μ/2 · 
 adapter for E local epochs, which keeps heterogeneous clients from drifting far from the global model;
 the server aggregates exactly as FedAvg (sample-weighted). μ = 0 is FedAvg, bit for bit (tested).
 
-This module is the worked example of docs/adding-an-algorithm.md: a config section, one client handler,
-a round step and one ``register`` call.
+A config section, one client handler, one hook of the shared FedAvg round (the request carries μ) and one
+``register`` call.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from fedkt.algorithms.fedavg import fit_round
 from fedkt.clients import ClientContext
 from fedkt.config import check
+from fedkt.fedavg_round import FedAvgRound
 from fedkt.federation.base import Message
 from fedkt.losses import answer_ce
 from fedkt.models import get_adapter_state
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
-from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.train import tokenize_examples, train_loop, trainable_parameters
 
 
@@ -63,19 +61,16 @@ def client_fit(ctx: ClientContext, msg: Message) -> Message:
 
 
 # ---------------------------------------------------------------------------------------------- server
-class FedProx(RoundAlgorithm):
-    roles = ("slm",)
-    phases = ("client_train_s", "aggregate_s")
+class FedProx(FedAvgRound):
+    """The base round; the request carries μ (clients add the proximal term, the server averages as FedAvg)."""
 
-    def round(self, server, fed, state, rnd):
-        t0 = time.perf_counter()
-        theta = fit_round(fed, state["slm"], rnd, server.cfg.train.epochs, meta={"mu": server.cfg.section(FedProxConfig).mu},
-                          secure=server.cfg.federation.secure_aggregation)
-        client_s = fed.take_timing("fit")
-        return RoundOutcome({"slm": theta},
-                            timings={"client_train_s": client_s, "aggregate_s": time.perf_counter() - t0 - client_s})
+    def client_request(self, server, state, rnd):
+        msg = super().client_request(server, state, rnd)
+        msg.meta["mu"] = server.cfg.section(FedProxConfig).mu
+        return msg
 
 
 register(MethodSpec(
     name="fedprox", label="FedProx", rank=25, algorithm=FedProx, handlers=guard("fedprox", {"fit": client_fit}),
-    config=FedProxConfig, summary="FedAvg with a proximal term μ/2·‖θ − θᵗ‖² in each client's objective"))
+    config=FedProxConfig, supports_secure_aggregation=True,
+    summary="FedAvg with a proximal term μ/2·‖θ − θᵗ‖² in each client's objective"))
