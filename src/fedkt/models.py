@@ -105,7 +105,11 @@ def load_model(spec: str, dtype: str = "float32", placement: Placement | None = 
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=placement.gradient_checkpointing)
     elif placement.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tok
 
 
