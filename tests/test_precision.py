@@ -39,6 +39,8 @@ def test_unavailable_device_and_dtype_errors_name_the_key():
     with pytest.raises(devices.DeviceError, match=r"model.device = 'cuda:1': cuda requested but "
                                                   r"torch.cuda.is_available\(\) is False"):
         devices.resolve_device("cuda:1")
+    with pytest.raises(devices.DeviceError, match=r"model.device = 'gpu' is not a device"):  # a Flower client spec
+        devices.resolve_device("gpu")
     with pytest.raises(devices.DeviceError, match=r"model.dtype = 'fp16' on the cpu: fp16 needs a GPU"):
         devices.resolve_dtype("fp16", cpu)
     with pytest.raises(devices.DeviceError, match=r"model.load_in_4bit for the llm: 4-bit \(bitsandbytes\) "

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from fedkt.config import Placement
+from fedkt.config import DEVICE_SPELLING, Placement
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -31,6 +31,8 @@ def _mps_available() -> bool:
 
 def resolve_device(spec: str, key: str = "model.device") -> torch.device:
     """``"auto"`` -> cuda, else mps, else cpu; an explicit accelerator must exist here."""
+    if not DEVICE_SPELLING.fullmatch(spec):
+        raise DeviceError(f"{key} = {spec!r} is not a device; allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -103,10 +105,6 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def compute_dtype(model) -> torch.dtype:
     """The dtype a model's base weights compute in (the input embeddings' dtype; 4-bit models: the
     compute dtype bitsandbytes was given)."""
@@ -143,7 +141,3 @@ def train_mode(*models) -> Iterator[None]:
     finally:
         for m in models:
             m.eval()
-
-
-def describe(model) -> str:
-    return f"{input_device(model)} {str(compute_dtype(model)).removeprefix('torch.')}"
