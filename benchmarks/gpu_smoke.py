@@ -5,8 +5,8 @@
 
 The device is ``--device`` (default "auto": cuda, else mps, else the cpu, with a line saying that no
 accelerator was found). Tokens are every token the loaded models processed (training, distillation,
-scoring, generation: the attention mask's ones of every top-level forward), divided by the method's wall
-time. Peak memory is ``torch.cuda.max_memory_allocated`` on cuda (reset per method), the driver's
+scoring, generation: the non-padding input positions of every top-level forward, one per row for a
+cached generation step), divided by the method's wall time. Peak memory is ``torch.cuda.max_memory_allocated`` on cuda (reset per method), the driver's
 allocated memory on mps, else the process's peak RSS (monotone over the run). This script has not yet run
 on a GPU (see docs/devices.md).
 """
@@ -19,6 +19,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -51,9 +52,11 @@ class TokenCounter:
     def _count(self, mod, args, kwargs):
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if mask is not None:
-            self.tokens += int(mask.sum())
-        elif ids is not None:
+        if ids is None:
+            return
+        if mask is not None and mask.dim() == 2 and not mask.is_floating_point():
+            self.tokens += int(mask[:, -ids.shape[1]:].sum())  # the new positions (a cached step: 1 per row)
+        else:  # no mask, or a packed 4-D additive mask (evaluation): every position counts
             self.tokens += ids.numel()
 
 
@@ -110,6 +113,7 @@ def main():
             run_experiment(cfg, tmp / "runs" / method)
             error = ""
         except Exception as e:  # report and go on: a smoke test shows every method's state
+            traceback.print_exc()
             error = f"{type(e).__name__}: {e}"
         wall = time.perf_counter() - t0
         what, mib = peak_memory(device)
