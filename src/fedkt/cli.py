@@ -46,6 +46,25 @@ def run(config: Path = typer.Argument(..., help="Experiment TOML (see examples/)
     typer.echo(f"\nrun directory: {out_dir}  (report.md, results.json, metrics.jsonl, adapters/)")
 
 
+@app.command("plan")
+def plan_(config: Path = typer.Argument(..., help="Experiment TOML."),
+          set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.batch_size=4."),
+          dtype: Optional[str] = typer.Option(None, help="Plan every role in this dtype: fp32, bf16, fp16."),
+          load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="The server LLM in 4 bits (QLoRA)."),
+          gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing"),
+          seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: train.max_length)."),
+          json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+    """Before running: parameters, LoRA size, bytes per round, peak memory and optimizer steps per role
+    and method, from the models' config.json only (no weights loaded, nothing downloaded)."""
+    from fedkt.config import load_config
+    from fedkt.plan import Options, plan, render
+
+    cfg = load_config(config, set_)
+    opts = Options.from_config(cfg, dtype, load_in_4bit, gradient_checkpointing, seq_len)
+    p = plan(cfg, opts, str(config))
+    typer.echo(json.dumps(p, indent=1) if json_out else render(p))
+
+
 @app.command("eval")
 def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (builtin:NAME, dir, .gguf, hf:ID)."),
           adapter: Optional[Path] = typer.Option(None, help="peft adapter directory to apply."),
