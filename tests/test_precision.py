@@ -21,6 +21,11 @@ def test_model_placement_per_role_and_spellings():
     assert cfg.model.client_fields() == {"device": "auto", "dtype": "bf16", "gradient_checkpointing": False,
                                          "load_in_4bit": False}
     assert load_config(None, []).model.placement("llm") == Placement()  # "auto" everywhere by default
+    from fedkt.plan_memory import Options  # the planner reads the same keys
+
+    for value, roles in (("none", []), ("llm", ["llm"]), ("all", ["slm", "llm"])):
+        opts = Options.from_config(load_config(None, [f'model.load_in_4bit="{value}"', 'model.llm_dtype="bf16"']))
+        assert opts.load_in_4bit == roles and opts.dtype == {"slm": "fp32", "llm": "bf16"}
     assert devices.DTYPES["bfloat16"] is devices.DTYPES["bf16"] is torch.bfloat16  # old spelling kept
     with pytest.raises(ConfigError, match=r"model.device = 'gpu' is not a device; allowed: 'auto', 'cpu', "
                                           r"'cuda', 'cuda:N', 'mps'"):
