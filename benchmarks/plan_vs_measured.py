@@ -36,8 +36,8 @@ def rss_now() -> int:
 
 def child(config: str, overrides: list[str]) -> None:
     from fedkt import progress
-    from fedkt.config import load_config
-    from fedkt.runs import run_experiment
+    from fedkt.registry import load_config
+    from fedkt.experiment import run_experiment
     import peft  # noqa: F401  (the runtime: imported before the baseline is read)
     import transformers  # noqa: F401
 
@@ -60,7 +60,7 @@ def main() -> None:
     overrides = REDUCE + a.overrides
     if a.child:
         return child(a.config, overrides)
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
     from fedkt.plan import Options, human, plan
 
     cfg = load_config(a.config, overrides)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedkt.config import ConfigError, LoraSettings, load_config
+from fedkt.config import ConfigError, LoraSettings
+from fedkt.registry import load_config
 from fedkt.models import adapter_nbytes, count_parameters, load_lora_model
 from fedkt.plan import Options, model_facts, plan, sft_steps
 from fedkt.plan_archs import KNOWN, known

@@ -1,6 +1,6 @@
 """FDKT's server steps on the clients' DP synthetic samples: LLM filter per cluster, few-shot augmentation.
 
-Both steps talk to the server LLM through a :class:`~fedkt.backends.TextGenerator` (a local model with
+Both steps talk to the server LLM through a :class:`~fedkt.text_generators.TextGenerator` (a local model with
 batched KV-cache generation, or an OpenAI-compatible server), and both treat what the LLM writes as
 untrusted input:
 

@@ -56,12 +56,14 @@ class ModelFacts:
 
 def config_dict(spec: str) -> tuple[dict | None, str]:
     """``(config.json as a dict, where it came from)``; ``(None, "served")`` for an ``openai:`` model."""
+    # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
     from fedkt.plan_archs import known
 
     if spec.startswith("openai:"):
         return None, "served"
     if spec.startswith("builtin:"):
-        from fedkt.builtin import cache_dir
+        # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
+        from fedkt.builtin_models import cache_dir
 
         f = cache_dir() / spec.split(":", 1)[1] / "config.json"
         if f.is_file():
@@ -77,6 +79,7 @@ def config_dict(spec: str) -> tuple[dict | None, str]:
     cfg = known(name)
     if cfg is not None:
         return cfg, cfg.pop("source")
+    # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
     from fedkt.plan_archs import KNOWN
 
     raise ConfigError(
@@ -93,6 +96,7 @@ def count(config: dict, lora) -> tuple[int, int, int, Any]:
     key = json.dumps([config, lora.r, sorted(lora.target_modules)], sort_keys=True, default=str)
     if key in _CACHE:
         return _CACHE[key]
+    # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
     import warnings
 
     import torch
@@ -138,6 +142,7 @@ def client_data(cfg: ExperimentConfig) -> tuple[list[list], list, str]:
     data is readable here; else ``([[None] * n_k ...], [None] * aux, "estimated")`` from
     ``data.max_train_examples``."""
     try:
+        # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
         from fedkt.simulation import load_client_data
 
         clients, aux = load_client_data(cfg)
@@ -155,7 +160,8 @@ def client_data(cfg: ExperimentConfig) -> tuple[list[list], list, str]:
 def local_tokenizer_dir(spec: str) -> Path | None:
     """The directory holding ``spec``'s tokenizer, if it is on this machine already (nothing is built)."""
     if spec.startswith("builtin:"):
-        from fedkt.builtin import cache_dir
+        # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
+        from fedkt.builtin_models import cache_dir
 
         d = cache_dir() / spec.split(":", 1)[1]
     else:
@@ -170,6 +176,7 @@ def data_seq_len(cfg: ExperimentConfig, examples: list) -> tuple[int, str]:
     d = local_tokenizer_dir(cfg.model.slm)
     if d is None or not examples or examples[0] is None:
         return cfg.train.max_length, "train.max_length"
+    # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
     from transformers import AutoTokenizer
 
     from fedkt.train import tokenize_examples

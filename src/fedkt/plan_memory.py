@@ -35,6 +35,7 @@ KD_LOGIT_COPIES = 6
 def dtype_name(value: str) -> str:
     """``"bf16"`` / ``"bfloat16"`` ... -> the short name; ``"auto"`` plans as fp32 (what CPU runs pick)."""
     if value not in ALIASES:
+        # deferred: plan_memory is core-layer arithmetic; config is imported only to raise its error type
         from fedkt.config import ConfigError
 
         raise ConfigError(f"dtype {value!r} is not a dtype; allowed values: {', '.join(ALIASES)}")

@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedkt.algorithms.fdkt import FDKTConfig
+from fedkt.algorithms.fedcollm import FedCoLLMConfig
+from fedkt.algorithms.fedcot import FedCoTConfig
 from fedkt.plan_memory import (KD_LOGIT_COPIES, SFT_LOGIT_COPIES, Options, activation_bytes, dtype_bytes,
                                inference_bytes, weight_bytes)
 
@@ -142,7 +145,7 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
     elif name in ("fedavg", "fedprox"):
         rows = [c.client_fit(extra_copies=1 if name == "fedprox" else 0), c.server_eval(c.slm, buffers=K + 1)]
     elif name == "fedcollm":
-        kd = cfg.section("fedcollm")
+        kd = cfg.section(FedCoLLMConfig)
         rows = [c.client_fit()]
         for m in (c.slm, c.llm):
             r = c.server_train(m, kd.kd_steps * R, kd.batch_size, KD_LOGIT_COPIES, per_round=kd.kd_steps,
@@ -152,7 +155,7 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
         if kd.update == "simultaneous":
             together = rows[1:]
     elif name == "fedcot":
-        fc = cfg.section("fedcot")
+        fc = cfg.section(FedCoTConfig)
         steps = [sft_steps(n, t, t.epochs) for n in sizes]
         up1 = max(n * c.S // 2 * BYTES_PER_TOKEN_TEXT for n in sizes)  # prompts: about half the training text
         down1 = max(n * fc.rationale_tokens * BYTES_PER_TOKEN_TEXT for n in sizes)
@@ -167,9 +170,10 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
         rows = [client, c.server_eval(c.slm, buffers=K + 1 if share else 0),
                 c.server_generate(c.llm, fc.gen_batch_size, FEW_SHOT_PROMPT_TOKENS + c.S + fc.rationale_tokens)]
     elif name == "fdkt":
+        # deferred: opacus (through dp_sgd) and the algorithm registry load only for the methods a plan names
         from fedkt.privacy.dp_sgd import DPConfig, planned_steps
 
-        fd = cfg.section("fdkt")
+        fd = cfg.section(FDKTConfig)
         dp = [planned_steps(n, DPConfig(epochs=fd.dp_epochs, batch_size=fd.dp_batch_size)) for n in sizes]
         keep = 1.0 if fd.filter == "none" else fd.filter_keep
         synthetic = int(K * fd.samples_per_client * keep * (1 + fd.augment_per_kept))
@@ -195,6 +199,7 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
             rows.append(c.server_train(c.llm, sft_steps(pooled + aux, t, t.epochs * R), t.batch_size,
                                        SFT_LOGIT_COPIES))
     else:  # a method registered after this table: a round-based one is planned as FedAvg (said in the notes)
+        # deferred: opacus (through dp_sgd) and the algorithm registry load only for the methods a plan names
         from fedkt import registry
 
         if registry.get(name).algorithm is None:

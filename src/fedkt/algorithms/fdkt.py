@@ -54,7 +54,7 @@ from fedkt.fdkt_server import augment, filter_clusters, filter_scored, question_
 from fedkt.models import get_adapter_state, save_adapter
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
-from fedkt.results import MethodResult
+from fedkt.run_results import MethodResult
 from fedkt.seeds import derive_seed
 
 
@@ -301,7 +301,7 @@ def client_epsilons(cfg: FDKTConfig, clients: list[str]) -> dict[str, float]:
 
 def llm_generator(server, cfg: FDKTConfig):
     """The server LLM as a text generator: an ``openai:`` server, or the local LLM (its initial adapter)."""
-    from fedkt.backends import HFGenerator, make_generator
+    from fedkt.text_generators import HFGenerator, make_generator
 
     spec = server.cfg.model.llm
     if spec.startswith("openai:"):
@@ -340,7 +340,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     new one is saved there."""
     from fedkt.clustering import kmeans, mean_pooled_embeddings
 
-    cfg = cfg or server.cfg.section("fdkt")
+    cfg = cfg or server.cfg.section(FDKTConfig)
     if cache is not None and cache.is_file():
         progress.log(f"fdkt: re-using the synthetic set saved in {cache}")
         return Synthesis.from_dict(json.loads(cache.read_text()))
@@ -440,7 +440,7 @@ def synthetic_aux(server, fed, cfg: FDKTConfig | None = None, cache: Path | None
 def run(server) -> MethodResult:
     from fedkt.algorithms.baselines import mean_metrics
 
-    cfg = server.cfg.section("fdkt")
+    cfg = server.cfg.section(FDKTConfig)
     epochs = server.cfg.train.epochs * server.cfg.federation.rounds
     with server.federation(FDKT) as fed:
         syn = synthesize(server, fed, cfg, rnd=1, cache=server.out / "fdkt" / "synthetic.json")

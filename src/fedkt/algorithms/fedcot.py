@@ -77,6 +77,7 @@ class FedCoTConfig:
     empty_rationales: bool = False
     """Ablation: the server returns empty rationales (what the LLM contributes through the decoder)."""
     gen_batch_size: int = 16
+    """Prompts per generation batch (the LLM's rationales, the clients' decoding)."""
     attack_prompts: int = 8
     """Public prompts the contextual attack (LM prior = the server LLM) runs on for the run's privacy
     section (docs/privacy-attacks.md); 0 turns it off. Needs a local ``model.llm``."""
@@ -240,7 +241,7 @@ class FedCoT(RoundAlgorithm):
     phases = ("encode_s", "generate_s", "client_train_s", "aggregate_s")
 
     def setup(self, server, fed):
-        self.cfg = server.cfg.section("fedcot")
+        self.cfg = server.cfg.section(FedCoTConfig)
         self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
         from fedkt.privacy.kit_check import kit_sha256
 
@@ -342,7 +343,7 @@ class FedCoT(RoundAlgorithm):
 
 def teacher(server, cfg: FedCoTConfig):
     """The server LLM as a text generator: an ``openai:`` server, or the local LLM (its initial adapter)."""
-    from fedkt.backends import HFGenerator, make_generator
+    from fedkt.text_generators import HFGenerator, make_generator
 
     spec = server.cfg.model.llm
     if spec.startswith("openai:"):
