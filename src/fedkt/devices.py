@@ -93,7 +93,8 @@ def load_kwargs(p: Placement, role: str = "slm") -> tuple[dict[str, Any], torch.
             raise DeviceError(f"model.device_map = {p.device_map!r} spreads the LLM over GPUs, but the LLM "
                               f"resolves to {device}; remove device_map or run on a CUDA machine")
         try:
-            import accelerate  # noqa: F401  (device_map needs accelerate)
+            # deferred: accelerate is the optional [gpu] extra, needed only by device_map
+            import accelerate  # noqa: F401
         except ImportError as e:
             raise ImportError(f"model.device_map = 'auto' needs accelerate ({e}): {GPU_EXTRA}") from None
         kwargs["device_map"] = p.device_map
