@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchlib import make_tiny_pair  # noqa: E402
 
 from fedkt import models  # noqa: E402
-from fedkt.config import load_config  # noqa: E402
+from fedkt.registry import load_config  # noqa: E402
 from fedkt.devices import resolve_device  # noqa: E402
 from fedkt.registry import methods as registered  # noqa: E402
-from fedkt.runs import run_experiment  # noqa: E402
+from fedkt.experiment import run_experiment  # noqa: E402
 
 
 class TokenCounter:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fedkt import devices, models
-from fedkt.config import ConfigError, Placement, load_config
-from fedkt.runs import run_experiment
+from fedkt.config import ConfigError, Placement
+from fedkt.registry import load_config
+from fedkt.experiment import run_experiment
 from test_runs import tiny_config
 
 
