@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedkt.config import EvalConfig, LoraSettings, TrainConfig
+from fedkt.config import EvalConfig, LoraSettings, Placement, TrainConfig
 from fedkt.data.tasks import Example, load_jsonl
 from fedkt.message import Message, decode, encode
 from fedkt.models import LoadedModel, load_lora_model
@@ -40,6 +40,10 @@ class ClientSpec:
     model: str
     """The client's SLM spec (``builtin:NAME``, a directory, a ``.gguf`` file)."""
     dtype: str = "float32"
+    device: str = "cpu"
+    """Device/precision of the client's SLM (``[model]`` keys; "auto" resolves on the client's machine)."""
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -178,9 +182,10 @@ class ClientFactory:
         self._models: dict[tuple, LoadedModel] = {}
 
     def load(self, spec: ClientSpec) -> LoadedModel:
-        key = (spec.model, spec.dtype, repr(spec.lora), spec.seed)
+        placement = Placement(spec.device, spec.dtype, spec.gradient_checkpointing, spec.load_in_4bit)
+        key = (spec.model, placement, repr(spec.lora), spec.seed)
         if not self.share_base or key not in self._models:
-            self._models[key] = load_lora_model(spec.model, spec.dtype, spec.lora, lora_seed(spec.seed))
+            self._models[key] = load_lora_model(spec.model, placement, spec.lora, lora_seed(spec.seed))
         return self._models[key]
 
     def build(self, spec: ClientSpec) -> ClientContext:

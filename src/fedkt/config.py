@@ -10,6 +10,7 @@ overrides, path resolution and per-key errors are the generic engine in ``fedkt.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,63 @@ class ModelConfig:
     llm: str = field(default="", metadata=PATH)
     """The server's large model; same forms as ``slm``. Needed by the methods that say so (``fedkt methods``);
     adds LLM rows to ``zero_shot`` and ``centralized``."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights' dtype of every model the run loads."""
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
+    # -- devices and precision (docs/devices.md); ``placement(role)`` resolves the per-role overrides --
+    device: str = "auto"
+    """Where the models compute: "auto" (cuda if available, else mps, else cpu), "cpu", "cuda", "cuda:N", "mps"
+    (docs/devices.md)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float32"] = "auto"
+    """Base weights' dtype; bf16/fp16 also run the training loop under autocast (fp16 with a grad scaler).
+    "auto": bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on cpu/mps. LoRA adapters stay fp32."""
+    llm_device: str = ""
+    """The server LLM's device when it differs from ``device`` ("" = ``device``)."""
+    llm_dtype: Literal["", "auto", "bf16", "fp16", "fp32", "bfloat16", "float32"] = ""
+    """The server LLM's dtype when it differs from ``dtype`` ("" = ``dtype``)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% more compute); every role."""
+    load_in_4bit: Literal["none", "llm", "all"] = "none"
+    """QLoRA: 4-bit NF4 base weights (bitsandbytes, ``pip install fedkt[gpu]``, CUDA only) for the server
+    LLM ("llm") or every model ("all")."""
+    device_map: Literal["", "auto"] = ""
+    """"auto": spread the server LLM over every visible GPU (accelerate), for an LLM larger than one GPU."""
+
+    def __post_init__(self):
+        for key in ("device", "llm_device"):
+            v = getattr(self, key)
+            check(bool(DEVICE_SPELLING.fullmatch(v)) or (key == "llm_device" and v == ""),
+                  f"{key} = {v!r} is not a device; allowed: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
+                  + (" or '' (= device)" if key == "llm_device" else ""))
+
+    def client_fields(self) -> dict[str, Any]:
+        """The clients' ``ClientSpec`` device/precision fields (the SLM's placement)."""
+        p = self.placement("slm")
+        return {"device": p.device, "dtype": p.dtype, "gradient_checkpointing": p.gradient_checkpointing,
+                "load_in_4bit": p.load_in_4bit}
+
+    def placement(self, role: str) -> "Placement":
+        """Where the ``"slm"`` (clients' and server's) or ``"llm"`` model lives, with the overrides applied."""
+        llm = role == "llm"
+        return Placement(device=(self.llm_device or self.device) if llm else self.device,
+                         dtype=(self.llm_dtype or self.dtype) if llm else self.dtype,
+                         gradient_checkpointing=self.gradient_checkpointing,
+                         load_in_4bit=self.load_in_4bit == "all" or (llm and self.load_in_4bit == "llm"),
+                         device_map=self.device_map if llm else "")
+
+
+DEVICE_SPELLING = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One role's device/precision settings, unresolved ("auto" is resolved on the machine that loads the model,
+    by ``fedkt.devices``)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+    device_map: str = ""
 
 
 @dataclass

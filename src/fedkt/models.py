@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fedkt import devices
 from fedkt.builtin_models import ensure_builtin
-from fedkt.config import LoraSettings
+from fedkt.config import LoraSettings, Placement
 
 
 class ModelLoadError(RuntimeError):
@@ -70,28 +71,45 @@ def resolve(spec: str) -> str | Path:
     )
 
 
-def load_model(spec: str, dtype: str = "float32"):
-    """Load (model, tokenizer) in eval mode with all weights frozen."""
+def load_model(spec: str, dtype: str = "float32", placement: Placement | None = None, role: str = "slm"):
+    """Load (model, tokenizer) in eval mode with all weights frozen, on ``placement``'s device and dtype
+    (default: the cpu in ``dtype``); see ``fedkt.devices`` and docs/devices.md."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    placement = placement or Placement(device="cpu", dtype=dtype)
+    kwargs, device, torch_dtype = devices.load_kwargs(placement, role)
     target = resolve(spec)
     try:
         if isinstance(target, Path) and target.suffix == ".gguf":
+            if len(kwargs) > 1:
+                raise ModelLoadError(f"model {spec!r}: a .gguf file is dequantised on load; load_in_4bit and "
+                                     f"device_map need a Hugging Face model directory")
             model, tok = load_gguf(target)
         else:
-            model = AutoModelForCausalLM.from_pretrained(target)
+            model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
             tok = prepare_tokenizer(AutoTokenizer.from_pretrained(target))
     except OSError as e:
         raise ModelLoadError(
             f"could not load model {spec!r}: {e}\nOffline, hub ids cannot be fetched: download the model "
             f"where the hub is reachable and pass its local directory instead."
         ) from None
-    model.to(getattr(torch, dtype))
+    if "device_map" not in kwargs:  # placed by accelerate / bitsandbytes otherwise
+        model.to(device=device, dtype=torch_dtype)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if placement.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=placement.gradient_checkpointing)
+    elif placement.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tok
 
 
@@ -181,9 +199,13 @@ class LoadedModel:
                 "adapter_bytes": adapter, "adapter_fraction": adapter / self.base_nbytes}
 
 
-def load_lora_model(spec: str, dtype: str, lora: LoraSettings, seed: int) -> LoadedModel:
-    """``load_model`` + a fresh LoRA adapter initialised from ``seed``."""
-    model, tok = load_model(spec, dtype)
+def load_lora_model(spec: str, placement: Placement | str, lora: LoraSettings, seed: int,
+                    role: str = "slm") -> LoadedModel:
+    """``load_model`` + a fresh LoRA adapter initialised from ``seed``; ``placement`` may be a bare dtype
+    name (on the cpu)."""
+    if isinstance(placement, str):
+        placement = Placement(device="cpu", dtype=placement)
+    model, tok = load_model(spec, placement=placement, role=role)
     model = add_lora(model, lora, seed=seed)
     return LoadedModel(spec, model, tok, get_adapter_state(model))
 

@@ -105,8 +105,9 @@ class Options:
         base = dtype_name(dtype or getattr(m, "dtype", "float32"))
         dt = {"slm": dtype_name(dtype or getattr(m, "slm_dtype", None) or base),
               "llm": dtype_name(dtype or getattr(m, "llm_dtype", None) or base)}
-        four = getattr(m, "load_in_4bit", False) if load_in_4bit is None else load_in_4bit
-        roles = list(four) if isinstance(four, (list, tuple)) else (["llm"] if four else [])
+        four = getattr(m, "load_in_4bit", "none") if load_in_4bit is None else load_in_4bit
+        roles = {"none": [], "llm": ["llm"], "all": ["slm", "llm"]}[four] if isinstance(four, str) \
+            else (["llm"] if four else [])  # [model] load_in_4bit = "none" | "llm" | "all"; --4bit: the LLM
         ckpt = getattr(m, "gradient_checkpointing", False) if gradient_checkpointing is None else gradient_checkpointing
         return cls(dt, roles, bool(ckpt), seq_len or 0)
 

@@ -50,7 +50,8 @@ class ServerContext:
             if not spec:
                 raise ValueError("this method needs a server LLM: set model.llm")
             t0 = time.perf_counter()
-            self._models[role] = load_lora_model(spec, self.cfg.model.dtype, self.cfg.lora, lora_seed(self.cfg.seed, role))
+            self._models[role] = load_lora_model(spec, self.cfg.model.placement(role), self.cfg.lora,
+                                                  lora_seed(self.cfg.seed, role), role=role)
             progress.log(f"loaded {role} {spec} in {time.perf_counter() - t0:.1f}s")
         return self._models[role]
 

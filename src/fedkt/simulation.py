@@ -89,7 +89,7 @@ class Simulation:
     def client_spec(self, i: int, method: str) -> ClientSpec:
         cfg = self.cfg
         cid = f"client{i}"
-        return ClientSpec(cid=cid, model=cfg.model.slm, dtype=cfg.model.dtype, lora=cfg.lora, train=cfg.train,
+        return ClientSpec(cid=cid, model=cfg.model.slm, **cfg.model.client_fields(), lora=cfg.lora, train=cfg.train,
                           eval=cfg.eval, seed=cfg.seed, examples=self.clients_data[i], eval_sets=self.eval_sets,
                           workdir=self.out / "clients" / cid / method, policy=policy_for_experiment(cfg),
                           simulation=True)

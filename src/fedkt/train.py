@@ -1,4 +1,11 @@
-"""One small training loop: AdamW, warmup + schedule, gradient accumulation, clipping, seeds, progress.
+"""The one training loop of fedkt and its step functions.
+
+:func:`run_loop` owns what every training call shares: train/eval mode, the progress bar, metric history
+and wall time. A *step function* does one optimizer step (forward under autocast, backward, update) through
+an :class:`Updater`, which owns optimizers, LR schedules, gradient clipping and fp16 grad scaling. Supervised
+fine-tuning (:func:`train_loop`, :func:`sft`), FedCoLLM's mutual distillation
+(``fedkt.algorithms.fedcollm.mutual_distill``) and DP-SGD (``fedkt.privacy.dp_sgd.dp_train_loop``) are
+step functions over this loop. Batches follow their model's device (``fedkt.devices``).
 
 Only parameters with ``requires_grad`` train (for a peft model: the LoRA adapter).
 """
@@ -7,12 +14,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from fedkt import progress
+from fedkt import devices, progress
 from fedkt.config import TrainConfig
 from fedkt.data.collate import SFTExample, collate_sft, make_sft_example
 from fedkt.data.prompts import training_text
@@ -74,6 +82,93 @@ def batch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[list[
     return batches[:total]
 
 
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Updater:
+    """Optimizer steps over one or more disjoint (parameters, optimizer) groups stepped together: each
+    group's gradient clipped to ``max_grad_norm`` (0: off), then the optimizers, the LR schedules, and the
+    gradients cleared. With a ``scaler`` (fp16) losses are scaled in :meth:`backward` and gradients
+    unscaled before clipping; a step whose gradients overflowed is skipped by the scaler."""
+
+    groups: list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]]
+    max_grad_norm: float = 0.0
+    schedulers: list = field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        for params, opt in self.groups:
+            if self.scaler is not None:
+                self.scaler.unscale_(opt)
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        for sched in self.schedulers:
+            sched.step()
+        for _, opt in self.groups:
+            opt.zero_grad(set_to_none=True)
+
+
+@dataclass
+class LoopResult:
+    history: dict[str, list[float]]
+    """Each metric a step function returned, one value per step."""
+    seconds: float
+    steps: int
+
+    def summary(self) -> dict[str, float]:
+        """``{metric}_first``, ``{metric}_mean``, ``{metric}_last`` of every metric."""
+        out = {f"{k}_first": v[0] for k, v in self.history.items() if v}
+        out.update({f"{k}_mean": sum(v) / len(v) for k, v in self.history.items() if v})
+        out.update({f"{k}_last": v[-1] for k, v in self.history.items() if v})
+        return out
+
+
+def run_loop(items: Iterable, step: Callable[[Any], dict[str, float]], models: Sequence, desc: str,
+             total: int | None, show: Sequence[str] = ("loss",)) -> LoopResult:
+    """THE training loop: ``step(item)`` for each item (one optimizer step each), with ``models`` in train
+    mode (eval mode after), one progress bar showing the ``show`` metrics, and the history and wall time
+    of every metric the step returns."""
+    history: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    n = 0
+    with devices.train_mode(*models), progress.bar(desc, total) as pb:
+        for item in items:
+            metrics = step(item)
+            for k, v in metrics.items():
+                history.setdefault(k, []).append(v)
+            n += 1
+            pb.advance(**{k: metrics[k] for k in show if k in metrics})
+    return LoopResult(history, time.perf_counter() - t0, n)
+
+
+def place(batch, device: torch.device):
+    """A collated batch (a dict of tensors, or a dict of such dicts) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return {k: place(v, device) for k, v in batch.items()}
+
+
+def make_updater(models: Sequence, groups: list[tuple[list, torch.optim.Optimizer]], max_grad_norm: float,
+                 schedulers: Sequence = ()) -> Updater:
+    """An :class:`Updater` with a grad scaler when any of ``models`` computes in fp16."""
+    return Updater(groups, max_grad_norm, list(schedulers), devices.grad_scaler(models))
+
+
+# --------------------------------------------------------------------------------------------------
+# Supervised fine-tuning: a step = ``grad_accum`` micro-batches of ``loss_fn``
+
+
 def sft(model, tok, examples: Sequence[Example], cfg: TrainConfig, seed: int, epochs: float | None = None,
         desc: str = "train") -> TrainStats:
     """Answer-only supervised fine-tuning of the trainable parameters of ``model`` on ``examples``."""
@@ -88,7 +183,8 @@ def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainC
                pad_id: int, epochs: float | None = None, desc: str = "train",
                collate: Callable | None = None) -> TrainStats:
     """Optimise ``loss_fn(model, batch)`` over ``data``; ``collate(items, pad_id)`` builds a batch
-    (default: ``collate_sft``, for multi-part items pass your own)."""
+    (default: ``collate_sft``, for multi-part items pass your own). The loss runs under autocast to the
+    model's compute dtype; the batch is moved to the model's device."""
     collate = collate or collate_sft
     seed_everything(seed)
     params = trainable_parameters(model)
@@ -100,25 +196,22 @@ def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainC
         steps = min(steps, cfg.max_steps)
         batches = batches[: steps * cfg.grad_accum]
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
-    sched = make_scheduler(opt, steps, cfg.warmup_ratio, cfg.schedule)
-    model.train()
-    losses: list[float] = []
-    with progress.bar(desc, steps) as pb:
-        for s in range(steps):
-            group = batches[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]
-            total = 0.0
-            for idx in group:
-                batch = collate([data[i] for i in idx], pad_id)
+    upd = make_updater([model], [(params, opt)], cfg.max_grad_norm,
+                       [make_scheduler(opt, steps, cfg.warmup_ratio, cfg.schedule)])
+    device = devices.input_device(model)
+
+    def step(group: list[list[int]]) -> dict[str, float]:
+        total = 0.0
+        for idx in group:
+            batch = place(collate([data[i] for i in idx], pad_id), device)
+            with devices.autocast(model):
                 loss = loss_fn(model, batch) / len(group)
-                loss.backward()
-                total += loss.item()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(total)
-            pb.advance(loss=total)
-    model.eval()
+            upd.backward(loss)
+            total += loss.item()
+        upd.step()
+        return {"loss": total}
+
+    groups = (batches[s * cfg.grad_accum:(s + 1) * cfg.grad_accum] for s in range(steps))
+    losses = run_loop(groups, step, [model], desc, steps).history.get("loss", [])
     return TrainStats(steps=steps, examples=len(data), mean_loss=sum(losses) / max(1, len(losses)),
                       last_loss=losses[-1] if losses else float("nan"))

@@ -47,13 +47,15 @@ from fedkt.algorithms import fdkt
 from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
 from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
+from fedkt.devices import autocast, input_device
 from fedkt.fedavg_round import FedAvgRound
 from fedkt.losses import answer_ce, kd_kl
 from fedkt.models import get_adapter_state
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.seeds import derive_seed
-from fedkt.train import batch_order, make_optimizer, seed_everything, tokenize_examples, trainable_parameters
+from fedkt.train import (LoopResult, batch_order, make_optimizer, make_updater, place, run_loop, seed_everything,
+                         tokenize_examples, trainable_parameters)
 
 
 @dataclass
@@ -154,14 +156,22 @@ def eval_mode(model):
         model.train(was)
 
 
+def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``model``'s logits for ``inputs`` (moved to its device, under autocast to its compute dtype), back on
+    the inputs' device: the two models may sit on different devices."""
+    device = inputs["input_ids"].device
+    with autocast(model):
+        return model(**place(inputs, input_device(model))).logits.to(device)
+
+
 @torch.no_grad()
 def teacher_logits(model, inputs: dict[str, torch.Tensor], teacher_pass: str) -> torch.Tensor:
     """A separate, gradient-free forward pass of the teacher: in eval mode (``"eval"``: no dropout) or in
     whatever mode the model is in (``"train"``)."""
     if teacher_pass == "eval":
         with eval_mode(model):
-            return model(**inputs).logits
-    return model(**inputs).logits
+            return logits_of(model, inputs)
+    return logits_of(model, inputs)
 
 
 def student_terms(student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor],
@@ -181,8 +191,8 @@ def mutual_losses(slm, llm, batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig)
 
     With ``teacher_pass = "eval"`` each KL's teacher side comes from a separate no-dropout pass instead."""
     inputs = model_inputs(batch)
-    g = slm(**inputs).logits
-    f = llm(**inputs).logits
+    g = logits_of(slm, inputs)
+    f = logits_of(llm, inputs)
     if cfg.teacher_pass == "eval":
         f_t, g_t = teacher_logits(llm, inputs, "eval"), teacher_logits(slm, inputs, "eval")
     else:
@@ -196,21 +206,14 @@ def mutual_losses(slm, llm, batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig)
 def one_sided_losses(student, teacher, batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig) -> dict[str, torch.Tensor]:
     """One model's loss against a frozen teacher (``update = "sequential"``): CE + λ·KL."""
     inputs = model_inputs(batch)
-    ce, kl = student_terms(student(**inputs).logits, teacher_logits(teacher, inputs, cfg.teacher_pass), batch, cfg)
+    ce, kl = student_terms(logits_of(student, inputs), teacher_logits(teacher, inputs, cfg.teacher_pass), batch, cfg)
     return {"loss": ce + cfg.kd_lambda * kl, "ce": ce, "kl": kl}
-
-
-def optimizer_step(params, opt, max_grad_norm: float) -> None:
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max_grad_norm: float,
                    seed: int, desc: str = "distill") -> dict[str, float]:
     """Step 4: R updates of θ (in ``slm``) and R of ω (in ``llm``) on the auxiliary set, simultaneous or
-    sequential (``cfg.update``)."""
+    sequential (``cfg.update``); step functions over ``fedkt.train.run_loop``."""
     if not aux:
         raise ValueError("FedCoLLM needs an auxiliary dataset on the server: set partition.aux_size > 0")
     seed_everything(seed)
@@ -218,41 +221,38 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
     params_g, params_f = trainable_parameters(slm), trainable_parameters(llm)
     opt_g, opt_f = make_optimizer(params_g, cfg.lr_slm), make_optimizer(params_f, cfg.lr_llm)
     steps = cfg.kd_steps
-    epochs = steps * cfg.batch_size / len(data)
-    batches = batch_order(len(data), cfg.batch_size, epochs, seed)[:steps]
-    slm.train()
-    llm.train()
-    hist: dict[str, list[float]] = {k: [] for k in ("loss_g", "loss_f", "ce_g", "ce_f", "kl_g", "kl_f")}
+    batches = batch_order(len(data), cfg.batch_size, steps * cfg.batch_size / len(data), seed)[:steps]
+    device = input_device(slm)
+
+    def batch_of(idx):
+        return place(collate_sft([data[i] for i in idx], tok.pad_token_id), device)
+
     if cfg.update == "simultaneous":
-        with progress.bar(desc, steps) as pb:
-            for idx in batches:
-                batch = collate_sft([data[i] for i in idx], tok.pad_token_id)
-                losses = mutual_losses(slm, llm, batch, cfg)
-                # θ and ω are disjoint and each teacher side is detached: one backward serves both losses.
-                (losses["loss_g"] + losses["loss_f"]).backward()
-                for params, opt in ((params_g, opt_g), (params_f, opt_f)):
-                    optimizer_step(params, opt, max_grad_norm)
-                for k in hist:
-                    hist[k].append(losses[k].item())
-                pb.advance(kl_g=hist["kl_g"][-1], kl_f=hist["kl_f"][-1])
+        upd = make_updater([slm, llm], [(params_g, opt_g), (params_f, opt_f)], max_grad_norm)
+
+        def step(idx):
+            losses = mutual_losses(slm, llm, batch_of(idx), cfg)
+            # θ and ω are disjoint and each teacher side is detached: one backward serves both losses.
+            upd.backward(losses["loss_g"] + losses["loss_f"])
+            upd.step()
+            return {k: v.item() for k, v in losses.items()}
+
+        hist = run_loop(batches, step, [slm, llm], desc, steps, show=("kl_g", "kl_f")).history
     else:
         # the reference code's order: the SLM learns from the LLM, then the LLM from the distilled SLM
-        with progress.bar(desc, 2 * steps) as pb:
-            for student, teacher, params, opt, side in ((slm, llm, params_g, opt_g, "g"),
-                                                        (llm, slm, params_f, opt_f, "f")):
-                for idx in batches:
-                    batch = collate_sft([data[i] for i in idx], tok.pad_token_id)
-                    losses = one_sided_losses(student, teacher, batch, cfg)
-                    losses["loss"].backward()
-                    optimizer_step(params, opt, max_grad_norm)
-                    for k in ("loss", "ce", "kl"):
-                        hist[f"{k}_{side}"].append(losses[k].item())
-                    pb.advance(**{f"kl_{side}": hist[f"kl_{side}"][-1]})
-    slm.eval()
-    llm.eval()
-    out = {f"{k}_first": v[0] for k, v in hist.items() if v}
-    out.update({f"{k}_mean": sum(v) / len(v) for k, v in hist.items() if v})
-    out.update({f"{k}_last": v[-1] for k, v in hist.items() if v})
+        hist = {}
+        for student, teacher, params, opt, side in ((slm, llm, params_g, opt_g, "g"), (llm, slm, params_f, opt_f, "f")):
+            upd = make_updater([student], [(params, opt)], max_grad_norm)
+
+            def step(idx, student=student, teacher=teacher, upd=upd, side=side):
+                losses = one_sided_losses(student, teacher, batch_of(idx), cfg)
+                upd.backward(losses["loss"])
+                upd.step()
+                return {f"{k}_{side}": v.item() for k, v in losses.items()}
+
+            hist.update(run_loop(batches, step, [slm, llm], f"{desc} ({side})", steps, show=(f"kl_{side}",)).history)
+        hist = {k: hist[k] for k in ("loss_g", "loss_f", "ce_g", "ce_f", "kl_g", "kl_f")}
+    out = LoopResult(hist, 0.0, len(batches)).summary()
     out["steps"] = len(batches)
     return out
 

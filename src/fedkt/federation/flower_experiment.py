@@ -84,7 +84,7 @@ class ExperimentContextFactory:
             raise ValueError(f"node serves client {cid!r} but its client file is for {client['cid']!r}")
         cfg = experiment_from_text(text)
         set_threads(cfg)  # the node's torch, as the server's
-        spec = ClientSpec(cid=cid, model=client.get("model", cfg.model.slm), dtype=cfg.model.dtype, lora=cfg.lora,
+        spec = ClientSpec(cid=cid, model=client.get("model", cfg.model.slm), **cfg.model.client_fields(), lora=cfg.lora,
                           train=cfg.train, eval=cfg.eval, seed=cfg.seed, data_files=client["data_files"],
                           data_task=client.get("data_task", cfg.data.tasks[0] if cfg.data.tasks else "custom"),
                           workdir=Path(client["workdir"]) / scope if scope else Path(client["workdir"]),

@@ -48,7 +48,6 @@ Use it for a deployment, not for experiments.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
 import warnings
@@ -58,11 +57,15 @@ from typing import Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from fedkt import progress
 from fedkt.data.collate import IGNORE, SFTExample, collate_sft
 from fedkt.data.tasks import Example
+from fedkt.devices import compute_dtype, input_device
 from fedkt.losses import shift
-from fedkt.train import seed_everything, tokenize_examples, trainable_parameters
+from fedkt.privacy.dp_accounting import calibrate_noise, effective_delta, epsilon_for, planned_steps, sample_rate
+from fedkt.train import Updater, place, run_loop, seed_everything, tokenize_examples, trainable_parameters
+
+__all__ = ["DPConfig", "DPStats", "batch_loss", "dp_train", "dp_train_loop", "effective_delta", "epsilon_for",
+           "per_sample_answer_ce", "per_sample_grads", "planned_steps", "sample_rate", "calibrate_noise"]
 
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
@@ -159,52 +162,6 @@ class DPStats:
 # Pieces (public so tests and other algorithms can use them)
 
 
-def effective_delta(delta: float, n: int) -> float:
-    """``min(delta, 1/n²)``."""
-    return min(delta, 1.0 / (n * n))
-
-
-def sample_rate(n: int, batch_size: int) -> float:
-    """Poisson sampling probability giving an expected batch of ``batch_size`` (capped at 1)."""
-    return min(1.0, batch_size / n)
-
-
-def planned_steps(n: int, cfg: DPConfig) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, math.ceil(round(cfg.epochs * n / min(n, cfg.batch_size), 9)))
-
-
-@functools.lru_cache(maxsize=256)
-def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "rdp") -> float:
-    """Smallest σ (to Opacus's bisection tolerance 0.01 in ε) with ε(σ, q, steps, δ) ≤ target. A pure
-    function of its arguments, cached (the bisection takes seconds; clients of one size share it)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        with warnings.catch_warnings():  # the bisection probes σ far from the answer, where RDP
-            warnings.filterwarnings("ignore", message="Optimal order is the")  # warns about its alphas
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q,
-                                              steps=steps, accountant=accountant))
-    except ValueError as e:
-        raise ValueError(f"cannot reach ε = {target_epsilon} at δ = {delta:.3g} with sample rate {q:.4g} "
-                         f"over {steps} steps ({e}); raise target_epsilon, train fewer steps or use a "
-                         f"smaller batch_size") from None
-
-
-def epsilon_for(noise_multiplier: float, q: float, steps: int, delta: float, accountant: str = "rdp") -> float:
-    """ε after ``steps`` steps of the subsampled Gaussian mechanism, by a fresh Opacus accountant."""
-    if steps == 0:
-        return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(noise_multiplier, q, steps)]
-    return float(acc.get_epsilon(delta=delta))
-
-
 def per_sample_answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Answer-only cross-entropy of each row: the mean over that row's supervised tokens, shape [B].
 
@@ -284,13 +241,12 @@ class _Indices(torch.utils.data.Dataset):
         return (torch.tensor(i),)
 
 
-def _empty_step(opt, params: Sequence[torch.nn.Parameter]) -> None:
+def _empty_step(upd: Updater, params: Sequence[torch.nn.Parameter]) -> None:
     """A step for an empty Poisson batch: zero per-sample gradients, so the optimizer releases noise
     only and the accountant counts the step."""
     for p in params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    upd.step()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +302,9 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
     params = trainable_parameters(model)
     if not params:
         raise ValueError("model has no trainable parameters (add a LoRA adapter first)")
+    if compute_dtype(model) == torch.float16:
+        raise ValueError("DP-SGD does not run in fp16 (Opacus's per-sample gradients cannot be loss-scaled): "
+                         "set model.dtype = \"bf16\" or \"fp32\"")
     q = sample_rate(n, cfg.batch_size)
     steps = planned_steps(n, cfg)
     delta = effective_delta(cfg.delta, n)
@@ -376,8 +335,6 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
         loader = torch.utils.data.DataLoader(_Indices(n), batch_size=min(n, cfg.batch_size))
         model.train()  # Opacus validates that the model is in training mode
         hooks = None
-        losses: list[float] = []
-        taken = empty = sampled = 0
         try:
             hooks, opt, _ = engine.make_private(
                 module=model, optimizer=base_opt, data_loader=loader, noise_multiplier=sigma,
@@ -393,26 +350,25 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
             else:
                 sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=sample_gen,
                                                         steps=steps)
-            chunk = cfg.max_physical_batch or n
-            with progress.bar(desc, steps) as pb:
-                for idx in sampler:
-                    if not idx:
-                        _empty_step(opt, params)
-                        empty += 1
-                    else:
-                        total = 0.0
-                        parts = [idx[i:i + chunk] for i in range(0, len(idx), chunk)]
-                        for j, part in enumerate(parts):
-                            loss = batch_loss(model, collate_sft([data[i] for i in part], pad_id))
-                            loss.mean().backward()
-                            total += loss.detach().sum().item()
-                            opt.signal_skip_step(do_skip=j < len(parts) - 1)
-                            opt.step()
-                            opt.zero_grad(set_to_none=True)
-                        losses.append(total / len(idx))
-                        sampled += len(idx)
-                    taken += 1
-                    pb.advance(loss=losses[-1] if losses else float("nan"))
+            # Opacus clips per sample and adds the noise: the loop's updater only steps the DP optimizer.
+            # No autocast: per-sample gradients stay in the adapter's fp32 (bf16 base weights still compute in bf16).
+            upd, chunk, device = Updater([(params, opt)]), cfg.max_physical_batch or n, input_device(model)
+
+            def step(idx: list[int]) -> dict[str, float]:
+                if not idx:
+                    _empty_step(upd, params)
+                    return {"empty": 1.0, "batch": 0.0}
+                total = 0.0
+                parts = [idx[i:i + chunk] for i in range(0, len(idx), chunk)]
+                for j, part in enumerate(parts):
+                    loss = batch_loss(model, place(collate_sft([data[i] for i in part], pad_id), device))
+                    upd.backward(loss.mean())
+                    total += loss.detach().sum().item()
+                    opt.signal_skip_step(do_skip=j < len(parts) - 1)
+                    upd.step()
+                return {"loss": total / len(idx), "empty": 0.0, "batch": float(len(idx))}
+
+            hist = run_loop(sampler, step, [model], desc, steps).history
         finally:
             if hooks is not None:
                 hooks.cleanup()
@@ -423,6 +379,8 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
             _strip(model)
             model.eval()
         eps = math.inf if sigma == 0 else float(engine.get_epsilon(delta))
+    losses, taken = hist.get("loss", []), len(hist.get("batch", []))
+    empty, sampled = int(sum(hist.get("empty", []))), int(sum(hist.get("batch", [])))
     return DPStats(steps=taken, planned_steps=steps, examples=n, epsilon_spent=eps,
                    target_epsilon=cfg.target_epsilon, delta=delta, noise_multiplier=float(sigma),
                    sample_rate=q, expected_batch_size=q * n, max_grad_norm=cfg.max_grad_norm,

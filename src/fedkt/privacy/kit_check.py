@@ -34,9 +34,6 @@ from fedkt.privacy.text_dp_kit import (
     tokenizer_fingerprint,
 )
 
-from fedkt.models import load_model
-from fedkt.privacy.policy import PolicyViolation
-
 
 class KitValidationError(ValueError):
     """A text-DP kit that does not give the DP guarantee it claims; the client refuses to use it."""
