@@ -72,7 +72,7 @@ ALLOWED: dict[str, tuple[Allowed, ...]] = {
         _RANDOMNESS,
     ),
     "fedkt.algorithms.fedcot:client_decode_train": (_ADAPTER, _NUM_EXAMPLES, _STEPS, _METRICS),
-    "fedkt.algorithms.fdkt:client_synthesize": (
+    "fedkt.algorithms.fdkt.client:client_synthesize": (
         Allowed("texts", POST, "synthetic examples sampled from the DP-SGD adapter and parsed"),
         Allowed("meta.tasks", PUBLIC, "each sample's task tag, from the public sampling plan"),
         Allowed("meta.generated", PUBLIC, "samples drawn: the server's samples_per_client"),
@@ -93,7 +93,7 @@ ALLOWED: dict[str, tuple[Allowed, ...]] = {
         Allowed("meta.dp.accountant", PUBLIC, "the accountant's name"),
         _RANDOMNESS,
     ),
-    "fedkt.algorithms.fdkt:client_train_and_evaluate": (
+    "fedkt.algorithms.fdkt.client:client_train_and_evaluate": (
         _METRICS,
         Allowed("meta.trained_on", DECLARED, "number of training examples (private + synthetic)"),
         Allowed("meta.synthetic", PUBLIC, "number of synthetic examples used (the server sent them)"),
