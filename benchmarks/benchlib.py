@@ -73,7 +73,7 @@ def make_tiny_pair(root: Path) -> dict[str, Path]:
 def bench_config(slm: str, methods: list[str], clients: int, per_client: int, aux: int = 0, llm: str = "",
                  extra: list[str] | None = None):
     """2 x 16-style benchmark config on the bundled ARC-Easy train split; evaluation only when forced."""
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
 
     sets = [f'model.slm="{slm}"', f"methods={json.dumps(methods)}", f"partition.num_clients={clients}",
             f"partition.aux_size={aux}", f"data.max_train_examples={clients * per_client + aux}",
@@ -153,7 +153,7 @@ def run_deployed(config: Path, out: Path, root: Path, clients: list[str], client
         home = root / "ctl"
         flower_cli.write_connection(home, dep.control_address)  # the operator listener (Control API)
         t0 = time.perf_counter()
-        run_id, status = flower_cli.run_experiment(config, out, home, timeout=timeout)
+        run_id, status = flower_cli.submit_experiment(config, out, home, timeout=timeout)
         wall = time.perf_counter() - t0
         if status != "finished:completed":
             print(flower_cli.run_log(run_id, home)[-6000:])

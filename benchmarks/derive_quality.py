@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedkt.data.partition import subsample
 from fedkt.data.tasks import load_task
-from fedkt.derive import build_child
+from fedkt.derived_model import build_child
 from fedkt.evaluate import evaluate
 from fedkt.seeds import derive_seed
 from fedkt.models import count_parameters, load_model

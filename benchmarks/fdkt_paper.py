@@ -50,8 +50,8 @@ def fmt_eps(x: float) -> str:
 
 def paper(a) -> None:
     from fedkt import progress
-    from fedkt.config import load_config
-    from fedkt.runs import run_experiment
+    from fedkt.registry import load_config
+    from fedkt.experiment import run_experiment
 
     out = Path(a.out)
     variants = [("local-only", ['methods=["zero_shot", "standalone"]'])]

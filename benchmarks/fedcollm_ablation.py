@@ -31,9 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fedkt import progress  # noqa: E402
+from fedkt.algorithms.fedcollm import FedCoLLMConfig  # noqa: E402
 from fedkt.algorithms.fedcollm import PAPER_CHOICES  # noqa: E402
-from fedkt.config import load_config  # noqa: E402
-from fedkt.runs import run_experiment  # noqa: E402
+from fedkt.registry import load_config  # noqa: E402
+from fedkt.experiment import run_experiment  # noqa: E402
 
 LABELS = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA", "commonsense_qa": "CSQA",
           "gsm8k": "GSM8K"}
@@ -96,7 +97,7 @@ def main() -> None:
     config = None if a.tiny else a.config
     sets = [*(tiny_sets(out) if a.tiny else []), *a.sets, 'methods=["fedcollm"]']
     base_cfg = load_config(config, sets)
-    base = vars(base_cfg.section("fedcollm"))
+    base = vars(base_cfg.section(FedCoLLMConfig))
     tasks = list(base_cfg.data.tasks)
     groups = [[t] for t in tasks] if a.per_task else [tasks]
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [base_cfg.seed]

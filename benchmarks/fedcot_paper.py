@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from fedkt import progress
-from fedkt.config import load_config
-from fedkt.runs import run_experiment
+from fedkt.registry import load_config
+from fedkt.experiment import run_experiment
 
 TASKS = {"arc_easy": "ARC-E", "openbookqa": "OBQA", "arc_challenge": "ARC-C"}
 

@@ -80,7 +80,7 @@ def wire_bytes(out: Path, cfg, comm: dict[int, dict], clients: list[str], sizes:
 
     from fedkt.clients import lora_seed
     from fedkt.federation import Message, codec, flower_codec
-    from fedkt.federation.flower import flower_wire_bytes
+    from fedkt.federation.flower_protocol import flower_wire_bytes
     from fedkt.models import load_lora_model
 
     init = load_lora_model(cfg.model.slm, cfg.model.dtype, cfg.lora, lora_seed(cfg.seed)).init_adapter
@@ -111,10 +111,10 @@ def main():
 
     import torch
 
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
     from fedkt.data.tasks import bundled_dir
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="fedkt-flower-latency-"))

@@ -17,7 +17,8 @@ import torch
 from fedkt.clients import ClientContext
 from fedkt.federation import Message, codec
 from fedkt.federation import flower_codec
-from fedkt.federation.flower import FlowerFederation, flower_wire_bytes
+from fedkt.federation.flower import FlowerFederation
+from fedkt.federation.flower_protocol import flower_wire_bytes
 from fedkt.federation.local import LocalFederation
 
 

@@ -53,10 +53,11 @@ def main() -> None:
     import torch
 
     from fedkt import progress
-    from fedkt.config import dump_toml, load_config
+    from fedkt.config import dump_toml
+    from fedkt.registry import load_config
     from fedkt.data.tasks import load_jsonl
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
     from fedkt.simulation import load_client_data
 
     cfg = load_config(a.config, [*a.sets, "model.threads=1"])

@@ -5,7 +5,7 @@
     PYTHONPATH=src python benchmarks/framework_overhead.py --model tiny --method fedcollm
     PYTHONPATH=src python benchmarks/framework_overhead.py --model 135m --method fedcollm   # 135M LLM + 6-layer child SLM
 
-The fedkt side is the real path: ``fedkt.runs.run_method(server, METHOD)`` on a
+The fedkt side is the real path: ``fedkt.experiment.run_method(server, METHOD)`` on a
 ``fedkt.simulation.Simulation`` (round driver, LocalFederation with codec and ledger, per-round
 checkpoints, final adapter save, metrics.jsonl). Evaluation is excluded (``ServerContext.evaluate`` is
 replaced by a no-op); model loading is excluded on both sides (models are loaded before timing).
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from benchlib import Timers, bench_config, make_tiny_pair, median  # noqa: E402
 
+from fedkt.algorithms.fedcollm import FedCoLLMConfig  # noqa: E402
 from fedkt.data.collate import IGNORE, collate_sft  # noqa: E402
 from fedkt.seeds import derive_seed  # noqa: E402
 from fedkt.train import batch_order, tokenize_examples  # noqa: E402
@@ -141,7 +142,7 @@ class Bare:
 
     def distill(self, theta, omega, rnd: int):
         t0 = time.perf_counter()
-        kd, tc = self.cfg.section("fedcollm"), self.cfg.train
+        kd, tc = self.cfg.section(FedCoLLMConfig), self.cfg.train
         self.load(self.p_slm, theta)
         self.load(self.p_llm, omega)
         seed = derive_seed(self.cfg.seed, "kd", rnd)
@@ -230,8 +231,8 @@ def max_diff(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch
 
 
 def derived_slm(root: Path, layers: int) -> Path:
-    """``fedkt.derive.build_child`` of the 135M with ``layers`` blocks (bottom and top halves), no healing."""
-    from fedkt.derive import build_child
+    """``fedkt.derived_model.build_child`` of the 135M with ``layers`` blocks (bottom and top halves), no healing."""
+    from fedkt.derived_model import build_child
     from fedkt.models import load_model
 
     parent, tok = load_model("builtin:smollm2-135m")
@@ -260,7 +261,7 @@ def main():
 
     from fedkt import registry
     from fedkt.models import load_adapter_state, resolve
-    from fedkt.runs import run_method
+    from fedkt.experiment import run_method
     from fedkt.simulation import Simulation
 
     tmp = Path(tempfile.mkdtemp(prefix="fedkt-overhead-"))

@@ -5,7 +5,7 @@
 
 Each K runs in a fresh subprocess (so peaks do not carry over): a ``fedkt.simulation.Simulation`` with K
 clients (``per-client`` examples each, ``train.max_steps=1``), one FedAvg round through
-``fedkt.runs.run_method`` (evaluation replaced by a no-op), then ``resource.getrusage(RUSAGE_SELF).ru_maxrss``.
+``fedkt.experiment.run_method`` (evaluation replaced by a no-op), then ``resource.getrusage(RUSAGE_SELF).ru_maxrss``.
 Simulated clients share one frozen base model (``ClientFactory``), so peak RSS should grow by about one
 adapter (plus, at most, its AdamW state: 3x adapter bytes) per client, not by a model copy.
 
@@ -71,7 +71,7 @@ def child(a) -> None:
     import fedkt.algorithms.fedavg as fedavg
     import fedkt.server
     from fedkt.models import adapter_nbytes
-    from fedkt.runs import run_method
+    from fedkt.experiment import run_method
     from fedkt.simulation import Simulation
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -66,7 +66,7 @@ def main() -> None:
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from fedkt.builtin import cache_dir
+    from fedkt.builtin_models import cache_dir
     from fedkt.privacy import EmbeddingKit, perturb, perturb_batch, render_audit_table, text_dp_audit
 
     model_dir = cache_dir() / "smollm2-135m"

@@ -22,7 +22,7 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
 def golden_config(model_dirs, data_dir, methods, extra_sets=()):
-    from fedkt.config import load_config
+    from fedkt.registry import load_config
 
     sets = [f'model.slm="{model_dirs["slm"]}"', f'data.dir="{data_dir}"', f"methods={json.dumps(methods)}",
             "partition.num_clients=3", "partition.aux_size=8", "federation.rounds=2", "train.batch_size=4",
@@ -91,7 +91,7 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
     """Run the golden experiment for ``method`` (``extra_sets``: --set overrides); return its outcome."""
     import fedkt.train as T
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     losses: list[float] = []
     orig = T.train_loop

@@ -121,7 +121,7 @@ def test_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs, data_d
     from test_runs import tiny_config
 
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     results, calls = {}, {}
     for secure in (False, True):
@@ -149,7 +149,7 @@ def test_fedcot_secure_aggregation_in_process_equals_plain(tmp_path, model_dirs,
 
     from fedkt.federation.base import Federation
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))
     results, used = {}, {}

@@ -1,6 +1,8 @@
 import pytest
 
-from fedkt.config import ConfigError, load_config
+from fedkt.algorithms.fedcot import FedCoTConfig
+from fedkt.config import ConfigError
+from fedkt.registry import load_config
 
 
 def write(tmp_path, text):
@@ -65,8 +67,8 @@ def test_missing_file_and_bad_toml(tmp_path):
 def test_examples_parse():
     from pathlib import Path
 
-    from fedkt.config import DeriveConfig, load_section
-    from fedkt.derive import DEFAULT_SLM
+    from fedkt.config import load_section
+    from fedkt.derive import DEFAULT_SLM, DeriveConfig
 
     for p in sorted((Path(__file__).parent.parent / "examples").glob("*.toml")):
         if p.name.startswith("derive_"):
@@ -78,7 +80,8 @@ def test_examples_parse():
 
 
 def test_section_file_without_its_table_is_an_error_not_the_defaults(tmp_path):
-    from fedkt.config import DeriveConfig, load_section
+    from fedkt.config import load_section
+    from fedkt.derive import DeriveConfig
 
     p = tmp_path / "d.toml"
     p.write_text("num_layers = 16\nsteps = 5\n")  # the [derive] line forgotten
@@ -109,10 +112,10 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path, mon
     assert cfg.model.llm == "builtin:smollm2-135m"
     assert cfg.data.dir == str(tmp_path / "proj" / "data")
     assert cfg.partition.files == [str(conf / "a.jsonl"), "/abs/b.jsonl"]
-    assert cfg.section("fedcot").kit_model == "openai:http://127.0.0.1:1/v1#m"
+    assert cfg.section(FedCoTConfig).kit_model == "openai:http://127.0.0.1:1/v1#m"
     cfg = load_config(p, ['data.dir="rel/data"', 'fedcot.kit_model="kit/model"'])
     assert cfg.data.dir == "rel/data"  # --set: relative to the working directory, as typed
-    assert cfg.section("fedcot").kit_model == "kit/model"
+    assert cfg.section(FedCoTConfig).kit_model == "kit/model"
 
 
 def test_examples_run_from_another_directory(tmp_path, monkeypatch):
@@ -134,9 +137,36 @@ def test_examples_run_from_another_directory(tmp_path, monkeypatch):
 
 
 def test_derive_section_paths_resolve_against_its_file(tmp_path):
-    from fedkt.config import DeriveConfig, load_section
+    from fedkt.config import load_section
+    from fedkt.derive import DeriveConfig
 
     p = tmp_path / "d.toml"
     p.write_text('[derive]\nparent = "models/llm"\nout = "out/slm"\ndata_dir = "data"\n')
     cfg = load_section(DeriveConfig, p, "derive", ['data_dir="x"'])
     assert (cfg.parent, cfg.out, cfg.data_dir) == (str(tmp_path / "models" / "llm"), str(tmp_path / "out" / "slm"), "x")
+
+
+def test_config_loading_knows_only_the_methods_it_is_given():
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from fedkt.config import load_experiment
+
+    @dataclass
+    class MineConfig:
+        k: int = 1
+
+    @dataclass
+    class OtherConfig:
+        k: int = 7
+
+    methods = {"mine": SimpleNamespace(config=MineConfig, needs_llm=False)}
+    cfg = load_experiment(None, ['methods=["mine"]', "mine.k=5"], methods)
+    assert cfg.section(MineConfig) == MineConfig(k=5) and cfg.to_dict()["mine"] == {"k": 5}
+    assert cfg.section(OtherConfig) == OtherConfig(k=7)  # a section the config does not hold: its defaults
+    with pytest.raises(TypeError, match=r"section\(\) takes the section's config class"):
+        cfg.section("mine")
+    with pytest.raises(ConfigError, match=r"methods\[0\] = 'fedavg' is not a method; allowed values: mine"):
+        load_experiment(None, ['methods=["fedavg"]'], methods)
+    with pytest.raises(ConfigError, match=r"unknown key fedcollm in the top level; allowed keys: .*, mine$"):
+        load_experiment(None, ["fedcollm.kd_steps=1"], methods)

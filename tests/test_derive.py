@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedkt.config import DeriveConfig
-from fedkt.derive import build_child, derive, select_layers
+from fedkt.derive import DeriveConfig, derive
+from fedkt.derived_model import build_child, select_layers
 
 from conftest import make_llama
 
@@ -133,7 +133,8 @@ def test_delta_merge_is_exact_integer_arithmetic():
 
 
 def test_rank_delta_derive_rebuilds_bit_exact(tmp_path, tok):
-    from fedkt.derive import DELTA_FILE, RebuildError, rebuild
+    from fedkt.derived_model import DELTA_FILE, RebuildError, rebuild
+    from fedkt.models import load_model
     from fedkt.derive_delta import load_delta, state_sha256
 
     parent = make_llama(tok, layers=4, seed=7, hidden=48)
@@ -160,7 +161,7 @@ def test_rank_delta_derive_rebuilds_bit_exact(tmp_path, tok):
     recipe.mkdir()
     for f in ("fedkt_derive.json", DELTA_FILE):
         (recipe / f).write_bytes((out / f).read_bytes())
-    rebuild(recipe, tmp_path / "again")
+    rebuild(recipe, tmp_path / "again", load_model)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
     assert all(torch.equal(again[k], v) for k, v in child.state_dict().items())
     # a different parent is refused by hash
@@ -168,7 +169,7 @@ def test_rank_delta_derive_rebuilds_bit_exact(tmp_path, tok):
     bad["parent_sha256"] = "0" * 64
     (recipe / "fedkt_derive.json").write_text(json.dumps(bad))
     with pytest.raises(RebuildError, match="differ from the 0000"):
-        rebuild(recipe, tmp_path / "bad")
+        rebuild(recipe, tmp_path / "bad", load_model)
 
 
 def test_derive_config_validates():
@@ -191,7 +192,9 @@ def test_bundled_default_slm_recipe_is_complete_and_consistent():
 
     from safetensors import safe_open
 
-    from fedkt.derive import BUNDLED_SLM, DEFAULT_SLM, DELTA_FILE
+    from fedkt.builtin_models import BUNDLED_SLM
+    from fedkt.derive import DEFAULT_SLM
+    from fedkt.derived_model import DELTA_FILE
 
     card = json.loads((BUNDLED_SLM / "fedkt_derive.json").read_text())
     assert card["parent"] == DEFAULT_SLM.parent and card["rank"] == DEFAULT_SLM.rank
@@ -217,11 +220,12 @@ def test_bundled_default_slm_rebuilds_to_the_measured_weights(tmp_path, monkeypa
     smollm2-135m`); skipped where it is not (tests never download)."""
     import json
 
-    from fedkt.builtin import cache_dir
-    from fedkt.derive import BUNDLED_SLM, rebuild
+    from fedkt.builtin_models import BUNDLED_SLM, cache_dir
+    from fedkt.derived_model import rebuild
+    from fedkt.models import load_model
 
     if not (cache_dir() / "smollm2-135m" / "model.safetensors").is_file():
         pytest.skip("SmolLM2-135M-Instruct not in the fedkt cache")
-    card = rebuild(BUNDLED_SLM, tmp_path / "slm")
+    card = rebuild(BUNDLED_SLM, tmp_path / "slm", load_model)
     assert card["sha256"] == json.loads((BUNDLED_SLM / "fedkt_derive.json").read_text())["sha256"]
     assert json.loads((tmp_path / "slm" / "config.json").read_text())["num_hidden_layers"] == len(card["layers_kept"])

@@ -10,11 +10,12 @@ import torch
 
 from fedkt.algorithms import fdkt
 from fedkt.clustering import kmeans, mean_pooled_embeddings
-from fedkt.config import ConfigError, load_config
+from fedkt.config import ConfigError
+from fedkt.registry import load_config
 from fedkt.data.synthetic import ParseStats, fill_mc_template, make_mc, parse_mc, read_indices, render_mc
 from fedkt.algorithms.fdkt.filter_augment import augment, filter_clusters, validate_generated
 from fedkt.models import load_model
-from fedkt.runs import run_experiment
+from fedkt.experiment import run_experiment
 
 from test_fedcot import CANARY, canaries_held_by_clients, plant_canary, recorded, scan  # noqa: F401
 from test_runs import tiny_config
@@ -118,7 +119,7 @@ ADVERSARIAL = ["", " ", "1.5", "1,000", "0", "-1", "11", "None, 1", "all but 2",
 def test_scored_filter_keeps_each_clusters_best_margins(model_dirs):
     """filter = "score": margin = log p(Yes) − log p(No) of each sample's eligibility prompt (checked against
     the scorer called directly), each cluster keeps its ⌈keep × size⌉ best."""
-    from fedkt.backends import HFGenerator
+    from fedkt.text_generators import HFGenerator
     from fedkt.evaluate import loglikelihoods
     from fedkt.algorithms.fdkt.filter_augment import filter_scored, score_prompt
 
@@ -228,7 +229,7 @@ def test_config_validation():
         load_config(None, ["fdkt.epsilon=0"])
     with pytest.raises(ConfigError, match=r"method 'fdkt' needs a server LLM"):
         load_config(None, ['methods=["fdkt"]'])
-    assert math.isinf(load_config(None, ["fdkt.epsilon=inf"]).section("fdkt").epsilon)
+    assert math.isinf(load_config(None, ["fdkt.epsilon=inf"]).section(fdkt.FDKTConfig).epsilon)
 
 
 def test_dp_training_text_and_sampling_plan():
@@ -525,7 +526,7 @@ def fdkt_server_aux(cfg, tmp_path):
     return Simulation(cfg, tmp_path / "aux-probe").server().aux
 
 
-from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
+from test_text_generators import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
 
 
 def test_llm_behind_an_openai_compatible_server(tmp_path, model_dirs, data_dir, monkeypatch, stub):

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from fedkt.algorithms.fedcollm import (FedCoLLMConfig, check_shared_vocabulary, kd_divergence, mutual_distill,
-                                       mutual_losses)
+from fedkt.algorithms.fedcollm import FedCoLLMConfig, check_shared_vocabulary, mutual_distill, mutual_losses
 from fedkt.config import LoraSettings, TrainConfig
 from fedkt.data.collate import collate_sft
 from fedkt.data.tasks import parse_row
@@ -82,6 +81,22 @@ def test_lambda_zero_reduces_to_plain_sft(model_dirs):
                                                         lr_llm=2e-2), 64, 1.0, seed=0)
     s3 = get_adapter_state(slm3)
     assert not all(torch.allclose(kd_s[k], s3[k], atol=1e-6) for k in s3)
+
+
+@torch.no_grad()
+def kd_divergence(slm, llm, tok, examples, cfg: FedCoLLMConfig, max_length: int) -> dict[str, float]:
+    """Mean KD terms on ``examples`` (no update): how far apart the two models are. ``kl_g`` is the SLM's
+    (KL(f‖g) with ``kl_direction = "forward"``), ``kl_f`` the LLM's (KL(g‖f))."""
+    data = tokenize_examples(tok, examples, max_length)
+    tot = {"kl_g": 0.0, "kl_f": 0.0}
+    n = 0
+    for s in range(0, len(data), cfg.batch_size):
+        batch = collate_sft(data[s:s + cfg.batch_size], tok.pad_token_id)
+        losses = mutual_losses(slm, llm, batch, cfg)
+        for k in tot:
+            tot[k] += losses[k].item() * len(batch["input_ids"])
+        n += len(batch["input_ids"])
+    return {k: v / n for k, v in tot.items()}
 
 
 def test_one_round_of_distillation_lowers_kd_loss(model_dirs):

@@ -13,7 +13,8 @@ from fedkt.algorithms import fedcollm
 from fedkt.algorithms.fedavg import fit_round
 from fedkt.algorithms.fedcollm import (PAPER_CHOICES, FedCoLLM, FedCoLLMConfig, kd_mask, mutual_distill,
                                        mutual_losses)
-from fedkt.config import ConfigError, LoraSettings, load_config
+from fedkt.config import ConfigError, LoraSettings
+from fedkt.registry import load_config
 from fedkt.data.collate import collate_sft
 from fedkt.data.tasks import parse_row
 from fedkt.federation.base import Message

@@ -8,12 +8,13 @@ import torch
 
 from fedkt.algorithms.fedcot import (FedCoTConfig, collate_multitask, explain_prompt, multitask_data, multitask_loss,
                                      render_question)
-from fedkt.config import ConfigError, LoraSettings, load_config
+from fedkt.config import ConfigError, LoraSettings
+from fedkt.registry import load_config
 from fedkt.data.collate import collate_sft
 from fedkt.data.tasks import Example
 from fedkt.losses import answer_ce
 from fedkt.models import add_lora, load_model
-from fedkt.runs import run_experiment
+from fedkt.experiment import run_experiment
 
 from test_runs import tiny_config
 
@@ -59,7 +60,7 @@ def test_config_validation():
         load_config(None, ["fedcot.alpha=1.5"])
     with pytest.raises(ConfigError, match=r"fedcot.epsilon must be > 0"):
         load_config(None, ["fedcot.epsilon=0"])
-    assert math.isinf(load_config(None, ["fedcot.epsilon=inf"]).section("fedcot").epsilon)
+    assert math.isinf(load_config(None, ["fedcot.epsilon=inf"]).section(FedCoTConfig).epsilon)
 
 
 def fedcot_config(tmp_path, model_dirs, data_dir, **extra):
@@ -190,7 +191,7 @@ def test_report_has_privacy_and_audit_tables(tmp_path, model_dirs, data_dir, rec
     assert "Contextual attack on" in report and "contextual (LM beam): tokens / canaries" in report
 
 
-from test_backends import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
+from test_text_generators import stub  # noqa: E402,F401 - the stub OpenAI-compatible server fixture
 
 
 def test_fedcot_with_an_openai_compatible_llm(tmp_path, model_dirs, data_dir, recorded, stub):

@@ -13,8 +13,11 @@ from fedkt.clients import ClientContext, ClientFactory, ClientSpec, StateStore  
 from fedkt.config import LoraSettings, TrainConfig  # noqa: E402
 from fedkt.data.tasks import Example  # noqa: E402
 from fedkt.federation import AllClientsFailed, Federation, Message, codec  # noqa: E402
-from fedkt.federation.flower import (  # noqa: E402
-    DirStateStore, FlowerFederation, InProcessFlower, make_client_app, spec_from_json, spec_to_json)
+from fedkt.federation.flower import FlowerFederation  # noqa: E402
+from fedkt.federation.flower_client_app import make_client_app  # noqa: E402
+from fedkt.federation.flower_engine import InProcessFlower  # noqa: E402
+from fedkt.federation.flower_spec import spec_from_json, spec_to_json  # noqa: E402
+from fedkt.federation.flower_state import DirStateStore  # noqa: E402
 from fedkt.federation.local import LocalFederation  # noqa: E402
 from fedkt.models import get_adapter_state  # noqa: E402
 from fedkt.seeds import derive_seed  # noqa: E402

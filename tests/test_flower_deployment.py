@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from fedkt.federation import Message, codec
-from fedkt.federation.flower import FlowerFederation, make_client_app
+from fedkt.federation.flower import FlowerFederation
+from fedkt.federation.flower_client_app import make_client_app
 from flwr.serverapp import ServerApp
 
 MARK = Path(os.environ["FEDKT_TEST_MARK_DIR"])
@@ -127,7 +128,7 @@ def test_tls_node_auth_secagg_text_and_a_node_killed_mid_round(tmp_path, monkeyp
     try:
         dep.start()
         # an organisation whose key the server operator never registered
-        from fedkt.federation.flower_cli import make_node_key
+        from fedkt.federation.flower_credentials import make_node_key
 
         intruder_key, _ = make_node_key(tmp_path / "deploy" / "keys" / "intruder")
         dep.start_node("intruder", auth_key=intruder_key)

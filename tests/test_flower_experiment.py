@@ -27,10 +27,10 @@ import torch
 pytest.importorskip("flwr")
 
 from conftest import write_arc  # noqa: E402
-from fedkt.config import load_config  # noqa: E402
+from fedkt.registry import load_config  # noqa: E402
 from fedkt.federation.flower_deploy import LocalFlowerDeployment  # noqa: E402
 from fedkt.models import load_adapter_state  # noqa: E402
-from fedkt.runs import run_experiment  # noqa: E402
+from fedkt.experiment import run_experiment  # noqa: E402
 
 CLIENTS = ["client0", "client1"]
 
@@ -116,8 +116,9 @@ def test_generated_app_passes_flwr_run_checks(tmp_path):
     from flwr.supercore.object_ref import load_app, validate
 
     from fedkt.federation import flower_experiment
+    from fedkt.federation.flower_app_files import write_app
 
-    app = flower_experiment.write_app(tmp_path / "app")
+    app = write_app(tmp_path / "app")
     components = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     assert set(components) == {"serverapp", "clientapp"}
     for role, ref in components.items():
@@ -161,7 +162,7 @@ def test_flower_run_equals_in_process_and_resumes_after_a_crash(tmp_path, model_
 
     # deployed: fedkt flower run over a SuperLink + 2 SuperNodes
     db = tmp_path / "superlink.db"
-    from fedkt.federation.flower_experiment import write_app
+    from fedkt.federation.flower_app_files import write_app
 
     trusted = write_app(tmp_path / "trusted-app")  # the nodes run only their own fedkt app (same code)
     dep = LocalFlowerDeployment(tmp_path / "deploy", CLIENTS, client_files=client_files, database=db,

@@ -25,7 +25,8 @@ import time
 import torch
 
 from fedkt.federation import Message, codec
-from fedkt.federation.flower import FlowerFederation, make_client_app
+from fedkt.federation.flower import FlowerFederation
+from fedkt.federation.flower_client_app import make_client_app
 from flwr.serverapp import ServerApp
 
 

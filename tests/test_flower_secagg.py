@@ -175,7 +175,7 @@ def _fedcollm_over_flower(tmp_path, model_dirs, data_dir, secure, name):
 
     from fedkt.algorithms.fedavg import client_fit
     from fedkt.models import load_adapter_state
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
     from fedkt.simulation import Simulation
 
     updates, spies = [], []

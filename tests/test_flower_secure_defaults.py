@@ -107,7 +107,7 @@ def test_run_and_register_need_a_ca_and_run_an_allow_list(tmp_path, execs, monke
     cfg = (home / "config.toml").read_text()
     assert "127.0.0.1:9093" in cfg and "insecure" not in cfg  # the operator listener, over TLS
     seen = {}
-    monkeypatch.setattr(flower_cli, "run_experiment", lambda *a, **k: seen.update(k) or (1, "finished:completed"))
+    monkeypatch.setattr(flower_cli, "submit_experiment", lambda *a, **k: seen.update(k) or (1, "finished:completed"))
     AllowList(home / "nodes.toml", {"client0": {"public_key": "k", "node_id": "18446744073709551615"}}).save()
     r = runner.invoke(app, ["flower", "run", "x.toml", "--out", "o", "--home", str(home), "--ca", "ca.pem"])
     assert r.exit_code == 0, r.output
@@ -193,7 +193,7 @@ def test_timeouts_are_finite_by_default():
     f = FederationConfig()
     assert (f.timeout_s, f.round_deadline_s) == (1800.0, 7200.0)
     for bad in ({"timeout_s": 0}, {"round_deadline_s": 0}, {"timeout_s": float("inf")}):
-        with pytest.raises(ConfigError, match="0 no longer means 'wait for ever'"):
+        with pytest.raises(ConfigError, match="0 does not mean 'wait for ever'"):
             FederationConfig(**bad)
 
 
@@ -229,7 +229,7 @@ def test_fleet_only_passes_fleet_routes_and_refuses_the_rest():
 def test_trusted_app_check(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
-    from fedkt.federation.flower_experiment import write_app
+    from fedkt.federation.flower_app_files import write_app
     from fedkt.federation.flower_node_app import UntrustedAppError, check_fab, load_client_app
 
     trusted, shipped = write_app(tmp_path / "trusted"), write_app(tmp_path / "shipped")
@@ -253,7 +253,8 @@ def test_flower_commands_module_is_the_cli():
 
 
 def test_run_config_nodes_is_checked():
-    from fedkt.federation.flower_experiment import PYPROJECT, allowed_nodes
+    from fedkt.federation.flower_app_files import PYPROJECT
+    from fedkt.federation.flower_experiment import allowed_nodes
 
     assert allowed_nodes("") is None
     assert allowed_nodes('{"c0": 18446744073709551615}') == {"c0": 2**64 - 1}

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedkt.federation import flower_cli  # noqa: E402
+from fedkt.federation import flower_cli, flower_credentials  # noqa: E402
 from fedkt.federation.flower_deploy import CONNECTION, LocalFlowerDeployment  # noqa: E402
 
 APP = '''
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from fedkt.federation import Message
-from fedkt.federation.flower import FlowerFederation, make_client_app
+from fedkt.federation.flower import FlowerFederation
+from fedkt.federation.flower_client_app import make_client_app
 from flwr.app import Message as FlMessage, RecordDict
 from flwr.serverapp import ServerApp
 
@@ -125,13 +126,13 @@ def test_control_api_refused_on_fleet_address_allow_list_hung_node_and_untrusted
         ls_fleet = flower_cli.flwr(["ls", CONNECTION, "--format", "json"], fleet_home)
         run_fleet = flower_cli.flwr(["run", str(submitted), CONNECTION, "--format", "json"], fleet_home)
         ls_operator = dep.flwr("ls", CONNECTION, "--format", "json")
-        _, rogue_pub = flower_cli.make_node_key(tmp_path / "rogue")  # a client registering its own key
+        _, rogue_pub = flower_credentials.make_node_key(tmp_path / "rogue")  # a client registering its own key
         reg_fleet = flower_cli.flwr(["supernode", "register", str(rogue_pub), CONNECTION, "--format", "json"],
                                     fleet_home)
         # (2) an unregistered key, and a registered key (c2's) claiming to be c0
-        intruder_key, _ = flower_cli.make_node_key(tmp_path / "deploy" / "keys" / "intruder")
+        intruder_key, _ = flower_credentials.make_node_key(tmp_path / "deploy" / "keys" / "intruder")
         dep.start_node("c1", auth_key=intruder_key, name="supernode-intruder")
-        impostor_key, impostor_pub = flower_cli.make_node_key(tmp_path / "deploy" / "keys" / "c2")
+        impostor_key, impostor_pub = flower_credentials.make_node_key(tmp_path / "deploy" / "keys" / "c2")
         impostor_id = flower_cli.register_node(impostor_pub, dep.home, CONNECTION, dep.bin_dir, cid="c2")
         dep.start_node("c0", auth_key=impostor_key, name="supernode-impostor")
         nodes = dep.allowed_nodes()

@@ -142,7 +142,7 @@ def test_next_round_broadcasts_exactly_the_distilled_slm_adapter(tmp_path, golde
 
     from fedkt.federation import codec
     from golden_helpers import golden_config
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     sent = []
     orig = codec.encode

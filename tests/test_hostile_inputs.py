@@ -21,6 +21,7 @@ import torch
 from fedkt.algorithms.fedavg import fit_round
 from fedkt.clients import ClientContext
 from fedkt.federation import AllClientsFailed, ClientFailure, Message, codec, local
+from fedkt import message
 from fedkt.federation import validate
 from fedkt.federation.local import LocalFederation
 
@@ -276,11 +277,11 @@ def test_weighted_mean_and_fedavg_aggregate_refuse_bad_states(bad, msg):
 def test_json_scan_never_recurses():
     bomb = "[" * 1_000_000 + "]" * 1_000_000
     with pytest.raises(validate.ReplyError, match="nested deeper than 64"):
-        validate.loads(bomb, "x")
+        message.loads(bomb, "x")
     # brackets inside strings do not count; escaped quotes do not end a string
-    assert validate.loads(json.dumps({"a": "[[[[" * 100 + '\\"]]' + "{" * 100}), "x")["a"].startswith("[[[[")
+    assert message.loads(json.dumps({"a": "[[[[" * 100 + '\\"]]' + "{" * 100}), "x")["a"].startswith("[[[[")
     with pytest.raises(validate.ReplyError, match="names the key 'a' twice"):
-        validate.loads('{"a": 1, "a": 2}', "x")
+        message.loads('{"a": 1, "a": 2}', "x")
 
 
 # ------------------------------------------------------------------------ hostile server: absurd requests
@@ -311,7 +312,8 @@ def test_client_app_refuses_unknown_handler_and_malformed_payload():
     from flwr.app import Message as FlMessage
 
     from fedkt.federation import flower_codec
-    from fedkt.federation.flower import FlowerFederation, _error_of
+    from fedkt.federation.flower import FlowerFederation
+    from fedkt.federation.flower_protocol import error_of
 
     fed = FlowerFederation.in_process(["c0", "c1"], {"fit": lambda ctx, m: honest_reply(ctx.cid, m.tensors)},
                                       on_failure="skip", timeout=30)
@@ -327,9 +329,9 @@ def test_client_app_refuses_unknown_handler_and_malformed_payload():
                                           "fedkt.header": ConfigRecord({
                                               "version": 1, "texts": "[]", "meta": "[" * 5000 + "]" * 5000,
                                               "dtypes": "{}"})}))
-        assert r.has_error() and "nested deeper than 64" in str(_error_of(r))
+        assert r.has_error() and "nested deeper than 64" in str(error_of(r))
         r = ask("query.fit", flower_codec.encode(Message(tensors=STATE, meta={"round": 1, "epochs": 1e9})))
-        assert r.has_error() and "epochs = 1000000000.0" in str(_error_of(r))
+        assert r.has_error() and "epochs = 1000000000.0" in str(error_of(r))
         got = fed.call("fit", {"c0": Message(tensors=STATE, meta={"round": 1, "epochs": 1})}, round=1)
         assert torch.allclose(got["c0"].tensors["lora_A"], STATE["lora_A"] + 0.1)
     finally:
@@ -420,7 +422,10 @@ def test_hostile_flower_records_are_that_clients_failure(flower_hostile, case, m
 def test_duplicate_identify_replies_refuse_both_nodes(capsys):
     """Two nodes claim client c0: neither is trusted; the others are served, and a run over them works."""
     pytest.importorskip("flwr")
-    from fedkt.federation.flower import CLIENT_ID_KEY, FlowerFederation, InProcessFlower, make_client_app
+    from fedkt.federation.flower import FlowerFederation
+    from fedkt.federation.flower_client_app import make_client_app
+    from fedkt.federation.flower_engine import InProcessFlower
+    from fedkt.federation.flower_spec import CLIENT_ID_KEY
 
     engine = InProcessFlower(make_client_app({"fit": lambda ctx, m: honest_reply(ctx.cid, m.tensors)}),
                              ["c0", "c1", "c2", "c3"], node_configs={"c3": {CLIENT_ID_KEY: "c0"}})
@@ -478,7 +483,11 @@ GOOD_SYNTH = {"tasks": ["arc_easy"], "generated": 2, "parsed": 1, "rejected": {"
     ("encode", Message(texts=["p"], meta={"epsilon_per_token": -1.0, "tokens": 3, "prompt_epsilon_mean": 3.0,
                                           "prompt_epsilon_max": 3.0}), r"epsilon_per_token'\] = -1.0 is not"),
     ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": "high"}}, "loss": 1.0}), r"meta\['metrics'\]"),
-    ("train_and_evaluate", Message(meta={"metrics": {}, "loss": 1.0, "num_examples": -3}), r"num_examples'\] = -3")])
+    ("train_and_evaluate", Message(meta={"metrics": {}, "num_examples": -3}), r"num_examples'\] = -3"),
+    # no fedkt client may send a loss here (outbound allow-list), so the server, whose schemas are derived from
+    # the same declaration (fedkt.reply_schemas), refuses it too
+    ("train_and_evaluate", Message(meta={"metrics": {}, "loss": 1.0}), r"unexpected meta key 'loss'; allowed: "
+                                                                      r"metrics, num_examples, synthetic, trained_on")])
 def test_other_handler_schemas_refuse(method, reply, msg):
     with pytest.raises(validate.ReplyError, match=msg):
         validate.check_reply(method, "c1", reply)
@@ -488,7 +497,7 @@ def test_other_handler_schemas_refuse(method, reply, msg):
     ("synthesize", Message(texts=["a"], meta=GOOD_SYNTH)),
     ("encode", Message(texts=["p"], meta={"epsilon_per_token": float("inf"), "tokens": 3, "randomness": "simulation",
                                           "prompt_epsilon_mean": float("inf"), "prompt_epsilon_max": float("inf")})),
-    ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": 4}}, "loss": float("nan"),
+    ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": float("nan")}},
                                          "trained_on": 0, "synthetic": 0}))])
 def test_other_handler_schemas_accept_what_fedkt_clients_send(method, reply):
     validate.check_reply(method, "c1", reply)
@@ -504,7 +513,7 @@ def test_fedavg_run_with_a_hostile_client_keeps_results_and_checkpoints_intact(t
 
     from fedkt.models import load_adapter_state
     from fedkt.rounds import Checkpoints
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
 
     from fedkt import registry
 

@@ -37,7 +37,8 @@ import json
 import torch
 
 from fedkt.federation import Message, codec
-from fedkt.federation.flower import client_id_of, make_client_app
+from fedkt.federation.flower_client_app import make_client_app
+from fedkt.federation.flower_protocol import client_id_of
 from flwr.app import ConfigRecord, Error, RecordDict
 from flwr.app import Message as FlMessage
 from flwr.clientapp import ClientApp

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from fedkt import registry
-from fedkt.federation.base import Message
-from fedkt.privacy.outbound import (ALLOWED, CATEGORIES, OutboundViolation, check_reply, markdown_table, reply_keys,
-                                    unlisted)
+from fedkt.message import Message
+from fedkt.privacy.outbound import ALLOWED, CATEGORIES, OutboundViolation, check_reply, reply_keys, unlisted
+from fedkt.privacy.outbound_table import markdown_table
 from fedkt.privacy.policy import REQUEST_RULES, handler_key
 
 DOC = Path(__file__).parent.parent / "docs" / "privacy.md"
@@ -41,7 +41,7 @@ def test_unlisted_key_is_refused_before_sending():
 def test_every_outbound_key_of_every_method_is_justified(tmp_path, model_dirs, data_dir, monkeypatch):
     """Run every method that calls clients (tiny models, one round) and enumerate every reply's keys."""
     from fedkt.federation.local import LocalFederation
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
     from test_runs import tiny_config
 
     monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))
@@ -88,4 +88,21 @@ def test_doc_table_is_the_code_s():
     m = re.search(r"<!-- outbound-table:start -->\n(.*?)\n<!-- outbound-table:end -->", text, re.S)
     assert m, "docs/privacy.md lost its outbound table markers"
     assert m.group(1).strip() == markdown_table().strip(), (
-        "docs/privacy.md's allow-list table differs from fedkt.privacy.outbound: paste markdown_table()'s output")
+        "docs/privacy.md's allow-list table differs from fedkt.privacy.outbound: paste "
+        "fedkt.privacy.outbound_table.markdown_table()'s output")
+
+
+def test_server_schemas_and_client_allow_list_are_one_declaration():
+    """The server accepts exactly the meta keys, texts and tensors some handler function of that name may send."""
+    from fedkt.federation.validate import SCHEMAS
+    from fedkt.reply_schemas import REPLIES
+
+    assert set(SCHEMAS) == {r.handler for r in REPLIES} and set(ALLOWED) == {r.function for r in REPLIES}
+    for name, schema in SCHEMAS.items():
+        entries = [a for r in REPLIES if r.handler == name for a in ALLOWED[r.function]]
+        assert set(schema.meta) | set(schema.optional) == {a.pattern.split(".")[1] for a in entries
+                                                           if a.pattern.startswith("meta.")}, name
+        assert schema.texts == any(a.pattern == "texts" for a in entries), name
+        assert (schema.tensors == "adapter") == any(a.pattern.startswith("tensors.") for a in entries), name
+    # a key required by one function but not sent by another of the same name is optional on the server
+    assert "num_examples" in SCHEMAS["train_and_evaluate"].optional and "metrics" in SCHEMAS["train_and_evaluate"].meta

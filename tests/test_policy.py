@@ -10,9 +10,11 @@ import torch
 
 from fedkt import registry
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec
-from fedkt.config import ConfigError, LoraSettings, from_dict, load_config
+from fedkt.config import ConfigError, LoraSettings, from_dict
+from fedkt.registry import load_config
 from fedkt.federation.base import Message
-from fedkt.privacy.policy import SECURE_AGGREGATION, ClientPolicy, PolicyViolation, model_sha256, policy_for_experiment
+from fedkt.privacy.policy import SECURE_AGGREGATION, ClientPolicy, PolicyViolation, model_sha256
+from fedkt.simulation import policy_for_experiment
 
 
 def handler(method, name):
@@ -89,7 +91,7 @@ def test_policy_validates_itself_and_reads_from_a_table():
 
 
 def test_client_file_policy_table_and_secret_seed(tmp_path):
-    from fedkt.federation.flower_cli import load_client_file
+    from fedkt.federation.flower_client_file import load_client_file
 
     f = tmp_path / "client.toml"
     f.write_text('[client]\ncid = "h1"\nsecret_seed = "00112233445566778899aabbccddeeff"\n\n'
@@ -107,7 +109,7 @@ def test_client_file_policy_table_and_secret_seed(tmp_path):
 
 
 def test_spec_json_carries_the_policy(tmp_path):
-    from fedkt.federation.flower import spec_from_json, spec_to_json
+    from fedkt.federation.flower_spec import spec_from_json, spec_to_json
 
     spec = ClientSpec(cid="a", model="m", policy=ClientPolicy(fdkt_max_epsilon=2.0, max_epochs=math.inf),
                       simulation=True)
@@ -212,7 +214,7 @@ def test_client_refuses_a_kit_it_did_not_pin(kit_dir, tmp_path, model_dirs):
 
 # ------------------------------------------------------------------------------ the failure policy
 def test_a_refusing_client_is_skipped_and_the_round_goes_on(tmp_path, model_dirs, data_dir, monkeypatch):
-    from fedkt.runs import run_experiment
+    from fedkt.experiment import run_experiment
     from fedkt.simulation import Simulation
     from test_runs import tiny_config
 

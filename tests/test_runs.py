@@ -7,11 +7,11 @@ import torch
 from typer.testing import CliRunner
 
 from fedkt.cli import app
-from fedkt.config import load_config
+from fedkt.registry import load_config
 from fedkt.rounds import Checkpoints
 from fedkt.federation import codec, Message
 from fedkt.models import load_adapter_state
-from fedkt.runs import run_experiment
+from fedkt.experiment import run_experiment
 
 
 def tiny_config(tmp_path, model_dirs, data_dir, methods, **extra):

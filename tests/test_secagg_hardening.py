@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedkt.config import ConfigError, load_config
+from fedkt.config import ConfigError
+from fedkt.registry import load_config
 from fedkt.federation import AllClientsFailed, Message, weighted_mean
 from test_aggregate_local import HANDLERS, _local, _payloads  # noqa: F401
 

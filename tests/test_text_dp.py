@@ -19,7 +19,7 @@ from fedkt.privacy import (
     scan_for_canaries,
     text_dp_audit,
 )
-from fedkt.privacy.text_dp import textdp_cache_dir
+from fedkt.privacy.text_dp_kit import textdp_cache_dir
 
 V_TOY, N_TOY = 40, 8
 

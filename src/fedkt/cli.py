@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _methods_help() -> str:
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt import registry
 
     return "\n\n".join(f"{name}: {spec.summary}" for name, spec in registry.methods().items())
@@ -28,9 +30,10 @@ def run(config: Path = typer.Argument(..., help="Experiment TOML (see examples/)
         set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.lr=1e-4."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoints."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")):
-    from fedkt.config import load_config
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
+    from fedkt.experiment import new_run_dir, run_experiment
+    from fedkt.registry import load_config
     from fedkt.report import render
-    from fedkt.runs import new_run_dir, run_experiment
 
     cfg = load_config(config, set_)
     if resume and out is None:
@@ -46,6 +49,26 @@ def run(config: Path = typer.Argument(..., help="Experiment TOML (see examples/)
     typer.echo(f"\nrun directory: {out_dir}  (report.md, results.json, metrics.jsonl, adapters/)")
 
 
+@app.command("plan")
+def plan_(config: Path = typer.Argument(..., help="Experiment TOML."),
+          set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.batch_size=4."),
+          dtype: Optional[str] = typer.Option(None, help="Plan every role in this dtype: fp32, bf16, fp16."),
+          load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit", help="The server LLM in 4 bits (QLoRA)."),
+          gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing"),
+          seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: train.max_length)."),
+          json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+    """Before running: parameters, LoRA size, bytes per round, peak memory and optimizer steps per role
+    and method, from the models' config.json only (no weights loaded, nothing downloaded)."""
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
+    from fedkt.registry import load_config
+    from fedkt.plan import Options, plan, render
+
+    cfg = load_config(config, set_)
+    opts = Options.from_config(cfg, dtype, load_in_4bit, gradient_checkpointing, seq_len)
+    p = plan(cfg, opts, str(config))
+    typer.echo(json.dumps(p, indent=1) if json_out else render(p))
+
+
 @app.command("eval")
 def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (builtin:NAME, dir, .gguf, hf:ID)."),
           adapter: Optional[Path] = typer.Option(None, help="peft adapter directory to apply."),
@@ -57,6 +80,7 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
           seed: int = typer.Option(0),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
     """Score a model (optionally with a LoRA adapter) on tasks."""
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt.evaluate import evaluate_model
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -74,6 +98,7 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
 
 def _audit_inputs(model: str, task: str, split: str, data_dir: str, limit: int, neighbors: int, seed: int):
     """What both audit commands attack: the server LLM, its text-DP kit and a seeded subsample of prompts."""
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt.data.partition import subsample
     from fedkt.data.tasks import load_task
     from fedkt.models import load_model
@@ -98,6 +123,7 @@ def audit_text_dp(model: str = typer.Option("builtin:smollm2-135m", help="The se
                   seed: int = typer.Option(0)):
     """Audit token-level text DP: what a server-side embedding-inversion attacker recovers at each ε (the
     per-token attacks only; ``fedkt audit`` runs these and the contextual ones)."""
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt.algorithms.fedcot import render_question
     from fedkt.privacy.audit import render_audit_table, text_dp_audit
 
@@ -133,6 +159,7 @@ def audit(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results here.")):
     """Attack the privacy mechanisms: text-DP attacks (nearest embedding, MAP, contextual LM beam, LLM
     restore) with canary recovery, and canary exposure (docs/privacy-attacks.md)."""
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt.algorithms.fedcot import render_question
     from fedkt.models import load_model
     from fedkt.privacy.attacks_text import AttackSetting
@@ -142,6 +169,7 @@ def audit(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM
     m, tok, kit, exs = _audit_inputs(model, task, split, data_dir, limit, neighbors, seed)
     mem, mem_model = None, None
     if membership:
+        # deferred: a command imports what it runs; `fedkt --help` loads no torch
         from fedkt.config import LoraSettings
         from fedkt.models import add_lora
         from fedkt.privacy.membership import MembershipSetting
@@ -165,6 +193,7 @@ def audit(model: str = typer.Option("builtin:smollm2-135m", help="The server LLM
 @app.command("methods")
 def methods_():
     """List the registered methods (name, whether it needs a server LLM, its config section)."""
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt import registry
 
     for name, spec in registry.methods().items():
@@ -180,12 +209,14 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="A run directory hold
     """Re-render report.md (tables + plot) from a run's results.json; with several runs (one per seed), print
     one table of mean ± sd per method, role and task."""
     if len(run_dirs) == 1:
+        # deferred: a command imports what it runs; `fedkt --help` loads no torch
         from fedkt.report import report_from_dir
 
         if out is not None:
             raise typer.BadParameter("--out is for several runs; one run's report is its report.md")
         typer.echo(report_from_dir(run_dirs[0]).read_text())
         return
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt.report_seeds import seeds_summary
 
     try:
@@ -207,8 +238,9 @@ def derive_slm(config: Optional[Path] = typer.Argument(None, help="TOML with a [
                set_: List[str] = typer.Option([], "--set", help="Override a derive key, e.g. --set lr=1e-3."),
                quiet: bool = typer.Option(False, "--quiet")):
     """Derive a smaller same-tokenizer model from a parent by layer selection + distillation healing."""
-    from fedkt.config import ConfigError, DeriveConfig, load_section
-    from fedkt.derive import derive
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
+    from fedkt.config import ConfigError, load_section
+    from fedkt.derive import DeriveConfig, derive
 
     cfg = load_section(DeriveConfig, config, "derive", set_, values={
         "parent": parent, "out": str(out) if out else None, "num_layers": num_layers, "steps": steps,
@@ -227,12 +259,14 @@ def derive_slm(config: Optional[Path] = typer.Argument(None, help="TOML with a [
 @app.command()
 def models(fetch: Optional[str] = typer.Option(None, help="Build a built-in model now (e.g. smollm2-135m).")):
     """List the built-in offline models, or fetch/build one into the cache."""
-    from fedkt.builtin import BUILTINS, cache_dir, ensure_builtin
+    # deferred: a command imports what it runs; `fedkt --help` loads no torch
+    from fedkt.builtin_models import BUILTINS, cache_dir, ensure_builtin
+    from fedkt.models import load_model
 
     if fetch:
         progress.enable()
         try:
-            path = ensure_builtin(fetch)
+            path = ensure_builtin(fetch, load_model)
         finally:
             progress.disable()
         typer.echo(str(path))
@@ -249,11 +283,10 @@ app.add_typer(flower_app, name="flower")
 
 
 def main() -> None:
-    import warnings
-
     # peft asks transformers about gradient checkpointing through a name transformers 5 deprecates
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from fedkt.builtin import ModelFetchError
+    # deferred: the error types' modules import torch; `fedkt --help` loads none
+    from fedkt.builtin_models import ModelFetchError
     from fedkt.config import ConfigError
     from fedkt.data.tasks import DataError
     from fedkt.federation import AllClientsFailed, ClientFailure

@@ -24,10 +24,11 @@ from typing import Any, Callable
 import torch
 
 from fedkt.config import EvalConfig, LoraSettings, TrainConfig
-from fedkt.data.tasks import Example
-from fedkt.federation.base import Message
+from fedkt.data.tasks import Example, load_jsonl
+from fedkt.message import Message, decode, encode
 from fedkt.models import LoadedModel, load_lora_model
 from fedkt.privacy.policy import ClientPolicy
+from fedkt.privacy.randomness import PinnedRandom, SecureRandom, check_secret_seed
 from fedkt.seeds import derive_seed
 
 
@@ -83,16 +84,12 @@ class StateStore:
         return self.values.get(key, default)
 
     def to_bytes(self) -> bytes:
-        from fedkt.federation import codec
-
         flat = {f"{name}/{k}": v for name, sd in self.tensors.items() for k, v in sd.items()}
-        return codec.encode(Message(tensors=flat, meta={"values": self.values, "groups": sorted(self.tensors)}))
+        return encode(Message(tensors=flat, meta={"values": self.values, "groups": sorted(self.tensors)}))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "StateStore":
-        from fedkt.federation import codec
-
-        msg = codec.decode(data)
+        msg = decode(data)
         store = cls()
         store.values = msg.meta["values"]
         store.tensors = {g: {} for g in msg.meta["groups"]}
@@ -140,8 +137,6 @@ class ClientContext:
         """The source of one purpose's privacy-relevant draws (``fedkt.privacy.randomness``): in simulation
         the derived int seed of before (bit-identical runs), with a pinned ``secret_seed`` a
         :class:`PinnedRandom` (64-bit seeds), else a :class:`SecureRandom` (the OS CSPRNG)."""
-        from fedkt.privacy.randomness import PinnedRandom, SecureRandom, check_secret_seed
-
         mode = self.randomness
         if mode == "simulation":
             return derive_seed(derive_seed(self.seed, "secret", self.cid), *purpose)
@@ -192,12 +187,8 @@ class ClientFactory:
         if spec.examples is not None:
             data = list(spec.examples)
         else:
-            from fedkt.data.tasks import load_jsonl
-
             data = [e for f in spec.data_files for e in load_jsonl(f, task=spec.data_task)]
         if spec.secret_seed is not None:
-            from fedkt.privacy.randomness import check_secret_seed
-
             check_secret_seed(spec.secret_seed)  # refuse a weak pinned seed before anything runs
         state = StateStore()
         if spec.workdir is not None and (spec.workdir / "state.fkt").is_file():

@@ -23,13 +23,13 @@ from typing import Sequence
 
 import torch
 
+from fedkt.generate import _forward
+
 
 @torch.no_grad()
 def mean_pooled_embeddings(model, tok, texts: Sequence[str], batch_size: int = 16, max_length: int = 256,
                            normalize: bool = True) -> torch.Tensor:
     """[len(texts), hidden] float32: mean of the last hidden layer over each text's tokens."""
-    from fedkt.generate import _forward
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ids = tok(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]

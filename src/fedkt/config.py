@@ -1,47 +1,36 @@
-"""Typed experiment configuration, loaded from TOML and validated with errors that name the key.
+"""The experiment's schema: typed sections (``[model]``, ``[data]``, ``[train]``, ...) and the checks across them.
 
-A config is a tree of dataclasses. ``load_config(path, overrides)`` reads a TOML file, applies
-``--set section.key=value`` overrides and checks every key and value: an unknown key, a wrong type or
-a value outside the allowed set raises :class:`ConfigError` naming the dotted key and what is allowed.
+An experiment config is a tree of dataclasses whose field docstrings are the reference
+(docs/configuration.md is generated from them: ``python -m fedkt.docs_config``). Each method adds its own
+section type (``[fedcollm]``, ...): the caller feeds the methods to :func:`load_experiment` (the registry
+does, in ``fedkt.registry.load_config``), so this module knows no method. Reading TOML, ``--set``
+overrides, path resolution and per-key errors are the generic engine in ``fedkt.toml_config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import tomllib
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Protocol, TypeVar
 
+from fedkt.toml_config import (  # noqa: F401 - the engine's names that sections and callers use
+    PATH,
+    ConfigError,
+    FieldError,
+    apply_overrides,
+    check,
+    check_positive,
+    dump_toml,
+    from_dict,
+    load_section,
+    read_toml,
+    resolve_paths,
+)
+
+T = TypeVar("T")
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "gsm8k")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the key and the allowed values."""
-
-
-class FieldError(ConfigError):
-    """Raised by a config dataclass's own ``__post_init__`` checks with a key relative to its section;
-    :func:`from_dict` prefixes the section (``batch_size must be > 0`` -> ``train.batch_size must be > 0``)."""
-
-
-PATH = {"path": True}
-"""Field metadata of a file, directory or model key: a relative value read from a TOML file resolves
-against that file's directory (``resolve_paths``); ``--set`` values stay relative to the working directory."""
-
-
-def check(condition: bool, message: str) -> None:
-    """For ``__post_init__`` validation: raise :class:`FieldError` with ``message`` unless ``condition``."""
-    if not condition:
-        raise FieldError(message)
-
-
-def check_positive(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        check(v > 0, f"{n} must be > 0, got {v}")
 
 
 @dataclass
@@ -49,8 +38,10 @@ class ModelConfig:
     slm: str = field(default="builtin:smollm2-135m", metadata=PATH)
     """The clients' small model: ``builtin:NAME``, a local HF directory, a ``.gguf`` file or ``hf:ORG/NAME``."""
     llm: str = field(default="", metadata=PATH)
-    """The server's large model (FedCoLLM, centralized LLM baseline); same forms as ``slm``."""
+    """The server's large model; same forms as ``slm``. Needed by the methods that say so (``fedkt methods``);
+    adds LLM rows to ``zero_shot`` and ``centralized``."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype of every model the run loads."""
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
 
@@ -58,9 +49,13 @@ class ModelConfig:
 @dataclass
 class LoraSettings:
     r: int = 8
+    """LoRA rank."""
     alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """LoRA dropout, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names LoRA wraps."""
 
     def __post_init__(self):
         check_positive(self, "r")
@@ -77,10 +72,13 @@ class DataConfig:
     eval_tasks: list[str] = field(default_factory=list)
     """Tasks to evaluate on; empty means the same as ``tasks``."""
     train_split: str = "train"
+    """Split of ``tasks`` the clients' data comes from."""
     eval_split: str = "test"
+    """Split evaluated on."""
     max_train_examples: int = 0
     """Cap on training examples per task before partitioning (0 = all); a seeded subsample."""
     on_bad_line: Literal["error", "skip"] = "error"
+    """"error": a bad row stops with ``file:line: reason``; "skip": it is skipped and the count warned."""
 
     def __post_init__(self):
         for key, tasks in (("tasks", self.tasks), ("eval_tasks", self.eval_tasks)):
@@ -91,7 +89,10 @@ class DataConfig:
 @dataclass
 class PartitionConfig:
     num_clients: int = 4
+    """K, the number of clients."""
     scheme: Literal["iid", "dirichlet", "files"] = "iid"
+    """How the training data is split: "iid", "dirichlet" (over ``key``, concentration ``alpha``) or "files"
+    (one JSONL per client)."""
     alpha: float = 0.5
     """Dirichlet concentration (scheme = "dirichlet"); smaller is more skewed."""
     key: str = "answer"
@@ -99,7 +100,8 @@ class PartitionConfig:
     files: list[str] = field(default_factory=list, metadata=PATH)
     """One JSONL file per client (scheme = "files")."""
     aux_size: int = 200
-    """Examples held out of the training data as the server's auxiliary (public) set."""
+    """Examples held out of the training data as the server's auxiliary (public) set, disjoint from the clients'
+    data."""
 
     def __post_init__(self):
         check_positive(self, "num_clients", "alpha")
@@ -109,17 +111,25 @@ class PartitionConfig:
 @dataclass
 class TrainConfig:
     lr: float = 3e-4
+    """AdamW learning rate."""
     epochs: float = 1.0
     """Local epochs per round (standalone/centralized train ``epochs * rounds`` in total)."""
     max_steps: int = 0
     """If > 0, caps optimizer steps per training call (overrides epochs)."""
     batch_size: int = 8
+    """Examples per forward pass."""
     grad_accum: int = 1
+    """Forward passes per optimizer step."""
     max_length: int = 256
+    """Tokens per example; long prompts are cut from the left, answers kept."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_ratio: float = 0.05
+    """Fraction of the steps the learning rate warms up over."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warm-up."""
     max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
 
     def __post_init__(self):
         check_positive(self, "batch_size", "grad_accum", "max_length", "lr")
@@ -133,6 +143,7 @@ class EvalConfig:
     batch_size: int = 32
     """Sequences per forward pass (a multiple-choice question contributes one per choice)."""
     every_round: bool = True
+    """Evaluate after every round (else only after the last)."""
     max_new_tokens: int = 256
     """GSM8K greedy generation budget."""
 
@@ -143,6 +154,7 @@ class EvalConfig:
 @dataclass
 class FederationConfig:
     rounds: int = 3
+    """T, the number of federated rounds."""
     on_client_failure: Literal["stop", "skip"] = "stop"
     """A failing client stops the run ("stop") or is reported and left out of the round ("skip")."""
     min_clients: int = 1
@@ -153,11 +165,14 @@ class FederationConfig:
     timeout_s: float = 1800.0
     """Flower runtime: seconds to wait for a call's replies; a client that misses it failed (finite: > 0)."""
     round_deadline_s: float = 7200.0
-    """Flower runtime: seconds from a round's first call after which its calls wait for nobody (finite: > 0)."""
+    """Flower runtime: seconds from a round's first call after which its calls wait for nobody (each call waits
+    at most ``min(timeout_s, what is left)``): one hung client costs a round at most this. SecAgg+ stages are
+    bounded by ``timeout_s`` each (finite: > 0)."""
     max_payload_mb: float = 2047.0
     """Flower runtime: payloads (either direction) above this many MiB are refused with an error."""
     secagg_min_clients: int = 3
-    """Secure aggregation refuses to run over fewer clients (>= 3: with 2, each learns the other's update)."""
+    """Secure aggregation refuses to run over fewer clients (>= 3: with 2, each learns the other's update); also
+    checked against ``partition.num_clients``."""
     secagg_reconstruction_threshold: float = 0.5
     """SecAgg+: shares needed to rebuild a secret (a fraction of the clients, or an integer count)."""
     secagg_max_weight: float = 1000.0
@@ -165,7 +180,8 @@ class FederationConfig:
     secagg_clipping_range: float = 8.0
     """SecAgg+: (weight-scaled) update values are clipped to [-c, c] before quantisation."""
     secagg_quantization_range: int = 2**22
-    """SecAgg+: quantisation levels over [-c, c] (grid step 2c/q; the per-round error bound is reported)."""
+    """SecAgg+: quantisation levels over [-c, c] (grid step 2c/q); the per-round error bound
+    (``secagg.<method>.error_bound`` in ``per_round``) is ``n·2c/q / Σ(wᵢ/W)``."""
     secagg_modulus_range: int = 2**32
     """SecAgg+: the masking modulus (a power of two, >= clients x quantization range)."""
 
@@ -175,7 +191,7 @@ class FederationConfig:
         for key in ("timeout_s", "round_deadline_s"):
             v = getattr(self, key)
             check(v > 0 and v != float("inf"), f"federation.{key} must be a finite number of seconds > 0, got {v} "
-                  "(0 no longer means 'wait for ever': a hung client would stall the run)")
+                  "(0 does not mean 'wait for ever': a hung client would stall the run)")
         check(self.secagg_min_clients >= 3,
               f"secagg_min_clients = {self.secagg_min_clients}: secure aggregation needs at least 3 clients "
               "(with 2, each client learns the other's update from the mean); raise it to 3 or more")
@@ -186,53 +202,13 @@ class FederationConfig:
 
 
 @dataclass
-class DeriveConfig:
-    parent: str = field(default="builtin:smollm2-135m", metadata=PATH)
-    out: str = field(default="", metadata=PATH)
-    layers: list[int] = field(default_factory=list)
-    """Explicit parent layer indices to keep; empty uses ``num_layers``."""
-    num_layers: int = 9
-    strategy: Literal["spread", "first", "ends", "importance"] = "ends"
-    """How ``num_layers`` are chosen: "importance" keeps the blocks that change their input most (block
-    influence 1 - cos(h_in, h_out) on the healing text, as ShortGPT), "ends" the bottom ceil(n/2) and top
-    floor(n/2) blocks, "spread" evenly spaced, "first" the bottom n."""
-    steps: int = 400
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 5e-4
-    temperature: float = 2.0
-    num_prompts: int = 256
-    """Texts generated by the parent to heal on."""
-    gen_tokens: int = 96
-    rank: int = 0
-    """0: heal every weight of the kept blocks. r > 0: heal through a rank-r update of every linear layer
-    (and the norms), merged exactly; the delta (a few MB) rebuilds the model bit for bit (derive_delta)."""
-    task_texts: str = ""
-    """Optional task text mixed into the healing text: comma-separated JSONL files or task names (each
-    ``name`` or ``name:split``; ``task_split`` by default). Never the clients' data."""
-    task_split: str = "validation"
-    data_dir: str = field(default="", metadata=PATH)
-    """Where task names are read from (empty: fedkt's bundled data, then ``../shared/assets/data``)."""
-    task_fraction: float = 0.5
-    eval_texts: int = 32
-    checkpoint_every: int = 50
-    seed: int = 0
-    """Seeds the healing prompts, their sampling, the task-text mix and the batch order."""
-
-    def __post_init__(self):
-        check_positive(self, "num_layers", "batch_size", "seq_len", "lr", "temperature", "num_prompts",
-                       "gen_tokens", "checkpoint_every")
-        check(self.steps >= 0, f"steps must be >= 0 (0 = no healing), got {self.steps}")
-        check(self.rank >= 0, f"rank must be >= 0 (0 = heal every weight), got {self.rank}")
-        check(0 <= self.task_fraction < 1, f"task_fraction must be in [0, 1), got {self.task_fraction}")
-        check(self.eval_texts >= 0, f"eval_texts must be >= 0, got {self.eval_texts}")
-
-
-@dataclass
 class ExperimentConfig:
     name: str = "experiment"
+    """Run name (the run directory is ``runs/NAME-TIME`` unless ``--out``)."""
     seed: int = 0
+    """Every random choice derives from it."""
     methods: list[str] = field(default_factory=lambda: ["zero_shot", "standalone", "fedavg"])
+    """Registered methods to run, in order (``fedkt methods`` lists them)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,116 +217,49 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     sections: dict[str, Any] = field(default_factory=dict, metadata={"toml": False})
-    """Method sections (``[fedcollm]``, ...), one per registered method that has a config; read with
-    :meth:`section`. Each is the method's own config dataclass (see ``fedkt.registry``)."""
+    """Method sections (``[fedcollm]``, ...), one per method the loader was given that has a config; read
+    with :meth:`section`. Each is the method's own config dataclass (see ``fedkt.registry``)."""
 
     @property
     def eval_tasks(self) -> list[str]:
         return self.data.eval_tasks or self.data.tasks
 
-    def section(self, method: str) -> Any:
-        """The config of ``method``'s own section (its defaults when the TOML has none)."""
-        if method not in self.sections:
-            from fedkt import registry
-
-            self.sections[method] = registry.default_section(method)
-        return self.sections[method]
+    def section(self, kind: type[T]) -> T:
+        """The method section of type ``kind`` (e.g. ``cfg.section(FedCoLLMConfig)``); its defaults when the
+        config has none."""
+        if not isinstance(kind, type):
+            raise TypeError(f"section() takes the section's config class (e.g. cfg.section(FedCoLLMConfig)), "
+                            f"not {kind!r}")
+        for value in self.sections.values():
+            if type(value) is kind:
+                return value
+        return kind()
 
     def to_dict(self) -> dict[str, Any]:
-        from fedkt import registry
-
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
                else getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("toml", True)}
-        for name in registry.config_sections():
-            out[name] = dataclasses.asdict(self.section(name))
+        out.update({name: dataclasses.asdict(value) for name, value in self.sections.items()})
         return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# building dataclasses from dicts, with validation
+class MethodSchema(Protocol):
+    """What config loading needs of a method (``fedkt.registry.MethodSpec`` is one)."""
+
+    config: type | None
+    needs_llm: bool
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
+def config_sections(methods: Mapping[str, MethodSchema]) -> dict[str, type]:
+    """Method name -> config dataclass, for the methods that have a TOML section."""
+    return {n: m.config for n, m in methods.items() if m.config is not None}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a {_type_name(tp)}, got {value!r}")
-        (item,) = get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"[{key}] must be a table, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
-    raise TypeError(f"unsupported config type {tp} at {key}")
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and ill-typed values."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("toml", True)]
-    sections: dict[str, type] = {}
-    if cls is ExperimentConfig:
-        from fedkt import registry
-
-        sections = registry.config_sections()
-    unknown = [k for k in data if k not in names and k not in sections]
-    if unknown:
-        where = f"[{prefix[:-1]}]" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s} in {where}; allowed keys: {', '.join(names + list(sections))}"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items() if k in names}
-    if sections:
-        kwargs["sections"] = {}
-        for name, section_cls in sections.items():
-            value = data.get(name, {})
-            if not isinstance(value, dict):
-                raise ConfigError(f"[{name}] must be a table, got {value!r}")
-            kwargs["sections"][name] = from_dict(section_cls, value, prefix=name + ".")
-    try:
-        return cls(**kwargs)
-    except FieldError as e:
-        raise ConfigError(f"{prefix}{e}") from None
-
-
-def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cross-section checks that no single section can make (each section validates itself)."""
-    from fedkt import registry
-
-    known = registry.methods()
+def validate(cfg: ExperimentConfig, methods: Mapping[str, MethodSchema]) -> ExperimentConfig:
+    """Cross-section checks that no single section can make (each section validates itself); ``methods``
+    are the known methods by name."""
     for i, m in enumerate(cfg.methods):
-        if m not in known:
-            raise ConfigError(f"methods[{i}] = {m!r} is not a method; allowed values: {', '.join(known)}")
+        if m not in methods:
+            raise ConfigError(f"methods[{i}] = {m!r} is not a method; allowed values: {', '.join(methods)}")
     if not cfg.data.tasks and cfg.partition.scheme != "files":
         raise ConfigError("data.tasks must name at least one task")
     if cfg.partition.scheme == "files" and len(cfg.partition.files) != cfg.partition.num_clients:
@@ -365,108 +274,24 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"aggregation needs at least federation.secagg_min_clients = {f.secagg_min_clients} clients (with 2, "
             "each client learns the other's update from the mean); add clients or turn secure_aggregation off")
     for m in cfg.methods:
-        if known[m].needs_llm and not cfg.model.llm:
+        if methods[m].needs_llm and not cfg.model.llm:
             raise ConfigError(f"method {m!r} needs a server LLM: set model.llm")
     return cfg
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); values parse as TOML, else as a bare string."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
+def experiment_from_dict(data: dict[str, Any], methods: Mapping[str, MethodSchema]) -> ExperimentConfig:
+    """The experiment in ``data`` (a parsed TOML document), with a section for each of ``methods``."""
+    return validate(from_dict(ExperimentConfig, data, sections=config_sections(methods)), methods)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a table")
-        node[path[-1]] = value
-    return data
-
-
-def read_toml(path: str | Path | None) -> dict[str, Any]:
-    """A TOML file as a dict ({} for no file), with errors that name the file."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        return tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from None
-
-
-def _is_local_path(value: str) -> bool:
-    """A relative file/dir/model value (not empty, not absolute, not a ``scheme:`` spec such as
-    ``builtin:NAME``, ``hf:ORG/NAME`` or ``openai:URL``)."""
-    return bool(value) and not Path(value).is_absolute() and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value)
-
-
-def resolve_paths(cls: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Rewrite, in place, every relative value of a path field (metadata ``PATH``) of ``cls`` (and its
-    nested sections, and the registered method sections of an experiment) as ``base / value``."""
-    if not isinstance(data, dict):
-        return data
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    nested: dict[str, type] = {n: hints[n] for n in fields if dataclasses.is_dataclass(hints[n])}
-    if cls is ExperimentConfig:
-        from fedkt import registry
-
-        nested.update(registry.config_sections())
-    for key, value in data.items():
-        f = fields.get(key)
-        if key in nested:
-            resolve_paths(nested[key], value, base)
-        elif f is not None and f.metadata.get("path"):
-            if isinstance(value, str) and _is_local_path(value):
-                data[key] = str((base / value).resolve())
-            elif isinstance(value, list):
-                data[key] = [str((base / v).resolve()) if isinstance(v, str) and _is_local_path(v) else v
-                             for v in value]
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_experiment(path: str | Path | None, overrides: list[str] | None,
+                    methods: Mapping[str, MethodSchema]) -> ExperimentConfig:
     """The experiment in TOML file ``path`` (its relative paths resolved against the file's directory),
-    with ``--set`` ``overrides`` (relative to the working directory) on top."""
+    with ``--set`` ``overrides`` (relative to the working directory) on top. ``methods`` (name -> spec) are
+    the methods it may name and whose sections it may hold: ``fedkt.registry.load_config`` passes the
+    registered ones."""
     data = read_toml(path)
     if path is not None:
-        resolve_paths(ExperimentConfig, data, Path(path).resolve().parent)
+        resolve_paths(ExperimentConfig, data, Path(path).resolve().parent, sections=config_sections(methods))
     apply_overrides(data, overrides or [])
-    return validate(from_dict(ExperimentConfig, data))
-
-
-def load_section(cls: type, path: str | Path | None, section: str, overrides: list[str] | None = None,
-                 values: dict[str, Any] | None = None) -> Any:
-    """One table of a TOML file (e.g. ``[derive]``) as ``cls``, with ``--set key=value`` overrides
-    (keys relative to the table) and explicit ``values`` (e.g. from command-line flags) on top."""
-    raw = read_toml(path)
-    if path is not None and section not in raw:
-        stray = sorted(k for k in raw if not isinstance(raw[k], dict))
-        raise ConfigError(f"{path}: no [{section}] table" + (
-            f" (found top-level keys {', '.join(stray)}: put them under a [{section}] line)" if stray else ""))
-    data = raw.get(section, {})
-    if path is not None:
-        resolve_paths(cls, data, Path(path).resolve().parent)
-    apply_overrides(data, overrides or [])
-    data.update({k: v for k, v in (values or {}).items() if v is not None})
-    return from_dict(cls, data, prefix=section + ".")
-
-
-def dump_toml(cfg: Any) -> str:
-    import tomli_w
-
-    return tomli_w.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg))
+    return experiment_from_dict(data, methods)

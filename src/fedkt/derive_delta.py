@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 QMAX = 32767
@@ -137,12 +138,8 @@ def state_sha256(model: nn.Module) -> str:
 
 
 def save_delta(delta: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     save_file(delta, str(path))
 
 
 def load_delta(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(path))

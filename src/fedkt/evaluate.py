@@ -29,10 +29,14 @@ from typing import Sequence
 import torch
 
 from fedkt import progress
+from fedkt.config import TASKS, ConfigError
 from fedkt.data.collate import encode, encode_pairs
-from fedkt.data.prompts import choices as choice_texts
-from fedkt.data.prompts import context, continuations
-from fedkt.data.tasks import Example, final_number
+from fedkt.data.partition import subsample
+from fedkt.data.prompts import choices as choice_texts, context, continuations
+from fedkt.data.tasks import Example, final_number, load_task
+from fedkt.generate import generate
+from fedkt.models import load_model
+from fedkt.seeds import derive_seed
 
 
 def _prefix_token(tok) -> int:
@@ -244,8 +248,6 @@ def score_multiple_choice(model, tok, examples: Sequence[Example], batch_size: i
 def score_generation(model, tok, examples: Sequence[Example], batch_size: int = 16,
                      max_new_tokens: int = 256, desc: str = "eval") -> dict[str, float]:
     """GSM8K-style exact match of the final number of a greedy generation."""
-    from fedkt.generate import generate
-
     outputs = generate(model, tok, [context(ex) for ex in examples], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, desc=desc, stop=["\nQuestion:", "\n\n\n"])
     correct = sum(final_number(o) == ex.label for o, ex in zip(outputs, examples))
@@ -274,12 +276,6 @@ def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "
                    ) -> dict[str, dict[str, float]]:
     """Load model ``spec`` (plus a peft ``adapter`` directory) and score it on ``tasks``' ``split``, each a
     seeded subsample of ``limit`` questions (0 = all): what ``fedkt eval`` runs."""
-    from fedkt.config import TASKS, ConfigError
-    from fedkt.data.partition import subsample
-    from fedkt.data.tasks import load_task
-    from fedkt.models import load_model
-    from fedkt.seeds import derive_seed
-
     for t in tasks:
         if t not in TASKS:
             raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from fedkt.builtin_models import ensure_builtin
 from fedkt.config import LoraSettings
 
 
@@ -53,9 +55,7 @@ def resolve(spec: str) -> str | Path:
     if not spec:
         raise ModelLoadError("empty model spec; give builtin:NAME, a local directory, a .gguf file or hf:ORG/NAME")
     if spec.startswith("builtin:"):
-        from fedkt.builtin import ensure_builtin
-
-        return ensure_builtin(spec.split(":", 1)[1])
+        return ensure_builtin(spec.split(":", 1)[1], load_model)
     if spec.startswith("hf:"):
         return spec[3:]
     if spec.startswith("openai:"):
@@ -201,8 +201,6 @@ def save_adapter(model, state: dict[str, torch.Tensor] | None, path: str | Path)
 
 def load_adapter_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a peft adapter directory's weights (peft key names, as ``get_adapter_state`` gives)."""
-    from safetensors.torch import load_file
-
     f = Path(path) / "adapter_model.safetensors"
     if not f.is_file():
         raise ModelLoadError(f"{path} holds no adapter_model.safetensors (not a peft adapter directory)")

@@ -15,6 +15,7 @@ _progress = None
 def enable() -> None:
     global _progress
     if _progress is None:
+        # deferred: rich loads when output is shown, not on import
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
@@ -60,6 +61,7 @@ def log(msg: str) -> None:
     if _progress is not None:
         _progress.console.print(msg)
     else:
+        # deferred: rich loads when output is shown, not on import
         from rich.console import Console
 
         Console(stderr=True, highlight=False).print(msg)

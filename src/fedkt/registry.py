@@ -6,16 +6,27 @@ server procedure — either a plain function ``run(server) -> MethodResult`` (ba
 :class:`~fedkt.rounds.RoundAlgorithm` driven round by round by the shared round driver. Config
 validation, ``fedkt run``'s method list and help, and the report's labels and order all read this
 registry; adding a method is one new module (plus its docs and tests) that calls :func:`register`.
+
+The registry is filled on first use by importing the method modules: the built-in ones (``fedkt.algorithms``)
+and those other packages declare under the entry-point group ``fedkt.methods`` (``[project.entry-points.
+"fedkt.methods"] mymethod = "mypkg.mymethod"``). Config loading gets the methods from here
+(:func:`load_config` feeds them to ``fedkt.config.load_experiment``); ``fedkt.config`` never imports the
+registry.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from fedkt.config import ExperimentConfig, experiment_from_dict, load_experiment
 
 if TYPE_CHECKING:
     from fedkt.clients import Handler
-    from fedkt.results import MethodResult
+    from fedkt.run_results import MethodResult
     from fedkt.rounds import RoundAlgorithm
     from fedkt.server import ServerContext
 
@@ -57,13 +68,27 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def _load_builtin() -> None:
-    import fedkt.algorithms  # noqa: F401 - importing registers the built-in methods
+BUILTIN_METHODS = "fedkt.algorithms"
+"""The package whose import registers the built-in methods."""
+ENTRY_POINT_GROUP = "fedkt.methods"
+_loaded = False
+
+
+def _load_methods() -> None:
+    """Import the built-in method modules and the entry points of group ``fedkt.methods`` (once); each
+    registers itself. By name, as plugins are: the algorithms import this module, not the reverse."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module(BUILTIN_METHODS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
 
 
 def methods() -> dict[str, MethodSpec]:
     """All registered methods in report order."""
-    _load_builtin()
+    _load_methods()
     return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].rank, kv[0])))
 
 
@@ -79,10 +104,12 @@ def label(name: str) -> str:
     return spec.label if spec else name
 
 
-def config_sections() -> dict[str, type]:
-    """Method name -> config dataclass, for methods that have a TOML section."""
-    return {n: s.config for n, s in methods().items() if s.config is not None}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The experiment in TOML file ``path`` with ``--set`` ``overrides``, knowing every registered method
+    (``fedkt.config.load_experiment`` fed with :func:`methods`)."""
+    return load_experiment(path, overrides, methods())
 
 
-def default_section(name: str) -> Any:
-    return config_sections()[name]()
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """The experiment in a parsed TOML document (e.g. the one a Flower ServerApp receives)."""
+    return experiment_from_dict(data, methods())

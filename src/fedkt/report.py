@@ -1,6 +1,6 @@
 """results.json -> report.md: paper-style tables (client SLMs, server LLM, communication) + a plot.
 
-Reads :class:`~fedkt.results.RunResults`; method labels and their order come from the method registry
+Reads :class:`~fedkt.run_results.RunResults`; method labels and their order come from the method registry
 (baselines, federated methods, centralized), so a newly registered method appears without edits here.
 """
 
@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from fedkt import registry
-from fedkt.results import RunResults
+from fedkt.privacy.attacks_text import render_attack_table
+from fedkt.privacy.audit import render_audit_table
+from fedkt.privacy.randomness import describe
+from fedkt.run_results import RunResults
 
 TASK_NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA",
               "commonsense_qa": "CQA", "gsm8k": "GSM8K"}
@@ -114,17 +117,11 @@ def privacy_tables(results: RunResults) -> str:
                   "basic composition. Later rounds reuse the kept rationales and spend nothing more."]
         modes = sorted({p.get("randomness") for p in first["privacy"].values()} - {None})
         if modes:
-            from fedkt.privacy.randomness import describe
-
             lines += ["", "Randomness: " + " ".join(f"{mode}: {describe(mode)}." for mode in modes)]
         if first.get("audit"):
-            from fedkt.privacy.audit import render_audit_table
-
             lines += ["", f"Text-DP audit on {first['audit'][0]['n_texts']} public prompts of the same format "
                       "(server-side attacker; docs/text-dp.md):", "", render_audit_table(first["audit"])]
         if first.get("attack"):
-            from fedkt.privacy.attacks_text import render_attack_table
-
             a = first["attack"]
             lines += ["", f"Contextual attack on {a[0]['n_texts']} public prompts with planted canaries (noisy-channel "
                       f"beam {a[0]['setting']['beam']} with the server LLM as LM prior; token recovery / exact canary "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkt.report import TASK_NAMES, _name, _ordered, read_results
-from fedkt.results import RunResults
+from fedkt.run_results import RunResults
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

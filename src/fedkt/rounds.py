@@ -4,7 +4,7 @@ A federated method supplies a :class:`RoundAlgorithm` (like Flower's ``Strategy`
 loop calls) whose :meth:`~RoundAlgorithm.round` does exactly what one round of its paper's algorithm box
 says. :func:`run_rounds` owns everything else: opening the federation, resume from the newest
 checkpoint, timings, the evaluation cadence (``eval.every_round``), metrics.jsonl, per-round checkpoints
-and saving the final adapters, and it returns a typed :class:`~fedkt.results.MethodResult`.
+and saving the final adapters, and it returns a typed :class:`~fedkt.run_results.MethodResult`.
 
 Checkpoints hold every role's adapter, the per-round results, timings and the federation's bookkeeping
 (byte ledger, failures). An algorithm whose rounds carry more state than its adapters (an optimizer
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedkt import progress
-from fedkt.results import MethodResult
+from fedkt.run_results import MethodResult
 
 if TYPE_CHECKING:
     from fedkt.federation.base import Federation
@@ -82,7 +82,7 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
         if resumed:
             last, state, saved = resumed
             per_round, timings = saved["per_round"], saved["timings"]
-            fed.load_state_dict(saved.get("federation", {"ledger": saved.get("ledger", [])}))  # pre-0.2 checkpoints
+            fed.load_state_dict(saved.get("federation", {"ledger": saved.get("ledger", [])}))
             start = last + 1
             progress.log(f"{name}: resuming after round {last}")
         for rnd in range(start, cfg.federation.rounds + 1):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from fedkt import progress
-from fedkt.backends import HFGenerator, TextGenerator, is_remote, make_generator
+from fedkt.text_generators import HFGenerator, TextGenerator, is_remote, make_generator
 from fedkt.clients import lora_seed
 from fedkt.config import ExperimentConfig
 from fedkt.data.tasks import Example

@@ -9,14 +9,17 @@ model among all simulated clients).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from fedkt.algorithms.fdkt import FDKTConfig
+from fedkt.algorithms.fedcot import FedCoTConfig
 from fedkt.clients import ClientFactory, ClientSpec
-from fedkt.config import ExperimentConfig
+from fedkt.config import ConfigError, ExperimentConfig
 from fedkt.data.partition import partition, split_aux, subsample
 from fedkt.data.tasks import Example, load_jsonl, load_task
 from fedkt.federation.local import LocalFederation
-from fedkt.privacy.policy import policy_for_experiment
+from fedkt.privacy.policy import ClientPolicy
 from fedkt.registry import MethodSpec
 from fedkt.seeds import derive_seed
 from fedkt.server import ServerContext
@@ -25,6 +28,21 @@ from fedkt.server import ServerContext
 def content_key(ex: Example) -> tuple:
     """What makes two examples the same question, whatever their task tag or id."""
     return (" ".join(ex.question.split()).lower(), tuple(" ".join(c.split()).lower() for c in ex.choices))
+
+
+def policy_for_experiment(cfg: ExperimentConfig) -> ClientPolicy:
+    """The policy of a simulated client: exactly what the experiment asks (the simulator plays every party
+    and trusts itself), so today's experiments run unchanged. Never used by a deployed client."""
+    eps_cot = [*cfg.section(FedCoTConfig).client_epsilons, cfg.section(FedCoTConfig).epsilon]
+    fd = cfg.section(FDKTConfig)
+    eps_fdkt = [*fd.client_epsilons, fd.epsilon]
+    finite = [e for e in eps_cot + eps_fdkt if math.isfinite(e)]
+    return ClientPolicy(allowed_methods=list(cfg.methods),
+                        allow_infinite_epsilon=any(math.isinf(e) for e in eps_cot + eps_fdkt),
+                        fedcot_max_token_epsilon=max([e for e in eps_cot if math.isfinite(e)] or finite or [10.0]),
+                        fdkt_max_epsilon=max([e for e in eps_fdkt if math.isfinite(e)] or finite or [10.0]),
+                        fdkt_max_delta=fd.delta, allow_clear_adapters=True, max_epochs=math.inf,
+                        max_steps=2**62, max_new_tokens=2**62, max_samples=2**62)
 
 
 def load_client_data(cfg: ExperimentConfig) -> tuple[list[list[Example]], list[Example]]:
@@ -41,8 +59,6 @@ def load_client_data(cfg: ExperimentConfig) -> tuple[list[list[Example]], list[E
             candidates = [e for t in d.tasks for e in load_task(t, d.train_split, d.dir, d.on_bad_line)
                           if content_key(e) not in held]
             if len(candidates) < p.aux_size:
-                from fedkt.config import ConfigError
-
                 raise ConfigError(f"partition.aux_size = {p.aux_size} but only {len(candidates)} examples of "
                                   f"data.tasks are not held by a client; lower partition.aux_size")
             aux = subsample(candidates, p.aux_size, derive_seed(cfg.seed, "aux"))

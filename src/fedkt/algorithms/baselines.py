@@ -21,7 +21,7 @@ from fedkt.federation.base import Message
 from fedkt.models import get_adapter_state, save_adapter
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
-from fedkt.results import MethodResult
+from fedkt.run_results import MethodResult
 from fedkt.seeds import derive_seed
 from fedkt.server import ServerContext
 from fedkt.train import sft
@@ -98,12 +98,12 @@ def centralized(server: ServerContext) -> MethodResult:
     return MethodResult(metrics=metrics)
 
 
-ZERO_SHOT = register(MethodSpec(name="zero_shot", label="Zero-shot", rank=0, run=zero_shot,
-                                summary="the pretrained models as they are"))
+register(MethodSpec(name="zero_shot", label="Zero-shot", rank=0, run=zero_shot,
+                    summary="the pretrained models as they are"))
 STANDALONE = register(MethodSpec(
     name="standalone", label="Standalone", rank=10, run=standalone,
     handlers=guard("standalone", {"train_and_evaluate": client_train_and_evaluate}),
     summary="each client fine-tunes a LoRA adapter alone; the mean over clients"))
-CENTRALIZED = register(MethodSpec(
+register(MethodSpec(
     name="centralized", label="Centralized", rank=90, run=centralized,
     summary="one adapter on the pooled client data (and the LLM on pooled + auxiliary data); simulation only"))

@@ -68,13 +68,17 @@ class FedCoLLMConfig:
     kd_steps: int = 20
     """R: optimizer steps of mutual distillation on the auxiliary set per round (per model)."""
     kd_lambda: float = 1.0
+    """λ: weight of the distillation term against each model's own supervised loss."""
     temperature: float = 2.0
     """T: both distributions are softened by T and the KL is multiplied by T²; T = 1 is the plain KL."""
     top_k: int = 0
     """0: KL over the full vocabulary; k > 0: over the teacher's top-k logits (FATE default 128)."""
     lr_slm: float = 3e-4
+    """η_θ: the SLM's learning rate during distillation."""
     lr_llm: float = 3e-4
+    """η_ω: the LLM's learning rate during distillation."""
     batch_size: int = 8
+    """Auxiliary examples per distillation step."""
     kd_tokens: Literal["all", "answer"] = "all"
     """Positions the KL is taken over: every non-padding token, or only the answer tokens."""
     kl_direction: Literal["forward", "reverse"] = "forward"
@@ -254,22 +258,6 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
     return out
 
 
-@torch.no_grad()
-def kd_divergence(slm, llm, tok, examples, cfg: FedCoLLMConfig, max_length: int) -> dict[str, float]:
-    """Mean KD terms on ``examples`` (no update): how far apart the two models are. ``kl_g`` is the SLM's
-    (KL(f‖g) with ``kl_direction = "forward"``), ``kl_f`` the LLM's (KL(g‖f))."""
-    data = tokenize_examples(tok, examples, max_length)
-    tot = {"kl_g": 0.0, "kl_f": 0.0}
-    n = 0
-    for s in range(0, len(data), cfg.batch_size):
-        batch = collate_sft(data[s:s + cfg.batch_size], tok.pad_token_id)
-        losses = mutual_losses(slm, llm, batch, cfg)
-        for k in tot:
-            tot[k] += losses[k].item() * len(batch["input_ids"])
-        n += len(batch["input_ids"])
-    return {k: v / n for k, v in tot.items()}
-
-
 class FedCoLLM(RoundAlgorithm):
     roles = ("slm", "llm")
     phases = ("client_train_s", "aggregate_s", "distill_s")
@@ -277,8 +265,8 @@ class FedCoLLM(RoundAlgorithm):
     def setup(self, server, fed):
         check_shared_vocabulary(server.slm.tokenizer, server.llm.tokenizer, server.slm.model, server.llm.model)
         self.aux, self.synthesis = server.aux, None
-        if server.cfg.section("fedcollm").aux_source == "fdkt":
-            syn = fdkt.synthesize(server, fed, server.cfg.section("fdkt"), rnd=1,
+        if server.cfg.section(FedCoLLMConfig).aux_source == "fdkt":
+            syn = fdkt.synthesize(server, fed, server.cfg.section(fdkt.FDKTConfig), rnd=1,
                                   cache=server.out / "fedcollm" / "synthetic_aux.json")
             if not syn.examples:
                 raise ValueError(f"fedcollm.aux_source = 'fdkt': the clients' DP synthesis produced no usable "
@@ -288,7 +276,7 @@ class FedCoLLM(RoundAlgorithm):
             progress.log(f"fedcollm: auxiliary set = {len(self.aux)} DP synthetic examples (FDKT steps 1-3)")
 
     def round(self, server, fed, state, rnd):
-        cfg, kd = server.cfg, server.cfg.section("fedcollm")
+        cfg, kd = server.cfg, server.cfg.section(FedCoLLMConfig)
         # 1–3: broadcast θᵗ, local fine-tuning, FedAvg
         t0 = time.perf_counter()
         theta = fit_round(fed, state["slm"], rnd, cfg.train.epochs, weighting=kd.aggregation,

@@ -37,7 +37,7 @@ import torch
 
 from fedkt import progress
 from fedkt.algorithms.fedavg import aggregate
-from fedkt.backends import is_remote
+from fedkt.text_generators import is_remote
 from fedkt.clients import ClientContext
 from fedkt.config import PATH, check
 from fedkt.data.collate import collate_sft, make_sft_example
@@ -79,6 +79,7 @@ class FedCoTConfig:
     empty_rationales: bool = False
     """Ablation: the server returns empty rationales (what the LLM contributes through the decoder)."""
     gen_batch_size: int = 16
+    """Prompts per generation batch (the LLM's rationales, the clients' decoding)."""
     attack_prompts: int = 8
     """Public prompts the contextual attack (LM prior = the server LLM) runs on for the run's privacy
     section (docs/privacy-attacks.md); 0 turns it off. Needs a local ``model.llm``."""
@@ -242,7 +243,7 @@ class FedCoT(RoundAlgorithm):
     phases = ("encode_s", "generate_s", "client_train_s", "aggregate_s")
 
     def setup(self, server, fed):
-        self.cfg = server.cfg.section("fedcot")
+        self.cfg = server.cfg.section(FedCoTConfig)
         self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
         from fedkt.privacy.kit_check import kit_sha256
 

@@ -69,7 +69,7 @@ class FedProx(RoundAlgorithm):
 
     def round(self, server, fed, state, rnd):
         t0 = time.perf_counter()
-        theta = fit_round(fed, state["slm"], rnd, server.cfg.train.epochs, meta={"mu": server.cfg.section("fedprox").mu},
+        theta = fit_round(fed, state["slm"], rnd, server.cfg.train.epochs, meta={"mu": server.cfg.section(FedProxConfig).mu},
                           secure=server.cfg.federation.secure_aggregation)
         client_s = fed.take_timing("fit")
         return RoundOutcome({"slm": theta},

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -177,8 +178,6 @@ def load_jsonl(path: str | Path, task: str = "custom", on_bad_line: str = "error
                     continue
                 raise DataError(msg + " (set data.on_bad_line = \"skip\" to skip bad rows)") from None
     if skipped:
-        import warnings
-
         warnings.warn(f"{path}: skipped {len(skipped)} bad row(s); first: {skipped[0]}", stacklevel=2)
     if not out:
         raise DataError(f"{path}: no usable rows")
@@ -217,8 +216,6 @@ def load_hf_task(task: str, split: str, on_bad_line: str = "error") -> list[Exam
                 raise DataError(f"hub {path}/{split} row {i}: {e}") from None
             bad += 1
     if bad:
-        import warnings
-
         warnings.warn(f"hub {path}/{split}: skipped {bad} bad row(s)", stacklevel=2)
     return out
 

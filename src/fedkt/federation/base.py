@@ -2,7 +2,7 @@
 
 An algorithm is a server-driven sequence of calls: ``federation.call(name, {client: Message})`` runs the
 client handler ``name`` on each addressed client and returns ``{client: reply}``. A :class:`Message`
-carries named tensors (adapter weights, logits), texts and small JSON metadata.
+carries named tensors (adapter weights, logits), texts and small JSON metadata (:mod:`fedkt.message`).
 
 :class:`Federation` is the *whole* surface an algorithm may use: ``clients``, ``call``, ``broadcast``,
 ``aggregate``, ``failures``, ``ledger``, ``take_timing`` and ``state_dict``/``load_state_dict`` (for
@@ -22,21 +22,16 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 
-if TYPE_CHECKING:
-    from fedkt.federation.validate import Layout
+from fedkt import progress
+from fedkt.federation.validate import (FLOAT_DTYPES, MAX_WEIGHT, Layout, ReplayGuard, as_layout, check_reply,
+                                       check_weight, escape)
+from fedkt.message import Message
 
 FAILURE_POLICIES = ("stop", "skip")
-
-
-@dataclass
-class Message:
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    texts: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class ClientFailure(RuntimeError):
@@ -70,8 +65,6 @@ class Aggregate:
 def check_mean_inputs(states: list[dict[str, torch.Tensor]], weights: list[float]) -> None:
     """Refuse what would corrupt a weighted mean silently: a weight that is not a finite real > 0 (a bool,
     NaN, negative, 1e300), states with different keys, shapes or non-float dtypes, non-finite values."""
-    from fedkt.federation.validate import FLOAT_DTYPES, MAX_WEIGHT
-
     if not states or len(states) != len(weights):
         raise ValueError(f"weighted mean needs one weight per state, got {len(states)} states and "
                          f"{len(weights)} weights" if states else "nothing to aggregate")
@@ -110,8 +103,6 @@ def reply_weight(cid: str, reply: "Message", weight_key: str, declared: float | 
     """The reply's weight ``reply.meta[weight_key]``; ``weight_key = ""``: 1 (every reply weighs the same).
     A weight must be a finite real > 0, not a bool, and at most ``declared`` (the client's example count)
     when known (``fedkt.federation.validate.check_weight``)."""
-    from fedkt.federation.validate import check_weight
-
     if not weight_key:
         return 1.0
     return check_weight(cid, reply.meta.get(weight_key), weight_key, declared)
@@ -191,8 +182,6 @@ class Federation(ABC):
         self.failures: list[dict[str, Any]] = []
         self.declared_examples: dict[str, int] = {}
         """Each client's example count as first reported; its later weights may not exceed it."""
-        from fedkt.federation.validate import ReplayGuard
-
         self._replays = ReplayGuard()
         self._timings: dict[str, float] = {}
         self.notes: dict[str, Any] = {}
@@ -234,8 +223,6 @@ class Federation(ABC):
         fails, or any error while handling it, is that client's failure under the policy.
         ``metered=False`` keeps the exchange out of the protocol's communication totals (evaluation
         reports, which no algorithm needs)."""
-        from fedkt.federation.validate import as_layout, check_reply
-
         self._check_call(method, payloads)
         layout = as_layout(expect)
         t0 = time.perf_counter()
@@ -298,10 +285,6 @@ class Federation(ABC):
         if self.on_failure == "stop":
             raise ClientFailure(cid, method, error) from (error if isinstance(error, BaseException) else None)
         self.failures.append({"round": round, "method": method, "client": cid, "error": _describe(error)})
-        from fedkt import progress
-
-        from fedkt.federation.validate import escape
-
         progress.log(f"[yellow]client {escape(str(cid))} failed in {method!r} (round {round}): "
                      f"{escape(_describe(error))}; skipped[/]")
 

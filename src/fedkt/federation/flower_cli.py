@@ -16,81 +16,32 @@ lines.
 * **Registration** (:func:`register_node`): ``flwr supernode register KEY.pub`` on the operator listener,
   then the allow-list entry ``cid -> (key, node id)`` (:class:`~fedkt.federation.flower_credentials.AllowList`)
   that ``fedkt flower run`` hands to the ServerApp.
-* **Credentials**: :mod:`fedkt.federation.flower_credentials` (0600 from creation, no overwrite).
+* **Credentials** (certificates, node keys, the allow-list): :mod:`fedkt.federation.flower_credentials`
+  (0600 from creation, no overwrite); a client operator's file: :mod:`fedkt.federation.flower_client_file`;
+  the submitted app's files: :mod:`fedkt.federation.flower_app_files`.
 """
 
 from __future__ import annotations
 
 import json
-import tomllib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
+import tomli_w
+
+from fedkt.config import dump_toml
+from fedkt.federation.flower_app_files import write_app
+from fedkt.federation.flower_credentials import AllowList, CredentialError, public_key_text
 from fedkt.federation.flower_env import flower_subprocess_env
+from fedkt.federation.flower_node_app import TRUSTED_APP_ENV, shim_dir
+from fedkt.registry import load_config
 
 CONNECTION = "fedkt"
-CLIENT_KEYS = {"cid", "model", "data_files", "data_task", "workdir", "secret_seed"}
-
-
-def load_client_file(path: str | Path) -> dict[str, Any]:
-    """A client operator's file: a TOML ``[client]`` table with ``cid`` (required), ``data_files`` (JSONL
-    paths on this machine), optional ``data_task``, ``model`` (default: the experiment's ``model.slm``),
-    ``workdir`` (client state kept for resume; default ``./fedkt-client-<cid>``) and ``secret_seed``
-    (≥ 64 bits; without it the client's privacy noise comes from the OS CSPRNG), and an optional
-    ``[policy]`` table: what the client accepts from the server (docs/privacy.md)."""
-    from fedkt.config import ConfigError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"client file {p} does not exist")
-    try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"client file {p} is not valid TOML: {e}") from e
-    d = doc.get("client")
-    if not isinstance(d, dict) or "cid" not in d:
-        raise ConfigError(f"client file {p} needs a [client] table with at least cid = \"...\"")
-    unknown = sorted(set(d) - CLIENT_KEYS)
-    if unknown:
-        raise ConfigError(f"client file {p}: unknown keys {unknown}; allowed: {', '.join(sorted(CLIENT_KEYS))}")
-    extra = sorted(set(doc) - {"client", "policy"})
-    if extra:
-        raise ConfigError(f"client file {p}: unknown tables {extra}; allowed: [client], [policy]")
-    d["policy"] = client_policy(doc.get("policy", {}), p)
-    if d.get("secret_seed") is not None:
-        from fedkt.privacy.randomness import check_secret_seed
-
-        try:
-            check_secret_seed(d["secret_seed"])
-        except ValueError as e:
-            raise ConfigError(f"client file {p}: {e}") from None
-    base = p.parent
-    d["data_files"] = [str((base / f).resolve()) for f in d.get("data_files", [])]
-    d["workdir"] = str((base / d.get("workdir", f"fedkt-client-{d['cid']}")).resolve())
-    return d
-
-
-def client_policy(table: Any, path: Path):
-    """The client file's ``[policy]`` table as a validated :class:`~fedkt.privacy.policy.ClientPolicy`
-    (missing keys keep their safe defaults; docs/privacy.md#policy)."""
-    from fedkt.config import ConfigError, from_dict
-    from fedkt.privacy.policy import ClientPolicy
-
-    if not isinstance(table, dict):
-        raise ConfigError(f"client file {path}: [policy] must be a table")
-    try:
-        return from_dict(ClientPolicy, table, prefix="policy.")
-    except ConfigError as e:
-        raise ConfigError(f"client file {path}: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------ credentials
-from fedkt.federation.flower_credentials import (AllowList, CredentialError, make_certs,  # noqa: E402,F401
-                                                 make_node_key, public_key_text)
 
 
 # ------------------------------------------------------------------------------------------ command lines
@@ -106,8 +57,9 @@ def superlink_argv(host: str | None = None, port: int = FLEET_PORT, certs: str |
                    insecure: bool = False) -> list[str]:
     """fedkt's SuperLink (:mod:`fedkt.federation.flower_link`): the Fleet API alone on ``host:port``
     (default ``0.0.0.0`` with TLS, ``127.0.0.1`` when insecure), Control and Runtime API on
-    ``127.0.0.1:control_port``. TLS from ``certs`` (a :func:`make_certs` directory) unless ``insecure``
-    (then no node authentication: flwr requires TLS for it); ``database`` keeps its state across restarts.
+    ``127.0.0.1:control_port``. TLS from ``certs`` (a
+    :func:`~fedkt.federation.flower_credentials.make_certs` directory) unless ``insecure`` (then no node
+    authentication: flwr requires TLS for it); ``database`` keeps its state across restarts.
     ``argv[0]`` is ``python`` (next to this interpreter)."""
     if certs is None and not insecure:
         raise CredentialError("the SuperLink needs TLS certificates (--certs DIR from `fedkt flower make-certs`, "
@@ -133,7 +85,7 @@ def supernode_argv(superlink: str, cid: str, client_file: str | Path | None = No
                    auth_key: str | Path | None = None, port: int = 9094, host: str = LOOPBACK,
                    insecure: bool = False) -> list[str]:
     """``flower-supernode`` for client ``cid`` (``client_file``: its private side, see
-    :func:`fedkt.federation.flower_cli.load_client_file`). TLS with ``ca`` (the server's ``ca.pem``)
+    :func:`fedkt.federation.flower_client_file.load_client_file`). TLS with ``ca`` (the server's ``ca.pem``)
     unless ``insecure``; ``auth_key``: this node's private key (node authentication)."""
     if ca is None and not insecure:
         raise CredentialError(f"client {cid}: the SuperNode needs the server's CA certificate (--ca ca.pem) to "
@@ -152,8 +104,6 @@ def supernode_argv(superlink: str, cid: str, client_file: str | Path | None = No
 def trusted_node_env(trusted_app: str | Path, shim: str | Path, bin_dir: Path | None = None) -> dict[str, str]:
     """Environment of a SuperNode that runs only the app in ``trusted_app``
     (:mod:`fedkt.federation.flower_node_app`): its ``flwr-clientapp`` shim in ``shim`` first on PATH."""
-    from fedkt.federation.flower_node_app import TRUSTED_APP_ENV, shim_dir
-
     bin_dir = bin_dir or Path(sys.executable).parent
     shim_dir(shim, str(bin_dir / "python"))
     return {TRUSTED_APP_ENV: str(Path(trusted_app).resolve()),
@@ -171,7 +121,9 @@ def write_connection(home: str | Path, address: str, ca: str | Path | None = Non
     return path
 
 
-def flower_env(home: str | Path | None = None, bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
+def flower_process_env(home: str | Path | None = None, bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a Flower process fedkt starts: FLOWER_ENV, this interpreter's bin directory first on
+    PATH, this process's PYTHONPATH (absolute), ``FLWR_HOME=home`` and ``extra``."""
     bin_dir = bin_dir or Path(sys.executable).parent
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1", **extra}
     if os.environ.get("PYTHONPATH"):  # Flower processes run in other directories: keep the same imports
@@ -186,7 +138,7 @@ def flwr(args: list[str], home: str | Path, timeout: float = 120.0, bin_dir: Pat
          cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run the ``flwr`` CLI with ``FLWR_HOME=home``."""
     bin_dir = bin_dir or Path(sys.executable).parent
-    return subprocess.run([str(bin_dir / "flwr"), *args], env=flower_env(home, bin_dir), cwd=cwd,
+    return subprocess.run([str(bin_dir / "flwr"), *args], env=flower_process_env(home, bin_dir), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -225,10 +177,6 @@ def submit(app_dir: str | Path, home: str | Path, run_config: dict[str, Any] | N
 
     ``run_config`` goes to ``flwr`` as one TOML file (``--run-config FILE.toml``): its ``key=value``
     form cannot carry a value holding a double quote or a newline (an experiment's TOML text)."""
-    import tempfile
-
-    import tomli_w
-
     args = ["run", str(app_dir), connection, "--format", "json"]
     Path(home).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=home) as tmp:
@@ -277,15 +225,12 @@ def run_log(run_id: int, home: str | Path, connection: str = CONNECTION, bin_dir
     return res.stdout + res.stderr
 
 
-def run_experiment(config: str | Path, out: str | Path, home: str | Path, resume: bool = False,
-                   overrides: list[str] | None = None, timeout: float = 24 * 3600.0,
-                   bin_dir: Path | None = None, nodes: dict[str, int] | None = None) -> tuple[int, str]:
+def submit_experiment(config: str | Path, out: str | Path, home: str | Path, resume: bool = False,
+                      overrides: list[str] | None = None, timeout: float = 24 * 3600.0,
+                      bin_dir: Path | None = None, nodes: dict[str, int] | None = None) -> tuple[int, str]:
     """Submit experiment ``config`` to the SuperLink of ``home``'s connection; the ServerApp writes the run
     directory ``out`` on the SuperLink's machine. ``nodes``: the allow-list (client id -> node id) the
     ServerApp enforces (None: any node that names itself, insecure trials only). Returns (run id, status)."""
-    from fedkt.config import dump_toml, load_config
-    from fedkt.federation.flower_experiment import write_app
-
     cfg = load_config(config, overrides or [])
     out = Path(out).resolve()
     app = write_app(Path(home) / "app")
@@ -303,6 +248,6 @@ def exec_flower(argv: list[str], home: str | Path | None = None, **extra: str) -
     if not exe.exists():
         raise FileNotFoundError(f"{argv[0]} not found next to {sys.executable}: install fedkt's Flower extra "
                                 "(pip install 'fedkt[flower]')")
-    os.execve(str(exe), [str(exe), *argv[1:]], flower_env(home, bin_dir, **extra))
+    os.execve(str(exe), [str(exe), *argv[1:]], flower_process_env(home, bin_dir, **extra))
 
 

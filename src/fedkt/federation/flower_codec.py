@@ -41,7 +41,8 @@ set_flower_env()  # before the first flwr import: flwr reads telemetry settings 
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
-from fedkt.federation.base import Message  # noqa: E402
+from fedkt.message import Message  # noqa: E402
+from fedkt.message import loads  # noqa: E402
 
 VERSION = 1
 TENSORS_KEY = "fedkt.tensors"
@@ -57,7 +58,7 @@ _NATIVE = {
 }
 # carrier integer dtype for every other dtype, by element width in bytes
 _CARRIER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BY_NAME = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -120,8 +121,6 @@ def _json_field(header: ConfigRecord, key: str, kind: type) -> Any:
     if not isinstance(raw, str):
         raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] must be a JSON string, "
                          f"got {type(raw).__name__}")
-    from fedkt.federation.validate import loads
-
     value = loads(raw, f"malformed fedkt record: {HEADER_KEY}[{key!r}]")  # size/depth checked before parsing
     if not isinstance(value, kind):
         raise ValueError(f"malformed fedkt record: {HEADER_KEY}[{key!r}] must decode to a "
@@ -130,7 +129,7 @@ def _json_field(header: ConfigRecord, key: str, kind: type) -> Any:
 
 
 def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
-    dtype = _BY_NAME.get(dtype_name)
+    dtype = DTYPES_BY_NAME.get(dtype_name)
     if dtype is None:
         raise ValueError(f"malformed fedkt record: tensor {name!r} has unknown dtype {dtype_name!r}")
     if dtype_name.startswith(("qint", "quint")):

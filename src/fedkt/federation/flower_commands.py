@@ -20,8 +20,11 @@ from typing import List, Optional
 
 import typer
 
+from fedkt.config import ConfigError
 from fedkt.federation import flower_cli as fc
-from fedkt.federation.flower_credentials import AllowList, CredentialError
+from fedkt.federation.flower_app_files import write_app
+from fedkt.federation.flower_client_file import load_client_file
+from fedkt.federation.flower_credentials import AllowList, CredentialError, make_certs, make_node_key
 
 flower_app = typer.Typer(no_args_is_help=True, help="Run fedkt on real Flower processes (SuperLink, SuperNodes, "
                          "flwr run). See docs/deployment.md.")
@@ -92,11 +95,9 @@ def cli_supernode(spec: Path = typer.Option(..., "--spec", help="This client's f
                   insecure: bool = INSECURE_OPT):
     """A client operator: start this organisation's SuperNode (foreground). It runs only the fedkt ClientApp
     of this machine's fedkt installation; a run whose app differs is refused."""
-    from fedkt.config import ConfigError
-    from fedkt.federation.flower_experiment import write_app
 
     try:
-        client = fc.load_client_file(spec)
+        client = load_client_file(spec)
         if auth_key is None and not insecure:
             raise CredentialError("the SuperLink authenticates SuperNodes: give this node's private key "
                                   "(--auth-key, from `fedkt flower make-node-key`), or --insecure for a trial")
@@ -133,7 +134,7 @@ def cli_run(config: Path = typer.Argument(..., help="Experiment TOML."),
             nodes = allowed.node_ids()
     except CredentialError as e:
         _fail(e)
-    run_id, status = fc.run_experiment(config, out, home, resume, set_, nodes=nodes)
+    run_id, status = fc.submit_experiment(config, out, home, resume, set_, nodes=nodes)
     typer.echo(f"run {run_id}: {status}")
     if status != "finished:completed":
         typer.echo(fc.run_log(run_id, home)[-4000:], err=True)
@@ -150,7 +151,7 @@ def cli_make_certs(directory: Path = typer.Argument(..., help="Where to write ca
                    force: bool = typer.Option(False, "--force", help="Replace existing files.")):
     """A local CA + server certificate (use a real CA in production). Hand out only ca.pem."""
     try:
-        paths = fc.make_certs(directory, tuple(host), days, force)
+        paths = make_certs(directory, tuple(host), days, force)
     except CredentialError as e:
         _fail(e)
     typer.echo("\n".join(f"{k}: {v}" for k, v in paths.items()))
@@ -162,7 +163,7 @@ def cli_make_node_key(path: Path = typer.Argument(..., help="Private key path; t
                       force: bool = typer.Option(False, "--force", help="Replace existing files.")):
     """A client operator: this SuperNode's authentication key pair (send PATH.pub to the server operator)."""
     try:
-        priv, pub = fc.make_node_key(path, force)
+        priv, pub = make_node_key(path, force)
     except CredentialError as e:
         _fail(e)
     typer.echo(f"private (stays here, 0600): {priv}\npublic (send it to the server operator): {pub}")

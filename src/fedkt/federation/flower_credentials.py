@@ -25,6 +25,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 
 class CredentialError(RuntimeError):
     """A key/certificate/allow-list file that cannot be written or read as asked."""
@@ -69,7 +71,7 @@ def make_certs(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "lo
     The certificate is also valid for 127.0.0.1 and localhost (the SuperLink's operator listener).
     Writes ``ca.pem`` (hand this one to the clients), ``server.pem``, ``server.key`` (0600) and
     ``ca/ca.key`` (0600, in a 0700 directory: it signs certificates, keep it off the network)."""
-    from cryptography import x509
+    from cryptography import x509  # deferred: cryptography comes with the [flower] extra (flwr's dependency)
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -131,7 +133,7 @@ def make_certs(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "lo
 
 def make_node_key(path: str | Path, force: bool = False) -> tuple[Path, Path]:
     """A SuperNode's authentication key pair: ``path`` (private, OpenSSH, 0600) and ``path.pub``."""
-    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives import serialization  # deferred: cryptography comes with the [flower] extra
     from cryptography.hazmat.primitives.asymmetric import ec
 
     priv = Path(path)
@@ -148,7 +150,7 @@ def make_node_key(path: str | Path, force: bool = False) -> tuple[Path, Path]:
 
 def public_key_text(path: str | Path) -> str:
     """``ecdsa-sha2-nistp384 AAAA...`` of an OpenSSH public key file (the comment dropped); checked."""
-    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key  # deferred: [flower] extra
 
     p = Path(path)
     try:
@@ -201,8 +203,6 @@ class AllowList:
         return {cid: int(e["node_id"]) for cid, e in self.nodes.items()}
 
     def save(self) -> Path:
-        import tomli_w
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.unlink(missing_ok=True)

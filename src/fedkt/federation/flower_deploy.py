@@ -101,7 +101,7 @@ class LocalFlowerDeployment:
         self.certs = self.workdir / "certs" if self.tls else None
 
     def _env(self) -> dict[str, str]:
-        return flower_cli.flower_env(self.home, self.bin_dir,
+        return flower_cli.flower_process_env(self.home, self.bin_dir,
                                      FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(self.superexec_poll_interval))
 
     def _spawn(self, name: str, argv: list[str], **extra: str) -> subprocess.Popen:
@@ -138,7 +138,7 @@ class LocalFlowerDeployment:
             self.port = self.port or free_port()
             self.control_port = self.control_port or free_port()
             if self.certs is not None and not (self.certs / "ca.pem").is_file():
-                flower_cli.make_certs(self.certs)
+                flower_credentials.make_certs(self.certs)
             ca = None if self.certs is None else self.certs / "ca.pem"
             flower_cli.write_connection(self.home, self.control_address, ca, name=CONNECTION)
             link = self._spawn("superlink", flower_cli.superlink_argv(
@@ -151,7 +151,7 @@ class LocalFlowerDeployment:
                     key = self.node_key(cid)
                     pub = key.with_name(key.name + ".pub")
                     if not pub.is_file():  # a restarted deployment keeps its node keys
-                        _, pub = flower_cli.make_node_key(key)
+                        _, pub = flower_credentials.make_node_key(key)
                     flower_cli.register_node(pub, self.home, CONNECTION, self.bin_dir, cid=cid, force=True)
                 self.start_node(cid)
         except BaseException:

@@ -1,15 +1,16 @@
 """A fedkt experiment as a Flower app: the ServerApp runs ``fedkt run``'s methods over real SuperNodes.
 
-``fedkt flower run experiment.toml --out DIR`` submits the app written by :func:`write_app` (two small
-files: ``pyproject.toml`` and ``fedkt_flower_app.py``, which only imports :data:`server_app` and
-:data:`client_app` from here) with run config ``experiment`` (the resolved experiment TOML text: every
-node gets the same LoRA/training/evaluation settings and seed from the server), ``out`` (the run
+``fedkt flower run experiment.toml --out DIR`` submits the app written by
+:func:`~fedkt.federation.flower_app_files.write_app` (two small files: ``pyproject.toml`` and
+``fedkt_flower_app.py``, which only imports :data:`server_app` and :data:`client_app` from here)
+with run config ``experiment`` (the resolved experiment TOML text: every node gets the same
+LoRA/training/evaluation settings and seed from the server), ``out`` (the run
 directory on the server machine), ``resume`` and ``nodes`` (the allow-list ``{client id: node id}`` as JSON,
 from the server operator's ``nodes.toml``: each client is served only by the node registered for its key;
 empty in insecure trials). The SuperNodes run this app only if it is file for file the one their own
 fedkt writes (:mod:`fedkt.federation.flower_node_app`).
 
-* **Server** (:func:`server_main`): :func:`fedkt.runs.run_experiment` with a :class:`ServerContext`
+* **Server** (:func:`server_main`): :func:`fedkt.experiment.run_experiment` with a :class:`ServerContext`
   whose federation is a :class:`FlowerFederation` over the Grid: the same round driver, checkpoints,
   results and report as in process. With ``resume`` it continues each method from its last completed
   round checkpoint in ``out`` (the nodes' client state comes back from their workdirs). The server's
@@ -17,25 +18,36 @@ fedkt writes (:mod:`fedkt.federation.flower_node_app`).
 * **Clients** (:data:`client_app`): one ClientApp serves every registered method; handler ``h`` of
   method ``m`` answers message type ``query.m__h`` (two methods may both have a ``fit``), and the
   server's federation for ``m`` uses ``action_prefix = "m__"``. A node's private side comes from its
-  client file (node config ``fedkt-client-spec``, see :func:`load_client_file`): its id, its data
-  files, optionally its own model path, its workdir and secret seed.
+  client file (node config ``fedkt-client-spec``, see
+  :func:`~fedkt.federation.flower_client_file.load_client_file`): its id, its data files, optionally its
+  own model path, its workdir and secret seed.
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
+from fedkt import registry
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler
-from fedkt.config import ConfigError, ExperimentConfig, from_dict, validate
-from fedkt.federation import flower  # sets FLOWER_ENV before flwr is imported
-from fedkt.federation.flower import SPEC_KEY, FlowerFederation, make_client_app
-from fedkt.federation.flower_cli import load_client_file
+from fedkt.config import ConfigError, ExperimentConfig
+from fedkt.data.partition import split_aux, subsample
+from fedkt.data.tasks import load_task
+from fedkt.federation import flower_secagg
+from fedkt.federation.flower import FlowerFederation  # sets FLOWER_ENV before flwr is imported
+from fedkt.federation.flower_client_app import make_client_app
+from fedkt.federation.flower_client_file import load_client_file
+from fedkt.federation.flower_protocol import SCOPE_SEP
+from fedkt.federation.flower_spec import SPEC_KEY
+from fedkt.experiment import run_experiment, set_threads
+from fedkt.seeds import derive_seed
+from fedkt.server import ServerContext
+from fedkt.simulation import load_eval_sets
 
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-SEP = "__"
 
 
 def experiment_from_text(text: str) -> ExperimentConfig:
@@ -43,13 +55,11 @@ def experiment_from_text(text: str) -> ExperimentConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"run config 'experiment' is not valid TOML: {e}") from e
-    return validate(from_dict(ExperimentConfig, data))
+    return registry.config_from_dict(data)
 
 
 def experiment_handlers() -> dict[str, Handler]:
-    from fedkt import registry
-
-    return {f"{name}{SEP}{h}": fn for name, spec in registry.methods().items()
+    return {f"{name}{SCOPE_SEP}{h}": fn for name, spec in registry.methods().items()
             for h, fn in (spec.handlers or {}).items()}
 
 
@@ -73,8 +83,6 @@ class ExperimentContextFactory:
         if client["cid"] != cid:
             raise ValueError(f"node serves client {cid!r} but its client file is for {client['cid']!r}")
         cfg = experiment_from_text(text)
-        from fedkt.runs import set_threads
-
         set_threads(cfg)  # the node's torch, as the server's
         spec = ClientSpec(cid=cid, model=client.get("model", cfg.model.slm), dtype=cfg.model.dtype, lora=cfg.lora,
                           train=cfg.train, eval=cfg.eval, seed=cfg.seed, data_files=client["data_files"],
@@ -82,8 +90,6 @@ class ExperimentContextFactory:
                           workdir=Path(client["workdir"]) / scope if scope else Path(client["workdir"]),
                           secret_seed=client.get("secret_seed"), policy=client["policy"])
         if scope in ("standalone", "fedcot"):  # methods whose clients evaluate their own models
-            from fedkt.simulation import load_eval_sets
-
             spec.eval_sets = load_eval_sets(cfg)
         ctx = self._built[key] = self._factory.build(spec)
         return ctx
@@ -95,13 +101,6 @@ client_app = make_client_app(experiment_handlers(), ExperimentContextFactory())
 # ---------------------------------------------------------------------------------------------- server
 def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid, nodes: dict[str, int] | None = None):
     """The server side of a deployed run: its own public data, a FlowerFederation per method."""
-    from fedkt.data.partition import split_aux, subsample
-    from fedkt.federation import flower_secagg
-    from fedkt.data.tasks import load_task
-    from fedkt.seeds import derive_seed
-    from fedkt.server import ServerContext
-    from fedkt.simulation import load_eval_sets
-
     d, f = cfg.data, cfg.federation
     aux = []
     if cfg.partition.aux_size:  # drawn as in process (split_aux of the same pooled public rows)
@@ -114,7 +113,7 @@ def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid, nodes: dict[
         return FlowerFederation(grid, None, on_failure=f.on_client_failure, timeout=f.timeout_s,
                                 round_deadline=f.round_deadline_s, allowed_nodes=nodes,
                                 max_bytes=int(f.max_payload_mb * 2**20), min_clients=f.min_clients,
-                                action_prefix=f"{spec.name}{SEP}", num_clients=cfg.partition.num_clients,
+                                action_prefix=f"{spec.name}{SCOPE_SEP}", num_clients=cfg.partition.num_clients,
                                 secagg=flower_secagg.SecAggSettings.from_config(f),
                                 secagg_journal=out / "secagg_journal" / spec.name)
 
@@ -128,8 +127,6 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    from fedkt.runs import run_experiment
-
     rc = context.run_config
     cfg = experiment_from_text(str(rc["experiment"]))
     out = Path(str(rc["out"]))
@@ -142,8 +139,6 @@ def allowed_nodes(text: str) -> dict[str, int] | None:
     """Run config ``nodes``: the allow-list ``{client id: node id}`` as JSON (empty: none, insecure trials)."""
     if not text:
         return None
-    import json
-
     try:
         nodes = json.loads(text)
     except ValueError as e:
@@ -152,44 +147,3 @@ def allowed_nodes(text: str) -> dict[str, int] | None:
         raise ConfigError("run config 'nodes' must map client ids to integer node ids")
     return nodes
 
-
-# ------------------------------------------------------------------------------------------- the app
-PYPROJECT = '''[project]
-name = "fedkt-experiment"
-version = "1.0.0"
-description = "fedkt experiment on Flower (generated by fedkt flower run)"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedkt"
-
-[tool.flwr.app.components]
-serverapp = "fedkt_flower_app:server_app"
-clientapp = "fedkt_flower_app:client_app"
-
-[tool.flwr.app.config]
-experiment = ""
-out = ""
-resume = false
-nodes = ""
-'''
-
-MODULE = '''"""Generated by `fedkt flower run`: the fedkt experiment app (fedkt must be installed on every node)."""
-from fedkt.federation import flower_experiment
-
-# assigned, not imported: `flwr run` checks the components by reading this file's assignments (AST)
-server_app = flower_experiment.server_app
-client_app = flower_experiment.client_app
-'''
-
-
-def write_app(directory: str | Path) -> Path:
-    """Write the two-file Flower app that runs fedkt experiments into ``directory``."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "pyproject.toml").write_text(PYPROJECT)
-    (d / "fedkt_flower_app.py").write_text(MODULE)
-    return d
-
-
-__all__ = ["client_app", "server_app", "write_app", "load_client_file", "flower"]

@@ -43,6 +43,8 @@ import logging
 import signal
 import sys
 
+from fedkt.federation.flower_env import set_flower_env
+
 FLEET_PREFIX = "/v1/fleet/"
 log = logging.getLogger("fedkt.flower_link")
 
@@ -91,9 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     args, flwr_args = _parse(sys.argv[1:] if argv is None else argv)
     fleet_host, fleet_port = _split(args.fleet_address)
 
-    from fedkt.federation.flower_env import set_flower_env
-
     set_flower_env()
+    # deferred: flwr reads FLOWER_ENV at import time, and importing this module must not import flwr
     import uvicorn
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler

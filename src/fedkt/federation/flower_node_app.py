@@ -13,7 +13,7 @@ by that name). It runs Flower's own ``run_clientapp`` with two steps replaced:
 
 * **install** (``install_from_fab``): nothing is unpacked or installed; the FAB's files are compared
   with the files of the node's **trusted app directory** (``FEDKT_TRUSTED_APP``, written by the client
-  organisation from its own fedkt installation: :func:`fedkt.federation.flower_experiment.write_app`).
+  organisation from its own fedkt installation: :func:`fedkt.federation.flower_app_files.write_app`).
   Every file must be byte-identical and no file may be missing or extra (``.info/`` excepted); else the
   message is answered with a Flower error naming the differing files, and the node logs it.
 * **load** (``get_load_client_app_fn``): the ClientApp is imported from the trusted directory (and the
@@ -27,12 +27,16 @@ every request against its own policy (the client side of ``DESIGN.md``'s trust b
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
 import stat
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
+
+from fedkt.federation.flower_env import set_flower_env
 
 TRUSTED_APP_ENV = "FEDKT_TRUSTED_APP"
 
@@ -49,7 +53,7 @@ def fab_files(fab: bytes) -> dict[str, bytes]:
 
 def trusted_files(app_dir: str | Path) -> dict[str, bytes]:
     """The files Flower would ship for ``app_dir`` (built with flwr's own FAB builder)."""
-    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.build import build_fab_from_disk  # deferred: this module is imported by flwr-free fedkt CLI code
 
     return fab_files(build_fab_from_disk(Path(app_dir)))
 
@@ -69,9 +73,6 @@ def check_fab(fab: bytes, app_dir: str | Path) -> None:
 
 def load_client_app(app_dir: str | Path):
     """Import the ClientApp named in ``app_dir/pyproject.toml`` from ``app_dir``."""
-    import importlib
-    import tomllib
-
     d = Path(app_dir).resolve()
     ref = tomllib.loads((d / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]["clientapp"]
     module, _, attr = ref.partition(":")
@@ -101,11 +102,7 @@ def shim_dir(directory: str | Path, python: str | None = None) -> Path:
 
 def main() -> None:
     app_dir = os.environ.get(TRUSTED_APP_ENV)
-    from fedkt.federation.flower_env import set_flower_env
-
-    set_flower_env()
-    import importlib
-
+    set_flower_env()  # before flwr is imported below (flwr reads it at import time)
     # by module path: the packages re-export functions of the same names as these modules
     flwr_clientapp = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
     rc = importlib.import_module("flwr.supernode.runtime.run_clientapp")

@@ -57,7 +57,11 @@ import numpy as np
 import torch
 
 from fedkt.federation import codec, flower_codec  # flower_codec sets FLOWER_ENV before importing flwr
-from fedkt.federation.base import Message
+from fedkt.federation.base import reply_weight
+from fedkt.message import Message
+from fedkt.federation.flower_codec import DTYPES_BY_NAME
+from fedkt.federation.flower_protocol import error_of, flower_wire_bytes
+from fedkt.privacy.policy import SECURE_AGGREGATION
 
 import flwr.compat.common.recorddict_compat as compat  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
@@ -65,6 +69,8 @@ from flwr.app import Message as FlMessage  # noqa: E402
 from flwr.client.mod import secaggplus_mod  # noqa: E402
 from flwr.common import FitIns, FitRes, Parameters, Status, Code  # noqa: E402
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey  # noqa: E402
 from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key  # noqa: E402
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState  # noqa: E402
@@ -149,15 +155,11 @@ def make_secure_train(run_handler: Callable[[str, Message, Context], Message],
                                "fedkt version on server and clients")
         payload = codec.decode(cfg[PAYLOAD_KEY])
         weight_key = str(cfg.get("fedkt.weight_key", weight_key_default))
-        from fedkt.privacy.policy import SECURE_AGGREGATION
-
         token = SECURE_AGGREGATION.set(True)  # the client's policy may let adapters leave: they leave masked
         try:
             reply = run_handler(str(cfg[METHOD_KEY]), payload, context)
         finally:
             SECURE_AGGREGATION.reset(token)
-        from fedkt.federation.base import reply_weight
-
         if not isinstance(reply, Message):
             raise TypeError(f"handler {cfg[METHOD_KEY]!r} returned {type(reply).__name__}, expected a Message")
         # uniform (weight_key ""): every client weighs max_weight, the scale SecAgg+ quantises best
@@ -243,10 +245,6 @@ class _ExchangeGrid:
         """node -> the validated clear parts of its masked reply (weight, meta, layout)."""
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[FlMessage]:
-        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-        from fedkt.federation.flower import _error_of, flower_wire_bytes
-
         messages = list(messages)
         replies = self.exchange(messages, self.timeout if timeout is None else timeout)
         out = []
@@ -257,7 +255,7 @@ class _ExchangeGrid:
                 self.silent.add(node)
                 continue
             if r.has_error():
-                self.errors.setdefault(node, _error_of(r))
+                self.errors.setdefault(node, error_of(r))
                 out.append(r)
                 continue
             try:
@@ -265,7 +263,7 @@ class _ExchangeGrid:
                     raise ValueError(f"reply for node {node} came from node {r.metadata.src_node_id}")
                 self.up[node] = self.up.get(node, 0) + flower_wire_bytes(r.content)
                 cfgs = r.content.config_records.get(RECORD_KEY_CONFIGS)
-                if self.check is not None and cfgs is not None and Key.MASKED_PARAMETERS in cfgs:
+                if self.check is not None and cfgs is not None and SecAggKey.MASKED_PARAMETERS in cfgs:
                     self.clear[node] = self.check(node, r.content)
             except Exception as e:  # noqa: BLE001 - withheld: the protocol drops this node and removes its masks
                 self.errors.setdefault(node, e)
@@ -351,9 +349,7 @@ def secure_aggregate(exchange: Callable[[list[FlMessage], float | None], list[Fl
     assert layout is not None
     if len(arrays) != len(layout["names"]):
         raise RuntimeError(f"SecAgg+ returned {len(arrays)} arrays for {len(layout['names'])} tensors")
-    from fedkt.federation.flower_codec import _BY_NAME
-
-    tensors = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(_BY_NAME[d])
+    tensors = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(DTYPES_BY_NAME[d])
                for k, d, a in zip(layout["names"], layout["dtypes"], arrays)}
     return SecureResult(tensors=tensors, contributors=contributors, errors=errors, down_bytes=grid.down,
                         up_bytes=grid.up, clipped=clipped)

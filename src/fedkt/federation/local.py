@@ -12,8 +12,9 @@ from typing import Iterable
 
 from fedkt.clients import ClientContext, Handler
 from fedkt.federation import codec
-from fedkt.federation.base import Delivery, Federation, Message
+from fedkt.federation.base import Delivery, Federation
 from fedkt.federation.validate import check_request
+from fedkt.message import Message
 
 
 class LocalFederation(Federation):

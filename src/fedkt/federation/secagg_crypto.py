@@ -23,10 +23,16 @@ fresh on every call, so the rounding noise of a round is neither reproducible no
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # comes with flwr
+
+from fedkt.federation import flower_codec  # noqa: F401  (sets FLOWER_ENV before flwr is imported)
+
+from flwr.common.secure_aggregation import quantization, secaggplus_utils  # noqa: E402
 
 PRG_ID = "aes256ctr-sha256-v1"
 """Names the mask expansion; sent with every secure-aggregation request and checked by the node."""
@@ -36,8 +42,6 @@ _DOMAIN = b"fedkt-secagg-mask-v1"
 def mask_prg(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
     """Masks uniform in ``[0, num_range)`` for each shape in ``dimensions_list``, expanded from the whole
     ``seed`` with AES-256-CTR (drop-in for flwr's ``pseudo_rand_gen``)."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
     if not 1 < num_range <= 2**62:
         raise ValueError(f"mask range {num_range} must be in (1, 2^62]")
     key = hashlib.sha256(_DOMAIN + bytes(seed)).digest()
@@ -85,8 +89,6 @@ _ORIGINAL: dict[str, Any] = {}
 def _modules() -> tuple[Any, Any]:
     """flwr's SecAgg+ client-mod and server-workflow *modules* (the packages re-export functions and
     classes under the same names, so the modules are taken from ``importlib``)."""
-    import importlib
-
     return (importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod"),
             importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow"))
 
@@ -96,8 +98,6 @@ def install() -> None:
     :func:`stochastic_round` (idempotent; both sides of a fedkt deployment run it on import of
     ``fedkt.federation.flower_secagg``)."""
     client_mod, server_mod = _modules()
-    from flwr.common.secure_aggregation import quantization, secaggplus_utils
-
     _ORIGINAL.setdefault("prg", secaggplus_utils.pseudo_rand_gen)
     _ORIGINAL.setdefault("round", quantization._stochastic_round)
     for mod in (client_mod, server_mod, secaggplus_utils):
@@ -108,7 +108,5 @@ def install() -> None:
 def installed() -> bool:
     """Whether this process runs fedkt's PRG in both flwr modules (checked before a node takes part)."""
     client_mod, server_mod = _modules()
-    from flwr.common.secure_aggregation import quantization
-
     return (client_mod.pseudo_rand_gen is mask_prg and server_mod.pseudo_rand_gen is mask_prg
             and quantization._stochastic_round is stochastic_round)

@@ -28,10 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedkt.federation import codec
-from fedkt.federation.base import Message
-from fedkt.federation.validate import Layout, ReplyError, check_reply, check_weight, loads
+from fedkt.federation.flower_codec import DTYPES_BY_NAME  # sets FLOWER_ENV before flwr is imported
+from fedkt.federation.flower_secagg import LAYOUT_KEY, META_KEY
+from fedkt.federation.validate import Layout, check_reply, check_weight
+from fedkt.message import Message, ReplyError, loads
+
+import flwr.compat.common.recorddict_compat as compat  # noqa: E402
+from flwr.common import bytes_to_ndarray  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
 
 
 class ReaggregationRefused(RuntimeError):
@@ -59,8 +66,6 @@ class AggregationJournal:
     def get(self, method: str, round: int) -> dict[str, Any] | None:
         entry = self._mem.get((method, round))
         if entry is None and self.root is not None and (self._path(method, round) / "entry.json").is_file():
-            from safetensors.torch import load_file
-
             d = self._path(method, round)
             entry = json.loads((d / "entry.json").read_text())
             entry["tensors"] = load_file(str(d / "mean.safetensors"))
@@ -86,8 +91,6 @@ class AggregationJournal:
         entry = {"method": method, "round": round, "digest": digest, "contributors": contributors,
                  "weights": weights, "meta": meta}
         if self.root is not None:
-            from safetensors.torch import save_file
-
             d = self._path(method, round)
             d.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "mean.safetensors"))
@@ -101,11 +104,6 @@ def check_masked_reply(content: Any, cid: str, method: str, weight_key: str, exp
                        declared: float | None, max_weight: float) -> dict[str, Any]:
     """Validate one collect-stage reply (a legacy FitRes record with the masked vector); returns its clear
     parts {"weight", "meta", "layout"} or raises :class:`ReplyError` naming the client and what is wrong."""
-    import flwr.compat.common.recorddict_compat as compat
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-    from fedkt.federation.flower_secagg import LAYOUT_KEY, META_KEY
-
     where = f"client {cid} secure reply to {method!r}"
     try:
         fitres = compat.recorddict_to_fitres(content, True)
@@ -122,10 +120,8 @@ def check_masked_reply(content: Any, cid: str, method: str, weight_key: str, exp
             or not len(layout["names"]) == len(layout["dtypes"]) == len(layout["shapes"]):
         raise ReplyError(f"{where}: malformed tensor layout")
     # the clear meta against the handler's schema, with placeholder tensors of the declared layout
-    from fedkt.federation.flower_codec import _BY_NAME
-
     try:
-        fake = {n: torch.zeros(tuple(s), dtype=_BY_NAME[d]) if np.prod(s, dtype=np.float64) <= 2**24 else None
+        fake = {n: torch.zeros(tuple(s), dtype=DTYPES_BY_NAME[d]) if np.prod(s, dtype=np.float64) <= 2**24 else None
                 for n, d, s in zip(layout["names"], layout["dtypes"], layout["shapes"])}
     except Exception as e:  # noqa: BLE001
         raise ReplyError(f"{where}: malformed tensor layout ({type(e).__name__})") from None
@@ -139,8 +135,6 @@ def check_masked_reply(content: Any, cid: str, method: str, weight_key: str, exp
     if weight > max_weight:
         raise ReplyError(f"{where}: weight {weight} above secagg max_weight {max_weight}")
     # the masked arrays: the weight factor then one integer array per tensor, of the declared shapes
-    from flwr.common import bytes_to_ndarray
-
     if not isinstance(masked, list) or len(masked) != len(fake) + 1:
         raise ReplyError(f"{where}: {len(masked) if isinstance(masked, list) else '?'} masked arrays for "
                          f"{len(fake)} tensors")

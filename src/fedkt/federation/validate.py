@@ -11,115 +11,40 @@ What is checked:
 * **Structure**: ``tensors`` a dict of str -> ``torch.Tensor``, ``texts`` a list of UTF-8-encodable str
   (at most :data:`MAX_TEXTS` of at most :data:`MAX_TEXT_CHARS` characters), ``meta`` a dict with str keys
   whose JSON is at most :data:`MAX_META_BYTES` and :data:`MAX_JSON_DEPTH` deep.
-* **Per handler** (:data:`SCHEMAS`, keyed by handler name; a handler without a schema gets the
-  structural checks only): the meta keys it must and may hold and their types, whether it may carry
-  tensors or texts, and for adapter replies (``fit``, ``decode_train``): tensors of an allowed float dtype
-  (:data:`FLOAT_DTYPES`), finite, and -- when the server says what it expects (``expect``: the adapter it
-  sent) -- exactly the expected names, shapes and dtypes.
+* **Per handler** (:data:`SCHEMAS`, keyed by handler name and derived from the declarations in
+  :mod:`fedkt.reply_schemas`; a handler without a schema gets the structural checks only): the meta
+  keys it must and may hold and their types, whether it may carry tensors or texts, and for adapter
+  replies (``fit``, ``decode_train``): tensors of an allowed float dtype (:data:`FLOAT_DTYPES`), finite,
+  and -- when the server says what it expects (``expect``: the adapter it sent) -- exactly the expected
+  names, shapes and dtypes.
 * **Weights** (:func:`check_weight`): a real number (not a bool), finite, > 0, at most
   :data:`MAX_WEIGHT`, and at most the client's declared example count when the federation knows it (the
   first count a client reported is pinned for the rest of the run).
 
-JSON is parsed by :func:`loads`, which refuses oversized or too deeply nested text *before* ``json``
-recurses into it (an iterative scan), so a nested bomb is a ``ReplyError``, never a ``RecursionError``.
+JSON a peer sends is parsed by :func:`fedkt.message.loads` (size and depth checked before parsing).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from rich.markup import escape as rich_escape
 
-MAX_JSON_DEPTH = 64
-"""Deepest nesting of arrays/objects accepted in any JSON a peer sends (fedkt's own need at most 4)."""
-MAX_JSON_BYTES = 256 * 2**20
-"""Largest JSON text parsed from a peer (texts of a whole client's data set fit far below it)."""
+from fedkt.message import Message, ReplyError, check_json_text
+from fedkt.reply_schemas import (CHECK_NAMES, MAX_WEIGHT, REPLIES, Check, Reply, count, finite, obj,
+                                  real)
+
 MAX_META_BYTES = 8 * 2**20
 """Largest JSON of one reply's meta."""
 MAX_TEXTS = 1_000_000
 MAX_TEXT_CHARS = 1_000_000
-MAX_WEIGHT = float(2**31 - 1)
-"""Largest aggregation weight (example count) a reply may declare."""
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 """dtypes an adapter reply's tensors may have."""
-
-
-class ReplyError(ValueError):
-    """A reply (or a payload) that fails its schema; the message names the field and what was expected."""
-
-
-# ------------------------------------------------------------------------------------------------- JSON
-def check_json_text(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES,
-                    max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Refuse JSON text above ``max_bytes`` or nested deeper than ``max_depth`` (an iterative scan of the
-    brackets outside strings: it never recurses, whatever the input)."""
-    if len(text) > max_bytes:
-        raise ReplyError(f"{what} is {len(text)} bytes of JSON, the limit is {max_bytes}")
-    if isinstance(text, (bytes, bytearray)):
-        try:
-            text = bytes(text).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ReplyError(f"{what} is not UTF-8 ({e})") from None
-    depth, in_str, esc = 0, False, False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > max_depth:
-                raise ReplyError(f"{what} is JSON nested deeper than {max_depth} levels")
-        elif ch in "]}":
-            depth -= 1
-
-
-def loads(text: str | bytes, what: str, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` after :func:`check_json_text`; any failure is a :class:`ReplyError` naming ``what``."""
-    check_json_text(text, what, max_bytes, max_depth)
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        raise ReplyError(f"{what} names the key {str(e)[:64]!r} twice") from None
-    except (ValueError, RecursionError) as e:
-        raise ReplyError(f"{what} is not valid JSON: {type(e).__name__}: {e}") from None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """JSON objects whose keys repeat are refused (parsers disagree on which value wins)."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-def check_safetensors_header(blob: bytes, what: str) -> None:
-    """The safetensors header of ``blob``: its length within the blob, JSON within the limits, no repeated
-    tensor name (the blob itself is then parsed by safetensors, which checks offsets and shapes)."""
-    import struct
-
-    if len(blob) < 8:
-        raise ReplyError(f"{what}: {len(blob)} bytes, too short for a safetensors blob")
-    (n,) = struct.unpack("<Q", bytes(blob[:8]))
-    if n > len(blob) - 8:
-        raise ReplyError(f"{what}: safetensors header length {n} exceeds the {len(blob) - 8} bytes that follow")
-    header = loads(bytes(blob[8:8 + n]), f"{what}: safetensors header", max_depth=4)
-    if not isinstance(header, dict):
-        raise ReplyError(f"{what}: the safetensors header is not a JSON object")
 
 
 # ---------------------------------------------------------------------------------------------- layouts
@@ -140,66 +65,6 @@ def as_layout(expect: "Layout | dict[str, torch.Tensor] | None") -> Layout | Non
     return Layout.of(expect)
 
 
-# ------------------------------------------------------------------------------------------ meta checks
-Check = Callable[[Any], bool]
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def finite(v: Any) -> bool:
-    return _real(v) and math.isfinite(v)
-
-
-def number(v: Any) -> bool:
-    """A real number, NaN allowed (e.g. the loss of a client that had nothing to train on)."""
-    return _real(v) and not math.isinf(v)
-
-
-def count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_WEIGHT
-
-
-def positive_count(v: Any) -> bool:
-    return count(v) and v > 0
-
-
-def probability(v: Any) -> bool:
-    return finite(v) and 0 <= v <= 1
-
-
-def epsilon(v: Any) -> bool:
-    return _real(v) and (v > 0 or v == 0) and not math.isnan(v)  # inf = no privacy, reported as such
-
-
-def text(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def obj(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
-
-
-def num_dict(v: Any) -> bool:
-    return obj(v) and all(number(x) for x in v.values())
-
-
-def metrics(v: Any) -> bool:
-    """{task: {name: number}} (evaluation results)."""
-    return obj(v) and all(num_dict(x) for x in v.values())
-
-
-_CHECK_NAMES = {finite: "a finite number", number: "a number", count: "an integer >= 0",
-                positive_count: "an integer > 0", probability: "a number in [0, 1]", epsilon: "a number >= 0",
-                text: "a string", str_list: "a list of strings", obj: "a JSON object",
-                num_dict: "an object of numbers", metrics: "an object {task: {metric: number}}"}
-
-
 @dataclass(frozen=True)
 class Schema:
     """What a handler's reply may hold. ``tensors``: ``"adapter"`` (float, finite, as expected) or
@@ -215,37 +80,43 @@ class Schema:
     """A cross-field check of the whole reply: returns what is wrong ("" if nothing)."""
 
 
-_ADAPTER = Schema(meta={"num_examples": positive_count}, optional={"steps": count, "loss": number},
-                  tensors="adapter", weight="num_examples")
-# The keys mirror fedkt.privacy.outbound.ALLOWED (what a client may send); tests/test_outbound.py checks that
-# every key an honest client sends passes here.
-SCHEMAS: dict[str, Schema] = {
-    # FedAvg / FedProx / FedCoLLM client training
-    "fit": _ADAPTER,
-    # FedCoT's decode + train: the adapter (shared variant) or, in the paper's mode, local metrics only
-    "decode_train": Schema(meta={"num_examples": positive_count}, optional={"steps": count, "metrics": metrics},
-                           tensors="adapter", weight="num_examples"),
-    # FedCoT step 1: text-DP-perturbed prompts
-    "encode": Schema(meta={"epsilon_per_token": epsilon, "tokens": count, "prompt_epsilon_mean": epsilon,
-                           "prompt_epsilon_max": epsilon}, optional={"randomness": text}, texts=True),
-    # FDKT step 1: DP synthetic examples
-    "synthesize": Schema(meta={"tasks": str_list, "generated": count, "parsed": count, "rejected": obj,
-                               "label_agree": count, "dp": obj, "raw_samples": str_list},
-                         optional={"randomness": text}, texts=True,
-                         consistent=lambda r: "" if len(r.texts) == len(r.meta["tasks"]) else
-                         f"{len(r.texts)} texts but {len(r.meta['tasks'])} task tags"),
-    # standalone baseline and FDKT step 4: local training and evaluation, metrics only
-    "train_and_evaluate": Schema(meta={"metrics": metrics},
-                                 optional={"num_examples": count, "trained_on": count, "synthetic": count,
-                                           "loss": number}),
-}
+def _schemas(replies: tuple[Reply, ...]) -> dict[str, Schema]:
+    """Handler name -> the union of the reply declarations registered under it (see :mod:`fedkt.reply_schemas`)."""
+    out: dict[str, Schema] = {}
+    for name in dict.fromkeys(r.handler for r in replies):
+        group = [r for r in replies if r.handler == name]
+        checks: dict[str, Check] = {}
+        required: dict[str, int] = {}
+        for r in group:
+            for k in r.keys:
+                if not k.pattern.startswith("meta."):
+                    continue
+                key = k.pattern.removeprefix("meta.")
+                if checks.setdefault(key, k.check) is not k.check:
+                    raise ValueError(f"reply_schemas: handler {name!r} declares meta key {key!r} with two checks")
+                required[key] = required.get(key, 0) + k.required
+        patterns = {k.pattern for r in group for k in r.keys}
+        weights = {r.weight for r in group}
+        consistent = {r.consistent for r in group}
+        if len(weights) > 1 or len(consistent) > 1:
+            raise ValueError(f"reply_schemas: the declarations of handler {name!r} disagree on weight/consistent")
+        out[name] = Schema(meta={k: c for k, c in checks.items() if required[k] == len(group)},
+                           optional={k: c for k, c in checks.items() if required[k] < len(group)},
+                           tensors="adapter" if "tensors.*" in patterns else "none", texts="texts" in patterns,
+                           weight=weights.pop(), consistent=consistent.pop())
+    return out
+
+
+SCHEMAS: dict[str, Schema] = _schemas(REPLIES)
+"""Handler name -> the schema of its replies, derived from :data:`fedkt.reply_schemas.REPLIES` (the same
+declaration the client's outbound allow-list is derived from)."""
 
 
 # ----------------------------------------------------------------------------------------------- checks
 def check_weight(cid: str, value: Any, key: str, declared: int | float | None = None) -> float:
     """``value`` as an aggregation weight of client ``cid``: a finite real > 0, at most :data:`MAX_WEIGHT` and
     at most ``declared`` (the client's declared example count) when given."""
-    if not _real(value) or not math.isfinite(value) or not value > 0 or value > MAX_WEIGHT:
+    if not real(value) or not math.isfinite(value) or not value > 0 or value > MAX_WEIGHT:
         raise ReplyError(f"client {cid} replied meta[{key!r}] = {value!r}; an aggregated reply needs a finite "
                          f"number in (0, {MAX_WEIGHT:.0f}] as its weight (not a bool)")
     if declared is not None and value > declared:
@@ -280,8 +151,6 @@ def check_reply(method: str, cid: str, reply: Any, expect: Layout | None = None,
     """Raise :class:`ReplyError` unless ``reply`` is a well-formed reply of handler ``method`` (see the module
     docstring); ``expect``: the adapter layout the server expects back; ``declared``: the client's example
     count, which its weight may not exceed."""
-    from fedkt.federation.base import Message
-
     where = f"client {cid} reply to {method!r}"
     if not isinstance(reply, Message):
         raise ReplyError(f"{where}: a {type(reply).__name__}, expected a fedkt Message")
@@ -311,14 +180,14 @@ def check_reply(method: str, cid: str, reply: Any, expect: Layout | None = None,
         return
     for key, ok in schema.meta.items():
         if key not in reply.meta:
-            raise ReplyError(f"{where}: meta lacks {key!r} ({_CHECK_NAMES.get(ok, ok.__name__)})")
+            raise ReplyError(f"{where}: meta lacks {key!r} ({CHECK_NAMES.get(ok, ok.__name__)})")
     for key, value in reply.meta.items():
         ok = schema.meta.get(key) or schema.optional.get(key)
         if ok is None:
             allowed = sorted({*schema.meta, *schema.optional})
             raise ReplyError(f"{where}: unexpected meta key {key[:64]!r}; allowed: {', '.join(allowed)}")
         if not ok(value):
-            raise ReplyError(f"{where}: meta[{key!r}] = {_short(value)} is not {_CHECK_NAMES.get(ok, ok.__name__)}")
+            raise ReplyError(f"{where}: meta[{key!r}] = {_short(value)} is not {CHECK_NAMES.get(ok, ok.__name__)}")
     if schema.texts is False and reply.texts:
         raise ReplyError(f"{where}: {len(reply.texts)} texts; this handler replies none")
     if schema.tensors == "none" and reply.tensors:
@@ -338,16 +207,12 @@ def _short(value: Any) -> str:
 
 def escape(text: str) -> str:
     """``text`` safe to print through Rich (a peer's ``[/red]`` is shown, not interpreted)."""
-    from rich.markup import escape as rich_escape
-
     return rich_escape(text)
 
 
 # ---------------------------------------------------------------------------------------------- replays
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of a tensor dict (names, dtypes, shapes, bytes)."""
-    import hashlib
-
     h = hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k].detach().cpu().contiguous()
@@ -384,8 +249,6 @@ MAX_EPOCHS = 1000.0
 def check_request(method: str, msg: Any) -> None:
     """Client side: refuse an absurd request before running the handler (``epochs`` not a finite number in
     [0, :data:`MAX_EPOCHS`], ``round`` not an integer >= 0, adapter tensors not finite floats)."""
-    from fedkt.federation.base import Message
-
     if not isinstance(msg, Message) or not obj(msg.meta):
         raise ReplyError(f"request to {method!r} is not a fedkt Message with a JSON-object meta")
     ep = msg.meta.get("epochs")

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import torch
 
+from fedkt import progress
 from fedkt.privacy.audit import map_attack
 from fedkt.privacy.text_dp import EmbeddingKit, _tokenize, neighbour_log_weights, sample_replacements
 
@@ -135,7 +136,6 @@ def contextual_attack(model, tok, kit: EmbeddingKit, observed: Sequence[Sequence
     among the proposed candidates)."""
     if beam < 1 or top_k < 1 or lm_top < 0:
         raise ValueError(f"beam and top_k must be >= 1 and lm_top >= 0, got {beam}, {top_k}, {lm_top}")
-    from fedkt import progress
 
     ch = ChannelModel(kit, epsilon)
     out: list[list[int]] = []
@@ -217,7 +217,7 @@ def _decode_batch(model, tok, ch: ChannelModel, obs: list[list[int]], B: int, K:
 
 
 def llm_restore(generator, perturbed_texts: Sequence[str], max_new_tokens: int = 160) -> list[str]:
-    """Greedy restoration of each perturbed prompt by a text generator (``fedkt.backends``)."""
+    """Greedy restoration of each perturbed prompt by a text generator (``fedkt.text_generators``)."""
     prompts = [generator.chat_prompt(RESTORE_SYSTEM, t) for t in perturbed_texts]
     stop = ["\n\n", "<|im_end|>", "<|endoftext|>"]
     return [o.strip() for o in generator.generate(prompts, max_new_tokens=max_new_tokens, stop=stop)]
@@ -267,7 +267,7 @@ def attack_table(texts: Sequence[str], canaries: Sequence[str], kit: EmbeddingKi
                  setting: AttackSetting | None = None, generator=None) -> list[dict[str, Any]]:
     """Perturb the (canary-planted) texts at each ε and run every attack; one row per ε with
     ``token_recovery`` and ``canary_recovery`` dicts keyed by attack (``ATTACKS``). ``generator`` (a
-    ``fedkt.backends`` text generator) enables the restore attack."""
+    ``fedkt.text_generators`` text generator) enables the restore attack."""
     st = setting or AttackSetting()
     ids = _tokenize(tok, texts)
     flat = torch.tensor([i for x in ids for i in x], dtype=torch.long)

@@ -20,8 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
-from fedkt.privacy.attacks_text import AttackSetting, ChannelModel, attack_table, make_canaries, plant, render_attack_table
-from fedkt.privacy.exposure import exposure_of_scores, random_baseline, secret_candidates
+from fedkt.privacy.attacks_text import (AttackSetting, ChannelModel, attack_table, make_canaries, plant,
+    render_attack_table)
+from fedkt.privacy.exposure import channel_scores, exposure_of_scores, random_baseline, secret_candidates
+from fedkt.privacy.membership import adapter_exposure_experiment
+from fedkt.privacy.text_dp import sample_replacements
+from fedkt.text_generators import HFGenerator
 
 EXPOSURE_TEMPLATE = "Patient record {secret} asks: "
 
@@ -29,9 +33,6 @@ EXPOSURE_TEMPLATE = "Patient record {secret} asks: "
 def prompt_exposure(kit, tok, texts: Sequence[str], epsilons: Sequence[float], n_candidates: int,
                     seed: int) -> list[dict[str, Any]]:
     """Mean exposure of a planted 4-digit secret in each prompt, per ε (exact channel attacker)."""
-    from fedkt.privacy.exposure import channel_scores
-    from fedkt.privacy.text_dp import sample_replacements
-
     rows = []
     for j, eps in enumerate(epsilons):
         ch = ChannelModel(kit, eps)
@@ -52,8 +53,6 @@ def run_audit(model, tok, kit, texts: Sequence[str], epsilons: Sequence[float], 
               setting: AttackSetting | None = None, exposure_candidates: int = 1000, membership=None,
               membership_model=None) -> dict[str, Any]:
     """Everything ``fedkt audit`` prints, as a dict (json-able)."""
-    from fedkt.backends import HFGenerator
-
     st = setting or AttackSetting()
     out: dict[str, Any] = {"n_prompts": len(texts), "epsilons": [float(e) for e in epsilons],
                            "setting": vars(st).copy(), "timings_s": {}}
@@ -69,8 +68,6 @@ def run_audit(model, tok, kit, texts: Sequence[str], epsilons: Sequence[float], 
     out["random_baseline"] = random_baseline(exposure_candidates)
     out["timings_s"]["exposure_text_dp"] = time.perf_counter() - t0
     if membership is not None:
-        from fedkt.privacy.membership import adapter_exposure_experiment
-
         t0 = time.perf_counter()
         out["membership"] = adapter_exposure_experiment(membership_model, tok, membership, seed=seed)
         out["timings_s"]["membership"] = time.perf_counter() - t0

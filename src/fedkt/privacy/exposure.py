@@ -36,6 +36,9 @@ from typing import Sequence
 
 import torch
 
+from fedkt.privacy.attacks_text import ChannelModel
+from fedkt.privacy.text_dp import sample_replacements
+
 
 def exposure(rank: float, n: int) -> float:
     """log2(n) - log2(rank), rank 1-based (1 <= rank <= n)."""
@@ -125,8 +128,6 @@ def ngram_exposure(received_texts: Sequence[str], tok, template: str, candidates
 def channel_scores(kit, tok, observed: Sequence[int], texts: Sequence[str], epsilon: float, ch=None) -> torch.Tensor:
     """log P(observed | text) under the text-DP mechanism for each candidate original text: exact, the sum
     of the per-token channel log-probabilities; -inf for a candidate whose token count differs."""
-    from fedkt.privacy.attacks_text import ChannelModel
-
     ch = ch if ch is not None else ChannelModel(kit, epsilon)
     obs = torch.tensor(list(observed), dtype=torch.long)
     out = torch.full((len(texts),), -math.inf, dtype=torch.float64)
@@ -143,8 +144,6 @@ def text_dp_exposure(kit, tok, template: str, candidates: Sequence[str], epsilon
                      seed: int) -> float:
     """Perturb ``template`` with the planted secret ``candidates[0]`` at ε and rank every candidate by the
     exact channel likelihood of what the server received (the Bayes-optimal attacker for a uniform secret)."""
-    from fedkt.privacy.text_dp import sample_replacements
-
     ids = torch.tensor(tok(template.format(secret=candidates[0]), add_special_tokens=False)["input_ids"])
     obs = sample_replacements(ids, kit, epsilon, torch.Generator().manual_seed(seed))
     return exposure_of_scores(channel_scores(kit, tok, obs.tolist(), [template.format(secret=c) for c in candidates],

@@ -1,6 +1,6 @@
 """The FedCoT client's own check of the text-DP kit it perturbs with.
 
-The kit (``text_dp.EmbeddingKit``) defines the exponential mechanism's utilities; an edited kit can
+The kit (``text_dp_kit.EmbeddingKit``) defines the exponential mechanism's utilities; an edited kit can
 switch the DP off (a token alone in its class, a neighbour listed twice, utilities outside [-1, 0]). So
 the client never trusts a server-named kit file: it either builds the kit itself from a local model
 (``policy.fedcot_kit_model``) or loads the server's file, checks its sha256 against the policy's pins
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from fedkt.privacy.text_dp import (
+from fedkt.models import load_model
+from fedkt.privacy.policy import PolicyViolation
+from fedkt.privacy.text_dp_kit import (
     CLASS_SCHEMES,
     KIT_FORMAT,
     SENSITIVITY,
@@ -31,6 +33,9 @@ from fedkt.privacy.text_dp import (
     token_classes,
     tokenizer_fingerprint,
 )
+
+from fedkt.models import load_model
+from fedkt.privacy.policy import PolicyViolation
 
 
 class KitValidationError(ValueError):
@@ -110,12 +115,8 @@ def validate_kit(kit: EmbeddingKit, tok, where: str = "the kit") -> None:
 def client_kit(ctx, meta: dict) -> EmbeddingKit:
     """The kit this client perturbs with, per its policy (module docstring); raises PolicyViolation or
     KitValidationError when the server's kit is not acceptable."""
-    from fedkt.privacy.policy import PolicyViolation
-
     p, tok = ctx.policy, ctx.slm.tokenizer
     if p.fedcot_kit_model:  # built here from the client's own copy of the model
-        from fedkt.models import load_model
-
         model, mtok = load_model(p.fedcot_kit_model)
         kit = EmbeddingKit.for_model(mtok, model.get_input_embeddings().weight.detach(),
                                      n_neighbors=int(meta.get("kit_neighbors", 64)))

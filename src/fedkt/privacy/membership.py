@@ -22,7 +22,14 @@ from typing import Any, Sequence
 
 import torch
 
-from fedkt.privacy.exposure import exposure_of_scores, random_baseline, secret_candidates
+from fedkt.algorithms.fedavg import aggregate
+from fedkt.config import TrainConfig
+from fedkt.data.collate import make_sft_example
+from fedkt.losses import answer_ce
+from fedkt.models import get_adapter_state, set_adapter_state
+from fedkt.privacy.dp_sgd import DPConfig, dp_train_loop
+from fedkt.privacy.exposure import exposure_of_scores, ngram_exposure, random_baseline, secret_candidates
+from fedkt.train import train_loop
 
 
 @torch.no_grad()
@@ -71,8 +78,6 @@ def loss_exposure(model, tok, template: str, candidates: Sequence[str]) -> float
 
 def adapter_exposure(model, tok, state: dict[str, torch.Tensor], template: str, candidates: Sequence[str]) -> float:
     """Plug an uploaded adapter into the (peft-wrapped) public base model, then ``loss_exposure``."""
-    from fedkt.models import set_adapter_state
-
     set_adapter_state(model, state)
     return loss_exposure(model, tok, template, candidates)
 
@@ -101,8 +106,6 @@ class MembershipSetting:
 
 
 def _sft_data(tok, texts: Sequence[str], max_length: int = 64):
-    from fedkt.data.collate import make_sft_example
-
     return [make_sft_example(tok, "", t, max_length) for t in texts]
 
 
@@ -110,13 +113,6 @@ def adapter_exposure_experiment(model, tok, setting: MembershipSetting | None = 
                                 lora_seed: int = 0) -> dict[str, Any]:
     """Run the scenario on a peft-wrapped base model; returns the mean exposure per attack target
     (``initial``, ``client``, ``secure_aggregation``, ``dp_sgd``) and the random baseline."""
-    from fedkt.algorithms.fedavg import aggregate
-    from fedkt.config import TrainConfig
-    from fedkt.models import get_adapter_state, set_adapter_state
-    from fedkt.privacy.dp_sgd import DPConfig, dp_train_loop
-    from fedkt.train import train_loop
-    from fedkt.losses import answer_ce
-
     st = setting or MembershipSetting()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     init = get_adapter_state(model)
@@ -139,8 +135,6 @@ def adapter_exposure_experiment(model, tok, setting: MembershipSetting | None = 
         return get_adapter_state(model)
 
     def synthetic_exposure(state, cands, k):
-        from fedkt.privacy.exposure import ngram_exposure
-
         set_adapter_state(model, state)
         start = st.template.split()[0]
         texts = sample_texts(model, tok, start, st.synthetic, st.synthetic_tokens, seed * 1000 + k)

@@ -14,7 +14,7 @@ against the outbound allow-list (:mod:`fedkt.privacy.outbound`) before it is sen
 
 The defaults are safe: DP methods refuse ε = ∞, FedCoT's ε per token is at most 10, FDKT's DP-SGD at
 most ε = 10 and δ = 1e-5, adapters trained on private data leave only under secure aggregation. The
-in-process simulation builds its clients' policy from the experiment (:func:`policy_for_experiment`): the
+in-process simulation builds its clients' policy from the experiment (``simulation.policy_for_experiment``): the
 simulator plays every party, so any experiment runs as configured. See docs/privacy.md.
 """
 
@@ -27,11 +27,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
 from fedkt.config import check
+from fedkt.privacy.outbound import check_reply
 
 if TYPE_CHECKING:
     from fedkt.clients import ClientContext, Handler
-    from fedkt.federation.base import Message
+    from fedkt.message import Message
 
 CLIENT_METHODS = ("standalone", "fedavg", "fedprox", "fedcollm", "fedcot", "fdkt")
 """The built-in methods that call clients (zero_shot and centralized do not)."""
@@ -161,28 +164,11 @@ class ClientPolicy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def policy_for_experiment(cfg) -> ClientPolicy:
-    """The policy of a simulated client: exactly what the experiment asks (the simulator plays every party
-    and trusts itself), so today's experiments run unchanged. Never used by a deployed client."""
-    eps_cot = [*cfg.section("fedcot").client_epsilons, cfg.section("fedcot").epsilon]
-    fd = cfg.section("fdkt")
-    eps_fdkt = [*fd.client_epsilons, fd.epsilon]
-    finite = [e for e in eps_cot + eps_fdkt if math.isfinite(e)]
-    return ClientPolicy(allowed_methods=list(cfg.methods),
-                        allow_infinite_epsilon=any(math.isinf(e) for e in eps_cot + eps_fdkt),
-                        fedcot_max_token_epsilon=max([e for e in eps_cot if math.isfinite(e)] or finite or [10.0]),
-                        fdkt_max_epsilon=max([e for e in eps_fdkt if math.isfinite(e)] or finite or [10.0]),
-                        fdkt_max_delta=fd.delta, allow_clear_adapters=True, max_epochs=math.inf,
-                        max_steps=2**62, max_new_tokens=2**62, max_samples=2**62)
-
-
 # ------------------------------------------------------------------------------------------ model hash
 def model_sha256(model) -> str:
     """sha256 of a model's base weights: every parameter and buffer other than LoRA's, by name (peft's
     wrapper prefixes removed, so a plain ``load_model`` and fedkt's LoRA-wrapped copy agree), dtype,
     shape and bytes, in name order. Cached on the model object."""
-    import torch
-
     cached = getattr(model, "_fedkt_sha256", None)
     if cached is not None:
         return cached
@@ -278,8 +264,6 @@ def check_request(ctx: "ClientContext", method: str, name: str, fn: Callable, ms
 def guard(method: str, handlers: dict[str, "Handler"]) -> dict[str, "Handler"]:
     """``handlers`` wrapped so that each checks the request against the client's policy before running
     and the reply against the outbound allow-list before it is sent (what a method registers)."""
-    from fedkt.privacy.outbound import check_reply
-
     def wrap(name: str, fn: "Handler") -> "Handler":
         @functools.wraps(fn)
         def guarded(ctx, msg):

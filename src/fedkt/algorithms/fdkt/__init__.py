@@ -45,15 +45,7 @@ from fedkt.algorithms.fdkt.client import CLIENT_HANDLERS, HANDLERS, PUBLIC_DP_FI
 from fedkt.algorithms.fdkt.config import FDKTConfig
 from fedkt.algorithms.fdkt.report import report_section
 from fedkt.algorithms.fdkt.samples import generation_text, sampling_plan, synth_prefix
-from fedkt.algorithms.fdkt.server import Synthesis, filter_mode, run, synthesize
-from fedkt.privacy.policy import guard
-from fedkt.registry import MethodSpec, register
-
-FDKT = register(MethodSpec(
-    name="fdkt", label="FDKT", rank=50, run=run, handlers=guard("fdkt", HANDLERS), config=FDKTConfig, needs_llm=True,
-    report=report_section,
-    summary="clients DP-train their SLM and send only synthetic samples; the LLM filters and augments them; "
-            "clients train on private + synthetic data"))
+from fedkt.algorithms.fdkt.server import FDKT, Synthesis, filter_mode, run, synthesize
 
 __all__ = ["CLIENT_HANDLERS", "FDKT", "FDKTConfig", "HANDLERS", "PUBLIC_DP_FIELDS", "Synthesis", "client_synthesize",
            "filter_mode", "generation_text", "report_section", "run", "sample_generations", "sampling_plan",

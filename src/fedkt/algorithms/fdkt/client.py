@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 
+from fedkt import generate as generation
 from fedkt import progress
 from fedkt.algorithms.baselines import train_and_evaluate_locally
 from fedkt.algorithms.fdkt.samples import generation_text, question_key, read_synthetic, sampling_plan, synth_prefix
@@ -14,6 +15,7 @@ from fedkt.data.collate import make_sft_example
 from fedkt.data.synthetic import LETTERS, ParseStats, fill_mc_template, parse_mc, render_mc
 from fedkt.federation.base import Message
 from fedkt.models import get_adapter_state
+from fedkt.privacy.dp_sgd import DPConfig, dp_train_loop
 from fedkt.seeds import derive_seed
 
 STOP = ["\n\n", "\nQuestion", "<|im_end|>", "<|endoftext|>"]
@@ -25,17 +27,15 @@ PUBLIC_DP_FIELDS = ("epsilon_spent", "target_epsilon", "delta", "noise_multiplie
 def sample_generations(model, tok, prompts: list[str], meta: dict, seed: int, desc: str) -> list[str]:
     """Step 1b: sample continuations of the prefixes from the DP model: the template filled field by field
     (answer = the letter of the sampling plan, ``meta["letters"]``), or free continuations."""
-    from fedkt.generate import generate
-
     def complete(ps: list[str], max_new_tokens: int, stop: list[str], tag: str) -> list[str]:
-        return generate(model, tok, ps, max_new_tokens=max_new_tokens, batch_size=meta["gen_batch_size"],
+        return generation.generate(model, tok, ps, max_new_tokens=max_new_tokens, batch_size=meta["gen_batch_size"],
                         do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"],
                         seed=derive_seed(seed, tag), stop=stop, desc=f"{desc} {tag}")
 
     if meta.get("sampling", "free") == "template":
         return fill_mc_template(complete, prompts, meta["letters"], question_tokens=meta["question_tokens"],
                                 choice_tokens=meta["choice_tokens"])
-    return generate(model, tok, prompts, max_new_tokens=meta["sample_tokens"], batch_size=meta["gen_batch_size"],
+    return generation.generate(model, tok, prompts, max_new_tokens=meta["sample_tokens"], batch_size=meta["gen_batch_size"],
                     do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"], seed=seed, stop=STOP,
                     desc=desc)
 
@@ -62,8 +62,6 @@ def parse_samples(plan: list[tuple[str, str]], raw: list[str]) -> tuple[list[str
 
 def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
     """Step 1: DP-SGD on private data, sample from the DP model, parse. Only DP outputs leave."""
-    from fedkt.privacy.dp_sgd import DPConfig, dp_train_loop
-
     if "fdkt_reply" in ctx.state:  # asked again (a resumed run): the same samples, no new privacy cost
         saved = ctx.state["fdkt_reply"]
         return Message(texts=list(saved["texts"]), meta=dict(saved["meta"]))

@@ -1,7 +1,7 @@
 """FDKT steps 2 and 3 (server): the LLM filters the clients' DP synthetic samples per cluster and writes new
 ones from few-shot prompts of the kept ones.
 
-Both steps talk to the server LLM through a :class:`~fedkt.backends.TextGenerator` (a local model with
+Both steps talk to the server LLM through a :class:`~fedkt.text_generators.TextGenerator` (a local model with
 batched KV-cache generation, or an OpenAI-compatible server), and both treat what the LLM writes as
 untrusted input:
 
@@ -37,6 +37,7 @@ from typing import Sequence
 from fedkt.algorithms.fdkt.samples import question_key, topic
 from fedkt.data.synthetic import ParseStats, fill_mc_template, parse_mc, read_indices, render_mc
 from fedkt.data.tasks import Example
+from fedkt.evaluate import loglikelihoods
 from fedkt.seeds import derive_seed
 
 FILTER_SYSTEM = ("You are a strict exam editor. You check candidate multiple-choice questions and keep only "
@@ -115,8 +116,6 @@ def filter_scored(gen, model, tok, examples: Sequence[Example], clusters: Sequen
     malformed answer), and each cluster keeps its ⌈``keep`` × size⌉ samples of highest margin (ties:
     the earlier sample). Every cluster contributes (diversity, as in the list filter); which of its
     samples it contributes is the LLM's judgement. Needs the LLM's weights (a local model)."""
-    from fedkt.evaluate import loglikelihoods
-
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     stats = FilterStats(candidates=len(examples), clusters=len(clusters), prompts=len(examples))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from fedkt.privacy.randomness import describe
+
 
 def _eps(x: float) -> str:
     return "∞" if math.isinf(x) else f"{x:.3g}"
@@ -28,8 +30,6 @@ def report_section(result: dict) -> str:
               "synthetic set is post-processing and carries the same guarantee."]
     modes = sorted({p.get("randomness") for p in rec["privacy"].values()} - {None, ""})
     if modes:
-        from fedkt.privacy.randomness import describe
-
         lines += ["", "Randomness of the DP noise: " + " ".join(f"{m}: {describe(m)}." for m in modes)]
     lines += ["",
               "| Stage | count |", "|---|---|",

@@ -1,6 +1,6 @@
 """FDKT's server side: steps 1–3 (:func:`synthesize`: ask the clients for DP samples, filter them with the
-LLM, let the LLM write new ones) and the one-shot run (:func:`run`: send the synthetic set, the clients
-train and evaluate)."""
+LLM, let the LLM write new ones), the one-shot run (:func:`run`: send the synthetic set, the clients
+train and evaluate), and the method's registration."""
 
 from __future__ import annotations
 
@@ -11,15 +11,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkt import progress
+from fedkt.algorithms.baselines import mean_metrics
+from fedkt.algorithms.fdkt.client import HANDLERS
 from fedkt.algorithms.fdkt.config import FDKTConfig
 from fedkt.algorithms.fdkt.filter_augment import augment, filter_clusters, filter_scored
+from fedkt.algorithms.fdkt.report import report_section
 from fedkt.algorithms.fdkt.samples import question_key, read_synthetic
 from fedkt.data.synthetic import ParseStats, parse_mc, render_mc
+from fedkt.clustering import kmeans, mean_pooled_embeddings
 from fedkt.data.tasks import GENERATION_TASKS, Example
 from fedkt.federation.base import Message
+from fedkt.models import load_model
 from fedkt.privacy.epsilons import per_client
-from fedkt.results import MethodResult
+from fedkt.privacy.policy import guard
+from fedkt.registry import MethodSpec, register
+from fedkt.rounds import write_json_atomic
+from fedkt.run_results import MethodResult
 from fedkt.seeds import derive_seed
+from fedkt.text_generators import is_remote
 
 
 @dataclass
@@ -55,15 +64,11 @@ def filter_mode(cfg: FDKTConfig, remote: bool) -> str:
 
 def embedder(server, cfg: FDKTConfig):
     """(model, tokenizer) whose hidden states embed the samples (see ``FDKTConfig.embed_model``)."""
-    from fedkt.backends import is_remote
-
     spec = cfg.embed_model or server.cfg.model.llm
     if not spec or is_remote(spec):
         return server.slm.use(None), server.slm.tokenizer
     if spec == server.cfg.model.llm:
         return server.llm.use(None), server.llm.tokenizer
-    from fedkt.models import load_model
-
     return load_model(spec)
 
 
@@ -94,8 +99,6 @@ def receive(replies: dict[str, Message]) -> tuple[list[Example], ParseStats]:
 
 def select(server, cfg: FDKTConfig, gen, pool: list[Example], mode: str, timings: dict) -> tuple[list[Example], dict]:
     """Step 2: embed the samples, k-means them, and let the LLM pick each cluster's eligible ones."""
-    from fedkt.clustering import kmeans, mean_pooled_embeddings
-
     if not pool or mode == "none":
         return list(pool), {"candidates": len(pool), "mode": mode, "kept": len(pool),
                             "skipped": "filter = none" if cfg.filter == "none" else "no samples"}
@@ -120,7 +123,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
 
     With ``cache`` (a JSON file), a saved synthesis is loaded instead of asking the clients again, and a
     new one is saved there (a resumed run spends no ε twice)."""
-    cfg = cfg or server.cfg.section("fdkt")
+    cfg = cfg or server.cfg.section(FDKTConfig)
     if cache is not None and cache.is_file():
         progress.log(f"fdkt: re-using the synthetic set saved in {cache}")
         return Synthesis.from_dict(json.loads(cache.read_text()))
@@ -167,8 +170,6 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     progress.log(f"fdkt: {stages['generated']} generated, {stages['parsed']} parsed, {len(kept)} kept, "
                  f"{len(augmented)} augmented; synthetic set {len(final)}")
     if cache is not None:
-        from fedkt.rounds import write_json_atomic
-
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache, out.to_dict())
     return out
@@ -176,10 +177,8 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
 
 def run(server) -> MethodResult:
     """FDKT, one shot: steps 1–3, then step 4 (the clients train on private + synthetic data and evaluate)."""
-    from fedkt.algorithms.baselines import mean_metrics
-    from fedkt.algorithms.fdkt import FDKT
 
-    cfg = server.cfg.section("fdkt")
+    cfg = server.cfg.section(FDKTConfig)
     epochs = server.cfg.train.epochs * server.cfg.federation.rounds
     with server.federation(FDKT) as fed:
         syn = synthesize(server, fed, cfg, rnd=1, cache=server.out / "fdkt" / "synthetic.json")
@@ -195,3 +194,10 @@ def run(server) -> MethodResult:
     return MethodResult(metrics={"slm": mean_metrics(list(per_client_metrics.values()))}, per_client=per_client_metrics,
                         comm=fed.ledger.summary(), timings=timings, failures=list(fed.failures),
                         extra={"fdkt": record})
+
+
+FDKT = register(MethodSpec(
+    name="fdkt", label="FDKT", rank=50, run=run, handlers=guard("fdkt", HANDLERS), config=FDKTConfig, needs_llm=True,
+    report=report_section,
+    summary="clients DP-train their SLM and send only synthetic samples; the LLM filters and augments them; "
+            "clients train on private + synthetic data"))

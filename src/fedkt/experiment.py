@@ -11,10 +11,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from fedkt import __version__, progress, registry
 from fedkt.config import ConfigError, ExperimentConfig, dump_toml
-from fedkt.results import MethodResult, RunResults
+from fedkt.report import write_report
 from fedkt.rounds import run_rounds, write_json_atomic
+from fedkt.run_results import MethodResult, RunResults
 from fedkt.server import ServerContext
 from fedkt.simulation import Simulation
 
@@ -29,8 +32,6 @@ def new_run_dir(cfg: ExperimentConfig, out: str | Path | None = None) -> Path:
 def set_threads(cfg: ExperimentConfig) -> None:
     """``model.threads`` (0: torch's default) for this process's torch."""
     if cfg.model.threads:
-        import torch
-
         torch.set_num_threads(cfg.model.threads)
 
 
@@ -64,7 +65,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False,
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     (out / "config.toml").write_text(cfg_text)
     results = saved or RunResults(name=cfg.name, fedkt_version=__version__)
-    from fedkt.report import write_report
 
     if make_server is None:
         sim = Simulation(cfg, out)

