@@ -13,7 +13,7 @@ from fedkt.clustering import kmeans, mean_pooled_embeddings
 from fedkt.config import ConfigError
 from fedkt.registry import load_config
 from fedkt.data.synthetic import ParseStats, fill_mc_template, make_mc, parse_mc, read_indices, render_mc
-from fedkt.fdkt_server import augment, filter_clusters, validate_generated
+from fedkt.algorithms.fdkt.filter_augment import augment, filter_clusters, validate_generated
 from fedkt.models import load_model
 from fedkt.experiment import run_experiment
 
@@ -121,7 +121,7 @@ def test_scored_filter_keeps_each_clusters_best_margins(model_dirs):
     the scorer called directly), each cluster keeps its ⌈keep × size⌉ best."""
     from fedkt.text_generators import HFGenerator
     from fedkt.evaluate import loglikelihoods
-    from fedkt.fdkt_server import filter_scored, score_prompt
+    from fedkt.algorithms.fdkt.filter_augment import filter_scored, score_prompt
 
     model, tok = load_model(str(model_dirs["llm"]))
     gen = HFGenerator(model, tok)
@@ -277,11 +277,11 @@ def test_filter_mode_resolves_auto_and_refuses_score_for_a_remote_llm_before_any
     from types import SimpleNamespace
 
     cfg = lambda f: fdkt.FDKTConfig(filter=f)  # noqa: E731
-    assert fdkt.filter_mode(cfg("auto"), "builtin:smollm2-135m") == "score"
-    assert fdkt.filter_mode(cfg("auto"), "openai:http://127.0.0.1:1/v1#m") == "llm"
-    assert fdkt.filter_mode(cfg("none"), "openai:http://127.0.0.1:1/v1#m") == "none"
+    assert fdkt.filter_mode(cfg("auto"), remote=False) == "score"
+    assert fdkt.filter_mode(cfg("auto"), remote=True) == "llm"
+    assert fdkt.filter_mode(cfg("none"), remote=True) == "none"
     server = SimpleNamespace(cfg=load_config(None, ['model.llm="openai:http://127.0.0.1:1/v1#m"', 'fdkt.filter="score"',
-                                                   'data.tasks=["arc_easy"]']))
+                                                   'data.tasks=["arc_easy"]']), llm_is_remote=True)
     fed = SimpleNamespace(clients=["c0"], call=lambda *a, **k: pytest.fail("a client was asked to synthesize"))
     with pytest.raises(ValueError, match="needs a local LLM"):
         fdkt.synthesize(server, fed)
@@ -398,7 +398,7 @@ def test_template_sampling_end_to_end(tmp_path, model_dirs, data_dir, recorded, 
 def test_canary_scan_sees_a_memorising_model(tmp_path, model_dirs, data_dir, recorded, monkeypatch):
     """Positive control: a DP model that regurgitated private text would be caught by the same scan."""
     plant_canary(data_dir)
-    monkeypatch.setattr(fdkt, "sample_generations", lambda model, tok, prompts, *a, **k: [
+    monkeypatch.setattr(fdkt.client, "sample_generations", lambda model, tok, prompts, *a, **k: [
         f" What is {CANARY} {i}?\nA. a\nB. b\nC. c\nAnswer: A" for i in range(len(prompts))])
     cfg = fdkt_config(tmp_path, model_dirs, data_dir, **{"fdkt.epsilon": "inf", "fdkt.filter": '"none"',
                                                          "fdkt.augment_per_kept": 0})
@@ -419,7 +419,7 @@ def scripted_clients(monkeypatch):
         ws = WORDS[3 * c: 3 * c + 4]
         return [GOOD.format(w=w) for w in ws] + [GOOD.format(w=ws[0]), " Which? no choices"][:len(prompts) - 4]
 
-    monkeypatch.setattr(fdkt, "sample_generations", sample)
+    monkeypatch.setattr(fdkt.client, "sample_generations", sample)
 
 
 def scripted_llm(monkeypatch):
@@ -428,7 +428,9 @@ def scripted_llm(monkeypatch):
             return "1"  # the first sample of every cluster
         return f" A new question {i}?\nA. one\nB. two\nC. three\nAnswer: C"
 
-    monkeypatch.setattr(fdkt, "llm_generator", lambda server, cfg: Scripted(answer))  # a fresh one per run
+    from fedkt.server import ServerContext
+
+    monkeypatch.setattr(ServerContext, "generator", lambda server, batch_size=16: Scripted(answer))  # fresh per call
 
 
 def test_stages_counted_end_to_end_and_resume_equals_uninterrupted(tmp_path, model_dirs, data_dir, monkeypatch):
@@ -477,7 +479,7 @@ def test_stages_counted_end_to_end_and_resume_equals_uninterrupted(tmp_path, mod
     assert again["per_client"] == full["per_client"] and all(again["fdkt"][k] == full["fdkt"][k] for k in same)
 
 
-def test_synthetic_aux_for_fedcollm(tmp_path, model_dirs, data_dir, monkeypatch):
+def test_synthesize_over_any_federation_for_fedcollm(tmp_path, model_dirs, data_dir, monkeypatch):
     """The FedCoLLM hook: steps 1–3 over any federation whose clients answer CLIENT_HANDLERS."""
     from fedkt.registry import MethodSpec
     from fedkt.simulation import Simulation
@@ -491,11 +493,11 @@ def test_synthetic_aux_for_fedcollm(tmp_path, model_dirs, data_dir, monkeypatch)
     spec = MethodSpec(name="probe", label="probe", summary="", run=lambda s: None, handlers=fdkt.CLIENT_HANDLERS)
     cache = tmp_path / "s" / "aux.json"
     with server.federation(spec) as fed:
-        aux = fdkt.synthetic_aux(server, fed, cache=cache)
+        aux = fdkt.synthesize(server, fed, cache=cache).examples
         assert fed.ledger.total("up") > 0
     assert len(aux) == 3 and all(e.task == "arc_easy" and e.is_mc for e in aux)
     with server.federation(spec) as fed:  # cached: no client is asked again
-        assert fdkt.synthetic_aux(server, fed, cache=cache) == aux and fed.ledger.entries == []
+        assert fdkt.synthesize(server, fed, cache=cache).examples == aux and fed.ledger.entries == []
 
 
 def test_fedcollm_with_fdkt_auxiliary_set_end_to_end(tmp_path, model_dirs, data_dir, monkeypatch):

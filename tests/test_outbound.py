@@ -33,7 +33,7 @@ def test_unlisted_key_is_refused_before_sending():
                             "outbound allow-list of fedkt.algorithms.fedcot:client_encode "
                             "(fedkt.privacy.outbound.ALLOWED); the client does not send it")
     # nested keys are enumerated one by one: a new DP field must be listed to leave
-    assert unlisted("fedkt.algorithms.fdkt:client_synthesize",
+    assert unlisted("fedkt.algorithms.fdkt.client:client_synthesize",
                     Message(meta={"dp": {"epsilon_spent": 1.0, "mean_loss": 2.0}, "rejected": {"no_answer": 3}})) == [
         "meta.dp.mean_loss"]
 

@@ -188,7 +188,7 @@ REPLIES: tuple[Reply, ...] = (
     Reply("decode_train", "fedkt.algorithms.fedcot:client_decode_train",
           (_adapter(), _num_examples(), _STEPS, _METRICS), weight="num_examples"),
     # FDKT step 1: DP synthetic examples
-    Reply("synthesize", "fedkt.algorithms.fdkt:client_synthesize", (
+    Reply("synthesize", "fedkt.algorithms.fdkt.client:client_synthesize", (
         Key("texts", POST, "synthetic examples sampled from the DP-SGD adapter and parsed"),
         Key("meta.tasks", PUBLIC, "each sample's task tag, from the public sampling plan", str_list, True),
         Key("meta.generated", PUBLIC, "samples drawn: the server's samples_per_client", count, True),
@@ -211,7 +211,7 @@ REPLIES: tuple[Reply, ...] = (
             Part("accountant", PUBLIC, "the accountant's name"))),
         _RANDOMNESS), consistent=_synthesize_consistent),
     # FDKT step 4 and the standalone baseline: local training and evaluation, metrics only
-    Reply("train_and_evaluate", "fedkt.algorithms.fdkt:client_train_and_evaluate", (
+    Reply("train_and_evaluate", "fedkt.algorithms.fdkt.client:client_train_and_evaluate", (
         Key(_METRICS.pattern, check=metrics, required=True, parts=_METRICS.parts),
         Key("meta.trained_on", DECLARED, "number of training examples (private + synthetic)", count),
         Key("meta.synthetic", PUBLIC, "number of synthetic examples used (the server sent them)", count))),

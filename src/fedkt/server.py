@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from fedkt import progress
+from fedkt.text_generators import HFGenerator, TextGenerator, is_remote, make_generator
 from fedkt.clients import lora_seed
 from fedkt.config import ExperimentConfig
 from fedkt.data.tasks import Example
@@ -66,6 +67,20 @@ class ServerContext:
     @property
     def has_llm(self) -> bool:
         return bool(self.cfg.model.llm)
+
+    @property
+    def llm_is_remote(self) -> bool:
+        """The LLM is an ``openai:`` server: it writes text, but its weights, likelihoods and embeddings are
+        out of reach (scoring, embedding and training need a local model)."""
+        return is_remote(self.cfg.model.llm)
+
+    def generator(self, batch_size: int = 16) -> TextGenerator:
+        """The server LLM as a text generator, for every method that asks it for text (FedCoT's rationales,
+        FDKT's filter and augmentation): the ``openai:`` server, or the local LLM with its initial adapter."""
+        spec = self.cfg.model.llm
+        if self.llm_is_remote:
+            return make_generator(spec, batch_size=batch_size)
+        return HFGenerator(self.llm.use(None), self.llm.tokenizer, batch_size=batch_size, name=spec, desc="server LLM")
 
     def loaded_models(self) -> dict[str, LoadedModel]:
         return dict(self._models)

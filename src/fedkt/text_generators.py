@@ -45,6 +45,11 @@ OPENAI_PREFIX = "openai:"
 API_KEY_ENV = ("FEDKT_OPENAI_API_KEY", "OPENAI_API_KEY")
 
 
+def is_remote(spec: str) -> bool:
+    """``spec`` names an OpenAI-compatible server (``openai:BASE_URL#MODEL``), not a model fedkt loads."""
+    return spec.startswith(OPENAI_PREFIX)
+
+
 @runtime_checkable
 class TextGenerator(Protocol):
     """Continues prompts; returns only the new text of each, cut at the first stop string."""
@@ -247,7 +252,7 @@ def make_generator(spec: str, *, batch_size: int | None = None, top_p: float = 1
                    api_key: str | None = None, timeout: float = 600.0, max_retries: int = 5, backoff: float = 1.0,
                    dtype: str = "float32", desc: str = "generate", tokenizer=None) -> TextGenerator:
     """A generator for ``spec``: ``openai:BASE_URL#MODEL`` or a local model spec (see module docstring)."""
-    if spec.startswith(OPENAI_PREFIX):
+    if is_remote(spec):
         s = parse_openai_spec(spec)
         return OpenAIGenerator(s.base_url, s.model, api_key=api_key, batch_size=batch_size or 32, top_p=top_p,
                                timeout=timeout, max_retries=max_retries, backoff=backoff, tokenizer=tokenizer)

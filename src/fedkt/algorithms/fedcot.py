@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedkt import progress
+from fedkt.text_generators import is_remote
 from fedkt.clients import ClientContext
 from fedkt.config import PATH, check
 from fedkt.data.collate import collate_sft, make_sft_example
@@ -44,6 +45,7 @@ from fedkt.fedavg_round import FedAvgRound
 from fedkt.federation.base import Message
 from fedkt.losses import answer_ce
 from fedkt.models import get_adapter_state
+from fedkt.privacy.epsilons import per_client
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.train import train_loop
@@ -271,17 +273,14 @@ class FedCoT(FedAvgRound):
         from fedkt.privacy.text_dp import EmbeddingKit
 
         n = self.cfg.attack_prompts
-        if not n or not self.kit_path or not server.aux or server.cfg.model.llm.startswith("openai:"):
+        if not n or not self.kit_path or not server.aux or server.llm_is_remote:
             return []
         eps = sorted({e for e in self.epsilons(fed).values() if not math.isinf(e)} | {3.0, 6.0, 10.0})
         return attack_sample(server.llm.use(None), server.slm.tokenizer, EmbeddingKit.load(self.kit_path),
                              [render_question(e) for e in server.aux[:n]], eps, seed=server.cfg.seed)
 
     def epsilons(self, fed) -> dict[str, float]:
-        eps = self.cfg.client_epsilons
-        if eps and len(eps) != len(fed.clients):
-            raise ValueError(f"fedcot.client_epsilons lists {len(eps)} values for {len(fed.clients)} clients")
-        return {c: (eps[i] if eps else self.cfg.epsilon) for i, c in enumerate(fed.clients)}
+        return per_client("fedcot", self.cfg.epsilon, self.cfg.client_epsilons, list(fed.clients))
 
     def before_round(self, server, fed, state, rnd, out):
         """Round 1: steps 1-2 (clients encode, the LLM writes rationales); later rounds train on the rationales
@@ -332,7 +331,7 @@ class FedCoT(FedAvgRound):
         """Step 2: the LLM's rationales for every client's perturbed prompts, in one batched pass."""
         if self.cfg.empty_rationales:
             return {c: [""] * len(p) for c, p in perturbed.items()}
-        gen = teacher(server, self.cfg)
+        gen = server.generator(self.cfg.gen_batch_size)
         flat = [p for ps in perturbed.values() for p in ps]
         outs = gen.generate(teacher_prompts(gen, flat), max_new_tokens=self.cfg.rationale_tokens, stop=STOP)
         out, i = {}, 0
@@ -342,24 +341,13 @@ class FedCoT(FedAvgRound):
         return out
 
 
-def teacher(server, cfg: FedCoTConfig):
-    """The server LLM as a text generator: an ``openai:`` server, or the local LLM (its initial adapter)."""
-    from fedkt.text_generators import HFGenerator, make_generator
-
-    spec = server.cfg.model.llm
-    if spec.startswith("openai:"):
-        return make_generator(spec, batch_size=cfg.gen_batch_size)
-    return HFGenerator(server.llm.use(None), server.llm.tokenizer, batch_size=cfg.gen_batch_size, name=spec,
-                       desc="server LLM writes rationales")
-
-
 def kit_for(server, cfg: FedCoTConfig) -> str:
     """Build (once, cached on disk) the text-DP kit of the LLM's public tokenizer + input embeddings; the
     clients load it by path (in a deployment each client holds a copy of this public file)."""
     from fedkt.privacy.text_dp import EmbeddingKit
 
     spec = cfg.kit_model or server.cfg.model.llm
-    if spec.startswith("openai:"):
+    if is_remote(spec):
         raise ValueError("model.llm is an openai: server, whose embeddings fedkt cannot read: set fedcot.kit_model "
                          "to a local model with the same tokenizer (e.g. the SLM) to build the text-DP kit")
     if spec == server.cfg.model.llm:

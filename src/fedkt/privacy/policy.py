@@ -234,8 +234,8 @@ def _evaluate_request(p, ctx, msg, req):
 REQUEST_RULES: dict[str, Callable[[ClientPolicy, Any, Any, str], None]] = {
     "fedkt.algorithms.fedcot:client_encode": _fedcot_encode,
     "fedkt.algorithms.fedcot:client_decode_train": _fedcot_decode_train,
-    "fedkt.algorithms.fdkt:client_synthesize": _fdkt_synthesize,
-    "fedkt.algorithms.fdkt:client_train_and_evaluate": _evaluate_request,
+    "fedkt.algorithms.fdkt.client:client_synthesize": _fdkt_synthesize,
+    "fedkt.algorithms.fdkt.client:client_train_and_evaluate": _evaluate_request,
     "fedkt.algorithms.baselines:client_train_and_evaluate": _evaluate_request,
     "fedkt.algorithms.fedavg:client_fit": lambda p, c, m, r: _train_request(p, c, m, r, upload=True),
     "fedkt.algorithms.fedprox:client_fit": lambda p, c, m, r: _train_request(p, c, m, r, upload=True),

@@ -1,4 +1,5 @@
-"""FDKT's server steps on the clients' DP synthetic samples: LLM filter per cluster, few-shot augmentation.
+"""FDKT steps 2 and 3 (server): the LLM filters the clients' DP synthetic samples per cluster and writes new
+ones from few-shot prompts of the kept ones.
 
 Both steps talk to the server LLM through a :class:`~fedkt.text_generators.TextGenerator` (a local model with
 batched KV-cache generation, or an OpenAI-compatible server), and both treat what the LLM writes as
@@ -33,28 +34,17 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from fedkt.data.synthetic import ParseStats, fill_mc_template, normalize, parse_mc, read_indices, render_mc
+from fedkt.algorithms.fdkt.samples import question_key, topic
+from fedkt.data.synthetic import ParseStats, fill_mc_template, parse_mc, read_indices, render_mc
 from fedkt.data.tasks import Example
+from fedkt.evaluate import loglikelihoods
 from fedkt.seeds import derive_seed
-
-TOPICS = {"arc_easy": "grade-school science", "arc_challenge": "grade-school science (hard)",
-          "openbookqa": "elementary science", "commonsense_qa": "commonsense reasoning"}
 
 FILTER_SYSTEM = ("You are a strict exam editor. You check candidate multiple-choice questions and keep only "
                  "the good ones.")
 AUGMENT_SYSTEM = "You are an exam writer. You write new multiple-choice questions in a fixed format."
 FILTER_STOP = ["\n\n", "<|im_end|>", "<|endoftext|>"]
 AUGMENT_STOP = ["\n\n", "\nQuestion", "<|im_end|>", "<|endoftext|>"]
-
-
-def topic(task: str) -> str:
-    """The readable topic a task's questions are about (the task name for tasks without one)."""
-    return TOPICS.get(task, task.replace("_", " "))
-
-
-def question_key(ex: Example) -> str:
-    """What makes two synthetic questions the same: the question text up to case and whitespace."""
-    return normalize(ex.question).casefold()
 
 
 # ---------------------------------------------------------------------------------------------- filter
@@ -126,8 +116,6 @@ def filter_scored(gen, model, tok, examples: Sequence[Example], clusters: Sequen
     malformed answer), and each cluster keeps its ⌈``keep`` × size⌉ samples of highest margin (ties:
     the earlier sample). Every cluster contributes (diversity, as in the list filter); which of its
     samples it contributes is the LLM's judgement. Needs the LLM's weights (a local model)."""
-    from fedkt.evaluate import loglikelihoods
-
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     stats = FilterStats(candidates=len(examples), clusters=len(clusters), prompts=len(examples))
