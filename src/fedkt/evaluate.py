@@ -116,6 +116,22 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _logits_at(model, rows: torch.Tensor, cols: torch.Tensor, keep: int, **inputs) -> torch.Tensor:
+    """Logits [N, V] of the positions (rows[i], cols[i]) only: a pre-hook on the output embedding hands
+    the LM head just those hidden states (the vocabulary projection is the costliest layer of a small
+    model). Models without an output embedding module compute the last ``keep`` positions and pick."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        width = inputs["input_ids"].shape[1]
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        return logits[rows, cols - (width - keep)]
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols], *args[1:]))
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
 def _score_last(model, chunk, pad: int, out: list[float]) -> None:
     """Score one batch of questions whose continuations are all single tokens: one row per context,
     right-padded, no attention mask (causal attention: padding after a row's end is never seen, as in
@@ -128,11 +144,9 @@ def _score_last(model, chunk, pad: int, out: list[float]) -> None:
     for c, _ in chunk:
         flat += c + [pad] * (width - len(c))
     ids = torch.tensor(flat, dtype=torch.long, device=dev).view(len(chunk), width)
-    keep = width - min(lengths) + 1  # trailing positions that reach the LM head
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
     rows = torch.arange(len(chunk), device=dev)
-    cols = torch.tensor([n - 1 - (width - keep) for n in lengths], dtype=torch.long, device=dev)
-    logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)
+    cols = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
+    logp = torch.log_softmax(_logits_at(model, rows, cols, width - min(lengths) + 1, input_ids=ids).float(), dim=-1)
     owner = [r for r, (_, g) in enumerate(chunk) for _ in g]
     target = [k[0] for _, g in chunk for _, k in g]
     scores = logp[torch.tensor(owner, dtype=torch.long, device=dev),
@@ -185,10 +199,8 @@ def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
     dtype = next(model.parameters()).dtype
     mask = torch.zeros((B, 1, width, width), dtype=dtype, device=dev)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    keep = width - min(q_col)  # trailing positions that reach the LM head
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                   logits_to_keep=keep).logits
-    sel = logits[torch.tensor(q_row, device=dev), torch.tensor(q_col, device=dev) - (width - keep)]
+    sel = _logits_at(model, torch.tensor(q_row, device=dev), torch.tensor(q_col, device=dev), width - min(q_col),
+                     input_ids=ids, attention_mask=mask, position_ids=pos)
     logp = torch.log_softmax(sel.float(), dim=-1).gather(
         -1, torch.tensor(targets, dtype=torch.long, device=dev)[:, None]).squeeze(-1)
     scores = torch.zeros(len(members), dtype=logp.dtype, device=dev).index_add_(
