@@ -61,6 +61,32 @@ def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, float]:
             "weighted": (flat * weights).sum().item()}
 
 
+# Per-method settings of the goldens added in issue 21 (recorded from commit aca2af7, before the second
+# architecture step). FedCoT and FDKT also need the LLM; their attacks are off (the audit stays: it pins the
+# text-DP mechanism's numbers) and their sizes are small so the three goldens cost ~1 minute together.
+METHOD_SETS = {
+    "fedprox": ["fedprox.mu=0.1"],
+    "fedcot": ["fedcot.kit_neighbors=8", "fedcot.rationale_tokens=6", "fedcot.decode_tokens=6", "fedcot.epsilon=2.0",
+               "fedcot.attack_prompts=0"],
+    "fdkt": ["fdkt.samples_per_client=4", "fdkt.sample_tokens=24", "fdkt.dp_batch_size=8", "fdkt.dp_epochs=1.0",
+             "fdkt.question_tokens=12", "fdkt.choice_tokens=4", "fdkt.augment_tokens=24", "federation.rounds=1",
+             "train.max_steps=2", 'fdkt.filter="score"'],
+}
+NEEDS_LLM = {"fedcollm", "fedcot", "fdkt"}
+
+
+def _exact_pins(method: str, res: dict) -> dict:
+    """Numbers of a method that must not move at all: counts, ε from the accountant, the text-DP audit."""
+    if method == "fedcot":
+        return {"privacy": [x.get("privacy") for x in res["per_round"]],
+                "generation": [x.get("generation") for x in res["per_round"]],
+                "audit": [x.get("audit") for x in res["per_round"]]}
+    if method == "fdkt":
+        f = res["fdkt"]
+        return {"privacy": f["privacy"], "stages": f["stages"]}
+    return {}
+
+
 def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
     """Run the golden experiment for ``method`` (``extra_sets``: --set overrides); return its outcome."""
     import fedkt.train as T
@@ -77,9 +103,14 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
 
     T.train_loop = recording
     try:
-        res = run_experiment(golden_config(dirs, data, [method], extra_sets), root / method)["methods"][method]
+        sets = METHOD_SETS.get(method, []) + list(extra_sets)
+        if method in NEEDS_LLM - {"fedcollm"}:
+            sets.append(f'model.llm="{dirs["llm"]}"')
+        res = run_experiment(golden_config(dirs, data, [method], sets), root / method)["methods"][method]
     finally:
         T.train_loop = orig
+    if method not in ("fedavg", "fedcollm"):
+        return _golden_v2(root, method, res)
     roles = ["slm"] if method == "fedavg" else ["slm", "llm"]
     return {
         "client_losses": losses,
@@ -91,6 +122,31 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
     }
 
 
+def _golden_v2(root: Path, method: str, res: dict) -> dict:
+    """The outcome of the goldens added in issue 21: the server's and every client's adapters, the
+    accuracies of each round (or the final ones), bytes, and the exact pins of the method."""
+    from fedkt.models import load_adapter_state
+
+    adapters = {}
+    for d in sorted((root / method / "adapters" / method).glob("*")):
+        adapters[d.name] = fingerprint(load_adapter_state(d))
+    for d in sorted((root / method / "clients").glob(f"*/{method}/slm")):
+        adapters[d.parent.parent.name] = fingerprint(load_adapter_state(d))
+    rounds = res.get("per_round") or [res]
+    comm = [[p["up_bytes"], p["down_bytes"]] for p in res["comm"]["per_round"]]
+    if method == "fedcot":  # round 1's encode request names the server's kit path: count it as if empty
+        kit = len(str(root / method / "public" / "textdp_kit").encode())
+        comm[0][1] -= kit * len(res["comm"]["per_round"][0]["clients"])
+    acc = [{k: x[k]["arc_easy"] for k in ("slm", "llm") if k in x} | {c: v["arc_easy"] for c, v in
+           sorted(x.get("per_client", {}).items())} for x in rounds]
+    # no client_losses: which loop a method's client training runs through is what issue 21 changes; the
+    # adapters of every client pin the training exactly instead
+    return {"client_losses": [], "adapters": adapters, "acc": acc,
+            "distill": [{k: v for k, v in x.get("distill", {}).items() if k.endswith(("_first", "_last"))}
+                        for x in rounds],
+            "comm": comm, "exact": _exact_pins(method, res)}
+
+
 if __name__ == "__main__":  # record the golden numbers (only ever from the pre-refactor code)
     import tempfile
 
@@ -98,7 +154,11 @@ if __name__ == "__main__":  # record the golden numbers (only ever from the pre-
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp())
     dirs, data = make_golden_assets(root)
+    import os
+
+    os.environ["FEDKT_CACHE"] = str(root / "cache")
     GOLDEN_DIR.mkdir(exist_ok=True)
-    for m in ("fedavg", "fedcollm"):
+    only = sys.argv[1:]  # record only these (the goldens of issue 21: fedprox fedcot fdkt)
+    for m in only or ("fedavg", "fedcollm"):
         (GOLDEN_DIR / f"{m}.json").write_text(json.dumps(run_golden(root, dirs, data, m), indent=1) + "\n")
         print("wrote", GOLDEN_DIR / f"{m}.json")

@@ -1,4 +1,6 @@
-"""Golden runs: a 2-round tiny FedAvg and FedCoLLM experiment must reproduce the adapters, client losses,
+"""Golden runs: a 2-round tiny FedAvg and FedCoLLM experiment (and, since issue 21, FedProx, FedCoT and a
+1-round FDKT: the adapters of the server and of every client, per-client accuracies, and exact pins — token
+counts, ε from the accountant, the text-DP audit, FDKT's stage counts) must reproduce the adapters, client losses,
 distillation losses, accuracies and bytes recorded before the architecture refactor. If one of these
 fails, behaviour changed: find out why; never re-record to make it pass.
 
@@ -77,6 +79,10 @@ def golden_mismatches(got: dict, want: dict) -> list[str]:
             continue
         for k in w:
             rel_close(f"distill[{i}].{k}", g[k], w[k], TOLERANCE["distill"])
+    if got.get("exact") != want.get("exact"):
+        diff = sorted(k for k in set(got.get("exact", {})) | set(want.get("exact", {}))
+                      if got.get("exact", {}).get(k) != want.get("exact", {}).get(k))
+        bad.append(f"exact: {diff} differ (exact)")
     if len(got["comm"]) != len(want["comm"]):
         bad.append("comm: number of rounds differs")
     for i, ((gu, gd), (wu, wd)) in enumerate(zip(got["comm"], want["comm"])):
@@ -109,13 +115,15 @@ def test_golden_comparison_is_exact_where_the_maths_is():
     assert golden_mismatches(got, want) == []
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedcollm"])
-def test_golden_run(tmp_path, golden_assets, method):
+@pytest.mark.parametrize("method", ["fedavg", "fedcollm", "fedprox", "fedcot", "fdkt"])
+def test_golden_run(tmp_path, golden_assets, method, monkeypatch):
+    monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))
     dirs, data = golden_assets
     want = json.loads((GOLDEN_DIR / f"{method}.json").read_text())
     got = run_golden(tmp_path, dirs, data, method)
     assert golden_mismatches(got, want) == []
-    assert len(got["client_losses"]) == 6  # 3 clients x 2 rounds
+    if method in ("fedavg", "fedcollm"):
+        assert len(got["client_losses"]) == 6  # 3 clients x 2 rounds
 
 
 def test_golden_detects_a_one_percent_learning_rate_change(tmp_path, golden_assets):

@@ -1,0 +1,119 @@
+"""Paired statistics for comparing two methods on the same questions.
+
+Two methods scored on the same evaluation questions are *paired*: per question, each is right or wrong.
+The difference of their accuracies is the mean of per-question differences (1, 0 or -1), and its
+uncertainty comes from resampling *questions* (the paired bootstrap), not from two independent
+binomials — which would be far too wide when both methods get the same questions right.
+
+- :func:`paired_bootstrap`: the accuracy difference with a percentile bootstrap confidence interval;
+- :func:`mcnemar_p`: McNemar's exact test (two-sided binomial test on the discordant questions);
+- :func:`compare`: both, for two ``{question id: correct}`` maps (they must hold the same ids);
+- :func:`pool`: the same over several seeds (runs): the bootstrap resamples questions within each run
+  (stratified), McNemar counts the discordant pairs of all runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    diff: float
+    """Accuracy of A minus accuracy of B (a fraction, e.g. 0.02 = 2 points)."""
+    ci_low: float
+    ci_high: float
+    p_mcnemar: float
+    n: int
+    """Questions (summed over runs when pooled)."""
+    a_only: int
+    """Questions A gets right and B wrong."""
+    b_only: int
+    runs: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def significant(self) -> bool:
+        """The confidence interval excludes zero."""
+        return self.ci_low > 0 or self.ci_high < 0
+
+
+def mcnemar_p(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value for ``a_only`` vs ``b_only`` discordant questions."""
+    if a_only < 0 or b_only < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {a_only} and {b_only}")
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    k = min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _as_arrays(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]]) -> list[np.ndarray]:
+    out = []
+    for i, (a, b) in enumerate(runs):
+        if len(a) != len(b):
+            raise ValueError(f"run {i}: {len(a)} answers of A but {len(b)} of B: a paired comparison needs the "
+                             "same questions")
+        if len(a) == 0:
+            raise ValueError(f"run {i}: no questions to compare")
+        out.append(np.asarray(a, dtype=np.int8) - np.asarray(b, dtype=np.int8))
+    return out
+
+
+def _bootstrap(diffs: list[np.ndarray], n_boot: int, seed: int, level: float) -> tuple[float, float]:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    total = sum(len(d) for d in diffs)
+    sums = np.zeros(n_boot)
+    for d in diffs:  # stratified: each run's questions are resampled within that run
+        idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+        sums += d[idx].sum(axis=1)
+    means = sums / total
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def pool(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]], n_boot: int = 10_000, seed: int = 0,
+         level: float = 0.95) -> PairedDifference:
+    """Paired difference of A and B over one or more runs, each a pair of per-question correctness lists
+    in the same question order."""
+    if not runs:
+        raise ValueError("no runs to compare")
+    diffs = _as_arrays(runs)
+    n = sum(len(d) for d in diffs)
+    a_only = int(sum((d == 1).sum() for d in diffs))
+    b_only = int(sum((d == -1).sum() for d in diffs))
+    lo, hi = _bootstrap(diffs, n_boot, seed, level)
+    return PairedDifference(diff=(a_only - b_only) / n, ci_low=lo, ci_high=hi, p_mcnemar=mcnemar_p(a_only, b_only),
+                            n=n, a_only=a_only, b_only=b_only, runs=len(diffs))
+
+
+def paired_bootstrap(a: Sequence[bool], b: Sequence[bool], n_boot: int = 10_000, seed: int = 0,
+                     level: float = 0.95) -> PairedDifference:
+    """Paired difference of A and B on one set of questions (same order)."""
+    return pool([(a, b)], n_boot=n_boot, seed=seed, level=level)
+
+
+def align(a: Mapping[str, bool], b: Mapping[str, bool]) -> tuple[list[bool], list[bool]]:
+    """The two correctness maps as lists over their common question ids, refusing different question sets."""
+    if a.keys() != b.keys():
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise ValueError(f"the two methods were scored on different questions ({len(only_a)} only in A, e.g. "
+                         f"{only_a[:3]}; {len(only_b)} only in B, e.g. {only_b[:3]}): compare runs with the same "
+                         "data and eval settings")
+    ids = sorted(a)
+    return [bool(a[i]) for i in ids], [bool(b[i]) for i in ids]
+
+
+def compare(a: Mapping[str, bool], b: Mapping[str, bool], **kw) -> PairedDifference:
+    """Paired difference of two ``{question id: correct}`` maps of the same questions."""
+    return paired_bootstrap(*align(a, b), **kw)
