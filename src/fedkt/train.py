@@ -89,21 +89,26 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     body runs as before (same shapes, same dropout draws); the loss equals ``answer_ce`` on full logits up
     to float rounding. Models without an output embedding module take the full path."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Module):
-        return answer_ce(model(input_ids=ids, attention_mask=mask).logits, labels)
     target = labels[:, 1:]
     rows, cols = (target != IGNORE).nonzero(as_tuple=True)  # position t predicts token t + 1
+    logits = logits_at(model, rows, cols, input_ids=ids, attention_mask=mask)
+    if logits is None:
+        return answer_ce(model(input_ids=ids, attention_mask=mask).logits, labels)
+    return torch.nn.functional.cross_entropy(logits.float(), target[rows, cols])
 
-    def gather(_module, args):
-        return (args[0][rows, cols].unsqueeze(0), *args[1:])
 
-    handle = head.register_forward_pre_hook(gather)
+def logits_at(model, rows: torch.Tensor, cols: torch.Tensor, **inputs) -> torch.Tensor | None:
+    """``model(**inputs)``'s logits [N, V] at positions (rows[i], cols[i]) only: a forward pre-hook on the
+    output embedding hands the LM head just those hidden states (the body runs as usual: same shapes, same
+    dropout draws). None for a model without an output embedding module (compute full logits instead)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols], *args[1:]))
     try:
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [1, supervised tokens, V]
+        return model(**inputs).logits
     finally:
         handle.remove()
-    return torch.nn.functional.cross_entropy(logits[0].float(), target[rows, cols])
 
 
 def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainConfig, seed: int,
