@@ -36,6 +36,7 @@ STAGES = {  # label -> (file suffix, function name) whose cumulative time is the
     "mutual distillation": ("fedkt/algorithms/fedcollm.py", "mutual_distill"),
     "load models": ("fedkt/models.py", "load_lora_model"),
     "  build builtin": ("fedkt/builtin.py", "ensure_builtin"),
+    "  build builtin (renamed)": ("fedkt/builtin_models.py", "ensure_builtin"),
     "adapter get": ("fedkt/models.py", "get_adapter_state"),
     "adapter set": ("fedkt/models.py", "set_adapter_state"),
     "save adapter (peft)": ("fedkt/models.py", "save_adapter"),
@@ -62,8 +63,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
-    from fedkt.config import load_config
-    from fedkt.runs import run_experiment
+    try:  # module names before and after issue 21's renames
+        from fedkt.registry import load_config
+    except ImportError:
+        from fedkt.config import load_config
+    try:
+        from fedkt.experiment import run_experiment
+    except ImportError:
+        from fedkt.runs import run_experiment
 
     sets = list(a.set)
     if a.reduced:
