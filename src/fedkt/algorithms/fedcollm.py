@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
-import torch.nn.functional as F
 
 from fedkt import progress
 from fedkt.algorithms import fdkt
@@ -49,14 +48,13 @@ from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
 from fedkt.algorithms.fedavg import fit_round
 from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
-from fedkt.losses import kd_kl
+from fedkt.losses import answer_ce, kd_kl
 from fedkt.models import get_adapter_state
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.rounds import RoundAlgorithm, RoundOutcome
 from fedkt.seeds import derive_seed
-from fedkt.train import (batch_order, logits_at, make_optimizer, seed_everything, tokenize_examples,
-                         trainable_parameters)
+from fedkt.train import batch_order, make_optimizer, seed_everything, tokenize_examples, trainable_parameters
 
 
 @dataclass
@@ -153,38 +151,22 @@ def eval_mode(model):
         model.train(was)
 
 
-def loss_positions(batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the shifted positions the losses read: the KL's (``kd_mask``) and the answer tokens'.
-    Only these reach the models' LM heads (``train.logits_at``): padding never does."""
-    need = kd_mask(batch, cfg.kd_tokens) | (batch["labels"][:, 1:] != IGNORE)
-    return need.nonzero(as_tuple=True)
-
-
-def forward_logits(model, inputs: dict[str, torch.Tensor], pos) -> torch.Tensor:
-    """Logits [N, V] of ``model`` at ``pos`` (see ``loss_positions``)."""
-    out = logits_at(model, *pos, **inputs)
-    return model(**inputs).logits[pos] if out is None else out
-
-
 @torch.no_grad()
-def teacher_logits(model, inputs: dict[str, torch.Tensor], teacher_pass: str, pos) -> torch.Tensor:
+def teacher_logits(model, inputs: dict[str, torch.Tensor], teacher_pass: str) -> torch.Tensor:
     """A separate, gradient-free forward pass of the teacher: in eval mode (``"eval"``: no dropout) or in
     whatever mode the model is in (``"train"``)."""
     if teacher_pass == "eval":
         with eval_mode(model):
-            return forward_logits(model, inputs, pos)
-    return forward_logits(model, inputs, pos)
+            return model(**inputs).logits
+    return model(**inputs).logits
 
 
 def student_terms(student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor],
-                  cfg: FedCoLLMConfig, pos) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE of the student's logits on the answer tokens and its KD term against the (detached) teacher;
-    logits are [N, V] at ``pos`` (the same sums as over full shifted logits with the masks applied)."""
-    kl = kd_kl(student[None], teacher[None], kd_mask(batch, cfg.kd_tokens)[pos][None], cfg.temperature, cfg.top_k,
+                  cfg: FedCoLLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE of the student's logits on the answer tokens and its KD term against the (detached) teacher."""
+    kl = kd_kl(student[:, :-1], teacher[:, :-1], kd_mask(batch, cfg.kd_tokens), cfg.temperature, cfg.top_k,
                cfg.kl_direction, cfg.kd_reduction)
-    target = batch["labels"][:, 1:][pos]
-    ans = target != IGNORE
-    return F.cross_entropy(student[ans].float(), target[ans]), kl
+    return answer_ce(student, batch["labels"]), kl
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,24 +177,23 @@ def mutual_losses(slm, llm, batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig)
     """L_g and L_f for one batch, from one forward pass of each model (start-of-step outputs).
 
     With ``teacher_pass = "eval"`` each KL's teacher side comes from a separate no-dropout pass instead."""
-    inputs, pos = model_inputs(batch), loss_positions(batch, cfg)
-    g = forward_logits(slm, inputs, pos)
-    f = forward_logits(llm, inputs, pos)
+    inputs = model_inputs(batch)
+    g = slm(**inputs).logits
+    f = llm(**inputs).logits
     if cfg.teacher_pass == "eval":
-        f_t, g_t = teacher_logits(llm, inputs, "eval", pos), teacher_logits(slm, inputs, "eval", pos)
+        f_t, g_t = teacher_logits(llm, inputs, "eval"), teacher_logits(slm, inputs, "eval")
     else:
         f_t, g_t = f, g
-    ce_g, kl_g = student_terms(g, f_t, batch, cfg, pos)  # KL(f‖g) (forward): teacher f, detached
-    ce_f, kl_f = student_terms(f, g_t, batch, cfg, pos)  # KL(g‖f) (forward): teacher g, detached
+    ce_g, kl_g = student_terms(g, f_t, batch, cfg)  # KL(f‖g) (forward): teacher f, detached
+    ce_f, kl_f = student_terms(f, g_t, batch, cfg)  # KL(g‖f) (forward): teacher g, detached
     return {"loss_g": ce_g + cfg.kd_lambda * kl_g, "loss_f": ce_f + cfg.kd_lambda * kl_f,
             "ce_g": ce_g, "ce_f": ce_f, "kl_g": kl_g, "kl_f": kl_f}
 
 
 def one_sided_losses(student, teacher, batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig) -> dict[str, torch.Tensor]:
     """One model's loss against a frozen teacher (``update = "sequential"``): CE + λ·KL."""
-    inputs, pos = model_inputs(batch), loss_positions(batch, cfg)
-    ce, kl = student_terms(forward_logits(student, inputs, pos), teacher_logits(teacher, inputs, cfg.teacher_pass, pos),
-                           batch, cfg, pos)
+    inputs = model_inputs(batch)
+    ce, kl = student_terms(student(**inputs).logits, teacher_logits(teacher, inputs, cfg.teacher_pass), batch, cfg)
     return {"loss": ce + cfg.kd_lambda * kl, "ce": ce, "kl": kl}
 
 
