@@ -5,8 +5,10 @@
 SmolLM2-135M-Instruct writes a short explanation for N ARC-Easy questions (chat prompt, greedy,
 ``max_new_tokens`` 96, stop string "\\n\\n" and the model's EOS). Three paths:
 
-* ``batched``   fedkt.generate: length-bucketed batches, KV cache, shared prefix computed once, rows
-  leave the batch when done
+* ``batched``   fedkt.generate: length-ordered queue, KV cache, shared prefix computed once, rows
+  leave the batch when done and the next prompts of the queue take their slots (continuous batching)
+* ``fixed``     the same with ``refill=False``: batches of ``batch_size`` prompts each run to their last row
+  (the previous fedkt.generate; what sampled runs still do)
 * ``single``    the same decode loop with batch_size=1 (what a simple per-prompt loop costs)
 * ``run-to-max`` the previous implementation: ``model.generate`` per batch until every row hits EOS or
   ``max_new_tokens``, stop strings cut afterwards
@@ -83,9 +85,9 @@ def main() -> None:
     print(f"{a.model}: {len(prompts)} ARC-Easy chat prompts, max_new_tokens={a.max_new_tokens}, stop={stop!r}, "
           f"threads={torch.get_num_threads()}, best of {a.repeat} rounds")
 
-    def batched(bs):
+    def batched(bs, refill=True):
         def run():
-            e = generate_ex(model, tok, prompts, a.max_new_tokens, bs, stop=stop)
+            e = generate_ex(model, tok, prompts, a.max_new_tokens, bs, stop=stop, refill=refill)
             return e.seconds, e.total_new_tokens, e.texts, f"{e.forward_calls} forwards", e
         return run
 
@@ -94,7 +96,8 @@ def main() -> None:
         texts, slots = run_to_max(model, tok, prompts, a.max_new_tokens, a.batch_size, stop)
         return time.perf_counter() - t, None, texts, f"{slots} token slots computed", None
 
-    paths = {f"batched bs={a.batch_size}": batched(a.batch_size)}
+    paths = {f"batched bs={a.batch_size}": batched(a.batch_size),
+             f"fixed bs={a.batch_size}": batched(a.batch_size, refill=False)}
     for bs in [int(x) for x in a.also_batch_sizes.split(",") if x.strip()]:
         paths[f"batched bs={bs}"] = batched(bs)
     if not a.skip_single:

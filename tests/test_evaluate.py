@@ -57,3 +57,59 @@ def test_generation_exact_match(model_dirs, tok, monkeypatch):
     monkeypatch.undo()
     r = ev.evaluate(model, tok, exs, max_new_tokens=4)
     assert r["n"] == 2 and 0.0 <= r["acc"] <= 1.0
+
+
+class CountingForward:
+    """Records the batch shape of every forward of ``model``."""
+
+    def __init__(self, model):
+        self.model, self.inner, self.shapes = model, model.forward, []
+
+    def __enter__(self):
+        def forward(*a, **k):
+            self.shapes.append(tuple(k["input_ids"].shape))
+            return self.inner(*a, **k)
+
+        self.model.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+def test_lettered_choices_score_from_one_pass_per_question(model_dirs, tok):
+    """Single-token continuations (CommonsenseQA's letters " A", " B", ... with a real tokenizer; here the
+    four words the tiny BPE keeps whole after a space): every question's context runs once, in one row, and
+    its choices' scores equal the naive per-choice loop; a request list mixing single- and multi-token
+    questions scores both kinds right."""
+    model, _ = load_model(str(model_dirs["llm"]))
+    words = ["is", "so", "to", "Wh"]  # " is", " so", ... are one token each in the test tokenizer
+    rows = [{"id": str(i), "question": q, "choices": {"text": words[:len(ch)], "label": list("ABCD")[:len(ch)]},
+             "answerKey": k} for i, (q, ch, k) in enumerate(MC_ROWS * 2)]
+    lettered = [parse_row(r, "arc_easy", r["id"]) for r in rows]
+    requests = [(context(e), c) for e in lettered for c in continuations(e)]
+    assert all(len(encode_pair(tok, *r)[1]) == 1 for r in requests)  # single-token continuations
+    assert len({len(encode_pair(tok, *r)[0]) for r in requests}) >= 3  # contexts of several lengths: padding
+    naive = torch.tensor([naive_loglikelihood(model, tok, *r) for r in requests])
+    for bs in (1, 3, 64):
+        with CountingForward(model) as c:
+            fast = loglikelihoods(model, tok, requests, batch_size=bs)
+        assert torch.allclose(torch.tensor(fast), naive, atol=1e-4), bs
+        # one row per distinct context (a repeated question shares it), no separate rows for the choices
+        n_ctx = len({context(e) for e in lettered})
+        assert n_ctx < len(lettered) and len(c.shapes) == -(-n_ctx // bs)
+        assert sum(b for b, _ in c.shapes) == n_ctx and max(b for b, _ in c.shapes) == min(bs, n_ctx)
+        slow = loglikelihoods(model, tok, requests, batch_size=bs, fast_single=False)
+        assert torch.allclose(torch.tensor(slow), torch.tensor(fast), atol=1e-4), bs
+    res = score_multiple_choice(model, tok, lettered, batch_size=4)
+    i, correct = 0, 0
+    for e in lettered:
+        s = naive[i:i + len(e.choices)]
+        correct += max(range(len(s)), key=s.__getitem__) == e.answer
+        i += len(e.choices)
+    assert res["acc"] == correct / len(lettered)
+    mixed = [(context(e), c) for e in _examples()[:3] for c in continuations(e)] + requests[:7]
+    ref = torch.tensor([naive_loglikelihood(model, tok, *r) for r in mixed])
+    for share in (True, False):
+        got = loglikelihoods(model, tok, mixed, batch_size=4, share_context=share)
+        assert torch.allclose(torch.tensor(got), ref, atol=1e-4), share

@@ -244,3 +244,37 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(model, tok):
         assert g.shared_prefix_tokens == plen
         assert c.rows[0] == 1 and c.widths[0] == plen  # the prefix, once
         assert max(c.widths[1:]) == max(len(r) for r in ids) - plen  # later prefills only see suffixes
+
+
+def test_continuous_batching_refills_finished_rows(model, tok, free_run):
+    """With fewer slots than prompts, a finished row's slot goes to the next prompt of the queue while the
+    others keep decoding (a prefill forward in the middle of the run): same tokens as one at a time, fewer
+    forwards than fixed batches run to their last row."""
+    x = _eos_candidate(free_run)
+    eos = [tok.eos_token_id, x]
+    refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        for bs in (2, 3, 4):
+            with CountingForward(model) as c:
+                g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs)
+            assert g.token_ids == refs, bs
+            prefills = [j for j, w in enumerate(c.widths) if w > 1]
+            assert prefills[0] == 0 and len(prefills) >= 2
+            assert max(c.rows) <= bs and sum(c.widths[j] > 1 for j in range(len(c.rows))) == len(prefills)
+            # a prefill joined a running batch: the forward after it carries more rows than the prefill had
+            assert any(c.rows[j + 1] > c.rows[j] for j in prefills[1:] if j + 1 < len(c.rows)), bs
+            static = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs, refill=False)
+            assert static.token_ids == refs
+            assert g.forward_calls - len(prefills) < static.forward_calls - len(static.per_batch_steps)
+            assert sum(g.per_batch_steps) < sum(static.per_batch_steps)
+    finally:
+        model.generation_config.eos_token_id = old
+
+
+def test_sampling_keeps_fixed_batches(model, tok):
+    """Sampled runs draw from one generator in batch order: by default they keep the fixed batches, so their
+    outputs do not depend on when rows finish (and equal earlier fedkt versions' for a seed)."""
+    kw = dict(max_new_tokens=16, batch_size=3, do_sample=True, temperature=1.0, top_p=0.95, seed=7)
+    assert generate(model, tok, PROMPTS, **kw) == generate(model, tok, PROMPTS, refill=False, **kw)

@@ -56,3 +56,36 @@ def test_sft_lowers_loss_and_is_seeded(model_dirs, tok):
     model, _ = load_model(str(model_dirs["slm"]))
     fresh = answer_ce(model(input_ids=batch["input_ids"]).logits, batch["labels"]).item()
     assert s1.last_loss < fresh
+
+
+def test_answer_loss_runs_the_lm_head_on_answer_positions_only(model_dirs, tok):
+    """``answer_loss`` (LM head on the positions that predict answer tokens) gives the loss and the LoRA
+    gradients of ``answer_ce`` over full logits, and the head really sees only those positions."""
+    from fedkt.train import answer_loss
+
+    model, _ = load_model(str(model_dirs["slm"]))
+    pm = add_lora(model, LoraSettings(r=4, dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    items = [make_sft_example(tok, "Question: Which planet is closest to the Sun?\nAnswer:", " Mercury", 64),
+             make_sft_example(tok, "Question: What do plants take in?\nAnswer:", " carbon dioxide", 64),
+             make_sft_example(tok, "Q:\nA:", " water", 64)]
+    batch = collate_sft(items, tok.pad_token_id)
+    n_sup = int((batch["labels"] != IGNORE).sum())
+    assert n_sup < batch["labels"].numel() // 2  # most positions are prompt or padding
+    params = [p for p in pm.parameters() if p.requires_grad]
+    full = answer_ce(pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    g_full = torch.autograd.grad(full, params)
+    seen = []
+    h = pm.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    try:
+        fast = answer_loss(pm, batch)
+    finally:
+        h.remove()
+    g_fast = torch.autograd.grad(fast, params)
+    assert seen == [(n_sup, len(tok))]  # the vocabulary projection ran on the supervised positions only
+    assert torch.allclose(fast, full, rtol=1e-6, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_fast, g_full))

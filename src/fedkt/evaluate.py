@@ -56,7 +56,7 @@ def _packable(model) -> bool:
 @torch.inference_mode()
 def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: int = 32,
                    max_length: int = 1024, desc: str = "score", share_context: bool = True,
-                   method: str = "auto") -> list[float]:
+                   method: str = "auto", fast_single: bool = True) -> list[float]:
     """Summed log p(continuation | context) for each (context, continuation) pair.
 
     Requests with the same context tokens (the choices of one question) share its computation.
@@ -68,7 +68,10 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
     continuations, which run in a second pass (any attention implementation). ``batch_size`` bounds
     the continuation rows per batch. ``share_context=False`` gives every request its own copy of the
     context (same scores, more compute). Inputs longer than ``max_length`` lose context tokens from the
-    left, as in the harness.
+    left, as in the harness. Questions whose continuations are all one token long (lettered choices)
+    take a third path whatever ``method`` says (``fast_single=False`` turns it off): one right-padded row
+    per context and one log-softmax at its last position give all its choices' scores; ``batch_size``
+    then bounds the contexts per batch.
     """
     if method == "auto":
         method = "packed" if _packable(model) else "cache"
@@ -85,24 +88,75 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
             c = c[-max(1, max_length - len(k)):]
         key = tuple(c) if share_context else (i, *c)
         groups.setdefault(key, (c, []))[1].append((i, k))
+    # groups whose continuations are all one token (lettered choices " A", " B", ...) need only the
+    # context's last position: the "last" path; the others run packed (or through the KV cache)
+    last = [g for g in groups.values() if all(len(k) == 1 for _, k in g[1])] if fast_single else []
+    rest = [g for g in groups.values() if not all(len(k) == 1 for _, k in g[1])] if fast_single else \
+        list(groups.values())
     # length bucketing: neighbours in this order have similar lengths, so batches carry little padding
     size = (lambda g: len(g[0]) + sum(len(k) for _, k in g[1])) if method == "packed" else (lambda g: len(g[0]))
-    ordered = sorted(groups.values(), key=size, reverse=True)
-    score = _score_packed if method == "packed" else _score_chunk
+    passes = [(sorted(last, key=lambda g: len(g[0]), reverse=True), _score_last, lambda g: 1),
+              (sorted(rest, key=size, reverse=True), _score_packed if method == "packed" else _score_chunk,
+               lambda g: len(g[1]))]
     out = [0.0] * len(requests)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with progress.bar(desc, len(requests)) as pb:
-        start = 0
-        while start < len(ordered):
-            chunk, rows = [], 0
-            while start < len(ordered) and (not chunk or rows + len(ordered[start][1]) <= batch_size):
-                chunk.append(ordered[start])
-                rows += len(ordered[start][1])
-                start += 1
-            score(model, chunk, pad, out)
-            pb.advance(rows)
+        for ordered, score, cost in passes:
+            start = 0
+            while start < len(ordered):
+                chunk, rows, done = [], 0, 0
+                while start < len(ordered) and (not chunk or rows + cost(ordered[start]) <= batch_size):
+                    chunk.append(ordered[start])
+                    rows += cost(ordered[start])
+                    done += len(ordered[start][1])
+                    start += 1
+                score(model, chunk, pad, out)
+                pb.advance(done)
     return out
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _logits_at(model, rows: torch.Tensor, cols: torch.Tensor, keep: int, **inputs) -> torch.Tensor:
+    """Logits [N, V] of the positions (rows[i], cols[i]) only: a pre-hook on the output embedding hands
+    the LM head just those hidden states (the vocabulary projection is the costliest layer of a small
+    model). Models without an output embedding module compute the last ``keep`` positions and pick."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        width = inputs["input_ids"].shape[1]
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        return logits[rows, cols - (width - keep)]
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols], *args[1:]))
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
+def _score_last(model, chunk, pad: int, out: list[float]) -> None:
+    """Score one batch of questions whose continuations are all single tokens: one row per context,
+    right-padded, no attention mask (causal attention: padding after a row's end is never seen, as in
+    the harness's own batches), and the LM head only at each row's last context position, whose
+    log-softmax gives every choice's score at once."""
+    dev = _device(model)
+    lengths = [len(c) for c, _ in chunk]
+    width = max(lengths)
+    flat = []
+    for c, _ in chunk:
+        flat += c + [pad] * (width - len(c))
+    ids = torch.tensor(flat, dtype=torch.long, device=dev).view(len(chunk), width)
+    rows = torch.arange(len(chunk), device=dev)
+    cols = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
+    logp = torch.log_softmax(_logits_at(model, rows, cols, width - min(lengths) + 1, input_ids=ids).float(), dim=-1)
+    owner = [r for r, (_, g) in enumerate(chunk) for _ in g]
+    target = [k[0] for _, g in chunk for _, k in g]
+    scores = logp[torch.tensor(owner, dtype=torch.long, device=dev),
+                  torch.tensor(target, dtype=torch.long, device=dev)].tolist()
+    for (i, _), v in zip((m for _, g in chunk for m in g), scores):
+        out[i] = v
 
 
 def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
@@ -139,51 +193,51 @@ def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
         flat_ids += [pad] * pad_n
         flat_seg += [-1] * pad_n
         flat_pos += [0] * pad_n
-    B = len(chunk)
-    ids = torch.tensor(flat_ids).view(B, width)
-    seg = torch.tensor(flat_seg).view(B, width)
-    pos = torch.tensor(flat_pos).view(B, width)
-    idx = torch.arange(width)
+    B, dev = len(chunk), _device(model)
+    ids = torch.tensor(flat_ids, dtype=torch.long, device=dev).view(B, width)
+    seg = torch.tensor(flat_seg, dtype=torch.long, device=dev).view(B, width)
+    pos = torch.tensor(flat_pos, dtype=torch.long, device=dev).view(B, width)
+    idx = torch.arange(width, device=dev)
     causal = idx[None, :] <= idx[:, None]
     allowed = causal[None] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
     dtype = next(model.parameters()).dtype
-    mask = torch.zeros((B, 1, width, width), dtype=dtype)
+    mask = torch.zeros((B, 1, width, width), dtype=dtype, device=dev)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    keep = width - min(q_col)  # trailing positions that reach the LM head
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                   logits_to_keep=keep).logits
-    sel = logits[torch.tensor(q_row), torch.tensor(q_col) - (width - keep)]
-    logp = torch.log_softmax(sel.float(), dim=-1).gather(-1, torch.tensor(targets)[:, None]).squeeze(-1)
-    scores = torch.zeros(len(members), dtype=logp.dtype).index_add_(0, torch.tensor(member), logp)
+    sel = _logits_at(model, torch.tensor(q_row, device=dev), torch.tensor(q_col, device=dev), width - min(q_col),
+                     input_ids=ids, attention_mask=mask, position_ids=pos)
+    logp = torch.log_softmax(sel.float(), dim=-1).gather(
+        -1, torch.tensor(targets, dtype=torch.long, device=dev)[:, None]).squeeze(-1)
+    scores = torch.zeros(len(members), dtype=logp.dtype, device=dev).index_add_(
+        0, torch.tensor(member, dtype=torch.long, device=dev), logp)
     for i, v in zip(members, scores.tolist()):
         out[i] = v
 
 
 def _score_chunk(model, chunk, pad: int, out: list[float]) -> None:
     """Score one batch: ``chunk`` is a list of (context tokens, [(request index, continuation tokens)])."""
-    width = max(len(c) for c, _ in chunk)
-    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    width, dev = max(len(c) for c, _ in chunk), _device(model)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=dev)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long, device=dev)
     for r, (c, _) in enumerate(chunk):
-        ids[r, width - len(c):] = torch.tensor(c)
+        ids[r, width - len(c):] = torch.tensor(c, dtype=torch.long, device=dev)
         mask[r, width - len(c):] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     first_logp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each continuation's 1st token
     owners = [r for r, (_, group) in enumerate(chunk) for _ in group]
     members = [m for _, group in chunk for m in group]
-    owner_idx = torch.tensor(owners)
+    owner_idx = torch.tensor(owners, dtype=torch.long, device=dev)
     cache = first.past_key_values
     if owners != list(range(len(chunk))):
         cache.reorder_cache(owner_idx)
     lmax = max(len(k) for _, k in members)
-    cont = torch.full((len(members), lmax), pad, dtype=torch.long)
-    cmask = torch.zeros((len(members), lmax), dtype=torch.long)
+    cont = torch.full((len(members), lmax), pad, dtype=torch.long, device=dev)
+    cmask = torch.zeros((len(members), lmax), dtype=torch.long, device=dev)
     for r, (_, k) in enumerate(members):
-        cont[r, :len(k)] = torch.tensor(k)
+        cont[r, :len(k)] = torch.tensor(k, dtype=torch.long, device=dev)
         cmask[r, :len(k)] = 1
     full_mask = torch.cat([mask[owner_idx], cmask], dim=1)
-    cpos = mask.sum(-1)[owner_idx].unsqueeze(1) + torch.arange(lmax).unsqueeze(0)
+    cpos = mask.sum(-1)[owner_idx].unsqueeze(1) + torch.arange(lmax, device=dev).unsqueeze(0)
     scores = first_logp[owner_idx].gather(-1, cont[:, :1]).squeeze(-1)
     if lmax > 1:
         rest = model(input_ids=cont[:, :-1], attention_mask=full_mask[:, :-1], position_ids=cpos[:, :-1],

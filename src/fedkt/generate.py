@@ -112,77 +112,164 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _decode_batch(model, tok, rows: list[list[int]], max_new_tokens: int, pad_id: int, eos: torch.Tensor,
-                  stop: Sequence[str], sampler, on_finish, prefix=None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Generate for one batch of token-id prompts. Returns (tokens (B, T), new-token counts (B,), forwards).
+def _prefill(model, rows: list[list[int]], pad_id: int, prefix=None):
+    """Prefill a left-padded batch of token-id prompts: (KV cache, attention mask, next positions, last logits).
 
     ``prefix`` = (KV cache of a shared prefix of P tokens, batch 1; P): ``rows`` are then the suffixes.
     Layout ``[prefix][left padding][suffix]``; the padding is masked and positions continue from P.
     """
+    dev = _device(model)
     b = len(rows)
     width = max(len(r) for r in rows)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding
-        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        attn[i, width - len(r):] = 1
+    flat, mask = [], []
+    for r in rows:  # left padding
+        flat += [pad_id] * (width - len(r)) + r
+        mask += [0] * (width - len(r)) + [1] * len(r)
+    input_ids = torch.tensor(flat, dtype=torch.long, device=dev).view(b, width)
+    attn = torch.tensor(mask, dtype=torch.long, device=dev).view(b, width)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     kw = {}
     if prefix is not None:
         cache, plen = copy.deepcopy(prefix[0]), prefix[1]
         cache.batch_repeat_interleave(b)
-        attn = torch.cat([torch.ones((b, plen), dtype=torch.long), attn], dim=1)
+        attn = torch.cat([torch.ones((b, plen), dtype=torch.long, device=dev), attn], dim=1)
         pos = pos + plen
         kw["past_key_values"] = cache
     out = _forward(model, input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True,
                    logits_to_keep=1, **kw)
-    forwards = 1
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
-    next_pos = pos[:, -1] + 1
-    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)
-    n_new = torch.zeros(b, dtype=torch.long)
-    live = torch.arange(b)  # batch rows still generating, in cache order
-    window = max((len(s) for s in stop), default=0) + _STOP_WINDOW_SLACK
+    cache = out.past_key_values
     if not hasattr(cache, "batch_select_indices"):
         raise TypeError(f"{type(model).__name__} returned a {type(cache).__name__} KV cache without "
                         f"batch_select_indices; fedkt.generate needs a transformers Cache (transformers >= 5)")
-    for t in range(max_new_tokens):
+    return cache, attn, pos[:, -1] + 1, out.logits[:, -1, :]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _mergeable(cache) -> bool:
+    """Whether rows can join ``cache``: plain dynamic layers (full attention), whose tensors fedkt can pad
+    and concatenate along the batch. Sliding-window, static, quantised or linear-attention caches cannot."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _merge(cache, attn, other, other_attn):
+    """Append the rows of (``other``, ``other_attn``) to (``cache``, ``attn``): the shorter side is padded on
+    the left with masked zero keys/values (positions are explicit, so column order carries no meaning)."""
+    ta, tb = attn.shape[1], other_attn.shape[1]
+    t = max(ta, tb)
+    pad = torch.nn.functional.pad
+    for la, lb in zip(cache.layers, other.layers):
+        la.keys = torch.cat([pad(la.keys, (0, 0, t - ta, 0)), pad(lb.keys, (0, 0, t - tb, 0))], dim=0)
+        la.values = torch.cat([pad(la.values, (0, 0, t - ta, 0)), pad(lb.values, (0, 0, t - tb, 0))], dim=0)
+    return torch.cat([pad(attn, (t - ta, 0)), pad(other_attn, (t - tb, 0))], dim=0)
+
+
+def _trim(cache, attn):
+    """Drop leading columns that no live row attends to (padding left behind by rows that finished)."""
+    used = attn.any(0).nonzero()
+    c0 = int(used[0]) if len(used) else 0
+    if c0 == 0:
+        return attn
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, c0:], layer.values[:, :, c0:]
+    return attn[:, c0:]
+
+
+def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max_new_tokens: int, pad_id: int,
+            eos: torch.Tensor, stop: Sequence[str], sampler, on_finish, prefix=None,
+            refill: bool = True) -> tuple[dict[int, list[int]], int, list[int]]:
+    """Generate for ``queue`` ((prompt index, token ids), in the order to start them), at most ``batch_size``
+    rows at a time. Returns ({prompt index: new ids}, forwards, decode steps per batch).
+
+    Continuous batching (``refill``): when rows finish they leave the batch and KV cache, and once a quarter
+    of the batch (or all of it) is free, the next prompts of the queue are prefilled and join the running
+    batch (their cache padded to the batch's width, masked); leading columns no live row uses are trimmed.
+    Without ``refill`` (or with a cache whose layers cannot be merged), batches run one after another to
+    their last row, as ``batch_size`` cuts the queue.
+    """
+    dev = eos.device
+    done_ids: dict[int, list[int]] = {}
+    forwards, steps = 0, []
+    window = max((len(s) for s in stop), default=0) + _STOP_WINDOW_SLACK
+    q = 0  # next queue entry to start
+    cache = attn = next_pos = logits = None
+    live: list[int] = []  # prompt indices of the rows in cache order
+    made: list[list[int]] = []  # their new ids so far
+    batch_steps = total = 0
+    threshold = max(1, batch_size // 4)
+    while q < len(queue) or live:
+        free = batch_size - len(live)
+        if q < len(queue) and (not live or (refill and free >= threshold and _mergeable(cache))):
+            take = queue[q:q + free]
+            q += len(take)
+            c2, a2, p2, l2 = _prefill(model, [r for _, r in take], pad_id, prefix)
+            forwards += 1
+            if not live:
+                if cache is not None:
+                    steps.append(batch_steps)
+                cache, attn, next_pos, logits, batch_steps = c2, a2, p2, l2, 0
+            else:
+                attn = _merge(cache, attn, c2, a2)
+                next_pos, logits = torch.cat([next_pos, p2]), torch.cat([logits, l2])
+            live += [i for i, _ in take]
+            made += [[] for _ in take]
         nxt = sampler(logits)
-        tokens[live, t] = nxt
-        n_new[live] = t + 1
         done = torch.isin(nxt, eos)
+        nxt_list = nxt.tolist()
+        for j, t in enumerate(nxt_list):
+            made[j].append(t)
+        total += len(nxt_list)
         if stop:
-            lo = max(0, t + 1 - window)
-            tails = tok.batch_decode(tokens[live, lo:t + 1].tolist(), skip_special_tokens=True)
+            tails = tok.batch_decode([m[-window:] for m in made], skip_special_tokens=True)
             for j, tail in enumerate(tails):  # a loop over rows; the text check has no tensor form
                 if not done[j] and _has_stop(tail, stop):
-                    full = tok.decode(tokens[live[j], :t + 1].tolist(), skip_special_tokens=True)
-                    done[j] = _has_stop(full, stop)
+                    done[j] = _has_stop(tok.decode(made[j], skip_special_tokens=True), stop)
+        full = torch.tensor([len(m) >= max_new_tokens for m in made], dtype=torch.bool, device=dev)
+        done = done | full
         n_done = int(done.sum())
         if n_done:
-            on_finish(n_done)
-        if t == max_new_tokens - 1 or n_done == len(live):
-            if t == max_new_tokens - 1 and n_done < len(live):
-                on_finish(len(live) - n_done)
-            break
-        attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+            on_finish(n_done, total)
+            for j in done.nonzero().squeeze(1).tolist():
+                done_ids[live[j]] = made[j]
+        if n_done == len(live):
+            live, made = [], []
+            continue
+        attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
         if n_done:
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            live, nxt, attn, next_pos = live[keep], nxt[keep], attn[keep], next_pos[keep]
+            kept = keep.tolist()
+            live, made = [live[j] for j in kept], [made[j] for j in kept]
+            nxt, attn, next_pos = nxt[keep], attn[keep], next_pos[keep]
+            if refill and _mergeable(cache):
+                attn = _trim(cache, attn)
         out = _forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
         forwards += 1
+        batch_steps += 1
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
-    return tokens, n_new, forwards
+    if cache is not None:
+        steps.append(batch_steps)
+    return done_ids, forwards, steps
 
 
 @torch.no_grad()
 def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                seed: int = 0, stop: Sequence[str] = (), desc: str = "generate") -> Generation:
-    """``generate`` with counts: texts, tokens generated per prompt, model forwards and wall time."""
+                seed: int = 0, stop: Sequence[str] = (), desc: str = "generate",
+                refill: bool | None = None) -> Generation:
+    """``generate`` with counts: texts, tokens generated per prompt, model forwards and wall time.
+
+    ``refill`` (continuous batching: finished rows are replaced by the next prompts) defaults to on for
+    greedy decoding, whose output does not depend on the batch a row runs in, and off for sampling, whose
+    draws come from one generator in batch order: a sampled run keeps the fixed batches (``batch_size``
+    consecutive prompts of the length order) so its outputs stay those of earlier fedkt versions."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -200,8 +287,11 @@ def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, b
                                  f"give every prompt some text")
             ids[i] = [tok.bos_token_id]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_token_ids(model, tok)[0]
-    eos = torch.tensor(eos_token_ids(model, tok), dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
+    dev = _device(model)
+    eos = torch.tensor(eos_token_ids(model, tok), dtype=torch.long, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    if refill is None:
+        refill = not do_sample
     was_training = model.training
     if do_sample:
         sampler = lambda logits: _sample(logits, temperature, top_k, top_p, gen)  # noqa: E731
@@ -212,34 +302,29 @@ def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, b
     texts: list[str] = [""] * n
     counts: list[int] = [0] * n
     res = Generation(texts, counts, [[] for _ in range(n)])
-    made = 0
     model.eval()
     try:
         prefix = None
         if plen >= MIN_SHARED_PREFIX:
-            out = _forward(model, input_ids=torch.tensor([ids[0][:plen]]), use_cache=True, logits_to_keep=1)
+            out = _forward(model, input_ids=torch.tensor([ids[0][:plen]], dtype=torch.long, device=dev), use_cache=True, logits_to_keep=1)
             prefix = (out.past_key_values, plen)
             ids = [r[plen:] for r in ids]
             res.forward_calls += 1
             res.shared_prefix_tokens = plen
         order = sorted(range(n), key=lambda i: -len(ids[i]))  # length buckets, longest first (stable)
         with progress.bar(desc, n) as pb:
-            def on_finish(k: int) -> None:
-                pb.advance(k, tok_s=(made + 0.0) / max(time.perf_counter() - t0, 1e-9))
+            def on_finish(k: int, made: int) -> None:
+                pb.advance(k, tok_s=made / max(time.perf_counter() - t0, 1e-9))
 
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                tokens, n_new, fw = _decode_batch(model, tok, [ids[i] for i in idx], max_new_tokens, pad_id, eos,
-                                                  stop, sampler, on_finish, prefix)
-                res.forward_calls += fw
-                res.per_batch_steps.append(fw - 1)
-                new_ids = [tokens[j, :int(n_new[j])].tolist() for j in range(len(idx))]
-                decoded = tok.batch_decode(new_ids, skip_special_tokens=True)
-                for j, i in enumerate(idx):
-                    texts[i] = cut_at_stop(decoded[j], stop)
-                    counts[i] = len(new_ids[j])
-                    res.token_ids[i] = new_ids[j]
-                made += int(n_new.sum())
+            new, fw, steps = _decode(model, tok, [(i, ids[i]) for i in order], batch_size, max_new_tokens, pad_id,
+                                     eos, stop, sampler, on_finish, prefix, refill=refill)
+        res.forward_calls += fw
+        res.per_batch_steps = steps
+        decoded = tok.batch_decode([new[i] for i in range(n)], skip_special_tokens=True)
+        for i in range(n):
+            texts[i] = cut_at_stop(decoded[i], stop)
+            counts[i] = len(new[i])
+            res.token_ids[i] = new[i]
     finally:
         model.train(was_training)
     res.seconds = time.perf_counter() - t0
@@ -248,7 +333,7 @@ def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, b
 
 def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 16,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             stop: Sequence[str] = (), desc: str = "generate") -> list[str]:
+             stop: Sequence[str] = (), desc: str = "generate", refill: bool | None = None) -> list[str]:
     """Continue each prompt; returns only the new text, cut at the first stop string.
 
     Greedy unless ``do_sample``; sampling is reproducible given ``seed`` (and ``batch_size``). Each row
@@ -256,7 +341,7 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, batc
     ``max_new_tokens``.
     """
     return generate_ex(model, tok, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p, top_k,
-                       seed, stop, desc).texts
+                       seed, stop, desc, refill).texts
 
 
 # --------------------------------------------------------------------------------------------------

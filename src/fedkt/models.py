@@ -146,23 +146,77 @@ def add_lora(model, cfg: LoraSettings, seed: int = 0):
     return peft_model
 
 
-def get_adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's weights as a dict of detached CPU tensors (peft key names)."""
+_ADAPTER_MAP = "_fedkt_adapter_params"  # attribute of a peft model holding its cached name -> parameter map
+
+
+def _adapter_signature(model) -> tuple:
+    """What the adapter layout depends on besides the parameter objects: the adapters and the active one."""
+    cfg = getattr(model, "peft_config", None) or {}
+    return (id(cfg), tuple((k, id(v)) for k, v in cfg.items()), str(getattr(model, "active_adapter", None)))
+
+
+def _adapter_params(model) -> dict[str, torch.nn.Parameter] | None:
+    """peft's adapter state-dict keys -> the model's own LoRA parameters, cached on the model.
+
+    ``get_peft_model_state_dict`` walks the whole ``state_dict()`` of the model on every call (hundreds of
+    base tensors for a handful of LoRA ones); the map is built from it once and reused while the same
+    adapters are active and every cached parameter is still the one its module holds (a reloaded or
+    replaced adapter rebuilds it). None when a key is not a parameter (peft's path is used then)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    cached = model.__dict__.get(_ADAPTER_MAP)
+    sig = _adapter_signature(model)
+    if cached is not None and cached[0] == sig and all(getattr(m, a, None) is p for m, a, p in cached[2]):
+        return cached[1]
+    by_ptr = {}
+    for name, p in model.named_parameters():
+        by_ptr.setdefault((p.data_ptr(), tuple(p.shape), p.stride()), (name, p))
+    params, slots = {}, []
+    for key, t in get_peft_model_state_dict(model).items():
+        hit = by_ptr.get((t.data_ptr(), tuple(t.shape), t.stride()))
+        if hit is None:
+            model.__dict__.pop(_ADAPTER_MAP, None)
+            return None
+        name, p = hit
+        mod, _, attr = name.rpartition(".")
+        params[key] = p
+        slots.append((model.get_submodule(mod), attr, p))
+    model.__dict__[_ADAPTER_MAP] = (sig, params, slots)
+    return params
+
+
+def get_adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's weights as a dict of detached CPU tensors (peft key names), copied from the cached
+    key -> parameter map (equal to ``get_peft_model_state_dict``, tested)."""
+    params = _adapter_params(model)
+    if params is None:
+        from peft import get_peft_model_state_dict
+
+        params = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
 
 
 def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    """Copy ``state`` (peft key names) into the adapter's parameters in place (``copy_``, casting to each
+    parameter's device and dtype): what ``set_peft_model_state_dict`` does, without its state-dict walk."""
+    params = _adapter_params(model)
+    if params is None:
+        from peft import get_peft_model_state_dict
 
-    current = get_peft_model_state_dict(model)
-    missing = set(current) - set(state)
-    unexpected = set(state) - set(current)
+        params = get_peft_model_state_dict(model)
+    missing = set(params) - set(state)
+    unexpected = set(state) - set(params)
     if missing or unexpected:
         raise ValueError(f"adapter state does not match the model: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
-    set_peft_model_state_dict(model, state)
+    bad = [k for k, p in params.items() if tuple(state[k].shape) != tuple(p.shape)]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"adapter state does not match the model: {k} has shape {tuple(state[k].shape)}, the "
+                         f"model's is {tuple(params[k].shape)} (a different LoRA rank or target?)")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from fedkt import devices, progress
 from fedkt.config import TrainConfig
-from fedkt.data.collate import SFTExample, collate_sft, make_sft_example
+from fedkt.data.collate import IGNORE, SFTExample, collate_sft, make_sft_example
 from fedkt.data.prompts import training_text
 from fedkt.data.tasks import Example
 from fedkt.losses import answer_ce
@@ -173,10 +173,37 @@ def sft(model, tok, examples: Sequence[Example], cfg: TrainConfig, seed: int, ep
         desc: str = "train") -> TrainStats:
     """Answer-only supervised fine-tuning of the trainable parameters of ``model`` on ``examples``."""
     data = tokenize_examples(tok, examples, cfg.max_length)
-    return train_loop(model, data, lambda m, b: answer_ce(m(input_ids=b["input_ids"],
-                                                            attention_mask=b["attention_mask"]).logits,
-                                                          b["labels"]),
-                      cfg, seed, tok.pad_token_id, epochs=epochs, desc=desc)
+    return train_loop(model, data, answer_loss, cfg, seed, tok.pad_token_id, epochs=epochs, desc=desc)
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``answer_ce`` of a ``collate_sft`` batch with the LM head run only where it counts: a pre-hook on the
+    output embedding hands it the hidden states of the positions that predict a supervised token (the
+    answers: a few of each row's tokens) instead of every position of the padded batch, so the vocabulary
+    projection, its log-softmax and their backward shrink by the prompt share of the batch. The model's
+    body runs as before (same shapes, same dropout draws); the loss equals ``answer_ce`` on full logits up
+    to float rounding. Models without an output embedding module take the full path."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    target = labels[:, 1:]
+    rows, cols = (target != IGNORE).nonzero(as_tuple=True)  # position t predicts token t + 1
+    logits = logits_at(model, rows, cols, input_ids=ids, attention_mask=mask)
+    if logits is None:
+        return answer_ce(model(input_ids=ids, attention_mask=mask).logits, labels)
+    return torch.nn.functional.cross_entropy(logits.float(), target[rows, cols])
+
+
+def logits_at(model, rows: torch.Tensor, cols: torch.Tensor, **inputs) -> torch.Tensor | None:
+    """``model(**inputs)``'s logits [N, V] at positions (rows[i], cols[i]) only: a forward pre-hook on the
+    output embedding hands the LM head just those hidden states (the body runs as usual: same shapes, same
+    dropout draws). None for a model without an output embedding module (compute full logits instead)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols], *args[1:]))
+    try:
+        return model(**inputs).logits
+    finally:
+        handle.remove()
 
 
 def train_loop(model, data: Sequence[SFTExample], loss_fn: Callable, cfg: TrainConfig, seed: int,
