@@ -51,7 +51,7 @@ def test_generation_exact_match(model_dirs, tok, monkeypatch):
     model, _ = load_model(str(model_dirs["slm"]))
     exs = [parse_row({"question": "q1", "answer": "x\n#### 12"}, "gsm8k", "a"),
            parse_row({"question": "q2", "answer": "y\n#### 7"}, "gsm8k", "b")]
-    monkeypatch.setattr("fedkt.generate.generate", lambda *a, **k: ["so it is 12", "The answer is 8."])
+    monkeypatch.setattr("fedkt.evaluate.generate", lambda *a, **k: ["so it is 12", "The answer is 8."])
     assert ev.score_generation(model, tok, exs) == {"acc": 0.5, "exact_match": 0.5, "n": 2}
     # real generation runs and returns a score in [0, 1]
     monkeypatch.undo()
