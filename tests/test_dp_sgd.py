@@ -13,9 +13,14 @@ from fedkt.data.collate import collate_sft
 from fedkt.data.tasks import Example
 from fedkt.losses import answer_ce
 from fedkt.models import add_lora, get_adapter_state
-from fedkt.privacy.dp_sgd import (DPConfig, batch_loss, dp_train, effective_delta, epsilon_for,
+from fedkt.privacy.dp_sgd import (DPConfig, batch_loss, dp_train_loop, effective_delta, epsilon_for,
                                   per_sample_answer_ce, per_sample_grads, planned_steps, sample_rate)
 from fedkt.train import tokenize_examples
+
+
+def dp_train(model, tok, examples, cfg, seed):
+    """DP-SGD fine-tuning of ``model``'s adapter on ``examples`` (what FDKT's client does after tokenising)."""
+    return dp_train_loop(model, tokenize_examples(tok, examples, cfg.max_length), cfg, seed, tok.pad_token_id)
 
 
 def examples(n: int) -> list[Example]:

@@ -1,7 +1,7 @@
 """The package's import structure, read from the source with ``ast`` (nothing is imported):
 
 (a) no cycle among module-level imports, and none among all imports (module- and function-level) except
-    the ones listed in ``KNOWN_CYCLES_OWNED_ELSEWHERE``, a set that may only shrink;
+    the ones listed in ``KNOWN_CYCLES``, a set that may only shrink;
 (b) the layer contract of ``LAYERS``: a module imports only from its own layer or layers below it;
 (c) every function-level import is of an optional heavy dependency (``HEAVY_OPTIONAL``) or carries a
     one-line ``# deferred: <reason>`` comment (on its line, or on the line above its block of imports).
@@ -47,18 +47,15 @@ HEAVY_OPTIONAL = {"flwr", "opacus", "bitsandbytes", "lm_eval", "cryptography", "
 """Third-party packages a function may import without a comment: optional extras (flwr, lm_eval, ...), or
 seconds to import (transformers, peft) where ``fedkt --help`` and the data tools should not wait for them."""
 
-KNOWN_CYCLES_OWNED_ELSEWHERE: set[frozenset[str]] = set()
-"""Cycles through function-level imports in files other helpers are rewriting today. This set only
-shrinks: the test fails on any cycle not listed here, and on a listed one that no longer exists."""
+KNOWN_CYCLES: set[frozenset[str]] = set()
+"""Tolerated cycles through function-level imports: none. The test fails on any cycle not listed here,
+and on a listed one that no longer exists (a list that can only shrink)."""
 
-KNOWN_LAYER_BREACHES_OWNED_ELSEWHERE: set[tuple[str, str]] = set()
+KNOWN_LAYER_BREACHES: set[tuple[str, str]] = set()
+"""Tolerated imports from a higher layer: none (same rule)."""
 
-UNEXPLAINED_DEFERRED_OWNED_ELSEWHERE: dict[str, int] = {
-    # round (rounds.py, fedcot's round)
-    "fedkt.algorithms.fedcot": 13, "fedkt.rounds": 2,
-}
-"""Module -> how many of its function-level imports still lack a ``# deferred:`` reason, for modules other
-helpers own today; a count may only go down."""
+KNOWN_UNEXPLAINED_DEFERRED: dict[str, int] = {}
+"""Module -> how many of its function-level imports may lack a ``# deferred:`` reason: none (same rule)."""
 
 
 @dataclass(frozen=True)
@@ -220,10 +217,10 @@ def test_no_import_cycle_at_module_level():
 
 def test_no_import_cycle_through_function_level_imports_beyond_the_known_ones():
     cycles = _cycles(_graph(_all_imports(), with_deferred=True))
-    new = cycles - KNOWN_CYCLES_OWNED_ELSEWHERE
+    new = cycles - KNOWN_CYCLES
     assert not new, f"import cycles (counting function-level imports): {[sorted(c) for c in new]}"
-    gone = KNOWN_CYCLES_OWNED_ELSEWHERE - cycles
-    assert not gone, f"fixed, remove from KNOWN_CYCLES_OWNED_ELSEWHERE: {[sorted(c) for c in gone]}"
+    gone = KNOWN_CYCLES - cycles
+    assert not gone, f"fixed, remove from KNOWN_CYCLES: {[sorted(c) for c in gone]}"
 
 
 def test_every_module_is_in_one_layer_and_layers_only_import_downwards():
@@ -233,11 +230,11 @@ def test_every_module_is_in_one_layer_and_layers_only_import_downwards():
             breaches.add((i.importer, i.target))
     for m in MODULES:
         layer_of(m)
-    new = breaches - KNOWN_LAYER_BREACHES_OWNED_ELSEWHERE
+    new = breaches - KNOWN_LAYER_BREACHES
     assert not new, "imports from a higher layer:\n" + "\n".join(
         f"  {a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]})" for a, b in sorted(new))
-    gone = KNOWN_LAYER_BREACHES_OWNED_ELSEWHERE - breaches
-    assert not gone, f"fixed, remove from KNOWN_LAYER_BREACHES_OWNED_ELSEWHERE: {sorted(gone)}"
+    gone = KNOWN_LAYER_BREACHES - breaches
+    assert not gone, f"fixed, remove from KNOWN_LAYER_BREACHES: {sorted(gone)}"
 
 
 def test_function_level_imports_defer_a_heavy_dependency_or_say_why():
@@ -252,13 +249,13 @@ def test_function_level_imports_defer_a_heavy_dependency_or_say_why():
     print(f"\nfunction-level import statements: {len(statements)} ({len(heavy)} of heavy optional packages, "
           f"{len(reasoned)} with a '# deferred:' reason, {sum(map(len, unexplained.values()))} unexplained in "
           f"modules owned elsewhere)")
-    mine = {m: v for m, v in unexplained.items() if m not in UNEXPLAINED_DEFERRED_OWNED_ELSEWHERE}
+    mine = {m: v for m, v in unexplained.items() if m not in KNOWN_UNEXPLAINED_DEFERRED}
     assert not mine, "function-level imports without a '# deferred: <reason>' comment:\n" + "\n".join(
         sorted(line for v in mine.values() for line in v))
-    for m, allowed in UNEXPLAINED_DEFERRED_OWNED_ELSEWHERE.items():
+    for m, allowed in KNOWN_UNEXPLAINED_DEFERRED.items():
         n = len(unexplained.get(m, []))
         assert n <= allowed, f"{m}: {n} unexplained function-level imports, more than the {allowed} allowed"
-        assert n == allowed, f"{m}: down to {n}; lower UNEXPLAINED_DEFERRED_OWNED_ELSEWHERE[{m!r}] to {n}"
+        assert n == allowed, f"{m}: down to {n}; lower KNOWN_UNEXPLAINED_DEFERRED[{m!r}] to {n}"
 
 
 def test_loading_a_config_or_a_builtin_model_imports_neither_the_registry_nor_the_derivation_pipeline():

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedkt import progress
 from fedkt.run_results import MethodResult
@@ -127,7 +128,6 @@ class Checkpoints:
         self.root = out / "checkpoints" / method
 
     def save(self, round: int, tensors: dict[str, Adapter], state: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
 
         d = self.root / f"round_{round:03d}"
         shutil.rmtree(d, ignore_errors=True)
@@ -137,7 +137,6 @@ class Checkpoints:
         write_json_atomic(d / "state.json", {"round": round, **state})
 
     def latest(self) -> tuple[int, dict[str, Adapter], dict[str, Any]] | None:
-        from safetensors.torch import load_file
 
         done = sorted(p for p in self.root.glob("round_*") if (p / "state.json").is_file())
         if not done:

@@ -35,26 +35,32 @@ from dataclasses import dataclass, field
 import torch
 
 from fedkt import progress
-from fedkt.text_generators import is_remote
+from fedkt.algorithms.baselines import mean_metrics
 from fedkt.clients import ClientContext
 from fedkt.config import PATH, check
 from fedkt.data.collate import collate_sft, make_sft_example
 from fedkt.data.prompts import training_text
 from fedkt.data.tasks import Example
+from fedkt.evaluate import evaluate_tasks
 from fedkt.fedavg_round import FedAvgRound
 from fedkt.federation.base import Message
+from fedkt.generate import generate
 from fedkt.losses import answer_ce
-from fedkt.models import get_adapter_state
+from fedkt.models import get_adapter_state, load_model, save_adapter
+from fedkt.privacy.attacks_text import attack_sample
+from fedkt.privacy.audit import text_dp_audit
 from fedkt.privacy.epsilons import per_client
+from fedkt.privacy.kit_check import client_kit, kit_sha256
 from fedkt.privacy.policy import guard
+from fedkt.privacy.text_dp import EmbeddingKit, perturb_batch
 from fedkt.registry import MethodSpec, register
+from fedkt.text_generators import is_remote
 from fedkt.train import train_loop
 
 
 @dataclass
 class FedCoTConfig:
     """The ``[fedcot]`` section."""
-
     epsilon: float = 3.0
     """Text-DP ε per token (``inf``: no perturbation). A prompt of n tokens costs n·ε (basic composition)."""
     client_epsilons: list[float] = field(default_factory=list)
@@ -81,7 +87,6 @@ class FedCoTConfig:
     attack_prompts: int = 8
     """Public prompts the contextual attack (LM prior = the server LLM) runs on for the run's privacy
     section (docs/privacy-attacks.md); 0 turns it off. Needs a local ``model.llm``."""
-
     def __post_init__(self):
         check(self.epsilon > 0, f"epsilon must be > 0 (inf for no perturbation), got {self.epsilon}")
         for i, e in enumerate(self.client_epsilons):
@@ -135,8 +140,6 @@ def client_encode(ctx: ClientContext, msg: Message) -> Message:
     The kit comes from the client's policy (built from its own model, or a server-named file checked by
     hash and validated against its own tokenizer: ``fedkt.privacy.kit_check``), the randomness from its
     own source (``ctx.secret_rng``), and the reply holds only the DP texts and declared counts."""
-    from fedkt.privacy.text_dp import perturb_batch
-
     eps = float(msg.meta["epsilon"])
     tok = ctx.slm.tokenizer
     originals = [render_question(ex) for ex in ctx.data]
@@ -147,7 +150,6 @@ def client_encode(ctx: ClientContext, msg: Message) -> Message:
     if math.isinf(eps):
         texts, n_changed = originals, 0
     else:
-        from fedkt.privacy.kit_check import client_kit
 
         kit = client_kit(ctx, msg.meta)
         results = perturb_batch(originals, kit, tok, eps, seed=ctx.secret_rng("textdp"))
@@ -165,8 +167,6 @@ def client_encode(ctx: ClientContext, msg: Message) -> Message:
 
 def decode_rationales(ctx: ClientContext, rationales: list[str], decode_tokens: int, batch_size: int) -> list[str]:
     """Step 3: the SLM writes a rationale for each original question from the perturbed example."""
-    from fedkt.generate import generate
-
     perturbed = ctx.state["perturbed"]
     if len(rationales) != len(perturbed):
         raise ValueError(f"got {len(rationales)} rationales for {len(perturbed)} prompts")
@@ -218,8 +218,6 @@ def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
     ctx.state.tensors["own_slm"] = get_adapter_state(model)  # client-owned; never sent
     meta = {"num_examples": len(ctx.data), "steps": stats.steps}
     if m.get("evaluate"):
-        from fedkt.evaluate import evaluate_tasks
-        from fedkt.models import save_adapter
 
         if ctx.workdir is not None:
             save_adapter(model, None, ctx.workdir / "slm")
@@ -248,16 +246,12 @@ class FedCoT(FedAvgRound):
                              f"{len(fed.clients)} clients): each client decodes the LLM's rationales in round 1 "
                              "and trains on them every round; set federation.clients_per_round = 0 for fedcot")
         self.kit_path = kit_for(server, self.cfg) if any(not math.isinf(e) for e in self.epsilons(fed).values()) else ""
-        from fedkt.privacy.kit_check import kit_sha256
 
         self.kit_sha256 = kit_sha256(self.kit_path) if self.kit_path else ""
 
     def audit(self, server, fed) -> list[dict]:
         """The text-DP audit on the server's own public prompts (aux set, same format as the clients'): what
         a server-side embedding-inversion attacker recovers at the run's ε values and the standard ones."""
-        from fedkt.privacy.audit import text_dp_audit
-        from fedkt.privacy.text_dp import EmbeddingKit
-
         if not self.kit_path or not server.aux:
             return []
         kit = EmbeddingKit.load(self.kit_path)
@@ -269,9 +263,6 @@ class FedCoT(FedAvgRound):
     def attack(self, server, fed) -> list[dict]:
         """The contextual attack (noisy channel + the server LLM as LM prior) on ``attack_prompts`` public
         prompts with planted canaries, at the run's finite ε values and 3, 6, 10 (docs/privacy-attacks.md)."""
-        from fedkt.privacy.attacks_text import attack_sample
-        from fedkt.privacy.text_dp import EmbeddingKit
-
         n = self.cfg.attack_prompts
         if not n or not self.kit_path or not server.aux or server.llm_is_remote:
             return []
@@ -320,7 +311,6 @@ class FedCoT(FedAvgRound):
 
     def after_replies(self, server, fed, replies, rnd, out):
         if self.evaluate:
-            from fedkt.algorithms.baselines import mean_metrics
 
             per_client = {c: r.meta["metrics"] for c, r in replies.items()}
             for c, mt in per_client.items():
@@ -344,8 +334,6 @@ class FedCoT(FedAvgRound):
 def kit_for(server, cfg: FedCoTConfig) -> str:
     """Build (once, cached on disk) the text-DP kit of the LLM's public tokenizer + input embeddings; the
     clients load it by path (in a deployment each client holds a copy of this public file)."""
-    from fedkt.privacy.text_dp import EmbeddingKit
-
     spec = cfg.kit_model or server.cfg.model.llm
     if is_remote(spec):
         raise ValueError("model.llm is an openai: server, whose embeddings fedkt cannot read: set fedcot.kit_model "
@@ -353,7 +341,6 @@ def kit_for(server, cfg: FedCoTConfig) -> str:
     if spec == server.cfg.model.llm:
         model, tok = server.llm.model, server.llm.tokenizer
     else:
-        from fedkt.models import load_model
 
         model, tok = load_model(spec)
     kit = EmbeddingKit.for_model(tok, model.get_input_embeddings().weight.detach(), n_neighbors=cfg.kit_neighbors)

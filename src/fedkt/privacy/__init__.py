@@ -5,7 +5,7 @@ prior, LLM restore, canaries), ``exposure`` (canary exposure, n-gram and text-DP
 (loss-threshold membership on uploaded adapters), ``audit_run`` (``fedkt audit``)."""
 
 from fedkt.privacy.audit import CanaryHit, map_attack, render_audit_table, scan_for_canaries, text_dp_audit
-from fedkt.privacy.text_dp import PerturbResult, perturb, perturb_batch, sample_replacements, total_epsilon
+from fedkt.privacy.text_dp import PerturbResult, perturb, perturb_batch, sample_replacements
 from fedkt.privacy.text_dp_kit import (
     DEFAULT_N,
     SENSITIVITY,
@@ -20,5 +20,4 @@ __all__ = [
     "CanaryHit", "DEFAULT_N", "EmbeddingKit", "KitMismatchError", "PerturbResult", "SENSITIVITY",
     "embedding_fingerprint", "map_attack", "perturb", "perturb_batch", "render_audit_table",
     "sample_replacements", "scan_for_canaries", "text_dp_audit", "textdp_cache_dir", "tokenizer_fingerprint",
-    "total_epsilon",
 ]

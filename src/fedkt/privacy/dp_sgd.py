@@ -58,13 +58,12 @@ import torch
 import torch.nn.functional as F
 
 from fedkt.data.collate import IGNORE, SFTExample, collate_sft
-from fedkt.data.tasks import Example
 from fedkt.devices import compute_dtype, input_device
 from fedkt.losses import shift
 from fedkt.privacy.dp_accounting import calibrate_noise, effective_delta, epsilon_for, planned_steps, sample_rate
-from fedkt.train import Updater, place, run_loop, seed_everything, tokenize_examples, trainable_parameters
+from fedkt.train import Updater, place, run_loop, seed_everything, trainable_parameters
 
-__all__ = ["DPConfig", "DPStats", "batch_loss", "dp_train", "dp_train_loop", "effective_delta", "epsilon_for",
+__all__ = ["DPConfig", "DPStats", "batch_loss", "dp_train_loop", "effective_delta", "epsilon_for",
            "per_sample_answer_ce", "per_sample_grads", "planned_steps", "sample_rate", "calibrate_noise"]
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -209,7 +208,7 @@ def _strip(model) -> None:
 
 def per_sample_grads(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-sample gradients [B, ...] of every trainable parameter for one batch, computed by the same
-    Opacus hooks and loss that :func:`dp_train` uses (no clipping, no noise). Leaves no hook behind."""
+    Opacus hooks and loss that :func:`dp_train_loop` uses (no clipping, no noise). Leaves no hook behind."""
     from opacus.grad_sample import GradSampleHooks
 
     was_training = model.training
@@ -253,18 +252,6 @@ def _empty_step(upd: Updater, params: Sequence[torch.nn.Parameter]) -> None:
 # Training
 
 
-def dp_train(model, tok, examples: Sequence[Example], cfg: DPConfig, seed: int, desc: str = "dp-sgd") -> DPStats:
-    """DP-SGD fine-tuning of the trainable parameters (the LoRA adapter) of ``model`` on ``examples``.
-
-    The model is trained in place and returned to eval mode, unwrapped and hook-free.
-    """
-    data = tokenize_examples(tok, examples, cfg.max_length)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tok.pad_token")
-    return dp_train_loop(model, data, cfg, seed, pad_id, desc=desc)
-
-
 def _secure_noise(opt, rng) -> None:
     """Replace the DP optimizer's noise by CSPRNG noise (``fedkt.privacy.randomness.SecureRandom``): the
     same N(0, σ²C²) per coordinate, drawn from os.urandom instead of a torch generator."""
@@ -298,7 +285,7 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
 
     n = len(data)
     if n == 0:
-        raise ValueError("dp_train needs at least one training example")
+        raise ValueError("DP-SGD needs at least one training example")
     params = trainable_parameters(model)
     if not params:
         raise ValueError("model has no trainable parameters (add a LoRA adapter first)")

@@ -47,8 +47,8 @@ files) is built in :mod:`fedkt.privacy.text_dp_kit`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -162,8 +162,3 @@ def perturb_batch(texts: Sequence[str], kit: EmbeddingKit, tok, epsilon: float,
 def perturb(text: str, kit: EmbeddingKit, tok, epsilon: float, seed: int | torch.Generator) -> PerturbResult:
     """Perturb one text (see ``perturb_batch``)."""
     return perturb_batch([text], kit, tok, epsilon, seed)[0]
-
-
-def total_epsilon(results: Iterable[PerturbResult]) -> float:
-    """Basic composition over several perturbed texts of one client: the sum of their totals."""
-    return float(sum(r.epsilon_total for r in results))
