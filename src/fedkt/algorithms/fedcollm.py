@@ -49,13 +49,13 @@ from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
 from fedkt.devices import autocast, input_device
 from fedkt.fedavg_round import FedAvgRound
-from fedkt.losses import answer_ce, kd_kl
+from fedkt.losses import kd_kl
 from fedkt.models import get_adapter_state
 from fedkt.privacy.policy import guard
 from fedkt.registry import MethodSpec, register
 from fedkt.seeds import derive_seed
-from fedkt.train import (LoopResult, batch_order, make_optimizer, make_updater, place, run_loop, seed_everything,
-                         tokenize_examples, trainable_parameters)
+from fedkt.train import (LoopResult, batch_order, logits_at, make_optimizer, make_updater, place, run_loop,
+                         seed_everything, tokenize_examples, trainable_parameters)
 
 
 @dataclass
@@ -156,30 +156,46 @@ def eval_mode(model):
         model.train(was)
 
 
-def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``model``'s logits for ``inputs`` (moved to its device, under autocast to its compute dtype), back on
-    the inputs' device: the two models may sit on different devices."""
+def loss_positions(batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the shifted positions the losses read: the KL's (``kd_mask``) and the answer tokens'
+    (the CE's). Only these reach the models' LM heads (``logits_of``): padding and each row's last token never do."""
+    need = kd_mask(batch, cfg.kd_tokens) | (batch["labels"][:, 1:] != IGNORE)
+    return need.nonzero(as_tuple=True)
+
+
+def logits_of(model, inputs: dict[str, torch.Tensor], pos: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``model``'s logits [N, V] for ``inputs`` at positions ``pos`` (see ``loss_positions``; the LM head runs
+    on those hidden states only, ``train.logits_at``), computed on the model's device under autocast to its
+    compute dtype and returned on the inputs' device: the two models may sit on different devices."""
     device = inputs["input_ids"].device
+    target = input_device(model)
+    inputs, rows, cols = place(inputs, target), pos[0].to(target), pos[1].to(target)
     with autocast(model):
-        return model(**place(inputs, input_device(model))).logits.to(device)
+        out = logits_at(model, rows, cols, **inputs)
+        if out is None:  # no output embedding module to hook: full logits, then pick the positions
+            out = model(**inputs).logits[rows, cols]
+    return out.to(device)
 
 
 @torch.no_grad()
-def teacher_logits(model, inputs: dict[str, torch.Tensor], teacher_pass: str) -> torch.Tensor:
+def teacher_logits(model, inputs: dict[str, torch.Tensor], teacher_pass: str, pos) -> torch.Tensor:
     """A separate, gradient-free forward pass of the teacher: in eval mode (``"eval"``: no dropout) or in
     whatever mode the model is in (``"train"``)."""
     if teacher_pass == "eval":
         with eval_mode(model):
-            return logits_of(model, inputs)
-    return logits_of(model, inputs)
+            return logits_of(model, inputs, pos)
+    return logits_of(model, inputs, pos)
 
 
 def student_terms(student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor],
-                  cfg: FedCoLLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE of the student's logits on the answer tokens and its KD term against the (detached) teacher."""
-    kl = kd_kl(student[:, :-1], teacher[:, :-1], kd_mask(batch, cfg.kd_tokens), cfg.temperature, cfg.top_k,
+                  cfg: FedCoLLMConfig, pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE of the student's logits on the answer tokens and its KD term against the (detached) teacher.
+    Logits are [N, V] at ``pos``; the sums equal those over full shifted logits with the masks applied."""
+    kl = kd_kl(student[None], teacher[None], kd_mask(batch, cfg.kd_tokens)[pos][None], cfg.temperature, cfg.top_k,
                cfg.kl_direction, cfg.kd_reduction)
-    return answer_ce(student, batch["labels"]), kl
+    target = batch["labels"][:, 1:][pos]
+    ans = target != IGNORE
+    return torch.nn.functional.cross_entropy(student[ans].float(), target[ans]), kl
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,23 +206,24 @@ def mutual_losses(slm, llm, batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig)
     """L_g and L_f for one batch, from one forward pass of each model (start-of-step outputs).
 
     With ``teacher_pass = "eval"`` each KL's teacher side comes from a separate no-dropout pass instead."""
-    inputs = model_inputs(batch)
-    g = logits_of(slm, inputs)
-    f = logits_of(llm, inputs)
+    inputs, pos = model_inputs(batch), loss_positions(batch, cfg)
+    g = logits_of(slm, inputs, pos)
+    f = logits_of(llm, inputs, pos)
     if cfg.teacher_pass == "eval":
-        f_t, g_t = teacher_logits(llm, inputs, "eval"), teacher_logits(slm, inputs, "eval")
+        f_t, g_t = teacher_logits(llm, inputs, "eval", pos), teacher_logits(slm, inputs, "eval", pos)
     else:
         f_t, g_t = f, g
-    ce_g, kl_g = student_terms(g, f_t, batch, cfg)  # KL(f‖g) (forward): teacher f, detached
-    ce_f, kl_f = student_terms(f, g_t, batch, cfg)  # KL(g‖f) (forward): teacher g, detached
+    ce_g, kl_g = student_terms(g, f_t, batch, cfg, pos)  # KL(f‖g) (forward): teacher f, detached
+    ce_f, kl_f = student_terms(f, g_t, batch, cfg, pos)  # KL(g‖f) (forward): teacher g, detached
     return {"loss_g": ce_g + cfg.kd_lambda * kl_g, "loss_f": ce_f + cfg.kd_lambda * kl_f,
             "ce_g": ce_g, "ce_f": ce_f, "kl_g": kl_g, "kl_f": kl_f}
 
 
 def one_sided_losses(student, teacher, batch: dict[str, torch.Tensor], cfg: FedCoLLMConfig) -> dict[str, torch.Tensor]:
     """One model's loss against a frozen teacher (``update = "sequential"``): CE + λ·KL."""
-    inputs = model_inputs(batch)
-    ce, kl = student_terms(logits_of(student, inputs), teacher_logits(teacher, inputs, cfg.teacher_pass), batch, cfg)
+    inputs, pos = model_inputs(batch), loss_positions(batch, cfg)
+    ce, kl = student_terms(logits_of(student, inputs, pos), teacher_logits(teacher, inputs, cfg.teacher_pass, pos),
+                           batch, cfg, pos)
     return {"loss": ce + cfg.kd_lambda * kl, "ce": ce, "kl": kl}
 
 
