@@ -42,6 +42,7 @@ from fedkt.generate import generate
 from fedkt.losses import kd_kl
 from fedkt.models import count_parameters, load_model
 from fedkt.seeds import derive_seed
+from fedkt.train import Updater, run_loop
 
 
 @dataclass
@@ -262,7 +263,7 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
     warm = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / max(1, cfg.steps)))
-    step, tokens, last_loss, losses = 0, 0, float("nan"), []
+    step, tokens, losses = 0, 0, []
     state_file = ckdir / "state.pt"
     if state_file.is_file():
         st = torch.load(state_file, weights_only=False)
@@ -278,32 +279,30 @@ def derive(cfg: DeriveConfig) -> dict[str, Any]:
         perm = list(range(len(train_texts)))
         rng.shuffle(perm)
         order += perm
-    child.train()
-    with progress.bar("derive: distil parent -> child", cfg.steps) as pb:
-        pb.advance(step)
-        while step < cfg.steps:
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            ids, mask = next(_batches(tok, [train_texts[i] for i in idx], cfg.seq_len, len(idx)))
-            with torch.no_grad():
-                t_logits = parent(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            s_logits = child(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            loss = kd_kl(s_logits, t_logits, mask[:, 1:].bool(), cfg.temperature)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += int(mask.sum())
-            last_loss = loss.item()
-            losses.append(last_loss)
-            pb.advance(kd=last_loss)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                tmp = state_file.with_suffix(".tmp")
-                torch.save({"model": child.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "step": step, "tokens": tokens, "losses": losses}, tmp)
-                os.replace(tmp, state_file)
-    child.eval()
+    updater = Updater([(params, opt)], max_grad_norm=1.0, schedulers=[sched])
+    done = {"tokens": tokens}
+
+    def heal_step(i: int) -> dict[str, float]:  # one KD step parent -> child, checkpointed every N steps
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        ids, mask = next(_batches(tok, [train_texts[j] for j in idx], cfg.seq_len, len(idx)))
+        with torch.no_grad():
+            t_logits = parent(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        s_logits = child(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = kd_kl(s_logits, t_logits, mask[:, 1:].bool(), cfg.temperature)
+        updater.backward(loss)
+        updater.step()
+        done["tokens"] += int(mask.sum())
+        losses.append(loss.item())
+        if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.steps:
+            tmp = state_file.with_suffix(".tmp")
+            torch.save({"model": child.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": i + 1, "tokens": done["tokens"], "losses": losses}, tmp)
+            os.replace(tmp, state_file)
+        return {"kd": losses[-1]}
+
+    run_loop(range(step, cfg.steps), heal_step, [child], "derive: distil parent -> child", cfg.steps - step,
+             show=("kd",))
+    tokens = done["tokens"]
     delta = detach_merged(child) if cfg.rank else None
     for p in child.parameters():
         p.requires_grad_(False)
