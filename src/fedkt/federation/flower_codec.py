@@ -30,6 +30,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,12 @@ def _json_field(header: ConfigRecord, key: str, kind: type) -> Any:
     return value
 
 
+_NPY_LOAD = threading.Lock()
+"""``Array.numpy()`` is ``np.load``, which parses the .npy header with ``ast.literal_eval``; on CPython 3.11
+concurrent calls from threads (the in-process engine's workers) can fail with "AST constructor recursion
+depth mismatch" (CPython gh-106905), so decoding takes this lock."""
+
+
 def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
     dtype = DTYPES_BY_NAME.get(dtype_name)
     if dtype is None:
@@ -136,7 +143,8 @@ def _array_to_tensor(name: str, arr: Array, dtype_name: str) -> torch.Tensor:
         raise ValueError(f"malformed fedkt record: tensor {name!r} has quantized dtype {dtype_name!r}, which fedkt "
                          "never sends")
     try:
-        nd = arr.numpy()
+        with _NPY_LOAD:
+            nd = arr.numpy()
     except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed record
         raise ValueError(f"malformed fedkt record: tensor {name!r} cannot be decoded: {e}") from e
     carrier = _carrier(dtype)
