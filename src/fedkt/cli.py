@@ -74,12 +74,28 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
           adapter: Optional[Path] = typer.Option(None, help="peft adapter directory to apply."),
           tasks: str = typer.Option("arc_easy", help="Comma-separated tasks."),
           split: str = typer.Option("test"),
-          data_dir: str = typer.Option("", help="Directory of TASK/SPLIT.jsonl (default: bundled data)."),
-          limit: int = typer.Option(0, help="Seeded subsample size per task (0 = all)."),
+          data_dir: str = typer.Option("", help="Directory of TASK/SPLIT.jsonl (default: bundled data); with "
+                                       "--harness: the data_dir of local task YAMLs (examples/harness)."),
+          limit: int = typer.Option(0, help="Seeded subsample size per task (0 = all); with --harness: "
+                                    "lm-eval's limit, the first N documents of each task."),
           batch_size: int = typer.Option(32),
           seed: int = typer.Option(0),
+          harness: Optional[str] = typer.Option(None, "--harness", help="Score with lm-evaluation-harness "
+                                                "instead: comma-separated lm-eval tasks, groups or tags (e.g. "
+                                                "mmlu,arc_easy); needs pip install 'fedkt[harness]'."),
+          include_path: List[Path] = typer.Option([], "--include-path", help="With --harness: a folder of "
+                                                  "task YAMLs of your own (repeatable; examples/harness)."),
+          num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="With --harness: few-shot "
+                                                    "examples (default: each task's own, else 0)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
-    """Score a model (optionally with a LoRA adapter) on tasks."""
+    """Score a model (optionally with a LoRA adapter) on tasks: fedkt's own scorer, or lm-evaluation-harness
+    itself with --harness (docs/evaluation.md)."""
+    if harness is not None:
+        _eval_harness(model, adapter, harness, data_dir, limit, batch_size, seed, include_path, num_fewshot,
+                      json_out)
+        return
+    if include_path or num_fewshot is not None:
+        raise typer.BadParameter("--include-path and --num-fewshot go with --harness TASKS")
     # deferred: a command imports what it runs; `fedkt --help` loads no torch
     from fedkt.evaluate import evaluate_model
 
@@ -90,6 +106,24 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
                                 batch_size=batch_size, seed=seed)
     finally:
         progress.disable()
+    for t, s in scores.items():
+        typer.echo(f"{t}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+    if json_out:
+        json_out.write_text(json.dumps(scores, indent=2))
+
+
+def _eval_harness(model, adapter, harness, data_dir, limit, batch_size, seed, include_path, num_fewshot, json_out):
+    """``fedkt eval --harness``: lm-eval's tables, then the scores as fedkt's scorer prints them."""
+    # deferred: a command imports what it runs (lm-eval is an optional extra)
+    from fedkt.harness_eval import evaluate_with_harness, scores as harness_scores, table
+
+    names = [t.strip() for t in harness.split(",") if t.strip()]
+    if not names:
+        raise typer.BadParameter("--harness needs at least one lm-eval task name")
+    res = evaluate_with_harness(model, names, adapter=adapter, limit=limit, batch_size=batch_size,
+                                num_fewshot=num_fewshot, include_paths=include_path, data_dir=data_dir, seed=seed)
+    typer.echo(table(res))
+    scores = harness_scores(res)
     for t, s in scores.items():
         typer.echo(f"{t}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
     if json_out:
@@ -290,12 +324,13 @@ def main() -> None:
     from fedkt.config import ConfigError
     from fedkt.data.tasks import DataError
     from fedkt.federation import AllClientsFailed, ClientFailure
+    from fedkt.harness_eval import HarnessError
     from fedkt.models import ModelLoadError
 
     try:
         app()
     except (ConfigError, DataError, ModelLoadError, ModelFetchError, ClientFailure, AllClientsFailed,
-            FileNotFoundError) as e:
+            HarnessError, FileNotFoundError) as e:
         progress.disable()
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
