@@ -13,6 +13,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -206,6 +207,33 @@ class EvalConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Where per-round metrics go besides ``RUN/metrics.jsonl`` (the source, always written): each row is
+    mirrored to TensorBoard and/or MLflow as it is written, so a run can be watched live (docs/results.md)."""
+
+    tensorboard: bool = False
+    """Mirror metrics.jsonl to TensorBoard event files in ``RUN/tensorboard/METHOD/`` (one TensorBoard run per
+    method, tags ``ROLE/TASK/METRIC``; ``tensorboard --logdir RUN/tensorboard``). Needs the ``tensorboard``
+    package: ``pip install 'fedkt[tensorboard]'``."""
+    mlflow: bool = False
+    """Mirror metrics.jsonl to MLflow: one MLflow run per method (step = round), the resolved config as its
+    params, in a local file store (no server). Needs ``pip install 'fedkt[mlflow]'`` (mlflow-skinny)."""
+    mlflow_dir: str = field(default="", metadata=PATH)
+    """The MLflow file store (a directory, created if missing; share one across runs to compare them in one
+    ``mlflow ui``); empty: ``RUN/mlruns``."""
+    mlflow_experiment: str = ""
+    """The MLflow experiment the runs go to; empty: the experiment's ``name``."""
+
+    def __post_init__(self):
+        for key, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("mlflow", "mlflow", "mlflow")):
+            check(not getattr(self, key) or find_spec(module) is not None,
+                  f"{key} = true, but the {module!r} package is not installed: pip install 'fedkt[{extra}]' "
+                  f"(or set metrics.{key} = false)")
+        check("://" not in self.mlflow_dir or self.mlflow_dir.startswith("file://"),
+              f"mlflow_dir = {self.mlflow_dir!r}: a local directory (MLflow's file store), not a server URI")
+
+
+@dataclass
 class FederationConfig:
     rounds: int = 3
     """T, the number of federated rounds."""
@@ -277,6 +305,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sections: dict[str, Any] = field(default_factory=dict, metadata={"toml": False})
     """Method sections (``[fedcollm]``, ...), one per method the loader was given that has a config; read
     with :meth:`section`. Each is the method's own config dataclass (see ``fedkt.registry``)."""

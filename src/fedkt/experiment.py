@@ -80,4 +80,5 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False,
         results.models = {role: m.describe() for role, m in server.loaded_models().items()}
         write_json_atomic(results_path, results.to_dict())
         write_report(results, out)
+    server.close_exports()  # (a run that fails leaves its MLflow runs RUNNING: they did not finish)
     return results.to_dict()

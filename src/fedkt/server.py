@@ -21,6 +21,7 @@ from fedkt.clients import lora_seed
 from fedkt.config import ExperimentConfig
 from fedkt.data.tasks import Example
 from fedkt.evaluate import evaluate_tasks
+from fedkt.metrics_export import MetricsExporter
 from fedkt.models import LoadedModel, load_lora_model, save_adapter
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class ServerContext:
     pooled_client_data: Callable[[], list[Example]] | None = None
     """Only in simulation: the union of the clients' data, for the centralized upper bound."""
     _models: dict[str, LoadedModel] = field(default_factory=dict)
+    _exporter: MetricsExporter | None = None
 
     # -- models --------------------------------------------------------------------------------------
     def model(self, role: str) -> LoadedModel:
@@ -106,6 +108,16 @@ class ServerContext:
         return path
 
     def log_metrics(self, **row: Any) -> None:
+        """Append ``row`` to metrics.jsonl (the source) and mirror it to the ``[metrics]`` exporters."""
         row = {"time": round(time.time(), 3), **row}
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self._exporter is None:
+            self._exporter = MetricsExporter.for_run(self.cfg, self.out)
+        self._exporter.export(row)
+
+    def close_exports(self) -> None:
+        """Close the metrics exporters (flush TensorBoard, mark the MLflow runs finished)."""
+        if self._exporter is not None:
+            self._exporter.close()
+            self._exporter = None
