@@ -14,7 +14,8 @@ import pytest
 from conftest import make_llama
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "harness"
-WORDS = ["oxygen", "nitrogen", "helium", "hydrogen", "water", "rock", "sand", "soil", "wind", "rain", "snow", "ice heat"]
+WORDS = ["oxygen", "nitrogen", "helium", "hydrogen", "water", "rock", "sand", "soil", "wind", "rain", "snow",
+         "ice heat"]
 
 
 def write_mc(path: Path, n: int, start: int = 0) -> Path:

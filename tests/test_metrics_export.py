@@ -151,7 +151,8 @@ def test_a_run_mirrors_metrics_jsonl_to_both(tmp_path, model_dirs, data_dir, rea
 
     tb, ml = readers
     cfg = load_config(None, [f'model.slm="{model_dirs["slm"]}"', f'data.dir="{data_dir}"', 'name="watch"',
-                             'methods=["standalone","fedavg"]', "partition.num_clients=2", "partition.aux_size=8", "federation.rounds=2",
+                             'methods=["standalone","fedavg"]', "partition.num_clients=2", "partition.aux_size=8",
+                             "federation.rounds=2",
                              "train.batch_size=4", "train.epochs=1.0", "eval.batch_size=16", "lora.r=4",
                              'lora.target_modules=["q_proj","v_proj"]', "metrics.tensorboard=true",
                              "metrics.mlflow=true", f'metrics.mlflow_dir="{tmp_path / "store"}"'])

@@ -6,8 +6,9 @@ its metrics.jsonl go on.
 A row ``{"method": "fedavg", "round": 2, "role": "slm", "round_s": 8.1, "metrics": {"arc_easy": {"acc":
 0.51, ...}}}`` becomes, at step 2 (0 for rows without a round) and the row's own time, the scalars
 ``slm/round_s`` and ``slm/arc_easy/acc`` ... of method ``fedavg`` (the ``metrics`` level is left out; a
-client's row gets its client id after the role: ``slm/client0/arc_easy/acc``). Methods are kept apart as TensorBoard runs
-(``RUN/tensorboard/METHOD/``) and MLflow runs, so one chart shows every method's ``slm/arc_easy/acc``.
+client's row gets its client id after the role: ``slm/client0/arc_easy/acc``). Methods are kept apart as
+TensorBoard runs (``RUN/tensorboard/METHOD/``) and MLflow runs, so one chart shows every method's
+``slm/arc_easy/acc``.
 Only numbers are exported (no booleans, lists or strings).
 """
 
