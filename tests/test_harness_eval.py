@@ -200,9 +200,9 @@ def test_a_peft_adapter_is_applied_as_fedkt_eval_applies_it(lm_eval, model_dirs,
     from fedkt.evaluate import evaluate_model
     from fedkt.harness_eval import evaluate_with_harness, scores
 
+    torch.manual_seed(3)  # LoRA A's init and B below: the same adapter whatever ran before
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dirs["slm"]),
                                 LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
-    torch.manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
