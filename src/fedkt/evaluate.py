@@ -29,10 +29,10 @@ from typing import Sequence
 import torch
 
 from fedkt import progress
-from fedkt.config import TASKS, ConfigError
+from fedkt.config import TASKS, ConfigError, EvalConfig
 from fedkt.data.collate import encode, encode_pairs
 from fedkt.data.partition import subsample
-from fedkt.data.prompts import choices as choice_texts, context, continuations
+from fedkt.data.prompts import choices as choice_texts, context, continuations, with_format
 from fedkt.data.tasks import Example, final_number, load_task
 from fedkt.generate import generate
 from fedkt.models import load_model
@@ -326,17 +326,23 @@ def evaluate_tasks(model, tok, eval_sets: dict[str, Sequence[Example]], batch_si
 
 
 def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "test", data_dir: str = "",
-                   limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: str = "float32"
-                   ) -> dict[str, dict[str, float]]:
+                   limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: str = "float32",
+                   prompt_format: str = "harness") -> dict[str, dict[str, float]]:
     """Load model ``spec`` (plus a peft ``adapter`` directory) and score it on ``tasks``' ``split``, each a
-    seeded subsample of ``limit`` questions (0 = all): what ``fedkt eval`` runs."""
+    seeded subsample of ``limit`` questions (0 = all), in ``prompt_format`` ("harness" or "cloze", as
+    ``eval.format``): what ``fedkt eval`` runs."""
     for t in tasks:
         if t not in TASKS:
             raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")
+    try:
+        formats = EvalConfig(format=prompt_format)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}") from None
     model, tok = load_model(spec, dtype)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    sets = {t: subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t)) for t in tasks}
+    sets = {t: with_format(subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t)), formats)
+            for t in tasks}
     return {t: evaluate(model, tok, exs, batch_size, desc=f"eval {t}") for t, exs in sets.items()}

@@ -16,6 +16,7 @@ import time
 
 from fedkt import progress
 from fedkt.clients import ClientContext
+from fedkt.data.prompts import with_format
 from fedkt.evaluate import evaluate_tasks
 from fedkt.federation.base import Message
 from fedkt.models import get_adapter_state, save_adapter
@@ -39,6 +40,7 @@ def train_and_evaluate_locally(ctx: ClientContext, data: list, epochs: float, la
     method that adds data to Standalone's is a paired comparison), keep the adapter in the client's
     workdir, evaluate on the public sets. Returns the metrics (what leaves the client)."""
     model, tok = ctx.slm.use(None), ctx.slm.tokenizer
+    data = with_format(data, ctx.eval)  # e.g. FDKT's synthetic examples, rebuilt from text: eval.format's prompts
     t0 = time.perf_counter()
     if data:
         stats = sft(model, tok, data, ctx.train, seed=ctx.seed_for("standalone"), epochs=epochs,
