@@ -242,3 +242,16 @@ def test_scoring_a_planted_case_gives_the_hand_computed_answer_in_each_format():
     car_park = Example(**{**c.__dict__, "answer": 2})
     assert score_multiple_choice(model, tok, [oven]) == {"acc": 1.0, "acc_norm": 0.0, "n": 1}
     assert score_multiple_choice(model, tok, [car_park]) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+def test_a_flower_client_spec_carries_the_format_table_and_the_examples_formats():
+    from fedkt.clients import ClientSpec
+    from fedkt.federation.flower_spec import spec_from_json, spec_to_json
+
+    ex = fmt(CSQA, {"commonsense_qa": "cloze"})
+    spec = ClientSpec(cid="c0", model="m", eval=EvalConfig(format={"commonsense_qa": "cloze"}), examples=[ex],
+                      eval_sets={"commonsense_qa": [ex]})
+    back = spec_from_json(spec_to_json(spec))
+    assert back.eval.format == {"commonsense_qa": "cloze"}
+    assert back.examples == [ex] and back.examples[0].format == "cloze"
+    assert context(back.eval_sets["commonsense_qa"][0]) == "Question: Where do you keep milk cold?\nAnswer:"
