@@ -255,3 +255,21 @@ def test_a_flower_client_spec_carries_the_format_table_and_the_examples_formats(
     assert back.eval.format == {"commonsense_qa": "cloze"}
     assert back.examples == [ex] and back.examples[0].format == "cloze"
     assert context(back.eval_sets["commonsense_qa"][0]) == "Question: Where do you keep milk cold?\nAnswer:"
+
+
+def test_examples_a_client_trains_on_take_its_format_even_when_rebuilt_from_text(tmp_path, model_dirs, monkeypatch):
+    """FDKT's synthetic examples reach a client as text and are parsed back with the harness default:
+    train_and_evaluate_locally (standalone, FDKT) trains them in the client's eval.format."""
+    from fedkt.algorithms import baselines
+    from fedkt.clients import ClientFactory, ClientSpec
+
+    seen = []
+    monkeypatch.setattr(baselines, "sft", lambda model, tok, data, *a, **k: seen.extend(data) or
+                        type("S", (), {"mean_loss": 0.0})())
+    monkeypatch.setattr(baselines, "evaluate_tasks", lambda *a, **k: {})
+    spec = ClientSpec(cid="c0", model=str(model_dirs["slm"]), eval=EvalConfig(format="cloze"), examples=[])
+    ctx = ClientFactory().build(spec)
+    synthetic = [CSQA, ARC]  # as parsed: format "harness"
+    baselines.train_and_evaluate_locally(ctx, synthetic, 1.0, "fdkt")
+    assert [e.format for e in seen] == ["cloze", "cloze"]
+    assert training_text(seen[0]) == ("Question: Where do you keep milk cold?\nAnswer:", " fridge")
