@@ -200,6 +200,10 @@ class EvalConfig:
     """Evaluate after every round (else only after the last)."""
     max_new_tokens: int = 256
     """GSM8K greedy generation budget."""
+    per_question: bool = True
+    """Record which questions each evaluation got right (results.json ``questions`` and ``correct``; the
+    report's paired differences). Clients that evaluate their own SLM (standalone, FDKT, FedCoT's paper mode)
+    then send one 0/1 character per question and metric besides their metrics; false: metrics only."""
 
     def __post_init__(self):
         check_positive(self, "batch_size", "max_new_tokens")

@@ -10,6 +10,12 @@ binomials — which would be far too wide when both methods get the same questio
 - :func:`compare`: both, for two ``{question id: correct}`` maps (they must hold the same ids);
 - :func:`pool`: the same over several seeds (runs): the bootstrap resamples questions within each run
   (stratified), McNemar counts the discordant pairs of all runs.
+
+A side may also score a question with a fraction in [0, 1] instead of 0/1 (e.g. the share of Standalone's
+clients that get it right): the difference is then the mean of the per-question differences, the bootstrap
+resamples them the same way, and ``a_only``/``b_only`` count the questions whose difference is > 0 / < 0,
+so the "McNemar" p is the exact sign test on the per-question differences (which McNemar's test is, for
+0/1 answers).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def mcnemar_p(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _as_arrays(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]]) -> list[np.ndarray]:
+def _as_arrays(runs: Sequence[tuple[Sequence[float], Sequence[float]]]) -> list[np.ndarray]:
     out = []
     for i, (a, b) in enumerate(runs):
         if len(a) != len(b):
@@ -63,7 +69,7 @@ def _as_arrays(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]]) -> list[np
                              "same questions")
         if len(a) == 0:
             raise ValueError(f"run {i}: no questions to compare")
-        out.append(np.asarray(a, dtype=np.int8) - np.asarray(b, dtype=np.int8))
+        out.append(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
     return out
 
 
@@ -84,16 +90,17 @@ def _bootstrap(diffs: list[np.ndarray], n_boot: int, seed: int, level: float) ->
 
 def pool(runs: Sequence[tuple[Sequence[bool], Sequence[bool]]], n_boot: int = 10_000, seed: int = 0,
          level: float = 0.95) -> PairedDifference:
-    """Paired difference of A and B over one or more runs, each a pair of per-question correctness lists
-    in the same question order."""
+    """Paired difference of A and B over one or more runs (strata), each a pair of per-question correctness
+    lists (0/1, or fractions in [0, 1]) in the same question order."""
     if not runs:
         raise ValueError("no runs to compare")
     diffs = _as_arrays(runs)
     n = sum(len(d) for d in diffs)
-    a_only = int(sum((d == 1).sum() for d in diffs))
-    b_only = int(sum((d == -1).sum() for d in diffs))
+    a_only = int(sum((d > 0).sum() for d in diffs))
+    b_only = int(sum((d < 0).sum() for d in diffs))
     lo, hi = _bootstrap(diffs, n_boot, seed, level)
-    return PairedDifference(diff=(a_only - b_only) / n, ci_low=lo, ci_high=hi, p_mcnemar=mcnemar_p(a_only, b_only),
+    diff = float(sum(d.sum() for d in diffs)) / n  # = (a_only - b_only) / n for 0/1 answers
+    return PairedDifference(diff=diff, ci_low=lo, ci_high=hi, p_mcnemar=mcnemar_p(a_only, b_only),
                             n=n, a_only=a_only, b_only=b_only, runs=len(diffs))
 
 
