@@ -3,6 +3,7 @@ RUN``: a tiny run's bit-strings against evaluate's own per-question predictions,
 hand-computed differences and McNemar / sign-test p-values."""
 
 import json
+import math
 
 import pytest
 
@@ -130,7 +131,11 @@ def test_report_rows_equal_hand_computed_differences_and_p_values():
     row = next(line for line in text.splitlines() if line.startswith("| Standalone − Zero-shot |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "+0.0 [+0.0, +0.0] p=1.00"
-    assert cells[2].startswith("**+50.0 [+") and cells[2].endswith("p=0.25**")  # the interval excludes 0: bold
+    # OBQA: d = 1, .5, .5, 0 -> clustered McNemar X² = 2² / 1.5, p = P(χ²₁ > 8/3) = 0.10; the bootstrap
+    # interval excludes 0 (a resample of 4 questions has mean 0 with probability 1/256 only): bold
+    assert math.erfc(math.sqrt(8 / 3 / 2)) == pytest.approx(0.1025, abs=1e-4)
+    assert cells[2].startswith("**+50.0 [+") and cells[2].endswith("p=0.10**")
+    assert cells[3].startswith("**+14.3 [+") and cells[3].endswith("p=0.10**")  # All: 2 / 14, same X²
     assert "| FedCoLLM − Standalone |" in text and "| Zero-shot − Standalone |" not in text
     r = RunResults.from_dict(hand_run())
     assert per_question(r, "standalone", "slm")["openbookqa"] == {"o1": 1.0, "o2": 0.5, "o3": 0.5, "o4": 0.0}

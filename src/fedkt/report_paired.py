@@ -10,7 +10,8 @@ paired-bootstrap interval and McNemar's exact p. This module picks the compariso
 * a method's per-question value (:func:`per_question`): 0/1 from the server's evaluation (``correct``); where
   the clients evaluated their own SLMs (Standalone, FDKT, FedCoT's paper mode: ``per_client_correct``), the
   share of clients that got the question right (0, 1/k, ..., 1): its mean is exactly the mean-over-clients
-  accuracy of the tables, and McNemar's test becomes the exact sign test on the per-question differences;
+  accuracy of the tables, and McNemar's test becomes its version for clustered matched pairs
+  (:func:`fedkt.paired.clustered_mcnemar_p`: the questions as clusters, the clients as members);
 * per task, and over all tasks together ("All": every question of every task, the bootstrap resampling
   within each task);
 * over several runs (seeds): the same, pooled (the bootstrap resamples within each run and task; McNemar /
@@ -145,14 +146,15 @@ def paired_table(runs: Sequence[RunResults], role: str, tasks: Sequence[str]) ->
 
 
 def explanation(n_runs: int = 1) -> str:
-    pooled = ("pooled over the runs: the bootstrap resamples questions within each run and task, McNemar counts "
-              "the discordant questions of all runs; " if n_runs > 1 else "")
+    pooled = ("Pooled over the runs: the bootstrap resamples questions within each run and task, McNemar counts "
+              "the discordant questions of all runs. " if n_runs > 1 else "")
     return ("Accuracy difference in points (method − baseline, `acc`), its 95% paired-bootstrap interval "
             f"({N_BOOT} resamples of the questions) and McNemar's exact p; bold: the interval excludes 0. "
             f"{pooled}All: every question of every task together (each task resampled within itself). Where the "
             "clients evaluate their own SLMs (Standalone, FDKT, FedCoT's paper mode) a question counts as the "
-            "share of clients that get it right, and p is the exact sign test on the per-question differences "
-            "(McNemar's test, for 0/1 answers). docs/results.md.")
+            "share of clients that get it right (its mean is the table's mean over clients), and p is McNemar's "
+            "test for clustered matched pairs (Durkalski et al. 2003: X² = (Σd)²/Σd² over the per-question "
+            "differences d). docs/results.md.")
 
 
 def missing(runs: Sequence[RunResults]) -> str:
