@@ -50,6 +50,11 @@ def test_tiny_run_records_ids_and_correctness_matching_evaluate(tmp_path, model_
     fedavg = PeftModel.from_pretrained(base, str(tmp_path / "r" / "adapters" / "fedavg" / "slm"))
     check(m["fedavg"]["correct"]["slm"]["arc_easy"], fedavg, tok, m["fedavg"]["slm"]["arc_easy"])
     assert m["fedavg"]["per_round"][-1]["correct"] == m["fedavg"]["correct"]
+    run = RunResults.from_dict(res)
+    assert per_question(run, "fedavg", "slm", round=2) == per_question(run, "fedavg", "slm")
+    r1 = m["fedavg"]["per_round"][0]["correct"]["slm"]["arc_easy"]["acc"]
+    assert per_question(run, "fedavg", "slm", round=1)["arc_easy"] == {i: float(c) for i, c in zip(ids, r1)}
+    assert per_question(run, "fedavg", "slm", round=3) is None
     assert [set(e["correct"]) for e in m["fedavg"]["per_round"]] == [{"slm"}, {"slm"}]
     # standalone: each client's own adapter, as the client scored it
     assert set(m["standalone"]["per_client_correct"]) == {"client0", "client1", "client2"}

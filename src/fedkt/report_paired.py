@@ -53,17 +53,27 @@ def _values(bits_by_source: list[dict], task: str, ids: list[str]) -> list[float
     return [sum(col) / len(rows) for col in zip(*rows)]
 
 
-def per_question(results: RunResults, method: str, role: str) -> dict[str, dict[str, float]] | None:
-    """task -> {question id: value} of ``method``'s ``role``: 0/1, or the share of clients right where the
-    clients evaluated; None where the run holds no per-question data for it."""
+def per_question(results: RunResults, method: str, role: str, round: int | None = None
+                 ) -> dict[str, dict[str, float]] | None:
+    """task -> {question id: value} of ``method``'s ``role`` (its final evaluation, or round ``round``'s): 0/1,
+    or the share of clients right where the clients evaluated; None where the run holds no per-question
+    data for it. With :func:`fedkt.paired.pool` this compares any two evaluations of a run, e.g. FedCoLLM's
+    round 2 with FedAvg's final one."""
     r = results.methods.get(method)
     questions = results.questions
     if r is None or not questions:
         return None
-    if r.correct and role in r.correct:
-        sources = [r.correct[role]]
-    elif role == "slm" and r.per_client_correct and role in r.metrics:
-        sources = list(r.per_client_correct.values())
+    if round is None:
+        correct, per_client, has_role = r.correct, r.per_client_correct, role in r.metrics
+    else:
+        entry = next((e for e in r.per_round or [] if e.get("round") == round), None)
+        if entry is None:
+            return None
+        correct, per_client, has_role = entry.get("correct"), entry.get("per_client_correct"), role in entry
+    if correct and role in correct:
+        sources = [correct[role]]
+    elif role == "slm" and per_client and has_role:
+        sources = list(per_client.values())
     else:
         return None
     out = {}
