@@ -12,6 +12,7 @@ equal to 1e-6.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -87,8 +88,26 @@ def _exact_pins(method: str, res: dict) -> dict:
     return {}
 
 
+# The exact pins that do not depend on generated text (what a CPU whose arithmetic flips a generated token
+# can still compare; see ``texts_fingerprint``).
+TEXT_INDEPENDENT = {"fedcot": ("privacy", "audit"), "fdkt": ("privacy",)}
+
+
+def texts_fingerprint(outputs: list[list[str]]) -> dict:
+    """The texts a run generated (the LLM's rationales, the clients' decodes, DP samples, augmentations, and
+    the text-DP mechanism's replacement tokens), as
+    a count and an order-independent hash: clients generate in parallel threads, so calls arrive in any
+    order. Tiny random models put near-ties in the argmax, which another CPU's float sums can flip; a
+    flipped token changes everything trained on the text after it."""
+    per_call = sorted(hashlib.sha256(json.dumps(o).encode()).hexdigest() for o in outputs)
+    return {"calls": len(outputs), "texts": sum(len(o) for o in outputs),
+            "sha256": hashlib.sha256("".join(per_call).encode()).hexdigest()}
+
+
 def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
     """Run the golden experiment for ``method`` (``extra_sets``: --set overrides); return its outcome."""
+    import fedkt.generate as G
+    import fedkt.privacy.text_dp as D
     import fedkt.train as T
     from fedkt.models import load_adapter_state
     from fedkt.experiment import run_experiment
@@ -101,7 +120,24 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
         losses.append(stats.mean_loss)
         return stats
 
+    generated: list[list[str]] = []
+    orig_generate = G.generate_ex
+
+    def recording_generate(*a, **k):
+        res = orig_generate(*a, **k)
+        generated.append(list(res.texts))
+        return res
+
+    orig_replace = D.sample_replacements
+
+    def recording_replace(*a, **k):
+        out = orig_replace(*a, **k)
+        generated.append([" ".join(map(str, out.flatten().tolist()))])  # the text-DP draw, as token ids
+        return out
+
     T.train_loop = recording
+    G.generate_ex = recording_generate
+    D.sample_replacements = recording_replace
     try:
         sets = METHOD_SETS.get(method, []) + list(extra_sets)
         if method in NEEDS_LLM - {"fedcollm"}:
@@ -109,8 +145,14 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
         res = run_experiment(golden_config(dirs, data, [method], sets), root / method)["methods"][method]
     finally:
         T.train_loop = orig
+        G.generate_ex = orig_generate
+        D.sample_replacements = orig_replace
     if method not in ("fedavg", "fedcollm"):
-        return _golden_v2(root, method, res)
+        out = _golden_v2(root, method, res)
+        if generated:
+            out["generated"] = texts_fingerprint(generated)
+        return out
+    assert not generated, f"{method} generates text now: record its texts_fingerprint in the golden"
     roles = ["slm"] if method == "fedavg" else ["slm", "llm"]
     return {
         "client_losses": losses,
