@@ -25,6 +25,14 @@ adapters       absolute, relative to the adapter's L1 norm   1.1e-6           1e
 comm (up)      bytes per round                               3                16
 =============  ============================================  ===============  =========
 
+Generated text is discrete: FedCoT's and FDKT's goldens also record ``generated``, a fingerprint of every
+text their models generated and every text-DP replacement drawn. Where another CPU flips a near-tie token
+of a tiny random model, everything trained on the text moves; the run is then compared on its
+text-independent pins only (``golden_helpers.TEXT_INDEPENDENT``) and skipped with that reason. Floats among
+the exact pins (FDKT's filter margins) compare at the distillation tolerance. FedCoT's golden trains at
+lr 0.003 (the others 0.03): at 0.03 its third client's second round amplified path differences 100x
+(5.6e-4 x L1 under ``ATEN_CPU_CAPABILITY=default``, with identical texts); see golden_helpers.METHOD_SETS.
+
 (An AMD EPYC machine, issue 18, deviated 2.1e-6 and 1.1e-6 in the client losses: inside the spread.)
 The tolerances are ~10x the spread, and still 40-10,000x below the effect of a 1% change of the learning
 rate (``test_golden_detects_a_one_percent_learning_rate_change`` proves the test goes red then).
