@@ -228,3 +228,28 @@ def test_server_leaves_out_a_client_scored_on_other_questions(tmp_path):
                                  "c2": Message(meta={})})
     assert got == {"c0": good}
     assert server.client_correct({"c2": Message(meta={})}) is None
+
+
+def test_fedcot_paper_mode_records_each_clients_correctness_per_round(tmp_path, model_dirs, data_dir, monkeypatch):
+    """FedCoT's paper mode: the clients evaluate their own SLMs every round and send one 0/1 per question
+    besides the metrics; each round's entry keeps them per client, the method's final ones are round 2's, and
+    each string's mean is the client's reported accuracy."""
+    from fedkt.experiment import run_experiment
+    from test_runs import tiny_config
+
+    monkeypatch.setenv("FEDKT_CACHE", str(tmp_path / "cache"))
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedcot"], llm=True, **{
+        "fedcot.kit_neighbors": 8, "fedcot.rationale_tokens": 6, "fedcot.decode_tokens": 6, "fedcot.epsilon": 2.0,
+        "fedcot.attack_prompts": 0})
+    res = run_experiment(cfg, tmp_path / "r")
+    m = res["methods"]["fedcot"]
+    fp = ids_fingerprint(res["questions"]["arc_easy"])
+    for entry in m["per_round"]:
+        assert set(entry["per_client_correct"]) == {"client0", "client1", "client2"} and "correct" not in entry
+        for cid, c in entry["per_client_correct"].items():
+            got = c["arc_easy"]
+            assert got["ids"] == fp and len(got["acc"]) == 12
+            assert entry["per_client"][cid]["arc_easy"]["acc"] == pytest.approx(got["acc"].count("1") / 12)
+    assert m["per_client_correct"] == m["per_round"][-1]["per_client_correct"]
+    shares = per_question(RunResults.from_dict(res), "fedcot", "slm")["arc_easy"]
+    assert sum(shares.values()) / 12 == pytest.approx(m["slm"]["arc_easy"]["acc"])
