@@ -2,7 +2,8 @@
 
 * zero-shot: the pretrained models as they are (the fresh LoRA adapter is the identity: B = 0).
 * standalone: each client fine-tunes alone on its own data for as many epochs as a federated client
-  trains in all rounds together (rounds × local epochs); clients report only metrics, the mean over
+  trains in all rounds together (rounds × local epochs); clients report only metrics (with which public
+  evaluation questions they got right, ``eval.per_question``), the mean over
   clients is the result (as the papers report it).
 * centralized: one adapter trained on the pooled data of all clients, for the same epochs; when a server
   LLM is configured it is also fine-tuned on all clients' data plus the auxiliary set (the FedCoLLM
