@@ -206,6 +206,10 @@ class EvalConfig:
     """Evaluate after every round (else only after the last)."""
     max_new_tokens: int = 256
     """GSM8K greedy generation budget."""
+    per_question: bool = True
+    """Record which questions each evaluation got right (results.json ``questions`` and ``correct``; the
+    report's paired differences). Clients that evaluate their own SLM (standalone, FDKT, FedCoT's paper mode)
+    then send one 0/1 character per question and metric besides their metrics; false: metrics only."""
     format: PromptFormat | dict[str, PromptFormat] = "harness"
     """Prompt format of the multiple-choice tasks, for training and evaluation alike (SFT targets, the
     distillation and synthetic sets, FedCoT's label task): "harness" = lm-evaluation-harness's prompts
