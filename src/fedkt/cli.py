@@ -87,6 +87,8 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
                                                   "task YAMLs of your own (repeatable; examples/harness)."),
           num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="With --harness: few-shot "
                                                     "examples (default: each task's own, else 0)."),
+          prompt_format: str = typer.Option("harness", "--format",
+                                            help="Multiple-choice prompt format: harness or cloze (as eval.format)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
     """Score a model (optionally with a LoRA adapter) on tasks: fedkt's own scorer, or lm-evaluation-harness
     itself with --harness (docs/evaluation.md)."""
@@ -103,7 +105,7 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
     progress.enable()
     try:
         scores = evaluate_model(model, names, adapter=adapter, split=split, data_dir=data_dir, limit=limit,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, seed=seed, prompt_format=prompt_format)
     finally:
         progress.disable()
     for t, s in scores.items():
