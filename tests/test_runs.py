@@ -108,6 +108,27 @@ def test_existing_run_dir_is_not_clobbered(tmp_path, model_dirs, data_dir):
         run_experiment(other, tmp_path / "r", resume=True)
 
 
+def test_run_dir_of_an_older_version_resumes(tmp_path, model_dirs, data_dir):
+    """A config.toml written before a setting existed (here: without [metrics] and eval.format) resumes
+    when the run sets nothing differently; a real difference is still refused."""
+    import re
+
+    from fedkt.config import ConfigError
+
+    cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["zero_shot"])
+    run_experiment(cfg, tmp_path / "r")
+    path = tmp_path / "r" / "config.toml"
+    old = re.sub(r"\n\[metrics\]\n(?:[^\[\n][^\n]*\n)*", "\n", path.read_text())
+    old = re.sub(r'\nformat = "harness"\n', "\n", old)
+    assert "[metrics]" not in old and 'format = "harness"' not in old and old != path.read_text()
+    path.write_text(old)
+    res = run_experiment(cfg, tmp_path / "r", resume=True)
+    assert "zero_shot" in res["methods"]
+    other, _ = tiny_config(tmp_path, model_dirs, data_dir, ["zero_shot"], **{"eval.format": "cloze"})
+    with pytest.raises(ConfigError, match="config differs"):
+        run_experiment(other, tmp_path / "r", resume=True)
+
+
 class Interrupt(Exception):
     pass
 

@@ -45,6 +45,15 @@ def run_method(server: ServerContext, name: str) -> MethodResult:
     return result
 
 
+def _with_defaults(cfg_path: Path) -> str | None:
+    """The saved config re-read with today's schema: settings added to fedkt since the run started take their
+    defaults, so a run directory written by an older version resumes when nothing it set has changed."""
+    try:
+        return dump_toml(registry.load_config(cfg_path))
+    except (ConfigError, OSError):
+        return None
+
+
 def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False,
                    make_server: Callable[[ExperimentConfig, Path], tuple[ServerContext, dict]] | None = None
                    ) -> dict[str, Any]:
@@ -57,7 +66,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False,
     saved = None
     if resume:
         cfg_path = out / "config.toml"
-        if cfg_path.is_file() and cfg_path.read_text() != cfg_text:
+        if cfg_path.is_file() and cfg_path.read_text() != cfg_text and _with_defaults(cfg_path) != cfg_text:
             raise ConfigError(f"--resume: the config differs from the one {out} was started with "
                               f"({cfg_path}); resume with the same config or start a new run directory")
         saved = RunResults.from_dict(json.loads(results_path.read_text())) if results_path.is_file() else None
