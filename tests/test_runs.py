@@ -78,6 +78,17 @@ def test_cli_run_all_baselines(tmp_path, model_dirs, data_dir):
     r = CliRunner().invoke(app, ["eval", "--model", str(model_dirs["slm"]), "--adapter",
                                  str(out / "adapters" / "fedavg" / "slm"), "--data-dir", str(data_dir)])
     assert r.exit_code == 0 and f"acc={methods['fedavg']['slm']['arc_easy']['acc']:.4f}" in r.output
+    # placement: bf16 runs on the cpu (scores may move by a near-tie), a cuda request here is a clear error
+    r = CliRunner().invoke(app, ["eval", "--model", str(model_dirs["slm"]), "--data-dir", str(data_dir),
+                                 "--dtype", "bf16", "--json", str(tmp_path / "bf16.json")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "bf16.json").read_text())["arc_easy"]["n"] == 12
+    if not torch.cuda.is_available():
+        from fedkt.devices import DeviceError
+
+        with pytest.raises(DeviceError, match="cuda requested but torch.cuda.is_available"):
+            from fedkt.evaluate import evaluate_model
+
+            evaluate_model(str(model_dirs["slm"]), ["arc_easy"], data_dir=str(data_dir), device="cuda")
 
 
 def test_cli_errors_are_clear(tmp_path):

@@ -89,12 +89,14 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
                                                     "examples (default: each task's own, else 0)."),
           prompt_format: str = typer.Option("harness", "--format",
                                             help="Multiple-choice prompt format: harness or cloze (as eval.format)."),
+          device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N or mps (as model.device)."),
+          dtype: str = typer.Option("fp32", help="auto, fp32, bf16 or fp16 (as model.dtype; fp16 needs a GPU)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
     """Score a model (optionally with a LoRA adapter) on tasks: fedkt's own scorer, or lm-evaluation-harness
     itself with --harness (docs/evaluation.md)."""
     if harness is not None:
         _eval_harness(model, adapter, harness, data_dir, limit, batch_size, seed, include_path, num_fewshot,
-                      json_out)
+                      json_out, device, dtype)
         return
     if include_path or num_fewshot is not None:
         raise typer.BadParameter("--include-path and --num-fewshot go with --harness TASKS")
@@ -105,7 +107,8 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
     progress.enable()
     try:
         scores = evaluate_model(model, names, adapter=adapter, split=split, data_dir=data_dir, limit=limit,
-                                batch_size=batch_size, seed=seed, prompt_format=prompt_format)
+                                batch_size=batch_size, seed=seed, prompt_format=prompt_format, device=device,
+                                dtype=dtype)
     finally:
         progress.disable()
     for t, s in scores.items():
@@ -114,7 +117,8 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
         json_out.write_text(json.dumps(scores, indent=2))
 
 
-def _eval_harness(model, adapter, harness, data_dir, limit, batch_size, seed, include_path, num_fewshot, json_out):
+def _eval_harness(model, adapter, harness, data_dir, limit, batch_size, seed, include_path, num_fewshot, json_out,
+                  device="cpu", dtype="fp32"):
     """``fedkt eval --harness``: lm-eval's tables, then the scores as fedkt's scorer prints them."""
     # deferred: a command imports what it runs (lm-eval is an optional extra)
     from fedkt.harness_eval import evaluate_with_harness, scores as harness_scores, table
@@ -123,7 +127,8 @@ def _eval_harness(model, adapter, harness, data_dir, limit, batch_size, seed, in
     if not names:
         raise typer.BadParameter("--harness needs at least one lm-eval task name")
     res = evaluate_with_harness(model, names, adapter=adapter, limit=limit, batch_size=batch_size,
-                                num_fewshot=num_fewshot, include_paths=include_path, data_dir=data_dir, seed=seed)
+                                num_fewshot=num_fewshot, include_paths=include_path, data_dir=data_dir, seed=seed,
+                                device=device, dtype=dtype)
     typer.echo(table(res))
     scores = harness_scores(res)
     for t, s in scores.items():
@@ -325,6 +330,7 @@ def main() -> None:
     from fedkt.builtin_models import ModelFetchError
     from fedkt.config import ConfigError
     from fedkt.data.tasks import DataError
+    from fedkt.devices import DeviceError
     from fedkt.federation import AllClientsFailed, ClientFailure
     from fedkt.harness_eval import HarnessError
     from fedkt.models import ModelLoadError

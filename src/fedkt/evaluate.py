@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from fedkt import progress
-from fedkt.config import TASKS, ConfigError, EvalConfig
+from fedkt.config import TASKS, ConfigError, EvalConfig, Placement
 from fedkt.data.collate import encode, encode_pairs
 from fedkt.data.partition import subsample
 from fedkt.data.prompts import choices as choice_texts, context, continuations, with_format
@@ -344,10 +344,11 @@ def evaluate_tasks(model, tok, eval_sets: dict[str, Sequence[Example]], batch_si
 
 def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "test", data_dir: str = "",
                    limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: str = "float32",
-                   prompt_format: str = "harness") -> dict[str, dict[str, float]]:
-    """Load model ``spec`` (plus a peft ``adapter`` directory) and score it on ``tasks``' ``split``, each a
-    seeded subsample of ``limit`` questions (0 = all), in ``prompt_format`` ("harness" or "cloze", as
-    ``eval.format``): what ``fedkt eval`` runs."""
+                   prompt_format: str = "harness", device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Load model ``spec`` (plus a peft ``adapter`` directory) on ``device`` in ``dtype`` (as
+    ``model.device``/``model.dtype``) and score it on ``tasks``' ``split``, each a seeded subsample of
+    ``limit`` questions (0 = all), in ``prompt_format`` ("harness" or "cloze", as ``eval.format``): what
+    ``fedkt eval`` runs."""
     for t in tasks:
         if t not in TASKS:
             raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")
@@ -355,7 +356,7 @@ def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "
         formats = EvalConfig(format=prompt_format)
     except ConfigError as e:
         raise ConfigError(f"--{e}") from None
-    model, tok = load_model(spec, dtype)
+    model, tok = load_model(spec, placement=Placement(device=device, dtype=dtype))
     if adapter is not None:
         from peft import PeftModel
 

@@ -164,15 +164,18 @@ def harness_evaluate(model, tok, tasks: Sequence[str], *, limit: int = 0, batch_
                                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
 
 
-def evaluate_with_harness(spec: str, tasks: Sequence[str], adapter=None, dtype: str = "float32", **kw) -> dict:
-    """Load model ``spec`` (plus a peft ``adapter`` directory) as ``fedkt eval`` does and run
-    :func:`harness_evaluate`: what ``fedkt eval --harness`` runs."""
+def evaluate_with_harness(spec: str, tasks: Sequence[str], adapter=None, dtype: str = "float32", device: str = "cpu",
+                          **kw) -> dict:
+    """Load model ``spec`` (plus a peft ``adapter`` directory) as ``fedkt eval`` does, on ``device`` in
+    ``dtype`` (as ``model.device``/``model.dtype``), and run :func:`harness_evaluate`: what ``fedkt eval
+    --harness`` runs."""
     require_lm_eval()
     set_offline()  # before transformers/datasets read the switches
     # deferred: models imports torch and transformers; the missing-extra error above needs neither
+    from fedkt.config import Placement
     from fedkt.models import load_model
 
-    model, tok = load_model(spec, dtype)
+    model, tok = load_model(spec, placement=Placement(device=device, dtype=dtype))
     if adapter is not None:
         from peft import PeftModel
 
