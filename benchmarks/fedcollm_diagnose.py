@@ -1,0 +1,180 @@
+"""FedCoLLM's SLM side, round by round: before and after the server's distillation, against FedAvg.
+
+Runs a config (default: the quickstart) for the methods given (default FedCoLLM and FedAvg) with every
+round evaluated, and records what a plain run does not:
+
+* the SLM's test accuracy on the FedAvg aggregate θᵗ'⁰ *before* the server's distillation, beside the
+  distilled θᵗ⁺¹ the clients get next (``--before``; one more SLM evaluation per round);
+* every distillation step's losses (CE and KL of each model), from the loop's history;
+* per-question correctness of every evaluation (question id -> right/wrong), so the final SLMs of two
+  methods compare as a paired difference (``fedkt.paired.compare``: 95% paired-bootstrap CI, McNemar p);
+* with ``fedcollm.select = "best"``: the validation scores of every candidate and the step each model kept.
+
+Writes ``diagnose.json`` (all of it) into the run directory and prints the per-round table and the paired
+differences. Several run directories (seeds) pool with ``--pool DIR DIR ...`` (``fedkt.paired.pool``).
+
+  /work/wt/heavy python benchmarks/fedcollm_diagnose.py --out /tmp/fc-diag-s0 --before \\
+      --set federation.rounds=3 --set model.threads=1
+  python benchmarks/fedcollm_diagnose.py --pool /tmp/fc-diag-s0 /tmp/fc-diag-s1 --a fedcollm --b fedavg
+  python benchmarks/fedcollm_diagnose.py --tiny --out /tmp/fc-diag-tiny --before    # driver check, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import fedkt.evaluate as fe  # noqa: E402
+from fedkt.algorithms import fedcollm as fc  # noqa: E402
+from fedkt.experiment import run_experiment  # noqa: E402
+from fedkt.paired import compare, pool  # noqa: E402
+from fedkt.registry import load_config  # noqa: E402
+
+PER_Q: dict[str, dict[str, bool]] = {}
+"""desc of an evaluation ("fedcollm r2 slm arc_easy") -> {question id: correct}."""
+KD_HISTORY: list[dict[str, list[float]]] = []
+
+
+def install_hooks(before: bool) -> None:
+    score = fe.score_multiple_choice
+
+    def recording_score(model, tok, examples, batch_size=32, desc="eval"):
+        per_q = fe.choice_loglikelihoods(model, tok, examples, batch_size, desc)
+        right = {ex.id: fe.predictions(ex, lls)[0] == ex.answer for ex, lls in zip(examples, per_q)}
+        PER_Q[desc] = right
+        n = len(examples)
+        norm = sum(fe.predictions(ex, lls)[1] == ex.answer for ex, lls in zip(examples, per_q))
+        return {"acc": sum(right.values()) / n, "acc_norm": norm / n, "n": n}
+
+    assert score is not None
+    fe.score_multiple_choice = recording_score
+
+    loop = fc.run_loop
+
+    def recording_loop(items, step, models, desc, total, show=("loss",)):
+        res = loop(items, step, models, desc, total, show)
+        if "server distill" in desc:
+            KD_HISTORY.append({"desc": desc, **res.history})
+        return res
+
+    fc.run_loop = recording_loop
+
+    if before:
+        after = fc.FedCoLLM.after_aggregate
+
+        def after_aggregate(self, server, fed, state, theta, rnd, out):
+            out.entry["slm_before_kd"] = server.evaluate("slm", theta, f"fedcollm r{rnd} before-kd")
+            return after(self, server, fed, state, theta, rnd, out)
+
+        fc.FedCoLLM.after_aggregate = after_aggregate
+
+
+def tiny_sets(out: Path) -> list[str]:
+    from benchlib import make_tiny_pair
+
+    models = out / "models"
+    dirs = ({"slm": models / "slm", "llm": models / "llm"} if (models / "llm" / "config.json").is_file()
+            else make_tiny_pair(models))
+    return [f'model.slm="{dirs["slm"]}"', f'model.llm="{dirs["llm"]}"', "partition.num_clients=2",
+            "partition.aux_size=16", "data.max_train_examples=48", "federation.rounds=2", "train.batch_size=4",
+            "train.max_length=96", "lora.r=4", "fedcollm.kd_steps=4", "fedcollm.batch_size=4", "eval.limit=16",
+            "eval.batch_size=16"]
+
+
+def per_question(d: dict, method: str, role: str, rnd: int, task: str, tag: str = "") -> dict[str, bool] | None:
+    return d["per_question"].get(f"{method} r{rnd}{tag} {role} {task}")
+
+
+def table(d: dict) -> list[str]:
+    res, rounds, tasks = d["results"]["methods"], d["rounds"], d["tasks"]
+    lines = []
+    for task in tasks:
+        lines.append(f"\n{task}: acc % per round (SLM before KD = the FedAvg aggregate θᵗ'⁰, after = θᵗ⁺¹)")
+        lines.append("| method | role | " + " | ".join(f"r{r}" for r in range(1, rounds + 1)) + " |")
+        lines.append("|---|---|" + "---|" * rounds)
+        for m, r in res.items():
+            for role in ("slm", "llm"):
+                cells = [e.get(role, {}).get(task, {}).get("acc") for e in r.get("per_round", [])]
+                if any(c is not None for c in cells):
+                    lines.append(f"| {m} | {role} | " + " | ".join("–" if c is None else f"{100 * c:.1f}"
+                                                                   for c in cells) + " |")
+            before = [e.get("slm_before_kd", {}).get(task, {}).get("acc") for e in r.get("per_round", [])]
+            if any(c is not None for c in before):
+                lines.append(f"| {m} | slm before KD | " + " | ".join("–" if c is None else f"{100 * c:.1f}"
+                                                                      for c in before) + " |")
+    for m, r in res.items():
+        for e in r.get("per_round", []):
+            s = e.get("distill")
+            if s:
+                keys = ("ce_g", "kl_g", "ce_f", "kl_f")
+                lines.append(f"{m} r{e['round']} distill: " + ", ".join(
+                    f"{k} {s[k + '_first']:.3f}->{s[k + '_last']:.3f}" for k in keys if k + "_first" in s)
+                    + "".join(f"; {k} {s[k]}" for k in sorted(s) if k.startswith(("val_", "selected_"))))
+    return lines
+
+
+def paired_lines(dirs: list[Path], a: str, b: str, role: str) -> list[str]:
+    ds = [json.loads((p / "diagnose.json").read_text()) for p in dirs]
+    lines = []
+    for task in ds[0]["tasks"]:
+        runs = []
+        for d in ds:
+            qa = per_question(d, a, role, d["rounds"], task)
+            qb = per_question(d, b, role, d["rounds"], task)
+            if qa is None or qb is None:
+                continue
+            ids = sorted(qa)
+            runs.append(([qa[i] for i in ids], [qb[i] for i in ids]))
+        if not runs:
+            continue
+        pd = pool(runs) if len(runs) > 1 else compare(*_maps(runs[0]))
+        lines.append(f"{role} {task} {a} − {b} (final round, {len(runs)} run(s), {pd.n} questions): "
+                     f"{100 * pd.diff:+.1f} points, 95% CI [{100 * pd.ci_low:+.1f}, {100 * pd.ci_high:+.1f}], "
+                     f"McNemar p = {pd.p_mcnemar:.3f} ({pd.a_only} vs {pd.b_only} discordant)")
+    return lines
+
+
+def _maps(run):
+    a, b = run
+    return {i: v for i, v in enumerate(a)}, {i: v for i, v in enumerate(b)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="examples/quickstart.toml")
+    ap.add_argument("--out")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, as `fedkt run --set`")
+    ap.add_argument("--methods", default="fedcollm,fedavg")
+    ap.add_argument("--before", action="store_true", help="also evaluate the SLM aggregate before distillation")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models, seconds: checks the driver only")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--pool", nargs="+", type=Path, help="print paired differences pooled over these runs")
+    ap.add_argument("--a", default="fedcollm")
+    ap.add_argument("--b", default="fedavg")
+    a = ap.parse_args()
+    if a.pool:
+        for role in ("slm", "llm"):
+            print("\n".join(paired_lines(a.pool, a.a, a.b, role)))
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = json.dumps(a.methods.split(","))
+    sets = [*(tiny_sets(out) if a.tiny else []), *a.sets, f"methods={methods}", "eval.every_round=true"]
+    cfg = load_config(None if a.tiny else a.config, sets)
+    install_hooks(a.before)
+    results = run_experiment(cfg, out / "run", resume=a.resume)
+    d: dict[str, Any] = {"sets": sets, "rounds": cfg.federation.rounds, "tasks": list(cfg.data.tasks),
+                         "results": results, "per_question": PER_Q, "kd_history": KD_HISTORY}
+    (out / "diagnose.json").write_text(json.dumps(d, indent=1))
+    print("\n".join(table(d)))
+    for role in ("slm", "llm"):
+        print("\n".join(paired_lines([out], a.a, a.b, role)))
+
+
+if __name__ == "__main__":
+    main()
