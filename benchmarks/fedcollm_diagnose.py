@@ -16,6 +16,7 @@ differences. Several run directories (seeds) pool with ``--pool DIR DIR ...`` (`
   /work/wt/heavy python benchmarks/fedcollm_diagnose.py --out /tmp/fc-diag-s0 --before \\
       --set federation.rounds=3 --set model.threads=1
   python benchmarks/fedcollm_diagnose.py --pool /tmp/fc-diag-s0 /tmp/fc-diag-s1 --a fedcollm --b fedavg
+  python benchmarks/fedcollm_diagnose.py --pairs /tmp/fc-sel-s0 /tmp/fc-diag-s0 --a fedcollm --b fedavg
   python benchmarks/fedcollm_diagnose.py --tiny --out /tmp/fc-diag-tiny --before    # driver check, seconds
 """
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fedkt.evaluate as fe  # noqa: E402
 from fedkt.algorithms import fedcollm as fc  # noqa: E402
 from fedkt.experiment import run_experiment  # noqa: E402
-from fedkt.paired import compare, pool  # noqa: E402
+from fedkt.paired import pool  # noqa: E402
 from fedkt.registry import load_config  # noqa: E402
 
 PER_Q: dict[str, dict[str, bool]] = {}
@@ -118,30 +119,30 @@ def table(d: dict) -> list[str]:
     return lines
 
 
-def paired_lines(dirs: list[Path], a: str, b: str, role: str) -> list[str]:
-    ds = [json.loads((p / "diagnose.json").read_text()) for p in dirs]
+def paired_lines(pairs: list[tuple[Path, Path]], a: str, b: str, role: str, rnd: int = 0) -> list[str]:
+    """Method ``a`` of each pair's first run against method ``b`` of its second (the same run, or one with the
+    same seed and data), on the questions both scored, after round ``rnd`` (0: the last); pooled over pairs."""
     lines = []
-    for task in ds[0]["tasks"]:
+    loaded = [(json.loads((pa / "diagnose.json").read_text()), json.loads((pb / "diagnose.json").read_text()))
+              for pa, pb in pairs]
+    for task in loaded[0][0]["tasks"]:
         runs = []
-        for d in ds:
-            qa = per_question(d, a, role, d["rounds"], task)
-            qb = per_question(d, b, role, d["rounds"], task)
+        for da, db in loaded:
+            qa = per_question(da, a, role, rnd or da["rounds"], task)
+            qb = per_question(db, b, role, rnd or db["rounds"], task)
             if qa is None or qb is None:
                 continue
+            if set(qa) != set(qb):
+                raise SystemExit(f"{task}: the two runs scored different questions; pair runs of the same seed")
             ids = sorted(qa)
             runs.append(([qa[i] for i in ids], [qb[i] for i in ids]))
         if not runs:
             continue
-        pd = pool(runs) if len(runs) > 1 else compare(*_maps(runs[0]))
-        lines.append(f"{role} {task} {a} − {b} (final round, {len(runs)} run(s), {pd.n} questions): "
+        pd = pool(runs)
+        lines.append(f"{role} {task} {a} − {b} (round {rnd or 'last'}, {len(runs)} run(s), {pd.n} questions): "
                      f"{100 * pd.diff:+.1f} points, 95% CI [{100 * pd.ci_low:+.1f}, {100 * pd.ci_high:+.1f}], "
                      f"McNemar p = {pd.p_mcnemar:.3f} ({pd.a_only} vs {pd.b_only} discordant)")
     return lines
-
-
-def _maps(run):
-    a, b = run
-    return {i: v for i, v in enumerate(a)}, {i: v for i, v in enumerate(b)}
 
 
 def main() -> None:
@@ -154,12 +155,18 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random models, seconds: checks the driver only")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--pool", nargs="+", type=Path, help="print paired differences pooled over these runs")
+    ap.add_argument("--pairs", nargs="+", type=Path,
+                    help="A_RUN B_RUN [A_RUN B_RUN ...]: method --a of each A_RUN against --b of its B_RUN, pooled")
+    ap.add_argument("--round", type=int, default=0, help="round to compare (0: the last)")
     ap.add_argument("--a", default="fedcollm")
     ap.add_argument("--b", default="fedavg")
     a = ap.parse_args()
-    if a.pool:
+    if a.pool or a.pairs:
+        if a.pairs and len(a.pairs) % 2:
+            raise SystemExit("--pairs takes run directories two by two")
+        pairs = [(p, p) for p in a.pool or []] + list(zip((a.pairs or [])[::2], (a.pairs or [])[1::2]))
         for role in ("slm", "llm"):
-            print("\n".join(paired_lines(a.pool, a.a, a.b, role)))
+            print("\n".join(paired_lines(pairs, a.a, a.b, role, a.round)))
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +180,7 @@ def main() -> None:
     (out / "diagnose.json").write_text(json.dumps(d, indent=1))
     print("\n".join(table(d)))
     for role in ("slm", "llm"):
-        print("\n".join(paired_lines([out], a.a, a.b, role)))
+        print("\n".join(paired_lines([(out, out)], a.a, a.b, role)))
 
 
 if __name__ == "__main__":
