@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, as `fedkt run --set`")
     ap.add_argument("--methods", default="fedcollm,fedavg")
     ap.add_argument("--before", action="store_true", help="also evaluate the SLM aggregate before distillation")
+    ap.add_argument("--last-only", action="store_true", help="evaluate the last round only (eval.every_round=false)")
     ap.add_argument("--tiny", action="store_true", help="tiny random models, seconds: checks the driver only")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--pool", nargs="+", type=Path, help="print paired differences pooled over these runs")
@@ -171,7 +172,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = json.dumps(a.methods.split(","))
-    sets = [*(tiny_sets(out) if a.tiny else []), *a.sets, f"methods={methods}", "eval.every_round=true"]
+    sets = [*(tiny_sets(out) if a.tiny else []), *a.sets, f"methods={methods}",
+            f"eval.every_round={'false' if a.last_only else 'true'}"]
     cfg = load_config(None if a.tiny else a.config, sets)
     install_hooks(a.before)
     results = run_experiment(cfg, out / "run", resume=a.resume)
