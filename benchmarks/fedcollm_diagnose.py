@@ -44,13 +44,18 @@ KD_HISTORY: list[dict[str, list[float]]] = []
 def install_hooks(before: bool) -> None:
     score = fe.score_multiple_choice
 
-    def recording_score(model, tok, examples, batch_size=32, desc="eval"):
+    def recording_score(model, tok, examples, batch_size=32, desc="eval", per_question=None):
         per_q = fe.choice_loglikelihoods(model, tok, examples, batch_size, desc)
-        right = {ex.id: fe.predictions(ex, lls)[0] == ex.answer for ex, lls in zip(examples, per_q)}
-        PER_Q[desc] = right
+        preds = [fe.predictions(ex, lls) for ex, lls in zip(examples, per_q)]
+        acc = [p[0] == ex.answer for p, ex in zip(preds, examples)]
+        acc_norm = [p[1] == ex.answer for p, ex in zip(preds, examples)]
+        PER_Q[desc] = {ex.id: r for ex, r in zip(examples, acc)}
+        if per_question is not None:  # fedkt's own per-question record (where evaluate keeps one)
+            from fedkt.run_results import bits
+
+            per_question.update(acc=bits(acc), acc_norm=bits(acc_norm))
         n = len(examples)
-        norm = sum(fe.predictions(ex, lls)[1] == ex.answer for ex, lls in zip(examples, per_q))
-        return {"acc": sum(right.values()) / n, "acc_norm": norm / n, "n": n}
+        return {"acc": sum(acc) / n, "acc_norm": sum(acc_norm) / n, "n": n}
 
     assert score is not None
     fe.score_multiple_choice = recording_score
