@@ -12,7 +12,10 @@ Per round t = 1..T:
          L_g = CE(g) + λ·KL(f‖g)      (updates θ with lr η_θ)
          L_f = CE(f) + λ·KL(g‖f)      (updates ω with lr η_ω)
      KL at temperature T (scaled by T²), over the full vocabulary or the teacher's top-k logits;
-  5. θᵗ⁺¹ = θᵗ'ᴿ goes back to the clients next round; ωᵗ⁺¹ stays on the server.
+  5. θᵗ⁺¹ = θᵗ'ᴿ goes back to the clients next round; ωᵗ⁺¹ stays on the server. Optionally
+     (``validation_fraction``, ``select = "best"``; :mod:`fedkt.algorithms.fedcollm_select`) each model keeps
+     instead its best adapter on a held-out share of Dᵃ among the round's start and every
+     ``select_every`` steps: per-round early stopping with the server's own data.
 
 Where the paper (or FATE-LLM's reference code) chose differently from our defaults, its choice is a
 ``[fedcollm]`` option (:data:`PAPER_CHOICES`; docs/fedcollm.md relates each to the paper's equations):
