@@ -12,7 +12,10 @@ Per round t = 1..T:
          L_g = CE(g) + λ·KL(f‖g)      (updates θ with lr η_θ)
          L_f = CE(f) + λ·KL(g‖f)      (updates ω with lr η_ω)
      KL at temperature T (scaled by T²), over the full vocabulary or the teacher's top-k logits;
-  5. θᵗ⁺¹ = θᵗ'ᴿ goes back to the clients next round; ωᵗ⁺¹ stays on the server.
+  5. θᵗ⁺¹ = θᵗ'ᴿ goes back to the clients next round; ωᵗ⁺¹ stays on the server. Optionally
+     (``validation_fraction``, ``select = "best"``; :mod:`fedkt.algorithms.fedcollm_select`) each model keeps
+     instead its best adapter on a held-out share of Dᵃ among the round's start and every
+     ``select_every`` steps: per-round early stopping with the server's own data.
 
 Where the paper (or FATE-LLM's reference code) chose differently from our defaults, its choice is a
 ``[fedcollm]`` option (:data:`PAPER_CHOICES`; docs/fedcollm.md relates each to the paper's equations):
@@ -45,6 +48,7 @@ import torch
 from fedkt import progress
 from fedkt.algorithms import fdkt
 from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
+from fedkt.algorithms.fedcollm_select import Selector, checkpoints, split_validation
 from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
 from fedkt.data.prompts import with_format
@@ -98,11 +102,30 @@ class FedCoLLMConfig:
     (the reference code's order): R steps of θ against the LLM, then R steps of ω against the distilled SLM."""
     aggregation: Literal["samples", "uniform"] = "samples"
     """FedAvg weights: clients' example counts, or 1/K each (the paper's Algorithm 1)."""
+    validation_fraction: float = 0.0
+    """Share of the auxiliary set Dᵃ the server holds out (a seeded split, fixed for the run) to score both
+    models while they distil; the distillation trains on the rest. 0: no validation, all of Dᵃ distils (the
+    paper's). Scored at the round's start (the SLM's FedAvg aggregate, the LLM's previous adapter) and every
+    ``select_every`` steps (docs/fedcollm.md, "Validation on Dᵃ")."""
+    select: Literal["last", "best"] = "last"
+    """Which adapter each model keeps after a round's distillation: "last" (after R steps, the paper's) or
+    "best" (the best validation score among the scored ones, the round's start included: when distilling
+    makes the SLM worse on validation, the clients get the FedAvg aggregate). "best" needs
+    ``validation_fraction`` > 0."""
+    select_every: int = 0
+    """Score the models every this many distillation steps (and after the last); 0: at the start and after the
+    last step only."""
 
     def __post_init__(self):
         check_positive(self, "kd_steps", "batch_size", "temperature", "lr_slm", "lr_llm")
         check(self.kd_lambda >= 0, f"kd_lambda must be >= 0, got {self.kd_lambda}")
         check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        check(0 <= self.validation_fraction < 1,
+              f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        check(self.select_every >= 0, f"select_every must be >= 0, got {self.select_every}")
+        check(self.select == "last" or self.validation_fraction > 0,
+              f"select = {self.select!r} picks by validation score: set validation_fraction > 0 (e.g. 0.25) "
+              f"or select = 'last'")
         for name, tp in get_type_hints(type(self)).items():
             if get_origin(tp) is Literal:
                 allowed = get_args(tp)
@@ -229,9 +252,11 @@ def one_sided_losses(student, teacher, batch: dict[str, torch.Tensor], cfg: FedC
 
 
 def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max_grad_norm: float,
-                   seed: int, desc: str = "distill") -> dict[str, float]:
+                   seed: int, desc: str = "distill", val=(), val_batch_size: int = 32) -> dict[str, float]:
     """Step 4: R updates of θ (in ``slm``) and R of ω (in ``llm``) on the auxiliary set, simultaneous or
-    sequential (``cfg.update``); step functions over ``fedkt.train.run_loop``."""
+    sequential (``cfg.update``); step functions over ``fedkt.train.run_loop``. With validation questions
+    ``val`` each model is scored at its start and every ``cfg.select_every`` steps, and keeps its best
+    adapter (``cfg.select = "best"``) or the last one (``fedcollm_select``)."""
     if not aux:
         raise ValueError("FedCoLLM needs an auxiliary dataset on the server: set partition.aux_size > 0")
     seed_everything(seed)
@@ -241,10 +266,33 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
     steps = cfg.kd_steps
     batches = batch_order(len(data), cfg.batch_size, steps * cfg.batch_size / len(data), seed)[:steps]
     device = input_device(slm)
+    ends = checkpoints(steps, cfg.select_every) if val else [steps]
 
     def batch_of(idx):
         return place(collate_sft([data[i] for i in idx], tok.pad_token_id), device)
 
+    def selector(model, side):
+        return Selector(model, tok, val, val_batch_size, f"{desc} validate {side}") if val else None
+
+    def run_scored(step, models, label, show, sel):
+        """``run_loop`` over the round's batches in pieces, ``sel`` offered the adapter before and after each."""
+        hist: dict[str, list[float]] = {}
+        start = 0
+        for s in sel:
+            s.offer(0)
+        for end in ends:
+            part = run_loop(batches[start:end], step, models, label, end - start, show=show).history
+            for k, v in part.items():
+                hist.setdefault(k, []).extend(v)
+            for s in sel:
+                s.offer(end)
+            start = end
+        if cfg.select == "best":
+            for s in sel:
+                s.keep_best()
+        return hist
+
+    sels = {"g": selector(slm, "g"), "f": selector(llm, "f")}
     if cfg.update == "simultaneous":
         upd = make_updater([slm, llm], [(params_g, opt_g), (params_f, opt_f)], max_grad_norm)
 
@@ -255,9 +303,10 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
             upd.step()
             return {k: v.item() for k, v in losses.items()}
 
-        hist = run_loop(batches, step, [slm, llm], desc, steps, show=("kl_g", "kl_f")).history
+        hist = run_scored(step, [slm, llm], desc, ("kl_g", "kl_f"), [s for s in sels.values() if s])
     else:
-        # the reference code's order: the SLM learns from the LLM, then the LLM from the distilled SLM
+        # the reference code's order: the SLM learns from the LLM, then the LLM from the distilled (with
+        # select = "best": the selected) SLM
         hist = {}
         for student, teacher, params, opt, side in ((slm, llm, params_g, opt_g, "g"), (llm, slm, params_f, opt_f, "f")):
             upd = make_updater([student], [(params, opt)], max_grad_norm)
@@ -268,10 +317,14 @@ def mutual_distill(slm, llm, tok, aux, cfg: FedCoLLMConfig, max_length: int, max
                 upd.step()
                 return {f"{k}_{side}": v.item() for k, v in losses.items()}
 
-            hist.update(run_loop(batches, step, [slm, llm], f"{desc} ({side})", steps, show=(f"kl_{side}",)).history)
+            hist.update(run_scored(step, [slm, llm], f"{desc} ({side})", (f"kl_{side}",),
+                                   [sels[side]] if sels[side] else []))
         hist = {k: hist[k] for k in ("loss_g", "loss_f", "ce_g", "ce_f", "kl_g", "kl_f")}
     out = LoopResult(hist, 0.0, len(batches)).summary()
     out["steps"] = len(batches)
+    for side, sel in sels.items():
+        if sel:
+            out.update(sel.record(side, cfg.select))
     return out
 
 
@@ -291,6 +344,11 @@ class FedCoLLM(FedAvgRound):
                                  f"use aux_source = 'public'")
             self.aux, self.synthesis = with_format(syn.examples, server.cfg.eval), syn.record
             progress.log(f"fedcollm: auxiliary set = {len(self.aux)} DP synthetic examples (FDKT steps 1-3)")
+        kd = server.cfg.section(FedCoLLMConfig)
+        self.aux, self.val = split_validation(self.aux, kd.validation_fraction, server.cfg.seed)
+        if self.val:
+            progress.log(f"fedcollm: {len(self.val)} of the auxiliary set's {len(self.aux) + len(self.val)} "
+                         f"examples held out for validation (select = {kd.select!r})")
 
     def weight_key(self, server):  # 1–3: FedAvg, sample-weighted or 1/K (the paper's Algorithm 1)
         return "" if server.cfg.section(FedCoLLMConfig).aggregation == "uniform" else "num_examples"
@@ -302,10 +360,15 @@ class FedCoLLM(FedAvgRound):
         slm, llm = server.slm.use(theta), server.llm.use(state["llm"])
         stats = mutual_distill(slm, llm, server.slm.tokenizer, self.aux, kd, cfg.train.max_length,
                                cfg.train.max_grad_norm, seed=derive_seed(cfg.seed, "kd", rnd),
-                               desc=f"round {rnd} server distill")
+                               desc=f"round {rnd} server distill", val=self.val,
+                               val_batch_size=cfg.eval.batch_size)
         g_term, f_term = ("KL(f‖g)", "KL(g‖f)") if kd.kl_direction == "forward" else ("KL(g‖f)", "KL(f‖g)")
         progress.log(f"round {rnd}: distill SLM's {g_term} {stats['kl_g_first']:.4f}->{stats['kl_g_last']:.4f}, "
                      f"LLM's {f_term} {stats['kl_f_first']:.4f}->{stats['kl_f_last']:.4f}")
+        if self.val:
+            progress.log(f"round {rnd}: validation acc SLM {stats['val_acc_g']} LLM {stats['val_acc_f']} at steps "
+                         f"{stats['val_steps_g']}; kept step {stats['selected_step_g']} (SLM), "
+                         f"{stats['selected_step_f']} (LLM)")
         # 5: θᵗ⁺¹ goes to the clients at the next broadcast; ωᵗ⁺¹ stays here
         out.state.update(slm=get_adapter_state(slm), llm=get_adapter_state(llm))
         out.entry.update(distill=stats, **({"fdkt": self.synthesis} if rnd == 1 and self.synthesis else {}))
