@@ -274,3 +274,16 @@ def test_config_keys_validated():
         load_config(None, ["fdkt.decontaminate_ngram=-1"])
     with pytest.raises(ConfigError, match="unknown key fdkt.train_on"):  # merged into synthetic_set
         load_config(None, ['fdkt.train_on="synthetic"'])
+
+
+def test_saved_synthesis_keeps_kept_and_augmented_apart_and_reads_the_old_format():
+    from fedkt.algorithms.fdkt.server import Synthesis
+
+    kept, aug = [mc("Kept?", id="client0-1")], [mc("New?", id="aug-0")]
+    syn = Synthesis(kept, aug, {"stages": {}})
+    assert syn.examples == kept + aug  # FedCoLLM's auxiliary set: everything synthetic
+    back = Synthesis.from_dict(syn.to_dict())
+    assert (back.kept, back.augmented) == (kept, aug)
+    old = {"examples": [{"task": e.task, "id": e.id, "text": render_mc(e)} for e in aug + kept], "record": {}}
+    back = Synthesis.from_dict(old)  # a cache written before issue 22: split by the augmented ids
+    assert (back.kept, back.augmented) == (kept, aug)

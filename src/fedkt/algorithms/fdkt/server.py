@@ -35,22 +35,36 @@ from fedkt.text_generators import is_remote
 
 @dataclass
 class Synthesis:
-    """Steps 1–3's product: the synthetic set and the record of how it was made."""
+    """Steps 1–3's product: the kept DP samples, the LLM's augmented examples, and the record of how they
+    were made. ``examples`` (kept + augmented) is FedCoLLM's auxiliary set; FDKT's clients train on the
+    part ``fdkt.synthetic_set`` names (:func:`synthetic_part`)."""
 
-    examples: list[Example]
+    kept: list[Example]
+    augmented: list[Example]
     record: dict
     """{"privacy": {client: ε, δ, σ, ...}, "stages": counts, "samples": a few per stage, "timings": s}."""
 
+    @property
+    def examples(self) -> list[Example]:
+        return self.kept + self.augmented
+
     def to_dict(self) -> dict:
-        return {"examples": [{"task": e.task, "id": e.id, "text": render_mc(e)} for e in self.examples],
-                "record": self.record}
+        rows = lambda exs: [{"task": e.task, "id": e.id, "text": render_mc(e)} for e in exs]  # noqa: E731
+        return {"kept": rows(self.kept), "augmented": rows(self.augmented), "record": self.record}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Synthesis":
-        exs = [parse_mc(r["text"], task=r["task"], id=r["id"]) for r in d["examples"]]
-        if any(e is None for e in exs):
-            raise ValueError("the saved synthetic set holds an invalid example; delete the file to synthesize again")
-        return cls(exs, d["record"])
+        def read(rows):
+            exs = [parse_mc(r["text"], task=r["task"], id=r["id"]) for r in rows]
+            if any(e is None for e in exs):
+                raise ValueError("the saved synthetic set holds an invalid example; delete the file to synthesize again")
+            return exs
+
+        if "examples" in d:  # saved before issue 22: one list, the augmented ones have ids "aug-…"
+            exs = read(d["examples"])
+            return cls([e for e in exs if not e.id.startswith("aug-")], [e for e in exs if e.id.startswith("aug-")],
+                       d["record"])
+        return cls(read(d["kept"]), read(d["augmented"]), d["record"])
 
 
 def filter_mode(cfg: FDKTConfig, remote: bool) -> str:
@@ -200,7 +214,7 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     samples = {"generated": {c: r.meta["raw_samples"] for c, r in replies.items()},
                "parsed": [render_mc(e) for e in pool[:k_show]], "kept": [render_mc(e) for e in kept[:k_show]],
                "augmented": [render_mc(e) for e in augmented[:k_show]]}
-    out = Synthesis(final, {"privacy": privacy, "stages": stages, "samples": samples,
+    out = Synthesis(kept, augmented, {"privacy": privacy, "stages": stages, "samples": samples,
                             "timings": {k: round(v, 3) for k, v in timings.items()}})
     progress.log(f"fdkt: {stages['generated']} generated, {stages['parsed']} parsed, {near_recv} near-duplicates, "
                  f"{stages['contamination']['dropped']} contaminated, {len(kept)} kept ({arec['relabelled']} "
@@ -221,18 +235,20 @@ def run(server) -> MethodResult:
     with server.federation(FDKT) as fed:
         syn = synthesize(server, fed, cfg, rnd=1, cache=server.out / "fdkt" / "synthetic.json")
         train_on = "private+synthetic" if trains_on_private(cfg.synthetic_set) else "synthetic"
-        if train_on == "synthetic" and not syn.examples:
+        synthetic = synthetic_part(cfg.synthetic_set, syn.kept, syn.augmented)
+        if train_on == "synthetic" and not synthetic:
             progress.log(f"fdkt: the synthetic set is empty and synthetic_set = {cfg.synthetic_set!r} trains on it "
                          f"alone: the clients evaluate their untrained SLM (zero-shot)")
-        msg = Message(texts=[render_mc(e) for e in syn.examples],
-                      meta={"tasks": [e.task for e in syn.examples], "epochs": epochs, "train_on": train_on})
+        msg = Message(texts=[render_mc(e) for e in synthetic],
+                      meta={"tasks": [e.task for e in synthetic], "epochs": epochs, "train_on": train_on})
         replies = fed.broadcast("train_and_evaluate", msg, round=1)
         train_s = fed.take_timing("train_and_evaluate")
     per_client_metrics = {cid: r.meta["metrics"] for cid, r in replies.items()}
     for cid, m in per_client_metrics.items():
         server.log_metrics(method="fdkt", client=cid, role="slm", metrics=m)
     timings = {**syn.record["timings"], "client_train_eval_s": round(train_s, 3)}
-    record = {**syn.record, "trained_on": {c: r.meta["trained_on"] for c, r in replies.items()}}
+    stages = {**syn.record["stages"], "synthetic_set": cfg.synthetic_set, "final": len(synthetic)}  # this run's choice
+    record = {**syn.record, "stages": stages, "trained_on": {c: r.meta["trained_on"] for c, r in replies.items()}}
     return MethodResult(metrics={"slm": mean_metrics(list(per_client_metrics.values()))}, per_client=per_client_metrics,
                         comm=fed.ledger.summary(), timings=timings, failures=list(fed.failures),
                         extra={"fdkt": record})
