@@ -126,8 +126,9 @@ def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
 
 
 def client_train_and_evaluate(ctx: ClientContext, msg: Message) -> Message:
-    """Step 4: fine-tune on private + synthetic (or synthetic only) data, evaluate locally; only metrics
-    leave. Standalone's training and evaluation (same seed, same epochs): a paired comparison."""
+    """Step 4: fine-tune on the synthetic set the server sent (after the private data for ``train_on =
+    "private+synthetic"``), evaluate locally; only metrics leave. Standalone's training and evaluation
+    (same seed, same epochs): a paired comparison."""
     m = msg.meta
     synthetic = read_synthetic(msg.texts, m["tasks"])
     data = (list(ctx.data) if m["train_on"] == "private+synthetic" else []) + synthetic
