@@ -29,7 +29,9 @@ def golden_config(model_dirs, data_dir, methods, extra_sets=()):
             "partition.num_clients=3", "partition.aux_size=8", "federation.rounds=2", "train.batch_size=4",
             "train.epochs=2.0", "train.lr=0.03", "eval.batch_size=16", "lora.r=8",
             'lora.target_modules=["q_proj","v_proj","up_proj","down_proj"]', "fedcollm.kd_steps=3",
-            "fedcollm.batch_size=4"]
+            "fedcollm.batch_size=4",
+            # recorded before clients' replies carried per-question correctness (issue 22): their bytes are pinned
+            "eval.per_question=false"]
     if "fedcollm" in methods:
         sets.append(f'model.llm="{model_dirs["llm"]}"')
     return load_config(None, sets + list(extra_sets))

@@ -347,7 +347,7 @@ def test_end_to_end_epsilon_is_the_accountants_and_canaries_never_leave(tmp_path
     assert all(set(m.meta["dp"]) == set(fdkt.PUBLIC_DP_FIELDS) for m in synth)
     assert canaries_held_by_clients(cfg, tmp_path) > 10 and scan(recorded) == []
     trained = [m for method, _, m in recorded if method == "train_and_evaluate" and "trained_on" in m.meta]
-    assert len(trained) == 2 and all(set(m.meta) == {"metrics", "trained_on", "synthetic"} and not m.texts
+    assert len(trained) == 2 and all(set(m.meta) == {"metrics", "trained_on", "synthetic", "correct"} and not m.texts
                                      and not m.tensors for m in trained)
     st = rec["stages"]
     assert st["generated"] == 12 and st["per_client"]["client0"]["generated"] == 6

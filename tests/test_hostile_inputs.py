@@ -487,7 +487,13 @@ GOOD_SYNTH = {"tasks": ["arc_easy"], "generated": 2, "parsed": 1, "rejected": {"
     # no fedkt client may send a loss here (outbound allow-list), so the server, whose schemas are derived from
     # the same declaration (fedkt.reply_schemas), refuses it too
     ("train_and_evaluate", Message(meta={"metrics": {}, "loss": 1.0}), r"unexpected meta key 'loss'; allowed: "
-                                                                      r"metrics, num_examples, synthetic, trained_on")])
+                                                                      r"correct, metrics, num_examples, synthetic, "
+                                                                      r"trained_on"),
+    # per-question correctness: 0/1 strings of one length per task, with the ids' fingerprint
+    ("train_and_evaluate", Message(meta={"metrics": {}, "correct": {"arc": {"ids": "f", "acc": "01", "acc_norm": "1"}}}),
+     r"meta\['correct'\]"),
+    ("train_and_evaluate", Message(meta={"metrics": {}, "correct": {"arc": {"ids": "f", "acc": "0x"}}}),
+     r"meta\['correct'\]")])
 def test_other_handler_schemas_refuse(method, reply, msg):
     with pytest.raises(validate.ReplyError, match=msg):
         validate.check_reply(method, "c1", reply)
@@ -498,7 +504,9 @@ def test_other_handler_schemas_refuse(method, reply, msg):
     ("encode", Message(texts=["p"], meta={"epsilon_per_token": float("inf"), "tokens": 3, "randomness": "simulation",
                                           "prompt_epsilon_mean": float("inf"), "prompt_epsilon_max": float("inf")})),
     ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": float("nan")}},
-                                         "trained_on": 0, "synthetic": 0}))])
+                                         "trained_on": 0, "synthetic": 0})),
+    ("train_and_evaluate", Message(meta={"metrics": {"arc": {"acc": 0.5, "n": 2}}, "num_examples": 3,
+                                         "correct": {"arc": {"ids": "f", "acc": "01", "acc_norm": "11"}}}))])
 def test_other_handler_schemas_accept_what_fedkt_clients_send(method, reply):
     validate.check_reply(method, "c1", reply)
 

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("privacy, federation",     ("fedkt.privacy", "fedkt.privacy.*", "fedkt.federation", "fedkt.federation.*",
                                  "fedkt.clients", "fedkt.server")),
     ("algorithms",              ("fedkt.registry", "fedkt.rounds", "fedkt.fedavg_round", "fedkt.algorithms", "fedkt.algorithms.*")),
-    ("experiments",             ("fedkt.simulation", "fedkt.experiment", "fedkt.report", "fedkt.report_seeds",
+    ("experiments",             ("fedkt.simulation", "fedkt.experiment", "fedkt.report", "fedkt.report_seeds", "fedkt.report_paired",
                                  "fedkt.paired", "fedkt.privacy.audit_run", "fedkt.privacy.membership",
                                  "fedkt.federation.flower_experiment", "fedkt.plan", "fedkt.plan_methods",
                                  "fedkt.privacy.outbound_table")),

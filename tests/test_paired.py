@@ -67,3 +67,25 @@ def test_compare_aligns_question_ids_and_refuses_different_questions():
         pool([([True, False], [True])])
     with pytest.raises(ValueError, match="no runs"):
         pool([])
+
+
+def test_fractional_answers_use_mcnemar_for_clustered_pairs():
+    """A side scored as the share of clients right (Standalone): the mean of the per-question differences, and
+    Durkalski's X² = (Σd)²/Σd² (for 0/1 answers McNemar's (a-b)²/(a+b)), not a sign test: a single model and
+    four clients of the same accuracy do not differ, however often the share is below the 0/1."""
+    from fedkt.paired import clustered_mcnemar_p
+
+    r = pool([([1, 0, 0, 1], [0.75, 0.25, 0.5, 0.0])], n_boot=500)
+    # d = .25, -.25, -.5, 1 -> sum .5, squares .0625 + .0625 + .25 + 1 = 1.375
+    assert (r.diff, r.a_only, r.b_only, r.test) == (0.125, 2, 2, "mcnemar_clustered")
+    assert r.p_mcnemar == pytest.approx(math.erfc(math.sqrt(0.25 / 1.375 / 2)), rel=1e-12)
+    # 0/1 answers: the exact test; Durkalski's X² is McNemar's asymptotic one there
+    b = pool([([1, 1, 1, 0], [0, 0, 0, 1])], n_boot=500)
+    assert b.test == "mcnemar_exact" and b.p_mcnemar == mcnemar_p(3, 1)
+    import numpy as np
+
+    assert clustered_mcnemar_p([np.array([1.0, 1, 1, -1])]) == pytest.approx(math.erfc(math.sqrt(4 / 4 / 2)))
+    # same accuracy (30%): the single model right on 3 of 10 questions, the clients' share 0.3 on each
+    same = pool([([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [0.3] * 10)], n_boot=500)
+    assert same.diff == pytest.approx(0.0, abs=1e-12) and same.p_mcnemar == pytest.approx(1.0)
+    assert (same.a_only, same.b_only) == (3, 7)  # a sign test would count these

@@ -193,7 +193,7 @@ def test_fedcollm_experiment_with_all_methods(tmp_path, model_dirs, data_dir):
     assert set(m["fedcollm"]["timings"]) == {"client_train_s", "aggregate_s", "distill_s", "eval_s"}
     report = (tmp_path / "r" / "report.md").read_text()
     assert report.index("## Server LLM") < report.index("## Client SLMs")
-    slm_table = report[report.index("## Client SLMs"):report.index("## Communication")]
+    slm_table = report[report.index("## Client SLMs"):report.index("## Paired differences")]
     rows = [line.split("|")[1].strip() for line in slm_table.splitlines() if line.startswith("| ")][1:]
     assert rows == ["Zero-shot", "Standalone", "FedAvg", "FedCoLLM", "Centralized"]
     from peft import PeftModel

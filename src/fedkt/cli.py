@@ -78,6 +78,8 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
           limit: int = typer.Option(0, help="Seeded subsample size per task (0 = all)."),
           batch_size: int = typer.Option(32),
           seed: int = typer.Option(0),
+          prompt_format: str = typer.Option("harness", "--format",
+                                            help="Multiple-choice prompt format: harness or cloze (as eval.format)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
     """Score a model (optionally with a LoRA adapter) on tasks."""
     # deferred: a command imports what it runs; `fedkt --help` loads no torch
@@ -87,7 +89,7 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
     progress.enable()
     try:
         scores = evaluate_model(model, names, adapter=adapter, split=split, data_dir=data_dir, limit=limit,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, seed=seed, prompt_format=prompt_format)
     finally:
         progress.disable()
     for t, s in scores.items():

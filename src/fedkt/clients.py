@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from fedkt.config import EvalConfig, LoraSettings, Placement, TrainConfig
+from fedkt.data.prompts import with_format
 from fedkt.data.tasks import Example, load_jsonl
 from fedkt.message import Message, decode, encode
 from fedkt.models import LoadedModel, load_lora_model
@@ -193,11 +194,14 @@ class ClientFactory:
             data = list(spec.examples)
         else:
             data = [e for f in spec.data_files for e in load_jsonl(f, task=spec.data_task)]
+        # the experiment's prompt format (eval.format) for training and scoring alike, whoever loaded the data
+        data = with_format(data, spec.eval)
+        eval_sets = {t: with_format(exs, spec.eval) for t, exs in spec.eval_sets.items()}
         if spec.secret_seed is not None:
             check_secret_seed(spec.secret_seed)  # refuse a weak pinned seed before anything runs
         state = StateStore()
         if spec.workdir is not None and (spec.workdir / "state.fkt").is_file():
             state = StateStore.from_bytes((spec.workdir / "state.fkt").read_bytes())
         return ClientContext(cid=spec.cid, slm=self.load(spec), data=data, train=spec.train, eval=spec.eval,
-                             seed=spec.seed, eval_sets=spec.eval_sets, state=state, workdir=spec.workdir,
+                             seed=spec.seed, eval_sets=eval_sets, state=state, workdir=spec.workdir,
                              secret_seed=spec.secret_seed, policy=spec.policy, simulation=spec.simulation)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,11 @@ from fedkt.toml_config import (  # noqa: F401 - the engine's names that sections
 
 T = TypeVar("T")
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa", "gsm8k")
+GENERATION_TASKS = ("gsm8k",)
+"""Tasks scored by generation (no choices): a prompt format does not apply to them."""
+PromptFormat = Literal["harness", "cloze"]
+"""How a multiple-choice task is prompted and scored (``eval.format``; :mod:`fedkt.data.prompts`)."""
+PROMPT_FORMATS: tuple[str, ...] = typing.get_args(PromptFormat)
 
 
 @dataclass
@@ -200,9 +206,38 @@ class EvalConfig:
     """Evaluate after every round (else only after the last)."""
     max_new_tokens: int = 256
     """GSM8K greedy generation budget."""
+    per_question: bool = True
+    """Record which questions each evaluation got right (results.json ``questions`` and ``correct``; the
+    report's paired differences). Clients that evaluate their own SLM (standalone, FDKT, FedCoT's paper mode)
+    then send one 0/1 character per question and metric besides their metrics; false: metrics only."""
+    format: PromptFormat | dict[str, PromptFormat] = "harness"
+    """Prompt format of the multiple-choice tasks, for training and evaluation alike (SFT targets, the
+    distillation and synthetic sets, FedCoT's label task): "harness" = lm-evaluation-harness's prompts
+    (CommonsenseQA lettered ``A. .. E.``, answered with the letter); "cloze" = each choice's text scored as
+    the continuation of the question (CommonsenseQA as ARC: ``Question: ...\\nAnswer:`` + `` {choice}``),
+    which small models learn from few examples. ARC and OpenBookQA read the same in both. One value for
+    every task, or a table per task (``{commonsense_qa = "cloze"}``; tasks it does not name: "harness").
+    GSM8K (generation) has no choices: a single value leaves it alone, a table must not name it
+    "cloze". See docs/evaluation.md."""
 
     def __post_init__(self):
         check_positive(self, "batch_size", "max_new_tokens")
+        allowed = ", ".join(map(repr, PROMPT_FORMATS))
+        if not isinstance(self.format, dict):
+            check(self.format in PROMPT_FORMATS, f"format = {self.format!r} is not allowed; allowed values: {allowed}")
+        else:
+            for t, f in self.format.items():
+                check(t in TASKS, f"format.{t}: {t!r} is not a task; allowed keys: {', '.join(TASKS)}")
+                check(f in PROMPT_FORMATS, f"format.{t} = {f!r} is not allowed; allowed values: {allowed}")
+                check(f == "harness" or t not in GENERATION_TASKS,
+                      f"format.{t} = {f!r}: {t} is a generation task with no choices to score in a cloze; "
+                      f"remove it from the table (generation prompts have one format)")
+
+    def format_of(self, task: str) -> PromptFormat:
+        """The prompt format of ``task`` ("harness" for generation tasks)."""
+        if task in GENERATION_TASKS:
+            return "harness"
+        return self.format.get(task, "harness") if isinstance(self.format, dict) else self.format
 
 
 @dataclass

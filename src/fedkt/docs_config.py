@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -80,6 +81,10 @@ def _default(f: dataclasses.Field) -> Any:
 def _allowed(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(f"`{_toml(a)}`" for a in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):  # a value, or a table of such values by name
+        arms = [_allowed(a) for a in get_args(tp) if get_origin(a) is not dict]
+        tables = [a for a in get_args(tp) if get_origin(a) is dict]
+        return "; ".join(a for a in arms if a) + ("; or a table of them by name" if tables else "")
     return ""
 
 

@@ -29,13 +29,14 @@ from typing import Sequence
 import torch
 
 from fedkt import progress
-from fedkt.config import TASKS, ConfigError
+from fedkt.config import TASKS, ConfigError, EvalConfig
 from fedkt.data.collate import encode, encode_pairs
 from fedkt.data.partition import subsample
-from fedkt.data.prompts import choices as choice_texts, context, continuations
+from fedkt.data.prompts import choices as choice_texts, context, continuations, with_format
 from fedkt.data.tasks import Example, final_number, load_task
 from fedkt.generate import generate
 from fedkt.models import load_model
+from fedkt.run_results import bits, ids_fingerprint, question_ids
 from fedkt.seeds import derive_seed
 
 
@@ -287,56 +288,78 @@ def predictions(ex: Example, lls: Sequence[float]) -> tuple[int, int]:
 
 
 def score_multiple_choice(model, tok, examples: Sequence[Example], batch_size: int = 32,
-                          desc: str = "eval") -> dict[str, float]:
-    """``acc`` and ``acc_norm`` exactly as lm-evaluation-harness computes them for ``examples``."""
+                          desc: str = "eval", per_question: dict | None = None) -> dict[str, float]:
+    """``acc`` and ``acc_norm`` exactly as lm-evaluation-harness computes them for ``examples``; a
+    ``per_question`` dict receives each question's correctness as bit-strings ``{"acc", "acc_norm"}``."""
     per_q = choice_loglikelihoods(model, tok, examples, batch_size, desc)
-    acc = acc_norm = 0
+    acc, acc_norm = [], []
     for ex, lls in zip(examples, per_q):
         pred, pred_norm = predictions(ex, lls)
-        acc += pred == ex.answer
-        acc_norm += pred_norm == ex.answer
+        acc.append(pred == ex.answer)
+        acc_norm.append(pred_norm == ex.answer)
+    if per_question is not None:
+        per_question.update(acc=bits(acc), acc_norm=bits(acc_norm))
     n = len(examples)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    return {"acc": sum(acc) / n, "acc_norm": sum(acc_norm) / n, "n": n}
 
 
 def score_generation(model, tok, examples: Sequence[Example], batch_size: int = 16,
-                     max_new_tokens: int = 256, desc: str = "eval") -> dict[str, float]:
-    """GSM8K-style exact match of the final number of a greedy generation."""
+                     max_new_tokens: int = 256, desc: str = "eval", per_question: dict | None = None
+                     ) -> dict[str, float]:
+    """GSM8K-style exact match of the final number of a greedy generation (``per_question``: as
+    :func:`score_multiple_choice`'s, ``{"acc"}`` = exact match)."""
     outputs = generate(model, tok, [context(ex) for ex in examples], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, desc=desc, stop=["\nQuestion:", "\n\n\n"])
-    correct = sum(final_number(o) == ex.label for o, ex in zip(outputs, examples))
+    flags = [final_number(o) == ex.label for o, ex in zip(outputs, examples)]
+    if per_question is not None:
+        per_question.update(acc=bits(flags))
+    correct = sum(flags)
     n = len(examples)
     return {"acc": correct / n, "exact_match": correct / n, "n": n}
 
 
 def evaluate(model, tok, examples: Sequence[Example], batch_size: int = 32, max_new_tokens: int = 256,
-             desc: str = "eval") -> dict[str, float]:
+             desc: str = "eval", per_question: dict | None = None) -> dict[str, float]:
     if examples and examples[0].is_mc:
-        r = score_multiple_choice(model, tok, examples, batch_size, desc)
+        r = score_multiple_choice(model, tok, examples, batch_size, desc, per_question)
     else:
-        r = score_generation(model, tok, examples, max(1, batch_size // 2), max_new_tokens, desc)
+        r = score_generation(model, tok, examples, max(1, batch_size // 2), max_new_tokens, desc, per_question)
     return r
 
 
 def evaluate_tasks(model, tok, eval_sets: dict[str, Sequence[Example]], batch_size: int = 32,
-                   max_new_tokens: int = 256, desc: str = "eval") -> dict[str, dict[str, float]]:
-    """``evaluate`` on every task of ``eval_sets`` ({task: examples}) -> {task: metrics}."""
-    return {t: evaluate(model, tok, exs, batch_size, max_new_tokens, desc=f"{desc} {t}")
-            for t, exs in eval_sets.items()}
+                   max_new_tokens: int = 256, desc: str = "eval", correct: dict | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """``evaluate`` on every task of ``eval_sets`` ({task: examples}) -> {task: metrics}. A ``correct`` dict
+    receives the per-question correctness, ``{task: {"ids": fingerprint of the question ids, "acc": bits,
+    ...}}`` (:data:`fedkt.run_results.Correct`)."""
+    out = {}
+    for t, exs in eval_sets.items():
+        pq = {"ids": ids_fingerprint(question_ids(exs))} if correct is not None else None
+        out[t] = evaluate(model, tok, exs, batch_size, max_new_tokens, desc=f"{desc} {t}", per_question=pq)
+        if correct is not None:
+            correct[t] = pq
+    return out
 
 
 def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "test", data_dir: str = "",
-                   limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: str = "float32"
-                   ) -> dict[str, dict[str, float]]:
+                   limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: str = "float32",
+                   prompt_format: str = "harness") -> dict[str, dict[str, float]]:
     """Load model ``spec`` (plus a peft ``adapter`` directory) and score it on ``tasks``' ``split``, each a
-    seeded subsample of ``limit`` questions (0 = all): what ``fedkt eval`` runs."""
+    seeded subsample of ``limit`` questions (0 = all), in ``prompt_format`` ("harness" or "cloze", as
+    ``eval.format``): what ``fedkt eval`` runs."""
     for t in tasks:
         if t not in TASKS:
             raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")
+    try:
+        formats = EvalConfig(format=prompt_format)
+    except ConfigError as e:
+        raise ConfigError(f"--{e}") from None
     model, tok = load_model(spec, dtype)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    sets = {t: subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t)) for t in tasks}
+    sets = {t: with_format(subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t)), formats)
+            for t in tasks}
     return {t: evaluate(model, tok, exs, batch_size, desc=f"eval {t}") for t, exs in sets.items()}

@@ -71,6 +71,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, resume: bool = False,
         server, results.data = sim.server(), sim.data_summary()
     else:
         server, results.data = make_server(cfg, out)
+    results.questions = server.questions()
     for method in cfg.methods:
         if method in results.methods:
             progress.log(f"{method}: already done, skipped (resume)")

@@ -88,10 +88,24 @@ def metrics(v: Any) -> bool:
     return obj(v) and all(num_dict(x) for x in v.values())
 
 
+def correctness(v: Any) -> bool:
+    """{task: {"ids": str, metric: "0101..."}} (per-question correctness; every bit-string of a task as long)."""
+    if not obj(v):
+        return False
+    for x in v.values():
+        if not obj(x) or not isinstance(x.get("ids"), str) or len(x) < 2:
+            return False
+        strings = [b for k, b in x.items() if k != "ids"]
+        if not all(isinstance(b, str) and not set(b) - {"0", "1"} for b in strings) or len(set(map(len, strings))) != 1:
+            return False
+    return True
+
+
 CHECK_NAMES: dict[Check, str] = {finite: "a finite number", number: "a number", count: "an integer >= 0",
                 positive_count: "an integer > 0", probability: "a number in [0, 1]", epsilon: "a number >= 0",
                 text: "a string", str_list: "a list of strings", obj: "a JSON object",
-                num_dict: "an object of numbers", metrics: "an object {task: {metric: number}}"}
+                num_dict: "an object of numbers", metrics: "an object {task: {metric: number}}",
+                correctness: 'an object {task: {"ids": fingerprint, metric: "0/1 string"}}'}
 
 
 # ---------------------------------------------------------------------------------------- declarations
@@ -163,6 +177,9 @@ _STEPS = Key("meta.steps", DECLARED, "optimizer steps taken: a function of num_e
              count)
 _METRICS = Key("meta.metrics", check=metrics, parts=(Part("*", DECLARED, "accuracy of the locally trained model on "
                "the public evaluation sets (as in the papers' standalone baseline); not DP"),))
+_CORRECT = Key("meta.correct", check=correctness, parts=(Part("*", DECLARED, "which public evaluation questions the "
+               "locally trained model gets right (one 0/1 per question: what meta.metrics averages, for paired "
+               "statistics; eval.per_question = false sends none); not DP"),))
 _RANDOMNESS = Key("meta.randomness", DECLARED, "which randomness the client drew its noise from (simulation / "
                   "secret_seed / csprng), never a seed", text)
 
@@ -186,7 +203,7 @@ REPLIES: tuple[Reply, ...] = (
         _RANDOMNESS)),
     # FedCoT's decode + train: the adapter (shared variant) or, in the paper's mode, local metrics only
     Reply("decode_train", "fedkt.algorithms.fedcot:client_decode_train",
-          (_adapter(), _num_examples(), _STEPS, _METRICS), weight="num_examples"),
+          (_adapter(), _num_examples(), _STEPS, _METRICS, _CORRECT), weight="num_examples"),
     # FDKT step 1: DP synthetic examples
     Reply("synthesize", "fedkt.algorithms.fdkt.client:client_synthesize", (
         Key("texts", POST, "synthetic examples sampled from the DP-SGD adapter and parsed"),
@@ -214,10 +231,11 @@ REPLIES: tuple[Reply, ...] = (
     Reply("train_and_evaluate", "fedkt.algorithms.fdkt.client:client_train_and_evaluate", (
         Key(_METRICS.pattern, check=metrics, required=True, parts=_METRICS.parts),
         Key("meta.trained_on", DECLARED, "number of training examples (private + synthetic)", count),
-        Key("meta.synthetic", PUBLIC, "number of synthetic examples used (the server sent them)", count))),
+        Key("meta.synthetic", PUBLIC, "number of synthetic examples used (the server sent them)", count),
+        _CORRECT)),
     Reply("train_and_evaluate", "fedkt.algorithms.baselines:client_train_and_evaluate", (
         Key(_METRICS.pattern, check=metrics, required=True, parts=_METRICS.parts),
-        _num_examples(count, required=False))),
+        _num_examples(count, required=False), _CORRECT)),
     # FedAvg / FedProx / FedCoLLM client training
     Reply("fit", "fedkt.algorithms.fedavg:client_fit", (
         _adapter(), _num_examples(), _STEPS,

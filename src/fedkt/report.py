@@ -14,10 +14,8 @@ from fedkt import registry
 from fedkt.privacy.attacks_text import render_attack_table
 from fedkt.privacy.audit import render_audit_table
 from fedkt.privacy.randomness import describe
+from fedkt.report_paired import TASK_NAMES, section as paired_section
 from fedkt.run_results import RunResults
-
-TASK_NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA",
-              "commonsense_qa": "CQA", "gsm8k": "GSM8K"}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -64,6 +62,15 @@ def accuracy_table(results: RunResults, role: str) -> str:
     lines.append("acc in %, acc_norm (length-normalised) in parentheses; questions scored: "
                  + ", ".join(f"{TASK_NAMES.get(t, t)} {v}" for t, v in n.items()) + ".")
     return "\n".join(lines)
+
+
+def _tasks(results: RunResults) -> list[str]:
+    """The tasks of the first method's first role (runs without a data summary)."""
+    for _, r in _ordered(results):
+        for role in ("llm", "slm"):
+            if r.get(role):
+                return list(r[role])
+    return []
 
 
 def comm_table(results: RunResults) -> str:
@@ -195,6 +202,9 @@ def render(results: RunResults | dict[str, Any], out: Path | None = None) -> str
     if slm:
         parts += ["## Client SLMs", "", "Standalone is the mean over clients; after FedAvg/FedCoLLM every "
                   "client holds the same global adapter.", "", slm, ""]
+    if llm or slm:
+        parts += [paired_section([results], list((results.data or {}).get("eval") or results.questions or
+                                                 _tasks(results)))]
     comm = comm_table(results)
     if comm:
         parts += ["## Communication", "", comm, ""]

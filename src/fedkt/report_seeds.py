@@ -5,7 +5,9 @@
 configs that differ in anything but the seed are named under the table (they are not refused: a thread
 count, say, does not change what is measured). A method that ran under fewer seeds than the others shows
 its count. The sd is the sample standard deviation (n − 1) of the per-seed accuracies; a task's questions
-are a seeded subsample, so it includes the evaluation's sampling error, not only training's.
+are a seeded subsample, so it includes the evaluation's sampling error, not only training's. Below the
+tables: each method's paired difference to its baselines pooled over the seeds (:mod:`fedkt.report_paired`;
+each run's two methods are paired on that run's question ids, whatever questions the other runs scored).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkt.report import TASK_NAMES, _name, _ordered, read_results
+from fedkt.report_paired import section as paired_section
 from fedkt.run_results import RunResults
 
 
@@ -92,5 +95,6 @@ def seeds_summary(run_dirs: list[str | Path]) -> str:
                  f"the test split, or all of it where the split has no more questions (questions per task: {n}).")
     parts.append("Configs differ only in the seed." if not differ
                  else "Configs also differ in: " + ", ".join(differ) + ".")
-    return "\n".join(parts) + "\n"
+    parts += ["", paired_section(runs, tasks)]
+    return "\n".join(parts).rstrip("\n") + "\n"
 

@@ -98,7 +98,9 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
                 t0 = time.perf_counter()
                 for role in algo.roles:
                     if role not in entry:  # else the clients evaluated (FedCoT's paper mode: no server model)
-                        entry[role] = server.evaluate(role, state[role], f"{name} r{rnd}")
+                        entry[role], correct = server.evaluate_questions(role, state[role], f"{name} r{rnd}")
+                        if correct is not None:
+                            entry.setdefault("correct", {})[role] = correct
                 timings["eval_s"] += time.perf_counter() - t0
                 wall["eval_s"] = round(time.perf_counter() - t0, 3)
             for role in algo.roles:
@@ -110,8 +112,11 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
         for role in algo.roles:
             server.save_adapter(role, state[role], name)
         final = {role: next((e[role] for e in reversed(per_round) if role in e), {}) for role in algo.roles}
+        # per-question correctness of the final evaluation (server side per role, or the clients' own)
+        last = next((e for e in reversed(per_round) if any(role in e for role in algo.roles)), {})
         return MethodResult(metrics=final, per_round=per_round, comm=fed.ledger.summary(), timings=timings,
-                            failures=list(fed.failures))
+                            failures=list(fed.failures), correct=last.get("correct"),
+                            per_client_correct=last.get("per_client_correct"))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -22,6 +22,7 @@ from fedkt.config import ExperimentConfig
 from fedkt.data.tasks import Example
 from fedkt.evaluate import evaluate_tasks
 from fedkt.models import LoadedModel, load_lora_model, save_adapter
+from fedkt.run_results import Correct, ids_fingerprint, question_ids
 
 if TYPE_CHECKING:
     from fedkt.federation.base import Federation
@@ -96,9 +97,42 @@ class ServerContext:
 
     def evaluate(self, role: str, state: dict[str, torch.Tensor] | None, desc: str) -> dict[str, dict]:
         """Metrics per task of the server's ``role`` model with adapter ``state`` (None: the initial one)."""
+        return self.evaluate_questions(role, state, desc)[0]
+
+    def evaluate_questions(self, role: str, state: dict[str, torch.Tensor] | None, desc: str
+                           ) -> tuple[dict[str, dict], Correct | None]:
+        """:meth:`evaluate` and its per-question correctness (None where ``eval.per_question`` is off)."""
         m = self.model(role)
-        return evaluate_tasks(m.use(state), m.tokenizer, self.eval_sets, self.cfg.eval.batch_size,
-                              self.cfg.eval.max_new_tokens, desc=f"{desc} {role}")
+        correct: Correct | None = {} if self.cfg.eval.per_question else None
+        metrics = evaluate_tasks(m.use(state), m.tokenizer, self.eval_sets, self.cfg.eval.batch_size,
+                                 self.cfg.eval.max_new_tokens, desc=f"{desc} {role}", correct=correct)
+        return metrics, correct
+
+    def questions(self) -> dict[str, list[str]] | None:
+        """task -> the evaluation questions' ids in scoring order (results.json's ``questions``)."""
+        if not self.cfg.eval.per_question:
+            return None
+        return {t: question_ids(exs) for t, exs in self.eval_sets.items()}
+
+    def client_correct(self, replies: dict[str, Any]) -> dict[str, Correct] | None:
+        """The per-question correctness the clients' replies carry (``meta.correct``), client -> Correct.
+        A client whose bit-strings are for other questions than the server's evaluation sets (its ids'
+        fingerprint or count differs: another eval config) is left out, with a log line naming it."""
+        out: dict[str, Correct] = {}
+        for cid, r in replies.items():
+            got = r.meta.get("correct")
+            if not got:
+                continue
+            bad = [t for t, exs in self.eval_sets.items()
+                   if t not in got or got[t].get("ids") != ids_fingerprint(question_ids(exs))
+                   or any(len(v) != len(exs) for k, v in got[t].items() if k != "ids")]
+            if bad:
+                progress.log(f"{cid}: its per-question correctness is for other questions of {', '.join(bad)} "
+                             "than the server's evaluation sets (check eval.limit, data.dir and seed on that "
+                             "client); left out of the paired statistics")
+                continue
+            out[cid] = {t: got[t] for t in self.eval_sets}
+        return out or None
 
     def save_adapter(self, role: str, state: dict[str, torch.Tensor], method: str) -> Path:
         path = self.out / "adapters" / method / role

@@ -17,6 +17,7 @@ from fedkt.algorithms.fedcot import FedCoTConfig
 from fedkt.clients import ClientFactory, ClientSpec
 from fedkt.config import ConfigError, ExperimentConfig
 from fedkt.data.partition import partition, split_aux, subsample
+from fedkt.data.prompts import with_format
 from fedkt.data.tasks import Example, load_jsonl, load_task
 from fedkt.federation.local import LocalFederation
 from fedkt.privacy.policy import ClientPolicy
@@ -46,7 +47,13 @@ def policy_for_experiment(cfg: ExperimentConfig) -> ClientPolicy:
 
 
 def load_client_data(cfg: ExperimentConfig) -> tuple[list[list[Example]], list[Example]]:
-    """Clients' private training sets and the server's auxiliary set (disjoint, seeded)."""
+    """Clients' private training sets and the server's auxiliary set (disjoint, seeded), in the prompt
+    format of ``eval.format``."""
+    clients, aux = _load_client_data(cfg)
+    return [with_format(c, cfg.eval) for c in clients], with_format(aux, cfg.eval)
+
+
+def _load_client_data(cfg: ExperimentConfig) -> tuple[list[list[Example]], list[Example]]:
     d, p = cfg.data, cfg.partition
     if p.scheme == "files":
         clients = [load_jsonl(f, task=d.tasks[0] if d.tasks else "custom", on_bad_line=d.on_bad_line)
@@ -72,8 +79,9 @@ def load_client_data(cfg: ExperimentConfig) -> tuple[list[list[Example]], list[E
 
 
 def load_eval_sets(cfg: ExperimentConfig) -> dict[str, list[Example]]:
-    return {t: subsample(load_task(t, cfg.data.eval_split, cfg.data.dir, cfg.data.on_bad_line),
-                         cfg.eval.limit, derive_seed(cfg.seed, "eval", t))
+    """{task: its seeded eval subsample} in the prompt format of ``eval.format``."""
+    return {t: with_format(subsample(load_task(t, cfg.data.eval_split, cfg.data.dir, cfg.data.on_bad_line),
+                                     cfg.eval.limit, derive_seed(cfg.seed, "eval", t)), cfg.eval)
             for t in cfg.eval_tasks}
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import tomli_w
 
@@ -54,11 +55,37 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"table of {_type_name(get_args(tp)[1])}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        # one plain arm and at most one table arm (``Literal[...] | dict[str, Literal[...]]``): a TOML
+        # table takes the table arm, anything else the plain one
+        tables = [a for a in get_args(tp) if get_origin(a) is dict]
+        plain = [a for a in get_args(tp) if get_origin(a) is not dict]
+        if len(plain) != 1 or len(tables) > 1:
+            raise TypeError(f"unsupported config type {tp} at {key}")
+        if isinstance(value, dict) and tables:
+            return _coerce(value, tables[0], key)
+        try:
+            return _coerce(value, plain[0], key)
+        except ConfigError as e:
+            if not tables:
+                raise
+            raise ConfigError(f"{e}; or a table of such values, {key} = {{NAME = VALUE, ...}}") from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        kt, vt = get_args(tp)
+        if kt is not str:
+            raise TypeError(f"unsupported config type {tp} at {key}: table keys are strings")
+        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:

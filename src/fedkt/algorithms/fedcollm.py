@@ -47,6 +47,7 @@ from fedkt.algorithms import fdkt
 from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
 from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
+from fedkt.data.prompts import with_format
 from fedkt.devices import autocast, input_device
 from fedkt.fedavg_round import FedAvgRound
 from fedkt.losses import kd_kl
@@ -288,7 +289,7 @@ class FedCoLLM(FedAvgRound):
                 raise ValueError(f"fedcollm.aux_source = 'fdkt': the clients' DP synthesis produced no usable "
                                  f"example (stages: {syn.record.get('stages')}); raise fdkt.samples_per_client or "
                                  f"use aux_source = 'public'")
-            self.aux, self.synthesis = syn.examples, syn.record
+            self.aux, self.synthesis = with_format(syn.examples, server.cfg.eval), syn.record
             progress.log(f"fedcollm: auxiliary set = {len(self.aux)} DP synthetic examples (FDKT steps 1-3)")
 
     def weight_key(self, server):  # 1–3: FedAvg, sample-weighted or 1/K (the paper's Algorithm 1)

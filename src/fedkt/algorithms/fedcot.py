@@ -221,8 +221,11 @@ def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
 
         if ctx.workdir is not None:
             save_adapter(model, None, ctx.workdir / "slm")
+        correct = {} if ctx.eval.per_question else None
         meta["metrics"] = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
-                                         desc=f"fedcot {ctx.cid} r{rnd}")
+                                         desc=f"fedcot {ctx.cid} r{rnd}", correct=correct)
+        if correct is not None:
+            meta["correct"] = correct
     return Message(meta=meta)
 
 
@@ -316,6 +319,9 @@ class FedCoT(FedAvgRound):
             for c, mt in per_client.items():
                 server.log_metrics(method="fedcot", client=c, role="slm", round=rnd, metrics=mt)
             out.entry.update(slm=mean_metrics(list(per_client.values())), per_client=per_client)
+            correct = server.client_correct(replies)
+            if correct:
+                out.entry["per_client_correct"] = correct
 
     def rationales(self, server, perturbed: dict[str, list[str]]) -> dict[str, list[str]]:
         """Step 2: the LLM's rationales for every client's perturbed prompts, in one batched pass."""

@@ -17,16 +17,24 @@ The continuation scored for a choice is ``target_delimiter + choice`` with the h
 delimiter ``" "``; ``acc_norm`` divides by the character length of the *choice* (without the delimiter),
 see :mod:`fedkt.evaluate`. GSM8K (generation) uses ARC's frame with the worked answer as continuation.
 
+That table is the "harness" format, the default. ``Example.format = "cloze"`` (``eval.format``, applied to
+loaded data by :func:`with_format`) scores each choice's *text* as the continuation wherever the harness
+scores something else: CommonsenseQA becomes ARC's ``"Question: {question}\nAnswer:"`` + ``" {choice}"``
+(no lettered list); ARC and OpenBookQA, whose harness prompts already score the choice texts, read the
+same in both formats. Generation examples have one format.
+
 Training uses the same strings: :func:`training_text` is (context, delimiter + gold choice), so a model
-fine-tuned on a task is trained on exactly the prompt it is evaluated with (for CommonsenseQA that means
-learning to answer with the letter, as the harness scores it).
+fine-tuned on a task is trained on exactly the prompt it is evaluated with (for CommonsenseQA in the
+harness format that means learning to answer with the letter, as the harness scores it; in the cloze
+format, with the answer's text).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
+from fedkt.config import PROMPT_FORMATS, EvalConfig
 from fedkt.data.tasks import Example
 
 TARGET_DELIMITER = " "
@@ -70,11 +78,31 @@ TEMPLATES: dict[str, Template] = {
     "openbookqa": Template(_bare_question),
     "commonsense_qa": Template(_lettered, _letters),
 }
+"""The "harness" format: lm-evaluation-harness 0.4.13's template of each task."""
+CLOZE_TEMPLATES: dict[str, Template] = {**TEMPLATES, "commonsense_qa": DEFAULT}
+"""The "cloze" format: every task scores its choice texts; CommonsenseQA takes ARC's frame."""
+FORMAT_TEMPLATES: dict[str, dict[str, Template]] = {"harness": TEMPLATES, "cloze": CLOZE_TEMPLATES}
+assert tuple(FORMAT_TEMPLATES) == PROMPT_FORMATS, "a prompt format of fedkt.config without templates"
 
 
 def template(ex: Example) -> Template:
-    """The template of ``ex.task``; tasks without one of their own use ARC's."""
-    return TEMPLATES.get(ex.task, DEFAULT)
+    """The template of ``ex.task`` in ``ex.format``; tasks without one of their own use ARC's."""
+    table = FORMAT_TEMPLATES.get(ex.format)
+    if table is None:
+        raise ValueError(f"example {ex.id} of task {ex.task}: prompt format {ex.format!r} is not one of "
+                         f"{', '.join(map(repr, PROMPT_FORMATS))} (set it with eval.format)")
+    return table.get(ex.task, DEFAULT)
+
+
+def with_format(examples: Sequence[Example], formats: EvalConfig) -> list[Example]:
+    """``examples`` in the prompt format ``formats`` (the experiment's ``[eval]``) gives their task:
+    ``formats.format_of(ex.task)``; generation examples stay as they are. Apply it wherever examples
+    are loaded or made, so that training and scoring read the same prompts."""
+    out = []
+    for ex in examples:
+        f = formats.format_of(ex.task) if ex.is_mc else ex.format
+        out.append(ex if f == ex.format else replace(ex, format=f))
+    return out
 
 
 def context(ex: Example) -> str:

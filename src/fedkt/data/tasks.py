@@ -42,6 +42,9 @@ class Example:
     """Text the model is trained to produce after the prompt."""
     label: str = ""
     """What generation is scored against (GSM8K: the final number)."""
+    format: str = "harness"
+    """Prompt format of a multiple-choice example, "harness" or "cloze" (``eval.format``; set by
+    :func:`fedkt.data.prompts.with_format` where data is loaded): training and scoring read it."""
 
     @property
     def is_mc(self) -> bool:

@@ -33,6 +33,7 @@ from fedkt import registry
 from fedkt.clients import ClientContext, ClientFactory, ClientSpec, Handler
 from fedkt.config import ConfigError, ExperimentConfig
 from fedkt.data.partition import split_aux, subsample
+from fedkt.data.prompts import with_format
 from fedkt.data.tasks import load_task
 from fedkt.federation import flower_secagg
 from fedkt.federation.flower import FlowerFederation  # sets FLOWER_ENV before flwr is imported
@@ -106,7 +107,7 @@ def deployment_server(cfg: ExperimentConfig, out: Path, grid: Grid, nodes: dict[
     if cfg.partition.aux_size:  # drawn as in process (split_aux of the same pooled public rows)
         pooled = [e for t in d.tasks for e in subsample(load_task(t, d.train_split, d.dir, d.on_bad_line),
                                                          d.max_train_examples, derive_seed(cfg.seed, "train", t))]
-        aux = split_aux(pooled, cfg.partition.aux_size, derive_seed(cfg.seed, "aux"))[1]
+        aux = with_format(split_aux(pooled, cfg.partition.aux_size, derive_seed(cfg.seed, "aux"))[1], cfg.eval)
     eval_sets = load_eval_sets(cfg)
 
     def open_federation(spec):

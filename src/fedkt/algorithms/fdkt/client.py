@@ -132,8 +132,8 @@ def client_train_and_evaluate(ctx: ClientContext, msg: Message) -> Message:
     m = msg.meta
     synthetic = read_synthetic(msg.texts, m["tasks"])
     data = (list(ctx.data) if m["train_on"] == "private+synthetic" else []) + synthetic
-    metrics = train_and_evaluate_locally(ctx, data, m["epochs"], "fdkt")
-    return Message(meta={"metrics": metrics, "trained_on": len(data), "synthetic": len(synthetic)})
+    metrics, correct = train_and_evaluate_locally(ctx, data, m["epochs"], "fdkt")
+    return Message(meta={"metrics": metrics, "trained_on": len(data), "synthetic": len(synthetic), **correct})
 
 
 CLIENT_HANDLERS = {"synthesize": client_synthesize}

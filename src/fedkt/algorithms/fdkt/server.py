@@ -251,7 +251,7 @@ def run(server) -> MethodResult:
     record = {**syn.record, "stages": stages, "trained_on": {c: r.meta["trained_on"] for c, r in replies.items()}}
     return MethodResult(metrics={"slm": mean_metrics(list(per_client_metrics.values()))}, per_client=per_client_metrics,
                         comm=fed.ledger.summary(), timings=timings, failures=list(fed.failures),
-                        extra={"fdkt": record})
+                        per_client_correct=server.client_correct(replies), extra={"fdkt": record})
 
 
 FDKT = register(MethodSpec(
