@@ -28,16 +28,13 @@ def run(a) -> None:
     perq: dict[str, dict[str, list[int]]] = {}
     orig = E.score_multiple_choice
 
-    def recording(model, tok, examples, batch_size=32, desc="eval"):
-        per_q = E.choice_loglikelihoods(model, tok, examples, batch_size, desc)
-        rec = perq.setdefault(desc, {})
-        acc = acc_norm = 0
-        for ex, lls in zip(examples, per_q):
-            p, pn = E.predictions(ex, lls)
-            rec[ex.id] = [int(p == ex.answer), int(pn == ex.answer)]
-            acc += p == ex.answer
-            acc_norm += pn == ex.answer
-        return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples), "n": len(examples)}
+    def recording(model, tok, examples, batch_size=32, desc="eval", per_question=None):
+        pq: dict = {}
+        out = orig(model, tok, examples, batch_size, desc, pq)  # bit-strings in the examples' order
+        perq[desc] = {ex.id: [int(pq["acc"][i]), int(pq["acc_norm"][i])] for i, ex in enumerate(examples)}
+        if per_question is not None:
+            per_question.update(pq)
+        return out
 
     E.score_multiple_choice = recording
     cfg = load_config(a.config, a.sets)

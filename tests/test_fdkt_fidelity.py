@@ -30,7 +30,8 @@ def test_synthetic_set_selects_what_a_client_trains_on(monkeypatch):
         == [False, False, True, True]
     # the client: private data only with train_on = "private+synthetic", then the synthetic set in order
     seen = []
-    monkeypatch.setattr(fclient, "train_and_evaluate_locally", lambda ctx, data, epochs, label: seen.append(data) or {})
+    monkeypatch.setattr(fclient, "train_and_evaluate_locally",
+                        lambda ctx, data, epochs, label: (seen.append(data), ({}, {}))[1])  # (metrics, correctness)
     private = [mc("Private question?", id="p0")]
     ctx = SimpleNamespace(data=private)
     msg = lambda on: fdkt.client.Message(texts=[render_mc(e) for e in aug], meta={  # noqa: E731

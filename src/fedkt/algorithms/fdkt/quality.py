@@ -3,7 +3,8 @@ re-answered by the LLM, near-duplicates, and n-gram contamination with the evalu
 
 * **Answers** (:func:`check_answers`). A kept DP sample's answer letter is the one its prefix asked the DP
   model for, which nobody checked (label noise). The server LLM scores each choice as evaluation does
-  (``fedkt.evaluate.choice_loglikelihoods``: the task's prompt, each choice as the continuation) and picks
+  (``fedkt.evaluate.choice_loglikelihoods``: the task's prompt in the run's ``eval.format``, each choice as
+  the continuation) and picks
   the choice of highest log-likelihood (``predictions``' ``acc`` pick). ``"relabel"``: that pick becomes the
   answer; ``"drop"``: samples whose letter is not the pick are dropped; ``"keep"``: no check.
 * **Near-duplicates** and **contamination**: :mod:`fedkt.data.contamination`, applied by
@@ -14,10 +15,10 @@ Everything here reads DP samples and public evaluation questions only: post-proc
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 from fedkt.data.contamination import NgramIndex, decontaminate, drop_near_duplicates
-from fedkt.data.synthetic import make_mc
 from fedkt.data.tasks import Example
 from fedkt.evaluate import choice_loglikelihoods, predictions
 
@@ -53,7 +54,7 @@ def check_answers(model, tok, examples: Sequence[Example], mode: str, batch_size
             out.append(ex)
         elif mode == "relabel":
             rec["relabelled"] += 1
-            out.append(make_mc(ex.question, ex.choices, pick, task=ex.task, id=ex.id))
+            out.append(replace(ex, answer=pick, target=ex.choices[pick], label=str(pick)))
         else:
             rec["dropped"] += 1
     return out, rec

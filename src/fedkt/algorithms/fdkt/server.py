@@ -19,6 +19,7 @@ from fedkt.algorithms.fdkt.quality import answers_mode, check_answers, contamina
 from fedkt.algorithms.fdkt.report import report_section
 from fedkt.algorithms.fdkt.samples import question_key, read_synthetic, task_choices
 from fedkt.data.contamination import NgramIndex
+from fedkt.data.prompts import with_format
 from fedkt.data.synthetic import ParseStats, parse_mc, render_mc
 from fedkt.clustering import kmeans, mean_pooled_embeddings
 from fedkt.data.tasks import GENERATION_TASKS, Example
@@ -182,7 +183,8 @@ def synthesize(server, fed, cfg: FDKTConfig | None = None, rnd: int = 1, cache: 
     kept, fstats = select(server, cfg, gen, pool, mode, timings)
     filtered = len(kept)
     if answers != "keep" and kept:
-        kept, arec = check_answers(server.llm.use(None), server.llm.tokenizer, kept, answers, cfg.gen_batch_size)
+        kept, arec = check_answers(server.llm.use(None), server.llm.tokenizer, with_format(kept, server.cfg.eval),
+                                   answers, cfg.gen_batch_size)
     else:
         arec = check_answers(None, None, kept, "keep")[1] | {"mode": answers}
     # 3: augmentation by the LLM from few-shot prompts of kept samples
