@@ -77,7 +77,10 @@ METHOD_SETS = {
                "fedcot.attack_prompts=0"],
     "fdkt": ["fdkt.samples_per_client=4", "fdkt.sample_tokens=24", "fdkt.dp_batch_size=8", "fdkt.dp_epochs=1.0",
              "fdkt.question_tokens=12", "fdkt.choice_tokens=4", "fdkt.augment_tokens=24", "federation.rounds=1",
-             "train.max_steps=2", 'fdkt.filter="score"'],
+             "train.max_steps=2", 'fdkt.filter="score"',
+             # issue 22: the default trains on the augmented examples only, of which this tiny LLM writes none;
+             # private + kept (relabelled by the LLM) + augmented keeps step 4's training in the golden
+             'fdkt.synthetic_set="private+synthetic"'],
 }
 NEEDS_LLM = {"fedcollm", "fedcot", "fdkt"}
 

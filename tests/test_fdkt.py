@@ -315,7 +315,7 @@ def fdkt_config(tmp_path, model_dirs, data_dir, methods=("fdkt",), **extra):
     base = {"fdkt.samples_per_client": 6, "fdkt.sample_tokens": 24, "fdkt.dp_batch_size": 8, "fdkt.dp_epochs": 1.0,
             "fdkt.augment_tokens": 24, "federation.rounds": 1, "partition.num_clients": 2,
             "train.max_steps": 2, "fdkt.sampling": '"free"', "fdkt.augment_sampling": '"free"',
-            "fdkt.filter": '"llm"'}
+            "fdkt.filter": '"llm"', "fdkt.synthetic_set": '"private+synthetic"'}  # the pre-issue-22 training set
     base.update(extra)
     if "fedcollm" not in methods:  # tiny_config adds model.llm for fedcollm itself
         base["llm"] = True

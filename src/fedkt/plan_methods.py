@@ -176,8 +176,10 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
         fd = cfg.section(FDKTConfig)
         dp = [planned_steps(n, DPConfig(epochs=fd.dp_epochs, batch_size=fd.dp_batch_size)) for n in sizes]
         keep = 1.0 if fd.filter == "none" else fd.filter_keep
-        synthetic = int(K * fd.samples_per_client * keep * (1 + fd.augment_per_kept))
-        final = [sft_steps(n + synthetic if fd.train_on != "synthetic" else synthetic, t, t.epochs * R) for n in sizes]
+        kept = fd.synthetic_set in ("kept+augmented", "private+synthetic")  # trained on besides the augmented
+        synthetic = int(K * fd.samples_per_client * keep * (int(kept) + fd.augment_per_kept))
+        private = fd.synthetic_set.startswith("private+")
+        final = [sft_steps(n + synthetic if private else synthetic, t, t.epochs * R) for n in sizes]
         sample_tokens = fd.question_tokens + 4 * fd.choice_tokens if fd.sampling == "template" else fd.sample_tokens
         dp_act = activation_bytes(c.slm.arch, fd.dp_batch_size * c.S, c.act(c.slm), opts.gradient_checkpointing,
                                   SFT_LOGIT_COPIES) + 4 * c.slm.trainable * fd.dp_batch_size  # per-sample grads

@@ -10,14 +10,17 @@ The protocol (one shot; each client k with its own ε_k and seed):
      samples are parsed and malformed ones dropped. Only the parsed samples, their counts and the public
      privacy figures (ε spent by the accountant for the steps taken, δ, σ, q, steps) leave the client;
      the DP adapter stays in the client's state.
-  2. filter (server): embed the samples (mean-pooled LLM hidden states), k-means them, and let the LLM
-     pick the eligible samples of each cluster (``filter_augment.filter_clusters``).
-  3. augment (server): few-shot prompts from the kept samples; the LLM writes new examples; they are
-     validated and de-duplicated (``filter_augment.augment``).
-  4. train (client): each client fine-tunes its SLM's LoRA on private + synthetic data (or synthetic
-     only, ``train_on``) and evaluates it locally, exactly like the standalone baseline (same seed, same
-     epochs = ``train.epochs × federation.rounds``): FDKT vs Standalone is a paired comparison, and with
-     an empty synthetic set the two are equal bit for bit (tested). Only metrics leave the client.
+  2. filter (server): drop near-duplicates and samples sharing an n-gram with an evaluation question
+     (``quality``), embed the samples (mean-pooled LLM hidden states), k-means them, let the LLM pick the
+     eligible samples of each cluster (``filter_augment``; the scored filter with a quality bar), and let
+     it re-answer the kept ones (``quality.check_answers``).
+  3. augment (server): few-shot prompts from the kept samples; the LLM writes new examples (each task's
+     own number of choices); they are validated, de-duplicated and checked for contamination.
+  4. train (client): each client fine-tunes its SLM's LoRA on ``synthetic_set`` (default: the augmented
+     examples only, as the paper; or with the kept samples and/or its private data) and evaluates it
+     locally, exactly like the standalone baseline (same seed, same epochs = ``train.epochs ×
+     federation.rounds``): FDKT vs Standalone is a paired comparison, and with private data and an empty
+     synthetic set the two are equal bit for bit (tested). Only metrics leave the client.
 
 Privacy: everything after DP training is post-processing of the DP adapter (sampling, parsing, the
 server's filter and augmentation, the final training's use of the synthetic set), so the synthetic set,
@@ -36,7 +39,8 @@ handlers).
 
 Modules, in the order of the protocol: ``config`` (the ``[fdkt]`` section), ``samples`` (the public
 prefix, sampling plan and sample key both sides share), ``client`` (steps 1 and 4), ``server``
-(:func:`synthesize` = steps 1–3, :func:`run`), ``filter_augment`` (the LLM's steps 2 and 3), ``report``.
+(:func:`synthesize` = steps 1–3, :func:`run`), ``filter_augment`` (the LLM's steps 2 and 3), ``quality``
+(answers, near-duplicates, contamination), ``report``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from fedkt.algorithms.baselines import train_and_evaluate_locally
 from fedkt.algorithms.fdkt.samples import generation_text, question_key, read_synthetic, sampling_plan, synth_prefix
 from fedkt.clients import ClientContext
 from fedkt.data.collate import make_sft_example
-from fedkt.data.synthetic import LETTERS, ParseStats, fill_mc_template, parse_mc, render_mc
+from fedkt.data.synthetic import LETTERS, MAX_CHOICES, MIN_CHOICES, ParseStats, fill_mc_template, parse_mc, render_mc
 from fedkt.federation.base import Message
 from fedkt.models import get_adapter_state
 from fedkt.privacy.dp_sgd import DPConfig, dp_train_loop
@@ -27,14 +27,28 @@ PUBLIC_DP_FIELDS = ("epsilon_spent", "target_epsilon", "delta", "noise_multiplie
 def sample_generations(model, tok, prompts: list[str], meta: dict, seed: int, desc: str) -> list[str]:
     """Step 1b: sample continuations of the prefixes from the DP model: the template filled field by field
     (answer = the letter of the sampling plan, ``meta["letters"]``), or free continuations."""
-    def complete(ps: list[str], max_new_tokens: int, stop: list[str], tag: str) -> list[str]:
-        return generation.generate(model, tok, ps, max_new_tokens=max_new_tokens, batch_size=meta["gen_batch_size"],
-                        do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"],
-                        seed=derive_seed(seed, tag), stop=stop, desc=f"{desc} {tag}")
+    def completer(group_seed: int):
+        def complete(ps: list[str], max_new_tokens: int, stop: list[str], tag: str) -> list[str]:
+            return generation.generate(model, tok, ps, max_new_tokens=max_new_tokens, batch_size=meta["gen_batch_size"],
+                                       do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"],
+                                       seed=derive_seed(group_seed, tag), stop=stop, desc=f"{desc} {tag}")
+        return complete
 
     if meta.get("sampling", "free") == "template":
-        return fill_mc_template(complete, prompts, meta["letters"], question_tokens=meta["question_tokens"],
-                                choice_tokens=meta["choice_tokens"])
+        # each task's own number of choices (meta["n_choices"] per prompt; 4 if absent): one group per count
+        ns = meta.get("n_choices") or [4] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for j, n in enumerate(ns):
+            groups.setdefault(int(n), []).append(j)
+        out = [""] * len(prompts)
+        for n, idx in sorted(groups.items()):
+            complete = completer(seed if len(groups) == 1 else derive_seed(seed, "choices", n))
+            filled = fill_mc_template(complete, [prompts[j] for j in idx], [meta["letters"][j] for j in idx],
+                                      n_choices=n, question_tokens=meta["question_tokens"],
+                                      choice_tokens=meta["choice_tokens"])
+            for j, o in zip(idx, filled):
+                out[j] = o
+        return out
     return generation.generate(model, tok, prompts, max_new_tokens=meta["sample_tokens"], batch_size=meta["gen_batch_size"],
                     do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"], seed=seed, stop=STOP,
                     desc=desc)
@@ -72,6 +86,10 @@ def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
     if not all(e.is_mc for e in ctx.data):
         raise ValueError(f"client {ctx.cid}: FDKT synthesizes multiple-choice examples; its data holds "
                          f"generation examples (e.g. gsm8k), which it cannot render")
+    choices = {t: int(n) for t, n in (m.get("choices") or {}).items()}
+    if any(not MIN_CHOICES <= n <= MAX_CHOICES for n in choices.values()):
+        raise ValueError(f"client {ctx.cid}: the request's choices per task {choices} must lie in "
+                         f"{MIN_CHOICES}..{MAX_CHOICES} (what a valid synthetic example may have)")
     # 1a: DP-SGD on the private examples rendered as "write a question" tasks
     model, tok = ctx.slm.use(None), ctx.slm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -87,8 +105,9 @@ def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
     ctx.state.tensors["dp_adapter"] = get_adapter_state(model)  # client-owned; never sent
     # 1b: sample from the DP model on the public plan's prefixes; 1c: parse
     t1 = time.perf_counter()
-    plan = sampling_plan(list(m["tasks"]), int(m["samples"]))
-    raw = sample_generations(model, tok, [synth_prefix(t, l) for t, l in plan], {**m, "letters": [l for _, l in plan]},
+    plan = sampling_plan(list(m["tasks"]), int(m["samples"]), choices)
+    raw = sample_generations(model, tok, [synth_prefix(t, l) for t, l in plan],
+                             {**m, "letters": [l for _, l in plan], "n_choices": [choices.get(t, 4) for t, _ in plan]},
                              ctx.secret_seed_for("fdkt-sample"), desc=f"{ctx.cid} sample")
     t2 = time.perf_counter()
     texts, tasks, pstats, agree = parse_samples(plan, raw)
@@ -107,8 +126,9 @@ def client_synthesize(ctx: ClientContext, msg: Message) -> Message:
 
 
 def client_train_and_evaluate(ctx: ClientContext, msg: Message) -> Message:
-    """Step 4: fine-tune on private + synthetic (or synthetic only) data, evaluate locally; only metrics
-    leave. Standalone's training and evaluation (same seed, same epochs): a paired comparison."""
+    """Step 4: fine-tune on the synthetic set the server sent (after the private data for ``train_on =
+    "private+synthetic"``), evaluate locally; only metrics leave. Standalone's training and evaluation
+    (same seed, same epochs): a paired comparison."""
     m = msg.meta
     synthetic = read_synthetic(msg.texts, m["tasks"])
     data = (list(ctx.data) if m["train_on"] == "private+synthetic" else []) + synthetic

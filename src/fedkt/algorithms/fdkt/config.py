@@ -45,7 +45,24 @@ class FDKTConfig:
     ``"auto"``: "score" with a local LLM, "llm" with an ``openai:`` server; ``"none"``: keep every parsed
     sample (ablation of step 2)."""
     filter_keep: float = 0.5
-    """Scored filter: fraction of each cluster kept (rounded up)."""
+    """Scored filter: fraction of each cluster kept (rounded up), among the samples above ``filter_min_margin``."""
+    filter_min_margin: float = 0.0
+    """Scored filter's quality bar: only samples with log p(Yes) − log p(No) above this are kept, so a cluster
+    the LLM rejects entirely keeps nothing (``-inf``: no bar, every cluster keeps its best fraction)."""
+    dedup_jaccard: float = 0.6
+    """Near-duplicate removal: a sample whose word-3-shingle Jaccard similarity (question + choices) to an
+    earlier sample is at least this is dropped, among the received samples and among the augmented ones
+    (against the kept and earlier augmented ones); above 1: off (exact duplicates are always dropped)."""
+    kept_answers: Literal["auto", "relabel", "drop", "keep"] = "auto"
+    """The kept DP samples' answer letters, which the DP model wrote: ``"relabel"``: the server LLM scores
+    each choice by log-likelihood (as evaluation does) and its pick becomes the answer; ``"drop"``: samples
+    whose letter is not the LLM's pick are dropped; ``"keep"``: unchecked; ``"auto"``: "relabel" with a
+    local LLM, "keep" with an ``openai:`` server (no likelihoods). Runs before augmentation, so the few-shot
+    examples carry checked answers too."""
+    decontaminate_ngram: int = 13
+    """n of the contamination check: a received or augmented sample sharing a word n-gram (question +
+    choices, lower-cased, punctuation dropped) with any question of the evaluation sets is dropped and
+    counted (GPT-3 / lm-eval decontamination; 0: off)."""
     cluster_size: int = 8
     """k-means uses k = ceil(samples / cluster_size) clusters."""
     filter_batch: int = 8
@@ -62,9 +79,11 @@ class FDKTConfig:
     augment_sampling: Literal["template", "free"] = "template"
     """How the LLM writes a new example: field by field in the template (question, choices, then the
     answer letter it picks), or one free continuation, parsed."""
-    synthetic_set: Literal["kept+augmented", "augmented"] = "kept+augmented"
-    """What the clients train on: the filtered DP samples plus the LLM's new ones, or the new ones only."""
-    train_on: Literal["private+synthetic", "synthetic"] = "private+synthetic"
+    synthetic_set: Literal["augmented", "kept+augmented", "private+augmented", "private+synthetic"] = "augmented"
+    """What each client trains its SLM on in step 4: ``"augmented"``: the LLM's new examples only, as the paper
+    and FATE-LLM return them; ``"kept+augmented"``: the filtered DP samples too; ``"private+augmented"``
+    and ``"private+synthetic"`` (kept + augmented): the client's private data as well (``"private+synthetic"``
+    was the default before issue 22). FedCoLLM's ``aux_source = "fdkt"`` uses the synthetic part."""
     gen_batch_size: int = 16
     samples_in_report: int = 3
 
@@ -80,4 +99,7 @@ class FDKTConfig:
         check(self.augment_per_kept >= 0, f"augment_per_kept must be >= 0, got {self.augment_per_kept}")
         check(self.augment_temperature >= 0, f"augment_temperature must be >= 0, got {self.augment_temperature}")
         check(0 < self.filter_keep <= 1, f"filter_keep must be in (0, 1], got {self.filter_keep}")
+        check(self.dedup_jaccard > 0, f"dedup_jaccard must be > 0 (above 1: off), got {self.dedup_jaccard}")
+        check(self.decontaminate_ngram >= 0, f"decontaminate_ngram must be >= 0 (0: off), got {self.decontaminate_ngram}")
+        check(self.filter_min_margin == self.filter_min_margin, "filter_min_margin must be a number (-inf: no bar)")
         check(self.samples_in_report >= 0, f"samples_in_report must be >= 0, got {self.samples_in_report}")

@@ -110,12 +110,14 @@ def score_prompt(gen, ex: Example) -> str:
 
 
 def filter_scored(gen, model, tok, examples: Sequence[Example], clusters: Sequence[Sequence[int]],
-                  keep: float = 0.5, batch_size: int = 16) -> tuple[list[int], FilterStats]:
+                  keep: float = 0.5, batch_size: int = 16, min_margin: float = -math.inf
+                  ) -> tuple[list[int], FilterStats]:
     """Indices (ascending) kept by the LLM's *likelihood* judgement: each sample is put to the LLM as a
     yes/no question (``score_prompt``), its margin is log p(Yes) − log p(No) (no text to parse, so no
     malformed answer), and each cluster keeps its ⌈``keep`` × size⌉ samples of highest margin (ties:
-    the earlier sample). Every cluster contributes (diversity, as in the list filter); which of its
-    samples it contributes is the LLM's judgement. Needs the LLM's weights (a local model)."""
+    the earlier sample) among those whose margin is above ``min_margin`` (the quality bar: a cluster the
+    LLM rejects entirely keeps nothing). Which samples a cluster contributes is the LLM's judgement.
+    Needs the LLM's weights (a local model)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     stats = FilterStats(candidates=len(examples), clusters=len(clusters), prompts=len(examples))
@@ -129,19 +131,22 @@ def filter_scored(gen, model, tok, examples: Sequence[Example], clusters: Sequen
     kept: list[int] = []
     for c in clusters:
         ranked = sorted(c, key=lambda i: (-margins[i], i))
-        kept += ranked[:math.ceil(keep * len(c))]
+        kept += [i for i in ranked[:math.ceil(keep * len(c))] if margins[i] > min_margin]
     kept.sort()
     stats.kept = len(kept)
     stats.margins = {"mean": sum(margins) / len(margins), "positive": sum(m > 0 for m in margins),
+                     "min_margin": min_margin, "below_bar": sum(m <= min_margin for m in margins),
                      "min": min(margins), "max": max(margins),
                      "kept_mean": sum(margins[i] for i in kept) / max(1, len(kept))}
     return kept, stats
 
 
 # ---------------------------------------------------------------------------------------------- augment
-def augment_prompt(gen, shots: Sequence[Example]) -> str:
+def augment_prompt(gen, shots: Sequence[Example], n_choices: int | None = None) -> str:
+    """The few-shot prompt for one new question of ``shots``' task, with ``n_choices`` choices (default:
+    the most any shot has)."""
     demo = "\n\n".join(render_mc(e) for e in shots)
-    n_choices = max(len(e.choices) for e in shots)
+    n_choices = n_choices or max(len(e.choices) for e in shots)
     last = chr(ord("A") + n_choices - 1)
     user = (f"Here are example questions from a {topic(shots[0].task)} test:\n\n{demo}\n\n"
             f"Write one new question on the same topic, different from the examples, in exactly the same format: "
@@ -191,10 +196,12 @@ class AugmentStats:
 
 def augment(gen, kept: Sequence[Example], tasks: Sequence[str], per_kept: float, shots: int, seed: int,
             max_new_tokens: int = 160, temperature: float = 0.7, n_samples: int = 3, sampling: str = "free",
-            question_tokens: int = 64, choice_tokens: int = 24) -> tuple[list[Example], AugmentStats]:
+            question_tokens: int = 64, choice_tokens: int = 24, choices: dict[str, int] | None = None
+            ) -> tuple[list[Example], AugmentStats]:
     """New examples written by the LLM from few-shot prompts of kept samples, validated and de-duplicated.
-    ``sampling = "template"``: the LLM fills the template field by field (``fill_mc_template``; as many
-    choices as the shots' longest list, the answer letter its own pick); ``"free"``: one continuation."""
+    ``sampling = "template"``: the LLM fills the template field by field (``fill_mc_template``; the task's
+    number of choices from ``choices``, else as many as the shots' longest list; the answer letter its
+    own pick); ``"free"``: one continuation."""
     stats = AugmentStats()
     prompts: list[str] = []
     plan: list[tuple[str, list[Example]]] = []
@@ -207,15 +214,15 @@ def augment(gen, kept: Sequence[Example], tasks: Sequence[str], per_kept: float,
             rng = random.Random(derive_seed(seed, "fdkt-shots", task, j))
             chosen = rng.sample(pool, min(shots, len(pool)))
             plan.append((task, chosen))
-            prompts.append(augment_prompt(gen, chosen))
+            prompts.append(augment_prompt(gen, chosen, (choices or {}).get(task)))
     stats.prompts = len(prompts)
     if not prompts:
         return [], stats
     if sampling == "template":
         outs = [""] * len(prompts)
         by_n: dict[int, list[int]] = {}
-        for j, (_, chosen) in enumerate(plan):
-            by_n.setdefault(max(len(e.choices) for e in chosen), []).append(j)
+        for j, (task, chosen) in enumerate(plan):
+            by_n.setdefault((choices or {}).get(task) or max(len(e.choices) for e in chosen), []).append(j)
         for n, idx in sorted(by_n.items()):
             def complete(ps, max_new, stop, tag, n=n):
                 return gen.generate(ps, max_new_tokens=max_new, stop=stop, temperature=0.0 if tag == "answer" else temperature,

@@ -3,7 +3,7 @@ public sampling plan, the key that makes two samples the same, and reading sampl
 
 from __future__ import annotations
 
-from fedkt.data.synthetic import LETTERS, ParseStats, normalize, parse_mc, render_mc
+from fedkt.data.synthetic import LETTERS, MAX_CHOICES, MIN_CHOICES, ParseStats, normalize, parse_mc, render_mc
 from fedkt.data.tasks import Example
 
 TOPICS = {"arc_easy": "grade-school science", "arc_challenge": "grade-school science (hard)",
@@ -30,9 +30,30 @@ def generation_text(ex: Example) -> tuple[str, str]:
     return synth_prefix(ex.task, LETTERS[ex.answer]), render_mc(ex)[len("Question:"):]
 
 
-def sampling_plan(tasks: list[str], n: int) -> list[tuple[str, str]]:
-    """(task, letter) of each of ``n`` samples: tasks in turn, letters A-D in turn (balanced answers)."""
-    return [(tasks[i % len(tasks)], "ABCD"[(i // len(tasks)) % 4]) for i in range(n)]
+DEFAULT_CHOICES = 4
+
+
+def task_choices(tasks: list[str], eval_sets: dict[str, list[Example]] | None = None) -> dict[str, int]:
+    """Each task's number of choices: the most common among its (public) evaluation questions, ties to the
+    smaller, within the 3..5 a synthetic example may have; 4 for a task without evaluation questions. CommonsenseQA stays 5-choice, ARC and OBQA 4."""
+    out = {}
+    for t in tasks:
+        counts: dict[int, int] = {}
+        for e in (eval_sets or {}).get(t, ()):
+            if e.is_mc:
+                counts[len(e.choices)] = counts.get(len(e.choices), 0) + 1
+        n = min(counts, key=lambda k: (-counts[k], k)) if counts else DEFAULT_CHOICES
+        out[t] = max(MIN_CHOICES, min(MAX_CHOICES, n))  # what a valid synthetic example may have
+    return out
+
+
+def sampling_plan(tasks: list[str], n: int, choices: dict[str, int] | None = None) -> list[tuple[str, str]]:
+    """(task, letter) of each of ``n`` samples: tasks in turn, each task's letters in turn (balanced
+    answers; A-D for a 4-choice task, A-E for a 5-choice one: ``choices``, default 4 each)."""
+    def letter(task: str, j: int) -> str:
+        return LETTERS[j % (choices or {}).get(task, DEFAULT_CHOICES)]
+
+    return [(tasks[i % len(tasks)], letter(tasks[i % len(tasks)], i // len(tasks))) for i in range(n)]
 
 
 def read_synthetic(texts: list[str], tasks: list[str], stats: ParseStats | None = None, prefix: str = "syn-"
