@@ -149,7 +149,7 @@ def client_encode(ctx: ClientContext, msg: Message) -> Message:
     tok_eps = token_epsilons(n_tokens, eps, mechanism)
     prompt_eps = [n * e for n, e in zip(n_tokens, tok_eps)]
     if prompt_eps:  # the client's caps, before anything is perturbed
-        ctx.policy.at_most("fedcot_max_prompt_epsilon", "fedcot.epsilon × private tokens", max(prompt_eps))
+        ctx.policy.at_most("fedcot_max_prompt_epsilon", "fedcot.epsilon × tokens", max(prompt_eps))
         if mechanism == "adaptive":
             ctx.policy.at_most("fedcot_max_token_epsilon", "the adaptive mechanism's ε per token", max(tok_eps))
     kit = client_kit(ctx, msg.meta) if not math.isinf(eps) else None
