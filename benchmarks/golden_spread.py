@@ -8,7 +8,11 @@ largest relative deviation from the recorded golden and between variants. A vari
 (e.g. AVX-512 on an AVX2 machine) falls back silently in the libraries; the capability each process really
 used is printed.
 
-    OMP_NUM_THREADS=1 python benchmarks/golden_spread.py [--variants NAME,NAME] [--json out.json]
+Then it applies the test's own verdict (``test_golden.golden_mismatches``) to every method under every
+variant and prints the fields outside tolerance (none: the goldens hold on that code path).
+
+    OMP_NUM_THREADS=1 python benchmarks/golden_spread.py [--variants NAME,NAME] [--methods fedcot,fdkt]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,27 +42,31 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 CHILD = r"""
-import json, sys, tempfile, torch
+import json, os, sys, tempfile, torch
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 torch.set_num_threads({threads})
 from golden_helpers import make_golden_assets, run_golden
 root = Path(tempfile.mkdtemp())
 dirs, data = make_golden_assets(root)
-out = {{m: run_golden(root, dirs, data, m) for m in ("fedavg", "fedcollm")}}
+os.environ["FEDKT_CACHE"] = str(root / "cache")
+out = {{m: run_golden(root, dirs, data, m) for m in {methods!r}}}
 out["_capability"] = torch.backends.cpu.get_cpu_capability()
 print("GOLDEN-JSON " + json.dumps(out))
 """
 
 
-def run_variant(env_over: dict[str, str]) -> dict:
+METHODS = ("fedavg", "fedcollm", "fedprox", "fedcot", "fdkt")
+
+
+def run_variant(env_over: dict[str, str], methods=METHODS) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}
     threads = env_over.get("THREADS", "2")
     env.update({k: v for k, v in env_over.items() if k != "THREADS"})
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""))
-    code = CHILD.format(tests=str(TESTS), threads=int(threads))
+    code = CHILD.format(tests=str(TESTS), threads=int(threads), methods=tuple(methods))
     with tempfile.TemporaryDirectory() as cwd:
         res = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True)
     if res.returncode:
@@ -91,13 +99,21 @@ def rel(a: float, b: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    recorded = {m: json.loads((TESTS / "golden" / f"{m}.json").read_text()) for m in ("fedavg", "fedcollm")}
+    methods = args.methods.split(",")
+    sys.path.insert(0, str(TESTS))
+    from test_golden import golden_mismatches
+
+    recorded = {m: json.loads((TESTS / "golden" / f"{m}.json").read_text()) for m in methods}
     results = {}
     for name in args.variants.split(","):
-        res = run_variant(VARIANTS[name])
+        res = run_variant(VARIANTS[name], methods)
         print(f"{name:16s} capability={res.pop('_capability')}", flush=True)
+        for m in methods:
+            bad = golden_mismatches(res[m], recorded[m], m)
+            print(f"    {m:9s} {'matches the golden' if not bad else '; '.join(bad)[:300]}", flush=True)
         results[name] = res
     want = dict(leaves(recorded))
     spread: dict[str, dict[str, float]] = {}

@@ -39,6 +39,7 @@ def mean_pooled_embeddings(model, tok, texts: Sequence[str], batch_size: int = 1
             ids[i] = [tok.bos_token_id if tok.bos_token_id is not None else pad]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: torch.Tensor | None = None
+    dev = next(model.parameters()).device  # the batches follow the model; the embeddings come back to the cpu
     was_training = model.training
     model.eval()
     try:
@@ -50,10 +51,10 @@ def mean_pooled_embeddings(model, tok, texts: Sequence[str], batch_size: int = 1
             for j, i in enumerate(idx):  # right padding: with a causal mask no real token sees a pad
                 x[j, :len(ids[i])] = torch.tensor(ids[i])
                 mask[j, :len(ids[i])] = 1
-            h = _forward(model, input_ids=x, attention_mask=mask, output_hidden_states=True,
+            h = _forward(model, input_ids=x.to(dev), attention_mask=mask.to(dev), output_hidden_states=True,
                          logits_to_keep=1).hidden_states[-1].float()
-            m = mask.unsqueeze(-1).float()
-            pooled = (h * m).sum(1) / m.sum(1)
+            m = mask.to(dev).unsqueeze(-1).float()
+            pooled = ((h * m).sum(1) / m.sum(1)).cpu()
             if out is None:
                 out = torch.empty((len(ids), pooled.shape[-1]), dtype=torch.float32)
             out[torch.tensor(idx)] = pooled
