@@ -92,7 +92,8 @@ class FedCoTConfig:
     truncated: str = "keep_unterminated"
     """A decoded rationale that hit ``decode_tokens`` before its end marker: ``"drop"`` (the example trains the
     label task only) or ``"keep_unterminated"`` (trained without EOS, so the SLM never learns to stop
-    mid-sentence). Finished rationales are trained with EOS."""
+    mid-sentence). Finished rationales are trained with EOS. Default by measurement (docs/fedcot.md: 44.8 vs
+    44.3 for "drop" at ε = ∞, within noise)."""
     share_adapters: bool = False
     """False (the paper's mode): each client keeps its SLM; adapters never leave, clients evaluate locally
     and send only metrics. True: the federated extension, FedAvg of the clients' adapters every round
