@@ -29,7 +29,8 @@ def ex(i=0):
 def test_prompts():
     assert render_question(ex()) == ("Question: Which gas do plants take in? (0)\n"
                                      "Choices: (A) oxygen (B) carbon dioxide (C) helium")
-    assert explain_prompt(ex()).endswith("\nExplain step by step:")
+    # issue 22 §3 (changed on purpose): one input for both tasks, "Explain:" + the label task's prompt
+    assert explain_prompt(ex()) == "Explain:\nQuestion: Which gas do plants take in? (0)\nAnswer:"
 
 
 def test_multitask_loss_equals_hand_computed(model_dirs):

@@ -3,16 +3,19 @@
 of "Distilling step-by-step" (Hsieh et al. 2023).
 
 Round 1 (the paper's protocol, for every client k in parallel):
-  1. encode (client): render each private training example (question + choices) and perturb every
-     token with token-level text DP — the exponential mechanism over the server LLM's public token
-     embeddings (``fedkt.privacy.text_dp``), ε per token, seeded with the client's *secret* seed. Only
-     the perturbed prompts leave the client;
-  2. generate (server): the LLM writes a rationale for each perturbed prompt with a few-shot
-     chain-of-thought prompt in its chat format (a local model, or an OpenAI-compatible server);
-  3. decode (client): the SLM turns (perturbed prompt, perturbed rationale, original question) into a
-     rationale for the original question by in-context learning; the client keeps it;
-  4. train (client): multi-task distillation on the SLM's LoRA,
-         L = α·CE(rationale | "Explain" prompt) + (1−α)·CE(answer | task prompt).
+  1. encode (client): render each private training example (question + choices) in the public frame
+     and perturb every token of the client's own text with token-level text DP — the exponential
+     mechanism over the server LLM's public token embeddings (``fedkt.privacy.text_dp``), ε per private
+     token (``mechanism = "exponential"``) or the same ε per prompt (``"adaptive"``), seeded with the
+     client's *secret* seed; the frame ("Question:", "Choices:", "(A)") passes as public and is not
+     charged (``fedkt.privacy.text_dp_frame``). Only the perturbed prompts leave the client;
+  2. generate (server): the LLM writes a rationale for each perturbed prompt with the paper's
+     instruction and a worked example in its chat format (a local model, or an OpenAI-compatible server);
+  3. decode (client): the SLM turns (instruction, worked example, perturbed prompt + LLM rationale,
+     original question) into a rationale for the original question by in-context learning, ending at
+     ``<end>``; a rationale cut at the token limit is dropped or kept without EOS (``truncated``);
+  4. train (client): multi-task distillation on the SLM's LoRA, one input for both tasks,
+         L = α·CE(rationale | "Explain:" + x) + (1−α)·CE(answer | x),  x = the task's prompt.
      The paper's mode (``share_adapters = false``, the default): the client keeps its SLM, evaluates it
      locally and sends only the metrics. ``share_adapters = true``: it uploads the adapter and the server
      averages (FedAvg, sample-weighted; a client's default policy requires secure aggregation).
@@ -38,13 +41,14 @@ from fedkt import progress
 from fedkt.algorithms.baselines import mean_metrics
 from fedkt.clients import ClientContext
 from fedkt.config import PATH, check
-from fedkt.data.collate import collate_sft, make_sft_example
-from fedkt.data.prompts import training_text
+from fedkt.algorithms.fedcot_prompts import (END, STOP, decode_prompt, label_pair, question_segments,
+                                             rationale_pair, render_question, teacher_prompt)
+from fedkt.data.collate import IGNORE, SFTExample, collate_sft, make_sft_example
 from fedkt.data.tasks import Example
 from fedkt.evaluate import evaluate_tasks
 from fedkt.fedavg_round import FedAvgRound
 from fedkt.federation.base import Message
-from fedkt.generate import generate
+from fedkt.generate import eos_token_ids, generate_ex
 from fedkt.losses import answer_ce
 from fedkt.models import get_adapter_state, load_model, save_adapter
 from fedkt.privacy.attacks_text import attack_sample
@@ -52,17 +56,26 @@ from fedkt.privacy.audit import text_dp_audit
 from fedkt.privacy.epsilons import per_client
 from fedkt.privacy.kit_check import client_kit, kit_sha256
 from fedkt.privacy.policy import guard
-from fedkt.privacy.text_dp import EmbeddingKit, perturb_batch
+from fedkt.privacy.text_dp import EmbeddingKit
+from fedkt.privacy.text_dp_frame import MECHANISMS, perturb_framed, token_epsilons
 from fedkt.registry import MethodSpec, register
 from fedkt.text_generators import is_remote
 from fedkt.train import train_loop
+
+
+TRUNCATED = ("drop", "keep_unterminated")
 
 
 @dataclass
 class FedCoTConfig:
     """The ``[fedcot]`` section."""
     epsilon: float = 3.0
-    """Text-DP ε per token (``inf``: no perturbation). A prompt of n tokens costs n·ε (basic composition)."""
+    """Text-DP ε per private token (``inf``: no perturbation). A prompt with n private tokens costs n·ε
+    (basic composition); the public frame ("Question:", "Choices:", "(A)") is neither perturbed nor charged."""
+    mechanism: str = "exponential"
+    """``"exponential"``: every private token gets ε. ``"adaptive"`` (the Adaptive Exponential Mechanism):
+    the same total budget spread so every prompt of the client costs ε·n̄ (n̄ = its mean private tokens per
+    prompt; a prompt of n tokens gets ε·n̄/n per token). docs/text-dp.md."""
     client_epsilons: list[float] = field(default_factory=list)
     """Per-client ε (client i gets entry i); empty: every client uses ``epsilon``."""
     kit_neighbors: int = 64
@@ -72,10 +85,15 @@ class FedCoTConfig:
     when the LLM is an ``openai:`` server)."""
     alpha: float = 0.5
     """α: weight of the rationale loss; 1 − α weighs the label loss."""
-    rationale_tokens: int = 96
-    """Server LLM budget per rationale."""
-    decode_tokens: int = 96
-    """Client SLM budget per decoded rationale."""
+    rationale_tokens: int = 256
+    """Server LLM budget per rationale (tokens; the paper's/FATE-LLM's 256)."""
+    decode_tokens: int = 256
+    """Client SLM budget per decoded rationale (tokens; the paper's/FATE-LLM's 256)."""
+    truncated: str = "keep_unterminated"
+    """A decoded rationale that hit ``decode_tokens`` before its end marker: ``"drop"`` (the example trains the
+    label task only) or ``"keep_unterminated"`` (trained without EOS, so the SLM never learns to stop
+    mid-sentence). Finished rationales are trained with EOS. Default by measurement (docs/fedcot.md: 44.8 vs
+    44.3 for "drop" at ε = ∞, within noise)."""
     share_adapters: bool = False
     """False (the paper's mode): each client keeps its SLM; adapters never leave, clients evaluate locally
     and send only metrics. True: the federated extension, FedAvg of the clients' adapters every round
@@ -92,45 +110,22 @@ class FedCoTConfig:
         for i, e in enumerate(self.client_epsilons):
             check(e > 0, f"client_epsilons[{i}] must be > 0, got {e}")
         check(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
+        check(self.mechanism in MECHANISMS, f"mechanism must be one of {list(MECHANISMS)}, got {self.mechanism!r}")
+        check(self.truncated in TRUNCATED, f"truncated must be one of {list(TRUNCATED)}, got {self.truncated!r}")
         check(self.attack_prompts >= 0, f"attack_prompts must be >= 0 (0 = off), got {self.attack_prompts}")
         for name in ("kit_neighbors", "rationale_tokens", "decode_tokens", "gen_batch_size"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-TEACHER_SYSTEM = ("You are a patient science teacher. Explain step by step how to find the correct answer to "
-                  "the multiple-choice question, in two or three short sentences, then state the answer.")
-FEW_SHOT = [
-    ("Question: Which gas do plants take in from the air to make food?\nChoices: (A) oxygen (B) carbon dioxide "
-     "(C) nitrogen (D) helium",
-     "Plants make food by photosynthesis. Photosynthesis uses water, light and carbon dioxide from the air, and "
-     "gives off oxygen. So the answer is (B) carbon dioxide."),
-    ("Question: What happens to water when it freezes?\nChoices: (A) it becomes a gas (B) it becomes a solid "
-     "(C) it disappears (D) it gets hotter",
-     "Freezing is the change from liquid to solid when water is cooled below 0 degrees Celsius. Ice is solid "
-     "water. So the answer is (B) it becomes a solid."),
-]
-STOP = ["\n\n", "\nQuestion:", "<|im_end|>", "<|endoftext|>"]
+# (fedkt.algorithms.fedcot_prompts: the frame, the teacher's and the decoder's prompts, the two tasks' inputs)
 AUDIT_EPSILONS = (1.0, 3.0, 6.0, 10.0, math.inf)
 AUDIT_PROMPTS = 100
 
 
-def render_question(ex: Example) -> str:
-    """What the client perturbs: the question and its lettered choices."""
-    choices = " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(ex.choices))
-    return f"Question: {ex.question}\nChoices: {choices}" if choices else f"Question: {ex.question}"
-
-
 def explain_prompt(ex: Example) -> str:
-    """The rationale task's prompt (the label task uses the ordinary task prompt)."""
-    return render_question(ex) + "\nExplain step by step:"
-
-
-def decode_prompt(perturbed: str, rationale: str, ex: Example) -> str:
-    """In-context decoding: the perturbed question with the LLM's rationale as a worked example, then the
-    original question (only the client sees it)."""
-    return (f"{perturbed}\nExplanation: {rationale.strip()}\n\n"
-            f"{render_question(ex)}\nExplanation:")
+    """The rationale task's input: ``Explain:`` + the label task's input (one input for both tasks)."""
+    return rationale_pair(ex, "")[0]
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -141,20 +136,27 @@ def client_encode(ctx: ClientContext, msg: Message) -> Message:
     hash and validated against its own tokenizer: ``fedkt.privacy.kit_check``), the randomness from its
     own source (``ctx.secret_rng``), and the reply holds only the DP texts and declared counts."""
     eps = float(msg.meta["epsilon"])
+    mechanism = msg.meta.get("mechanism", "exponential")
     tok = ctx.slm.tokenizer
-    originals = [render_question(ex) for ex in ctx.data]
-    n_tokens = [len(x) for x in tok(originals, add_special_tokens=False)["input_ids"]] if originals else []
-    prompt_eps = [n * eps for n in n_tokens]
-    if prompt_eps:  # the client's cap on one prompt's ε, before anything is perturbed
+    framed = [question_segments(ex.question, ex.choices) for ex in ctx.data]
+    # only the client's own text is charged: the frame ("Question:", "Choices:", "(A)") is public
+    private = [s for f in framed for s, p in f if p]
+    n_seg = [sum(1 for _, p in f if p) for f in framed]
+    lens = [len(x) for x in tok(private, add_special_tokens=False)["input_ids"]] if private else []
+    n_tokens, i = [], 0
+    for k in n_seg:
+        n_tokens.append(sum(lens[i:i + k]))
+        i += k
+    tok_eps = token_epsilons(n_tokens, eps, mechanism)
+    prompt_eps = [n * e for n, e in zip(n_tokens, tok_eps)]
+    if prompt_eps:  # the client's caps, before anything is perturbed
         ctx.policy.at_most("fedcot_max_prompt_epsilon", "fedcot.epsilon × tokens", max(prompt_eps))
-    if math.isinf(eps):
-        texts, n_changed = originals, 0
-    else:
-
-        kit = client_kit(ctx, msg.meta)
-        results = perturb_batch(originals, kit, tok, eps, seed=ctx.secret_rng("textdp"))
-        texts = [r.text for r in results]
-        n_changed = sum(r.n_changed for r in results)
+        if mechanism == "adaptive":
+            ctx.policy.at_most("fedcot_max_token_epsilon", "the adaptive mechanism's ε per token", max(tok_eps))
+    kit = client_kit(ctx, msg.meta) if not math.isinf(eps) else None
+    results = perturb_framed(framed, kit, tok, eps, ctx.secret_rng("textdp") if kit is not None else 0, mechanism)
+    texts = [r.text for r in results]
+    n_changed = sum(r.n_changed for r in results)
     ctx.state["perturbed"] = texts
     # client-local only (a side channel if sent: 0 would tell the server it got the original text)
     progress.log(f"{ctx.cid}: text DP ε = {eps:g} per token, {n_changed}/{sum(n_tokens)} tokens changed "
@@ -165,32 +167,54 @@ def client_encode(ctx: ClientContext, msg: Message) -> Message:
         "prompt_epsilon_max": max(prompt_eps, default=0.0), "randomness": ctx.randomness})
 
 
-def decode_rationales(ctx: ClientContext, rationales: list[str], decode_tokens: int, batch_size: int) -> list[str]:
-    """Step 3: the SLM writes a rationale for each original question from the perturbed example."""
+def decode_rationales(ctx: ClientContext, rationales: list[str], decode_tokens: int,
+                      batch_size: int) -> tuple[list[str], list[bool]]:
+    """Step 3: the SLM writes a rationale for each original question from the perturbed example (the
+    paper's decode prompt). Returns the rationales and, for each, whether it finished (EOS or a stop
+    string such as ``<end>``) rather than running into ``decode_tokens``."""
     perturbed = ctx.state["perturbed"]
     if len(rationales) != len(perturbed):
         raise ValueError(f"got {len(rationales)} rationales for {len(perturbed)} prompts")
     prompts = [decode_prompt(p, r, ex) for p, r, ex in zip(perturbed, rationales, ctx.data)]
-    return [r.strip() for r in generate(ctx.slm.model, ctx.slm.tokenizer, prompts, max_new_tokens=decode_tokens,
-                                        batch_size=batch_size, stop=STOP, desc=f"{ctx.cid} decode rationales")]
+    model, tok = ctx.slm.model, ctx.slm.tokenizer
+    g = generate_ex(model, tok, prompts, max_new_tokens=decode_tokens, batch_size=batch_size, stop=STOP,
+                    desc=f"{ctx.cid} decode rationales")
+    return [t.strip() for t in g.texts], finished(g, tok, eos_token_ids(model, tok), STOP)
+
+
+def finished(g, tok, eos: list[int], stop: list[str]) -> list[bool]:
+    """Per generated row: did it end (EOS, or a stop string in its text) before the token limit?"""
+    full = tok.batch_decode(g.token_ids, skip_special_tokens=True)
+    return [bool(ids) and (ids[-1] in eos or any(s in text for s in stop)) for ids, text in zip(g.token_ids, full)]
 
 
 def multitask_loss(model, batch: dict[str, dict[str, torch.Tensor]], alpha: float) -> torch.Tensor:
-    """L = α·CE(rationale | explain prompt) + (1−α)·CE(answer | task prompt), each a token mean."""
+    """L = α·CE(rationale | explain prompt) + (1−α)·CE(answer | task prompt), each a token mean. A batch
+    whose rationales were all dropped (``truncated = "drop"``) has no rationale term."""
     def ce(b):
         return answer_ce(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
 
     parts = []
-    if alpha > 0:
+    if alpha > 0 and bool((batch["explain"]["labels"] != IGNORE).any()):
         parts.append(alpha * ce(batch["explain"]))
     if alpha < 1:
         parts.append((1 - alpha) * ce(batch["predict"]))
     return sum(parts)
 
 
-def multitask_data(tok, examples: list[Example], rationales: list[str], max_length: int) -> list[tuple]:
-    return [(make_sft_example(tok, explain_prompt(ex), " " + r, max_length),
-             make_sft_example(tok, *training_text(ex), max_length)) for ex, r in zip(examples, rationales)]
+def multitask_data(tok, examples: list[Example], rationales: list[str], max_length: int,
+                   ended: list[bool] | None = None, truncated: str = "keep_unterminated") -> list[tuple]:
+    """(rationale item, label item) per example, one input for both tasks (``fedcot_prompts``). A rationale
+    that did not end (``ended[i]`` false) is trained without EOS (``keep_unterminated``) or not at all
+    (``drop``: its rationale item supervises nothing, the label item stays)."""
+    ended = [True] * len(examples) if ended is None else ended
+    out = []
+    for ex, r, fin in zip(examples, rationales, ended):
+        e = make_sft_example(tok, *rationale_pair(ex, r), max_length, add_eos=fin)
+        if not fin and truncated == "drop":
+            e = SFTExample(e.input_ids, [IGNORE] * len(e.labels))
+        out.append((e, make_sft_example(tok, *label_pair(ex), max_length)))
+    return out
 
 
 def collate_multitask(items: list[tuple], pad_id: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -206,9 +230,13 @@ def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
     own = ctx.state.tensors.get("own_slm") if not share else None
     model = ctx.slm.use(msg.tensors or None) if share else ctx.slm.use(own or None)
     if "rationales" not in ctx.state:
-        ctx.state["rationales"] = decode_rationales(ctx, msg.texts, m["decode_tokens"], m["gen_batch_size"])
+        texts, ended = decode_rationales(ctx, msg.texts, m["decode_tokens"], m["gen_batch_size"])
+        ctx.state["rationales"], ctx.state["rationale_ended"] = texts, ended
+        progress.log(f"{ctx.cid}: {sum(ended)}/{len(ended)} decoded rationales ended before "
+                     f"{m['decode_tokens']} tokens (local; not sent)")
     tok = ctx.slm.tokenizer
-    data = multitask_data(tok, ctx.data, ctx.state["rationales"], ctx.train.max_length)
+    data = multitask_data(tok, ctx.data, ctx.state["rationales"], ctx.train.max_length,
+                          ctx.state.get("rationale_ended"), m.get("truncated", "keep_unterminated"))
     stats = train_loop(model, data, lambda mdl, b: multitask_loss(mdl, b, m["alpha"]), ctx.train,
                        seed=ctx.seed_for("fit", rnd), pad_id=tok.pad_token_id, epochs=m.get("epochs", ctx.train.epochs),
                        desc=f"round {rnd} {ctx.cid} train", collate=collate_multitask)
@@ -234,7 +262,7 @@ HANDLERS = {"encode": client_encode, "decode_train": client_decode_train}
 
 # ---------------------------------------------------------------------------------------------- server
 def teacher_prompts(generator, perturbed: list[str]) -> list[str]:
-    return [generator.chat_prompt(TEACHER_SYSTEM, p, FEW_SHOT) for p in perturbed]
+    return [teacher_prompt(generator, p) for p in perturbed]
 
 
 class FedCoT(FedAvgRound):
@@ -285,7 +313,8 @@ class FedCoT(FedAvgRound):
         cfg, timings, entry = self.cfg, out.timings, out.entry
         t0 = time.perf_counter()
         eps = self.epsilons(fed)
-        kit_meta = {"kit": self.kit_path, "kit_sha256": self.kit_sha256, "kit_neighbors": cfg.kit_neighbors}
+        kit_meta = {"kit": self.kit_path, "kit_sha256": self.kit_sha256, "kit_neighbors": cfg.kit_neighbors,
+                    "mechanism": cfg.mechanism}
         encoded = fed.call("encode", {c: Message(meta={"epsilon": e, **kit_meta}) for c, e in eps.items()}, rnd)
         timings["encode_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -305,7 +334,7 @@ class FedCoT(FedAvgRound):
     def client_requests(self, server, state, rnd, clients):
         cfg = self.cfg
         meta = {"round": rnd, "epochs": server.cfg.train.epochs, "alpha": cfg.alpha,
-                "decode_tokens": cfg.decode_tokens, "gen_batch_size": cfg.gen_batch_size}
+                "decode_tokens": cfg.decode_tokens, "gen_batch_size": cfg.gen_batch_size, "truncated": cfg.truncated}
         if cfg.share_adapters:
             return {c: Message(tensors=state["slm"], texts=self.texts.get(c, []), meta=meta) for c in clients}
         self.evaluate = server.cfg.eval.every_round or rnd == server.cfg.federation.rounds
@@ -332,7 +361,7 @@ class FedCoT(FedAvgRound):
         outs = gen.generate(teacher_prompts(gen, flat), max_new_tokens=self.cfg.rationale_tokens, stop=STOP)
         out, i = {}, 0
         for c, ps in perturbed.items():
-            out[c] = [o.strip() for o in outs[i:i + len(ps)]]
+            out[c] = [o.replace(END, "").strip() for o in outs[i:i + len(ps)]]
             i += len(ps)
         return out
 

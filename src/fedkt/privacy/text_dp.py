@@ -82,22 +82,38 @@ def _check_epsilon(epsilon: float) -> float:
     return epsilon
 
 
-def neighbour_log_weights(kit: EmbeddingKit, ids: torch.Tensor, epsilon: float) -> torch.Tensor:
+def neighbour_log_weights(kit: EmbeddingKit, ids: torch.Tensor, epsilon: float | torch.Tensor) -> torch.Tensor:
     """log(e^{a u} - e^{-a}) [T, N] float64 (a = eps * kit.exponent_scale): the neighbour component of the
-    mixture; -inf for padded entries (u = -1) and for uncovered input tokens."""
+    mixture; -inf for padded entries (u = -1) and for uncovered input tokens. ``epsilon`` is one float or
+    a [T] tensor (one ε per token: the adaptive mechanism, ``text_dp_frame``)."""
     a = epsilon * kit.exponent_scale
+    if isinstance(a, torch.Tensor):
+        a = a.double()[:, None]
     u = kit.utility[ids].double()
     logw = a * u + torch.log1p(-torch.exp(-a * (1.0 + u)))
     logw[~kit.covered[ids]] = -math.inf
     return logw
 
 
-def sample_replacements(ids: torch.Tensor, kit: EmbeddingKit, epsilon: float,
+def sample_replacements(ids: torch.Tensor, kit: EmbeddingKit, epsilon: float | torch.Tensor,
                         seed: int | torch.Generator) -> torch.Tensor:
-    """Draw one replacement per token id (any shape), all at once. eps = inf returns ``ids`` unchanged."""
-    epsilon = _check_epsilon(epsilon)
+    """Draw one replacement per token id (any shape), all at once. eps = inf returns ``ids`` unchanged.
+
+    ``epsilon`` is one float for every token, or a float tensor of ``ids``' shape (one ε per token, all
+    finite and > 0; the adaptive mechanism of ``text_dp_frame``); the draws are the same in number and
+    order either way."""
     ids = torch.as_tensor(ids, dtype=torch.long)
-    if math.isinf(epsilon) or ids.numel() == 0:
+    if isinstance(epsilon, torch.Tensor):
+        if epsilon.shape != ids.shape:
+            raise ValueError(f"per-token epsilon has shape {tuple(epsilon.shape)}, the ids {tuple(ids.shape)}")
+        if epsilon.numel() and not (torch.isfinite(epsilon).all() and (epsilon > 0).all()):
+            raise ValueError("per-token epsilons must be finite and > 0 (send eps = inf tokens unperturbed)")
+        epsilon = epsilon.flatten().double()
+    else:
+        epsilon = _check_epsilon(epsilon)
+        if math.isinf(epsilon):
+            return ids.clone()
+    if ids.numel() == 0:
         return ids.clone()
     if int(ids.max()) >= kit.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"token id {int(ids.max())} is outside the kit's vocabulary ({kit.vocab_size} tokens); "
