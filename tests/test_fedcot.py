@@ -140,6 +140,19 @@ def test_fedcot_end_to_end_and_canaries_never_leave(tmp_path, model_dirs, data_d
     assert set(res["timings"]) == {"encode_s", "generate_s", "client_train_s", "aggregate_s", "eval_s"}
 
 
+def test_adaptive_mechanism_runs_end_to_end_with_one_epsilon_per_prompt(tmp_path, model_dirs, data_dir, recorded):
+    """fedcot.mechanism = "adaptive" in simulation: every prompt of a client costs the same ε·n̄ (its mean
+    and max agree), the client's token cap follows the experiment, and training and evaluation complete."""
+    cfg = fedcot_config(tmp_path, model_dirs, data_dir, **{"fedcot.mechanism": "adaptive",
+                                                           "federation.rounds": 1})
+    res = run_experiment(cfg, tmp_path / "r")["methods"]["fedcot"]
+    privacy = res["per_round"][0]["privacy"]
+    for p in privacy.values():
+        assert p["prompt_epsilon_max"] == pytest.approx(p["prompt_epsilon_mean"])
+        assert p["prompt_epsilon_mean"] > 0 and p["epsilon_per_token"] == 2.0
+    assert res["slm"]["arc_easy"]["n"] == 12
+
+
 def test_canary_scan_catches_an_unprotected_run(tmp_path, model_dirs, data_dir, recorded):
     """Positive control: with ε = ∞ the prompts go out verbatim, and the scan must see the canary."""
     plant_canary(data_dir)

@@ -38,9 +38,14 @@ def policy_for_experiment(cfg: ExperimentConfig) -> ClientPolicy:
     fd = cfg.section(FDKTConfig)
     eps_fdkt = [*fd.client_epsilons, fd.epsilon]
     finite = [e for e in eps_cot + eps_fdkt if math.isfinite(e)]
+    token_cap = max([e for e in eps_cot if math.isfinite(e)] or finite or [10.0])
+    if cfg.section(FedCoTConfig).mechanism == "adaptive":
+        # the adaptive mechanism spends ε·n̄ on every prompt, so a short prompt's tokens get more than ε each:
+        # the experiment asks for that (a deployed client sets its own fedcot_max_token_epsilon)
+        token_cap = math.inf
     return ClientPolicy(allowed_methods=list(cfg.methods),
                         allow_infinite_epsilon=any(math.isinf(e) for e in eps_cot + eps_fdkt),
-                        fedcot_max_token_epsilon=max([e for e in eps_cot if math.isfinite(e)] or finite or [10.0]),
+                        fedcot_max_token_epsilon=token_cap,
                         fdkt_max_epsilon=max([e for e in eps_fdkt if math.isfinite(e)] or finite or [10.0]),
                         fdkt_max_delta=fd.delta, allow_clear_adapters=True, max_epochs=math.inf,
                         max_steps=2**62, max_new_tokens=2**62, max_samples=2**62)
