@@ -161,3 +161,14 @@ def run_deployed(config: Path, out: Path, root: Path, clients: list[str], client
     finally:
         dep.stop()
     return start_s, wall
+
+
+def tiny_fedcollm_sets(out: Path, aux_size: int, max_train_examples: int, rounds: int, kd_steps: int) -> list[str]:
+    """--set overrides of a seconds-long FedCoLLM check on the tiny pair under ``out/models`` (built once)."""
+    models = out / "models"
+    dirs = ({"slm": models / "slm", "llm": models / "llm"} if (models / "llm" / "config.json").is_file()
+            else make_tiny_pair(models))
+    return [f'model.slm="{dirs["slm"]}"', f'model.llm="{dirs["llm"]}"', "partition.num_clients=2",
+            f"partition.aux_size={aux_size}", f"data.max_train_examples={max_train_examples}",
+            f"federation.rounds={rounds}", "train.batch_size=4", "train.max_length=96", "lora.r=4",
+            f"fedcollm.kd_steps={kd_steps}", "fedcollm.batch_size=4", "eval.limit=16", "eval.batch_size=16"]

@@ -61,15 +61,9 @@ def variants(base: dict[str, Any], control: bool) -> list[tuple[str, dict[str, A
 
 
 def tiny_sets(out: Path) -> list[str]:
-    from benchlib import make_tiny_pair
+    from benchlib import tiny_fedcollm_sets
 
-    models = out / "models"
-    dirs = ({"slm": models / "slm", "llm": models / "llm"} if (models / "llm" / "config.json").is_file()
-            else make_tiny_pair(models))
-    return [f'model.slm="{dirs["slm"]}"', f'model.llm="{dirs["llm"]}"', "partition.num_clients=2",
-            "partition.aux_size=8", "data.max_train_examples=40", "federation.rounds=1", "train.batch_size=4",
-            "train.max_length=96", "lora.r=4", "fedcollm.kd_steps=2", "fedcollm.batch_size=4", "eval.limit=16",
-            "eval.batch_size=16"]
+    return tiny_fedcollm_sets(out, 8, 40, 1, 2)
 
 
 def fmt(xs: list[float]) -> str:

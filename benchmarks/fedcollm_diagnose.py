@@ -81,15 +81,9 @@ def install_hooks(before: bool) -> None:
 
 
 def tiny_sets(out: Path) -> list[str]:
-    from benchlib import make_tiny_pair
+    from benchlib import tiny_fedcollm_sets
 
-    models = out / "models"
-    dirs = ({"slm": models / "slm", "llm": models / "llm"} if (models / "llm" / "config.json").is_file()
-            else make_tiny_pair(models))
-    return [f'model.slm="{dirs["slm"]}"', f'model.llm="{dirs["llm"]}"', "partition.num_clients=2",
-            "partition.aux_size=16", "data.max_train_examples=48", "federation.rounds=2", "train.batch_size=4",
-            "train.max_length=96", "lora.r=4", "fedcollm.kd_steps=4", "fedcollm.batch_size=4", "eval.limit=16",
-            "eval.batch_size=16"]
+    return tiny_fedcollm_sets(out, 16, 48, 2, 4)
 
 
 def per_question(d: dict, method: str, role: str, rnd: int, task: str, tag: str = "") -> dict[str, bool] | None:

@@ -86,10 +86,9 @@ def test_fedavgm_end_to_end_resume_and_secure(tmp_path, model_dirs, data_dir, mo
     """A tiny 3-round run: FedAvgM with β = 0, η = 1 is FedAvg (to float32 rounding); with β = 0.9 a run cut
     after round 2 and resumed equals the uninterrupted one bit for bit (v is checkpointed); secure aggregation
     in process gives the same adapters."""
-    from test_runs import Interrupt, tiny_config
+    from test_runs import interrupt_and_resume, tiny_config
 
     from fedkt.models import load_adapter_state
-    from fedkt.rounds import Checkpoints
     from fedkt.experiment import run_experiment
 
     def adapter(out, m):
@@ -106,19 +105,10 @@ def test_fedavgm_end_to_end_resume_and_secure(tmp_path, model_dirs, data_dir, mo
     full = run_experiment(cfg, tmp_path / "full")["methods"]["fedavgm"]
     m = adapter(tmp_path / "full", "fedavgm")
     assert not all(torch.allclose(a[k], m[k], atol=1e-6) for k in a)  # momentum changed the result
-    orig = Checkpoints.save
-
-    def save_then_die(self, round, tensors, state):
-        orig(self, round, tensors, state)
+    def momentum_is_saved(tensors):
         assert set(tensors) == {"slm", "momentum"}
-        if round == 2:
-            raise Interrupt()
 
-    monkeypatch.setattr(Checkpoints, "save", save_then_die)
-    with pytest.raises(Interrupt):
-        run_experiment(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Checkpoints, "save", orig)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True)["methods"]["fedavgm"]
+    resumed = interrupt_and_resume(cfg, tmp_path / "cut", monkeypatch, check=momentum_is_saved)["methods"]["fedavgm"]
     r = adapter(tmp_path / "cut", "fedavgm")
     assert all(torch.equal(m[k], r[k]) for k in m)
     assert full["per_round"] == resumed["per_round"] and full["comm"] == resumed["comm"]

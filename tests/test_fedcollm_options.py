@@ -99,7 +99,8 @@ def test_answer_positions_are_the_shifted_labels():
 
 
 # ------------------------------------------------------------------------------- on tiny models
-def pair(model_dirs, dropout=0.0):
+def pair(model_dirs, dropout=0.0, train=True):
+    """A tiny SLM/LLM pair with seeded non-zero LoRA adapters (in train mode unless ``train=False``)."""
     slm, tok = load_model(str(model_dirs["slm"]))
     llm, _ = load_model(str(model_dirs["llm"]))
     slm = add_lora(slm, LoraSettings(r=4, dropout=dropout), seed=0)
@@ -107,7 +108,7 @@ def pair(model_dirs, dropout=0.0):
     for m in (slm, llm):
         g = torch.Generator().manual_seed(5)
         set_adapter_state(m, {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in get_adapter_state(m).items()})
-        m.train()
+        m.train(train)
     return slm, llm, tok
 
 

@@ -9,26 +9,19 @@ import torch
 from fedkt.algorithms import fedcollm_select
 from fedkt.algorithms.fedcollm import FedCoLLMConfig, mutual_distill
 from fedkt.algorithms.fedcollm_select import Score, checkpoints, score_from_lls, split_validation
-from fedkt.config import ConfigError, LoraSettings
+from fedkt.config import ConfigError
 from fedkt.data.tasks import Example
 from fedkt.experiment import run_experiment
-from fedkt.models import add_lora, get_adapter_state, load_adapter_state, load_model, set_adapter_state
+from fedkt.models import get_adapter_state, load_adapter_state
 from fedkt.registry import load_config
-from fedkt.rounds import Checkpoints
 
 from test_fedcollm import aux_examples
-from test_runs import Interrupt, tiny_config
+from test_fedcollm_options import pair as options_pair
+from test_runs import interrupt_and_resume, tiny_config
 
 
 def pair(model_dirs, dropout=0.0):
-    slm, tok = load_model(str(model_dirs["slm"]))
-    llm, _ = load_model(str(model_dirs["llm"]))
-    slm = add_lora(slm, LoraSettings(r=4, dropout=dropout), seed=0)
-    llm = add_lora(llm, LoraSettings(r=4, dropout=dropout), seed=1)
-    for m in (slm, llm):
-        g = torch.Generator().manual_seed(5)
-        set_adapter_state(m, {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in get_adapter_state(m).items()})
-    return slm, llm, tok
+    return options_pair(model_dirs, dropout, train=False)  # as loaded: eval mode
 
 
 def same(a, b):
@@ -174,18 +167,7 @@ def test_selected_run_resumes_bit_identical(tmp_path, model_dirs, data_dir, monk
         best = max(range(4), key=lambda i: (d["val_acc_g"][i], d["val_loglik_g"][i], -i))
         assert d["selected_step_g"] == d["val_steps_g"][best]
 
-    orig = Checkpoints.save
-
-    def save_then_die(self, round, tensors, state):
-        orig(self, round, tensors, state)
-        if round == 2:
-            raise Interrupt()
-
-    monkeypatch.setattr(Checkpoints, "save", save_then_die)
-    with pytest.raises(Interrupt):
-        run_experiment(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Checkpoints, "save", orig)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True)
+    resumed = interrupt_and_resume(cfg, tmp_path / "cut", monkeypatch)
     for role in ("slm", "llm"):
         a = load_adapter_state(tmp_path / "full" / "adapters" / "fedcollm" / role)
         b = load_adapter_state(tmp_path / "cut" / "adapters" / "fedcollm" / role)

@@ -16,7 +16,7 @@ from fedkt.losses import answer_ce
 from fedkt.models import add_lora, load_model
 from fedkt.experiment import run_experiment
 
-from test_runs import tiny_config
+from test_runs import interrupt_and_resume, tiny_config
 
 CANARY = "ZQX canary 7731"
 
@@ -163,25 +163,13 @@ def test_canary_scan_catches_an_unprotected_run(tmp_path, model_dirs, data_dir, 
 
 def test_empty_rationale_ablation_and_resume(tmp_path, model_dirs, data_dir, monkeypatch, recorded):
     from fedkt.models import load_adapter_state
-    from fedkt.rounds import Checkpoints
 
     cfg = fedcot_config(tmp_path, model_dirs, data_dir, **{"fedcot.empty_rationales": "true",
                                                             "federation.rounds": 3})
     full = run_experiment(cfg, tmp_path / "full")["methods"]["fedcot"]
     assert full["per_round"][0]["generation"]["empty"] == full["per_round"][0]["generation"]["prompts"]
 
-    orig = Checkpoints.save
-
-    def save_then_die(self, round, tensors, state):
-        orig(self, round, tensors, state)
-        if round == 2:
-            raise KeyboardInterrupt()
-
-    monkeypatch.setattr(Checkpoints, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Checkpoints, "save", orig)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True)["methods"]["fedcot"]
+    resumed = interrupt_and_resume(cfg, tmp_path / "cut", monkeypatch, exc=KeyboardInterrupt)["methods"]["fedcot"]
     a = load_adapter_state(tmp_path / "full" / "adapters" / "fedcot" / "slm")
     b = load_adapter_state(tmp_path / "cut" / "adapters" / "fedcot" / "slm")
     assert all(torch.equal(a[k], b[k]) for k in a)

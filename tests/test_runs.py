@@ -144,23 +144,32 @@ class Interrupt(Exception):
     pass
 
 
+def interrupt_and_resume(cfg, out, monkeypatch, exc=Interrupt, check=None):
+    """Run ``cfg`` into ``out``, dying with ``exc`` right after round 2's checkpoint is saved (``check`` sees
+    every saved tensor dict first), then resume it there; returns the resumed run's results."""
+    orig = Checkpoints.save
+
+    def save_then_die(self, round, tensors, state):
+        orig(self, round, tensors, state)
+        if check is not None:
+            check(tensors)
+        if round == 2:
+            raise exc()
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
+    with pytest.raises(exc):
+        run_experiment(cfg, out)
+    monkeypatch.setattr(Checkpoints, "save", orig)
+    return run_experiment(cfg, out, resume=True)
+
+
+
 @pytest.mark.parametrize("method", ["fedavg", "fedprox", "fedcollm"])
 def test_resumed_run_equals_uninterrupted(tmp_path, model_dirs, data_dir, monkeypatch, method):
     cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, [method], **{"federation.rounds": 3})
     full = run_experiment(cfg, tmp_path / "full")
 
-    orig = Checkpoints.save
-
-    def save_then_die(self, round, tensors, state):
-        orig(self, round, tensors, state)
-        if round == 2:
-            raise Interrupt()
-
-    monkeypatch.setattr(Checkpoints, "save", save_then_die)
-    with pytest.raises(Interrupt):
-        run_experiment(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Checkpoints, "save", orig)
-    resumed = run_experiment(cfg, tmp_path / "cut", resume=True)
+    resumed = interrupt_and_resume(cfg, tmp_path / "cut", monkeypatch)
     for role in (["slm", "llm"] if method == "fedcollm" else ["slm"]):
         a = load_adapter_state(tmp_path / "full" / "adapters" / method / role)
         b = load_adapter_state(tmp_path / "cut" / "adapters" / method / role)
