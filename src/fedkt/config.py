@@ -210,7 +210,9 @@ class EvalConfig:
     per_question: bool = True
     """Record which questions each evaluation got right (results.json ``questions`` and ``correct``; the
     report's paired differences). Clients that evaluate their own SLM (standalone, FDKT, FedCoT's paper mode)
-    then send one 0/1 character per question and metric besides their metrics; false: metrics only."""
+    then send one 0/1 character per question and metric besides their metrics, where their own policy allows
+    it (a deployed client's ``policy.allow_per_question``, default false; a simulated client's follows this
+    key); false: metrics only."""
     format: PromptFormat | dict[str, PromptFormat] = "harness"
     """Prompt format of the multiple-choice tasks, for training and evaluation alike (SFT targets, the
     distillation and synthetic sets, FedCoT's label task): "harness" = lm-evaluation-harness's prompts

@@ -10,7 +10,8 @@ name ``handler``), every key its replies may hold: ``texts``, ``tensors.*`` (an 
   the union of the declarations registered under ``h`` (a key is required when every declaration requires
   it), before any algorithm sees it.
 * The client (:data:`fedkt.privacy.outbound.ALLOWED`) refuses to send a reply holding a key its handler
-  function does not declare.
+  function does not declare, and withholds a key whose ``policy`` switch (a boolean of the client's own
+  :class:`~fedkt.privacy.policy.ClientPolicy`) is off (:data:`fedkt.privacy.outbound.GATED`).
 
 This module imports nothing of fedkt's: both sides build on it.
 """
@@ -128,7 +129,9 @@ class Part:
 class Key:
     """One key of a reply: ``texts``, ``tensors.*`` or ``meta.<name>``. A meta key has a ``check`` (its
     value, on the server) and either a category and justification of its own or, for an object, ``parts``
-    (its nested keys, each with its own)."""
+    (its nested keys, each with its own). ``policy``: the name of a boolean of the client's
+    :class:`~fedkt.privacy.policy.ClientPolicy` that must be true for the key to leave (an optional,
+    top-level meta key: with the switch off the client withholds it and the reply leaves without it)."""
 
     pattern: str
     category: str = ""
@@ -136,18 +139,23 @@ class Key:
     check: Check | None = None
     required: bool = False
     parts: tuple[Part, ...] = ()
+    policy: str = ""
 
     def __post_init__(self):
         if self.pattern.startswith("meta.") and self.check is None:
             raise ValueError(f"{self.pattern}: a meta key needs the check its value must pass")
         if not self.parts:
             Part(self.pattern, self.category, self.why)  # validates category and justification
+        if self.policy and (self.required or not self.pattern.startswith("meta.") or self.pattern.count(".") != 1
+                            or any(c in self.pattern for c in "*?[")):
+            raise ValueError(f"{self.pattern}: only an optional, top-level meta key without wildcards can be "
+                             f"switched by policy.{self.policy}")
 
-    def allowed(self) -> list[tuple[str, str, str]]:
-        """(pattern, category, why) of every allow-list entry this key stands for."""
+    def allowed(self) -> list[tuple[str, str, str, str]]:
+        """(pattern, category, why, policy switch) of every allow-list entry this key stands for."""
         if self.parts:
-            return [(f"{self.pattern}.{p.name}", p.category, p.why) for p in self.parts]
-        return [(self.pattern, self.category, self.why)]
+            return [(f"{self.pattern}.{p.name}", p.category, p.why, self.policy) for p in self.parts]
+        return [(self.pattern, self.category, self.why, self.policy)]
 
 
 @dataclass(frozen=True)
@@ -177,9 +185,9 @@ _STEPS = Key("meta.steps", DECLARED, "optimizer steps taken: a function of num_e
              count)
 _METRICS = Key("meta.metrics", check=metrics, parts=(Part("*", DECLARED, "accuracy of the locally trained model on "
                "the public evaluation sets (as in the papers' standalone baseline); not DP"),))
-_CORRECT = Key("meta.correct", check=correctness, parts=(Part("*", DECLARED, "which public evaluation questions the "
-               "locally trained model gets right (one 0/1 per question: what meta.metrics averages, for paired "
-               "statistics; eval.per_question = false sends none); not DP"),))
+_CORRECT = Key("meta.correct", check=correctness, policy="allow_per_question", parts=(Part("*", DECLARED,
+               "which public evaluation questions the locally trained model gets right (one 0/1 per question: what "
+               "meta.metrics averages, for paired statistics), where the server asks (eval.per_question); not DP"),))
 _RANDOMNESS = Key("meta.randomness", DECLARED, "which randomness the client drew its noise from (simulation / "
                   "secret_seed / csprng), never a seed", text)
 

@@ -11,7 +11,11 @@ paired-bootstrap interval and McNemar's exact p. This module picks the compariso
   the clients evaluated their own SLMs (Standalone, FDKT, FedCoT's paper mode: ``per_client_correct``), the
   share of clients that got the question right (0, 1/k, ..., 1): its mean is exactly the mean-over-clients
   accuracy of the tables, and McNemar's test becomes its version for clustered matched pairs
-  (:func:`fedkt.paired.clustered_mcnemar_p`: the questions as clusters, the clients as members);
+  (:func:`fedkt.paired.clustered_mcnemar_p`: the questions as clusters, the clients as members). Only when
+  *every* client that reported metrics sent its correctness: a deployed client withholds it unless its own
+  policy allows it (``policy.allow_per_question``), and a share over the clients that did send would not be
+  the table's accuracy, so such a method is left out of the paired tables and :func:`missing` names the
+  clients without it (:func:`lacking_clients`);
 * per task, and over all tasks together ("All": every question of every task, the bootstrap resampling
   within each task);
 * over several runs (seeds): the same, pooled (the bootstrap resamples within each run and task; McNemar /
@@ -37,6 +41,9 @@ TASK_NAMES = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA
               "commonsense_qa": "CQA", "gsm8k": "GSM8K"}
 NO_DATA = ("Paired differences: not shown — this results.json holds no per-question correctness (written by a "
            "fedkt before it recorded it, or with eval.per_question = false); rerun to get them.")
+WITHHELD = ("a client sends per-question correctness only where its own policy allows it: policy.allow_per_question "
+            "= true in its client file (a deployed client's default is false; the simulation's clients follow "
+            "eval.per_question)")
 
 
 def _values(bits_by_source: list[dict], task: str, ids: list[str]) -> list[float] | None:
@@ -72,9 +79,9 @@ def per_question(results: RunResults, method: str, role: str, round: int | None 
         correct, per_client, has_role = entry.get("correct"), entry.get("per_client_correct"), role in entry
     if correct and role in correct:
         sources = [correct[role]]
-    elif role == "slm" and per_client and has_role:
+    elif role == "slm" and per_client and has_role and not set(_evaluated_clients(r, round)) - set(per_client):
         sources = list(per_client.values())
-    else:
+    else:  # (a client-evaluated method some of whose clients sent no correctness: lacking_clients names them)
         return None
     out = {}
     for task, ids in questions.items():
@@ -82,6 +89,26 @@ def per_question(results: RunResults, method: str, role: str, round: int | None 
         if v is not None:
             out[task] = dict(zip(ids, v))
     return out or None
+
+
+def _evaluated_clients(r, round: int | None = None) -> list[str]:
+    """The clients whose own evaluation of ``r``'s SLM the server recorded (final, or round ``round``'s)."""
+    if round is None and r.per_client:
+        return list(r.per_client)
+    entries = [e for e in r.per_round or [] if round is None or e.get("round") == round]
+    entry = next((e for e in reversed(entries) if "per_client" in e), None)
+    return list(entry["per_client"]) if entry else []
+
+
+def lacking_clients(results: RunResults, method: str) -> list[str]:
+    """The clients that reported metrics of ``method``'s final evaluation but no per-question correctness the
+    server kept (withheld by their policy, or scored on other questions), where the run records per-question
+    data and the clients evaluated; [] otherwise."""
+    r = results.methods.get(method)
+    if r is None or not results.questions or (r.correct and "slm" in r.correct):
+        return []
+    have = r.per_client_correct or {}
+    return sorted(set(_evaluated_clients(r)) - set(have))
 
 
 def _align(a: dict[str, float], b: dict[str, float]) -> tuple[list[float], list[float]]:
@@ -167,18 +194,35 @@ def explanation(n_runs: int = 1) -> str:
             "differences d). docs/results.md.")
 
 
+def _clients_note(runs: Sequence[RunResults]) -> str:
+    """"Method: client, client; …" of the methods whose clients evaluated but did not all send correctness."""
+    by_method: dict[str, set[str]] = {}
+    for r in runs:
+        for m in r.methods:
+            by_method.setdefault(m, set()).update(lacking_clients(r, m))
+    rank = {m: i for i, m in enumerate(registry.methods())}
+    return "; ".join(f"{registry.label(m)}: {', '.join(sorted(c))}"
+                     for m, c in sorted(by_method.items(), key=lambda kv: rank.get(kv[0], len(rank))) if c)
+
+
 def missing(runs: Sequence[RunResults]) -> str:
-    """One line naming the methods without per-question data (or saying that no run has any)."""
+    """One line naming the methods without per-question data, and the clients that sent none (or saying
+    that no run has any)."""
     have = {(i, m) for i, r in enumerate(runs) for m in r.methods
             if any(per_question(r, m, role) for role in ("slm", "llm"))}
+    clients = _clients_note(runs)
+    withheld = (f" Without per-question correctness from every client (a paired difference over the others "
+                f"would not be the table's accuracy) — {clients}; {WITHHELD}." if clients else "")
     if not have:
+        if clients:
+            return "Paired differences: not shown — no method has per-question correctness." + withheld
         return NO_DATA
     lacking = sorted({m for i, r in enumerate(runs) for m, res in r.methods.items()
                       if (i, m) not in have and res.metrics})
     if lacking:
         return ("Not in the paired tables (no per-question correctness recorded"
                 + (" in some runs" if len(runs) > 1 else "") + "): "
-                + ", ".join(registry.label(m) for m in lacking) + ".")
+                + ", ".join(registry.label(m) for m in lacking) + "." + withheld)
     return ""
 
 
@@ -190,8 +234,8 @@ def section(runs: Sequence[RunResults], tasks: Sequence[str], level: str = "##")
         if tables[role]:
             parts += [f"{level}# {title}", "", tables[role], ""]
     note = missing(runs)
-    if note == NO_DATA:
-        return NO_DATA + "\n"
+    if note.startswith("Paired differences: not shown"):
+        return note + "\n"
     if any(tables.values()):
         parts += [explanation(len(runs)), ""]
     else:

@@ -119,11 +119,18 @@ class ServerContext:
     def client_correct(self, replies: dict[str, Any]) -> dict[str, Correct] | None:
         """The per-question correctness the clients' replies carry (``meta.correct``), client -> Correct.
         A client whose bit-strings are for other questions than the server's evaluation sets (its ids'
-        fingerprint or count differs: another eval config) is left out, with a log line naming it."""
+        fingerprint or count differs: another eval config) is left out, with a log line naming it; so is,
+        with its own line, a client that sent metrics without them (its policy withholds them:
+        ``policy.allow_per_question``). The report leaves a method without every client's out of its paired
+        tables and names the clients (``report_paired.lacking_clients``)."""
         out: dict[str, Correct] = {}
         for cid, r in replies.items():
             got = r.meta.get("correct")
             if not got:
+                if self.cfg.eval.per_question and "metrics" in r.meta:
+                    progress.log(f"{cid}: sent its metrics without per-question correctness (its policy withholds "
+                                 "them unless policy.allow_per_question = true): this method stays out of the "
+                                 "paired statistics, and report.md names this client")
                 continue
             bad = [t for t, exs in self.eval_sets.items()
                    if t not in got or got[t].get("ids") != ids_fingerprint(question_ids(exs))

@@ -43,7 +43,9 @@ def policy_for_experiment(cfg: ExperimentConfig) -> ClientPolicy:
         # the adaptive mechanism spends ε·n̄ on every prompt, so a short prompt's tokens get more than ε each:
         # the experiment asks for that (a deployed client sets its own fedcot_max_token_epsilon)
         token_cap = math.inf
-    return ClientPolicy(allowed_methods=list(cfg.methods),
+    # per-question correctness for the paired statistics whenever the experiment records them (a deployed
+    # client's own policy withholds it by default: policy.allow_per_question)
+    return ClientPolicy(allowed_methods=list(cfg.methods), allow_per_question=cfg.eval.per_question,
                         allow_infinite_epsilon=any(math.isinf(e) for e in eps_cot + eps_fdkt),
                         fedcot_max_token_epsilon=token_cap,
                         fdkt_max_epsilon=max([e for e in eps_fdkt if math.isfinite(e)] or finite or [10.0]),

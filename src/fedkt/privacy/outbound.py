@@ -17,14 +17,17 @@ justification:
   summed (SecAgg+), or in the clear where the client's policy allows it (``allow_clear_adapters``).
 
 :func:`check_reply` enforces the list on the client at run time (a reply with an unlisted key is refused
-before it is sent); ``tests/test_outbound.py`` runs every method and checks every key of every reply,
+before it is sent). A key declared with a ``policy`` switch (:data:`GATED`; ``meta.correct``:
+``policy.allow_per_question``) leaves only where the client's own policy turns that switch on; otherwise
+:func:`withhold` removes it from the reply before the check, whatever the handler put there (the reply
+leaves without it; the server records the client as lacking that data). ``tests/test_outbound.py`` runs every method and checks every key of every reply,
 and that docs/privacy.md's table is
 :func:`fedkt.privacy.outbound_table.markdown_table`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any, Iterator
 
@@ -40,12 +43,19 @@ class Allowed:
     """``texts``, ``tensors.<fnmatch pattern>`` or ``meta.<dotted path fnmatch pattern>``."""
     category: str
     why: str
+    policy: str = ""
+    """The client's policy switch (a boolean of ``ClientPolicy``) that must be on for the key to leave; ""
+    for none."""
 
 
 ALLOWED: dict[str, tuple[Allowed, ...]] = {
     r.function: tuple(Allowed(*entry) for k in r.keys for entry in k.allowed()) for r in REPLIES}
 """Handler (``module:function``) -> the keys its replies may hold, derived from
 :data:`fedkt.reply_schemas.REPLIES` (the declaration the server's reply schemas are derived from too)."""
+
+GATED: dict[str, dict[str, str]] = {
+    r.function: {k.pattern.removeprefix("meta."): k.policy for k in r.keys if k.policy} for r in REPLIES}
+"""Handler (``module:function``) -> {top-level meta key: the policy switch that must be on for it to leave}."""
 
 
 def reply_keys(msg) -> Iterator[str]:
@@ -71,6 +81,21 @@ def unlisted(handler: str, msg) -> list[str]:
     """The keys of ``msg`` that no allow-list entry of ``handler`` covers (all of them for an unknown handler)."""
     allowed = ALLOWED.get(handler, ())
     return [k for k in reply_keys(msg) if not any(fnmatchcase(k, a.pattern) for a in allowed)]
+
+
+def withheld(handler: str, msg, policy) -> list[str]:
+    """The top-level meta keys of ``msg`` that ``policy`` (the client's ``ClientPolicy``) does not let leave:
+    those of :data:`GATED` whose switch is off (a switch the policy lacks counts as off)."""
+    return [k for k, switch in GATED.get(handler, {}).items()
+            if k in msg.meta and getattr(policy, switch, False) is not True]
+
+
+def withhold(handler: str, msg, policy):
+    """``msg`` without the keys :func:`withheld` names (the same object when there are none)."""
+    drop = withheld(handler, msg, policy)
+    if not drop:
+        return msg
+    return replace(msg, meta={k: v for k, v in msg.meta.items() if k not in drop})
 
 
 def check_reply(handler: str, request: str, msg) -> None:

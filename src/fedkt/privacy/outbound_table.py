@@ -16,10 +16,12 @@ def methods_of(handler: str) -> list[str]:
 
 
 def markdown_table() -> str:
-    """The allow-list as docs/privacy.md shows it: one row per (method.handler, key)."""
+    """The allow-list as docs/privacy.md shows it: one row per (method.handler, key); a key that leaves only
+    where a switch of the client's policy is on says so."""
     rows = ["| Method.handler | Key | Justification | Why it may leave |", "|---|---|---|---|"]
     for handler, entries in ALLOWED.items():
         names = ", ".join(methods_of(handler)) or handler
         for a in entries:
-            rows.append(f"| {names} | `{a.pattern}` | {a.category} | {a.why} |")
+            gate = f"; **withheld unless the client's `policy.{a.policy} = true`**" if a.policy else ""
+            rows.append(f"| {names} | `{a.pattern}` | {a.category} | {a.why}{gate} |")
     return "\n".join(rows)

@@ -9,11 +9,13 @@ policy raises :class:`PolicyViolation`, naming the policy key and the requested 
     policy.fedcot_max_token_epsilon = 6 refuses the server's request fedcot.epsilon = inf
 
 The server sees that as the client's failure (``federation.on_client_failure``: ``stop`` ends the run,
-``skip`` records it and goes on with the other clients). After the handler ran, the reply is checked
+``skip`` records it and goes on with the other clients). After the handler ran, the keys the policy does
+not let leave are withheld (``meta.correct`` unless ``allow_per_question``) and the reply is checked
 against the outbound allow-list (:mod:`fedkt.privacy.outbound`) before it is sent.
 
 The defaults are safe: DP methods refuse ε = ∞, FedCoT's ε per token is at most 10, FDKT's DP-SGD at
-most ε = 10 and δ = 1e-5, adapters trained on private data leave only under secure aggregation. The
+most ε = 10 and δ = 1e-5, adapters trained on private data leave only under secure aggregation,
+per-question correctness on the public evaluation sets does not leave (only the accuracy does). The
 in-process simulation builds its clients' policy from the experiment (``simulation.policy_for_experiment``): the
 simulator plays every party, so any experiment runs as configured. See docs/privacy.md.
 """
@@ -29,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from fedkt import progress
 from fedkt.config import check
-from fedkt.privacy.outbound import check_reply
+from fedkt.privacy.outbound import GATED, check_reply, withhold
 
 if TYPE_CHECKING:
     from fedkt.clients import ClientContext, Handler
@@ -83,6 +86,11 @@ class ClientPolicy:
     allow_clear_adapters: bool = False
     """Let adapters trained on private data (FedAvg, FedProx, FedCoLLM, FedCoT's shared variant) leave
     without secure aggregation. Off: they leave only masked (SecAgg+), or the request is refused."""
+    allow_per_question: bool = False
+    """Send which public evaluation questions this client's locally trained model got right (``meta.correct``,
+    one 0/1 per question) where the server asks for it (``eval.per_question``), for its paired statistics.
+    Off: the client withholds them (the server still gets the accuracy, ``meta.metrics``, and reports this
+    client's methods without paired data); the request itself is not refused."""
     allowed_models: list[str] = field(default_factory=list)
     """sha256 (:func:`model_sha256`) of the base models this client runs; empty: the model its client
     file names, unchecked."""
@@ -261,6 +269,16 @@ def check_request(ctx: "ClientContext", method: str, name: str, fn: Callable, ms
     p.model(ctx)
 
 
+def withhold_refused(ctx: "ClientContext", handler: str, request: str, reply: "Message") -> "Message":
+    """``reply`` without the keys the client's policy does not let leave (:func:`fedkt.privacy.outbound.withhold`),
+    with a local log line naming each withheld key and the switch that withholds it."""
+    out = withhold(handler, reply, ctx.policy)
+    for key in (k for k in reply.meta if k not in out.meta):
+        progress.log(f"{ctx.cid}: meta.{key} withheld from the reply to {request}: policy.{GATED[handler][key]} = "
+                     "false (local; the server gets the reply without it)")
+    return out
+
+
 def guard(method: str, handlers: dict[str, "Handler"]) -> dict[str, "Handler"]:
     """``handlers`` wrapped so that each checks the request against the client's policy before running
     and the reply against the outbound allow-list before it is sent (what a method registers)."""
@@ -269,6 +287,7 @@ def guard(method: str, handlers: dict[str, "Handler"]) -> dict[str, "Handler"]:
         def guarded(ctx, msg):
             check_request(ctx, method, name, fn, msg)
             reply = fn(ctx, msg)
+            reply = withhold_refused(ctx, handler_key(fn), f"{method}.{name}", reply)
             check_reply(handler_key(fn), f"{method}.{name}", reply)
             return reply
         return guarded
