@@ -214,3 +214,13 @@ def test_report_checks_each_round_of_fedcot_paper_mode():
     assert per_question(run, "fedcot", "slm") is None and lacking_clients(run, "fedcot") == ["client1"]
     assert sum(per_question(run, "fedcot", "slm", round=1)["arc_easy"].values()) == 6.5  # 5 × 1 + 3 × 0.5
 
+
+
+def test_privacy_doc_lists_every_policy_key_with_its_default():
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "privacy.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+            for line in text.splitlines() if line.startswith("| `")}
+    assert {f.name for f in dataclasses.fields(ClientPolicy)} <= set(rows)
+    assert rows["allow_per_question"] == "`false`" and rows["allow_clear_adapters"] == "`false`"
