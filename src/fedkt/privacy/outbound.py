@@ -20,8 +20,8 @@ justification:
 before it is sent). A key declared with a ``policy`` switch (:data:`GATED`; ``meta.correct``:
 ``policy.allow_per_question``) leaves only where the client's own policy turns that switch on; otherwise
 :func:`withhold` removes it from the reply before the check, whatever the handler put there (the reply
-leaves without it; the server records the client as lacking that data). ``tests/test_outbound.py`` runs every method and checks every key of every reply,
-and that docs/privacy.md's table is
+leaves without it; the server records the client as lacking that data). ``tests/test_outbound.py`` runs
+every method and checks every key of every reply, and that docs/privacy.md's table is
 :func:`fedkt.privacy.outbound_table.markdown_table`'s.
 """
 

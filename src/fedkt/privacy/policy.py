@@ -13,7 +13,7 @@ The server sees that as the client's failure (``federation.on_client_failure``: 
 not let leave are withheld (``meta.correct`` unless ``allow_per_question``) and the reply is checked
 against the outbound allow-list (:mod:`fedkt.privacy.outbound`) before it is sent.
 
-The defaults are safe: DP methods refuse ε = ∞, FedCoT's ε per token is at most 10, FDKT's DP-SGD at
+The defaults are safe: DP methods refuse ε = ∞, FedCoT's ε per token is at most 6, FDKT's DP-SGD at
 most ε = 10 and δ = 1e-5, adapters trained on private data leave only under secure aggregation,
 per-question correctness on the public evaluation sets does not leave (only the accuracy does). The
 in-process simulation builds its clients' policy from the experiment (``simulation.policy_for_experiment``): the
