@@ -21,8 +21,7 @@ SRC = Path(__file__).parent.parent / "src" / "fedkt"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core",                    ("fedkt", "fedkt.seeds", "fedkt.progress", "fedkt.toml_config", "fedkt.config",
-                                 "fedkt.run_results", "fedkt.derive_delta", "fedkt.message", "fedkt.reply_schemas", "fedkt.plan_archs", "fedkt.plan_memory", "fedkt.metrics_export",
-                                 "fedkt.memory_release")),
+                                 "fedkt.run_results", "fedkt.derive_delta", "fedkt.message", "fedkt.reply_schemas", "fedkt.plan_archs", "fedkt.plan_memory", "fedkt.metrics_export")),
     ("data, models, learning",  ("fedkt.data", "fedkt.data.*", "fedkt.models", "fedkt.devices", "fedkt.builtin_models",
                                  "fedkt.derived_model", "fedkt.derive", "fedkt.losses", "fedkt.train", "fedkt.evaluate", "fedkt.harness_eval",
                                  "fedkt.generate", "fedkt.text_generators", "fedkt.clustering")),

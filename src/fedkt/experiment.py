@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from fedkt import __version__, memory_release, progress, registry
+from fedkt import __version__, progress, registry
 from fedkt.config import ConfigError, ExperimentConfig, dump_toml
 from fedkt.report import write_report
 from fedkt.rounds import run_rounds, write_json_atomic
@@ -41,7 +41,6 @@ def run_method(server: ServerContext, name: str) -> MethodResult:
     spec = registry.get(name)
     t0 = time.perf_counter()
     result = run_rounds(server, spec) if spec.algorithm is not None else spec.run(server)
-    memory_release.release()  # the method's last phase ended
     result.wall_s = round(time.perf_counter() - t0, 2)
     return result
 

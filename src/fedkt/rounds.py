@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedkt import memory_release, progress
+from fedkt import progress
 from fedkt.run_results import MethodResult
 
 if TYPE_CHECKING:
@@ -89,7 +89,6 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
         for rnd in range(start, cfg.federation.rounds + 1):
             t_round = time.perf_counter()
             out = algo.round(server, fed, state, rnd)
-            memory_release.release()  # the server's phase (aggregation, distillation) ended
             wall = {"round_s": round(time.perf_counter() - t_round, 3)}
             state = out.state
             for k, v in out.timings.items():
@@ -102,7 +101,6 @@ def run_rounds(server: "ServerContext", spec: "MethodSpec") -> MethodResult:
                         entry[role], correct = server.evaluate_questions(role, state[role], f"{name} r{rnd}")
                         if correct is not None:
                             entry.setdefault("correct", {})[role] = correct
-                memory_release.release()
                 timings["eval_s"] += time.perf_counter() - t0
                 wall["eval_s"] = round(time.perf_counter() - t0, 3)
             for role in algo.roles:

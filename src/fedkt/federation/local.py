@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from fedkt import memory_release
 from fedkt.clients import ClientContext, Handler
 from fedkt.federation import codec
 from fedkt.federation.base import Delivery, Federation
@@ -44,7 +43,5 @@ class LocalFederation(Federation):
                 if self.on_failure == "stop":  # no point running the others
                     break
                 continue
-            finally:
-                memory_release.release()  # this client's phase ended: its freed activations go back to the OS
             out[cid] = Delivery(reply=got, down_bytes=len(down), up_bytes=len(up))
         return out
