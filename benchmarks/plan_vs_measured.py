@@ -72,7 +72,8 @@ def main() -> None:
     p = plan(cfg, Options.from_config(cfg), a.config)
     est = p["processes"]["simulation_peak_bytes"]
     print(f"config {a.config} reduced: {' '.join(overrides)}")
-    print(f"sequence length {p['options']['seq_len']} (aux {p['options']['aux_seq_len']}; "
+    print(f"sequence length {p['options']['seq_len']} (aux {p['options']['aux_seq_len']}; answer "
+          f"{p['options']['answer_len']}; "
           f"{p['options']['seq_len_source']}), clients {p['data']['clients']}, aux {p['data']['aux']}\n")
     print("| allocator | plan: models + activations | measured: peak RSS − runtime RSS | measured / plan | "
           "plan + runtime | measured peak RSS | measured / plan | run | CPU (sys) | minor faults |\n"
