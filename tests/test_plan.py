@@ -205,6 +205,85 @@ def test_activation_formula_tracks_what_autograd_saves(tok):
     assert 0.85 < measured / formula < 1.15, (measured, formula)
 
 
+def test_answer_only_sft_logits_are_planned_at_the_supervised_positions(tok):
+    """fedkt's SFT (``train.answer_loss``) runs the LM head on the answer positions only: what autograd saves
+    for a step follows ``activation_bytes(..., logit_tokens=B·A)`` (one fp32 [B·A × vocab] copy saved, the
+    log-softmax), not the every-token count, on a vocabulary big enough for the logits to dominate."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedkt.data.collate import IGNORE
+    from fedkt.models import add_lora
+    from fedkt.plan_memory import Arch, activation_bytes
+    from fedkt.train import answer_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model = add_lora(model, LoraSettings(r=4))
+    model.train()
+    weights |= {p.untyped_storage().data_ptr() for p in model.parameters()}
+    B, S, A = 4, 40, 3
+    ids = torch.randint(0, 8192, (B, S))
+    labels = torch.full((B, S), IGNORE)
+    labels[:, -A:] = ids[:, -A:]  # A supervised tokens per row: A positions of labels[:, 1:] each
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        answer_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    measured = sum(saved.values())
+    arch = Arch.from_hf(model.config)
+    answers, every = activation_bytes(arch, B * S, 4, False, 1, B * A), activation_bytes(arch, B * S, 4, False, 1)
+    print(f"saved {measured} B, answer positions {answers} B, every token {every} B")
+    assert 0.85 < measured / answers < 1.15, (measured, answers)
+    assert measured / every < 0.4
+
+
+def test_plan_reads_the_answer_length_and_counts_sft_logits_there(tmp_path, model_dirs, data_dir):
+    """The plan's answer length is the most supervised positions of one training example (what answer_loss
+    reads, from collate_sft's labels); FedAvg's client row counts the logits at batch × that, FedProx's (full
+    logits) at every token, and ``--seq-len`` without the data leaves every token counted."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from fedkt.data.collate import IGNORE, collate_sft
+    from fedkt.plan import client_data
+    from fedkt.plan_memory import activation_bytes
+    from fedkt.train import tokenize_examples
+
+    cfg = load_config(write_cfg(tmp_path, model_dirs, data_dir), ['methods=["fedavg", "fedprox"]'])
+    p = plan(cfg, Options.from_config(cfg))
+    clients, aux, _ = client_data(cfg)
+    tok = AutoTokenizer.from_pretrained(model_dirs["slm"])
+    batch = collate_sft(tokenize_examples(tok, [e for c in clients for e in c] + aux, cfg.train.max_length),
+                        tok.pad_token_id)
+    A = int((batch["labels"][:, 1:] != IGNORE).sum(1).max())
+    assert p["options"]["answer_len"] == A and 0 < A < p["options"]["seq_len"]
+    arch = model_facts("slm", str(model_dirs["slm"]), cfg.lora).arch
+    B, S = cfg.train.batch_size, p["options"]["seq_len"]
+    act = {m: p["methods"][m][0]["peak_parts"]["activations"] for m in ("fedavg", "fedprox")}
+    evals = p["methods"]["fedavg"][1]["peak_parts"]["activations"]
+    assert act["fedavg"] == max(activation_bytes(arch, B * S, 4, False, 4, B * A), evals)
+    assert act["fedprox"] == max(activation_bytes(arch, B * S, 4, False, 4), evals) > act["fedavg"]
+    kd = load_config(write_cfg(tmp_path, model_dirs, data_dir), ['methods=["fedcollm"]', 'fedcollm.kd_tokens="answer"',
+                                                                  "fedcollm.batch_size=4"])
+    kd_rows = plan(kd, Options.from_config(kd))["methods"]["fedcollm"]
+    kd_S = p["options"]["aux_seq_len"]
+    assert kd_rows[1]["role"] == "server SLM" and kd_rows[1]["peak_parts"]["activations"] == max(
+        activation_bytes(arch, 4 * kd_S, 4, False, 6, 4 * A), evals)  # KD on the answer positions only
+    fixed = plan(cfg, Options.from_config(cfg, seq_len=S))
+    assert fixed["options"]["answer_len"] == 0
+    assert fixed["methods"]["fedavg"][0]["peak_parts"]["activations"] == act["fedprox"]
+
+
 def test_methods_outside_the_table_are_planned_as_fedavg_or_noted(tmp_path, model_dirs, data_dir):
     from fedkt import registry
     from fedkt.algorithms.fedavg import FedAvg

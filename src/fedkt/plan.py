@@ -173,17 +173,26 @@ def data_seq_len(cfg: ExperimentConfig, examples: list) -> tuple[int, str]:
     """(tokens of the longest training sequence, capped at ``train.max_length``; where the number comes from).
     A batch is padded to its longest row, so the batch holding the longest example is the peak. Needs the
     data and the SLM's tokenizer on this machine; otherwise ``train.max_length``."""
+    longest, _, source = data_lengths(cfg, examples)
+    return longest, source
+
+
+def data_lengths(cfg: ExperimentConfig, examples: list) -> tuple[int, int, str]:
+    """``data_seq_len``'s (longest sequence, source) with the most supervised (answer) tokens of one example
+    between them (0 where the data or tokenizer is not here): answer-only SFT runs the LM head on those."""
     d = local_tokenizer_dir(cfg.model.slm)
     if d is None or not examples or examples[0] is None:
-        return cfg.train.max_length, "train.max_length"
+        return cfg.train.max_length, 0, "train.max_length"
     # deferred: the planner reads config.json only; torch, the data and tokenizer stack load when a plan needs them
     from transformers import AutoTokenizer
 
+    from fedkt.data.collate import IGNORE
     from fedkt.train import tokenize_examples
 
     tok = AutoTokenizer.from_pretrained(d)
-    longest = max(len(e.input_ids) for e in tokenize_examples(tok, examples, cfg.train.max_length))
-    return longest, "longest tokenized training example"
+    sft = tokenize_examples(tok, examples, cfg.train.max_length)
+    answers = max(sum(1 for x in e.labels[1:] if x != IGNORE) for e in sft)  # positions answer_loss reads
+    return max(len(e.input_ids) for e in sft), answers, "longest tokenized training example"
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -196,8 +205,10 @@ def plan(cfg: ExperimentConfig, opts: Options | None = None, config_path: str = 
     clients, aux_examples, data_source = client_data(cfg)
     sizes, aux = [len(c) for c in clients], len(aux_examples)
     if opts.seq_len <= 0:
-        opts.seq_len, opts.seq_len_source = data_seq_len(cfg, [e for c in clients for e in c])
-        opts.aux_seq_len = data_seq_len(cfg, aux_examples)[0] if aux_examples else opts.seq_len
+        opts.seq_len, answers, opts.seq_len_source = data_lengths(cfg, [e for c in clients for e in c])
+        opts.aux_seq_len, aux_answers = (data_lengths(cfg, aux_examples)[:2] if aux_examples
+                                         else (opts.seq_len, 0))
+        opts.answer_len = opts.answer_len or (max(answers, aux_answers) if answers else 0)
     methods, transient, notes = {}, {"server": 0, "client": 0}, []
     for name in cfg.methods:
         rows, busy = method_rows(name, cfg, models, sizes, aux, opts)
@@ -244,7 +255,8 @@ def render(p: dict[str, Any]) -> str:
     lines = [f"# fedkt plan: {p['name']}" + (f" ({p['config']})" if p["config"] else ""), "",
              f"dtype {o['dtype']}, 4-bit {', '.join(o['load_in_4bit']) or 'off'}, gradient checkpointing "
              f"{'on' if o['gradient_checkpointing'] else 'off'}, sequence length {o['seq_len']} "
-             f"(aux {o['aux_seq_len']}; {o['seq_len_source']}); "
+             f"(aux {o['aux_seq_len']}{'; answer ' + str(o['answer_len']) if o.get('answer_len') else ''}; "
+             f"{o['seq_len_source']}); "
              f"clients {p['data']['clients']} examples ({p['data']['source']}), aux {p['data']['aux']}", "",
              "| role | model | params | trainable (LoRA) | adapter | weights |", "|---|---|---|---|---|---|"]
     for m in p["models"].values():

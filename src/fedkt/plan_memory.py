@@ -11,10 +11,13 @@ formulas):
   saved-tensor hooks count 10,672 per token and layer in a SmolLM2 block (h 576, i 1536, kv 192), the
   formula 10,752. With gradient checkpointing: ``h`` per layer plus one layer recomputed. Attention by a
   fused kernel (no s² term);
-* logits: ``copies`` fp32 [tokens × vocab] tensors alive at the loss's peak (4 for cross-entropy, in its
+* logits: ``copies`` fp32 [positions × vocab] tensors alive at the loss's peak (4 for cross-entropy, in its
   backward: the saved log-softmax, its gradient, the gradient through the shift's copy and the slice's
   zero-filled full-size gradient; 6 per model for FedCoLLM's mutual distillation, whose
-  KL keeps both sides' log-probabilities, the teacher's probabilities and their difference);
+  KL keeps both sides' log-probabilities, the teacher's probabilities and their difference). The positions
+  are every token of the batch, except for fedkt's answer-only SFT (``train.answer_loss``: FedAvg's,
+  standalone's and FedCoLLM's clients, centralized), whose LM head runs only on the supervised positions:
+  batch × ``Options.answer_len`` (the most supervised tokens of one training example) when the data was read;
 * inference: the KV cache ``2·layers·kv`` values per token plus one layer's transient.
 """
 
@@ -81,6 +84,9 @@ class Options:
     seq_len_source: str = "--seq-len"
     aux_seq_len: int = 0
     """Tokens per sequence of the server's auxiliary set (FedCoLLM's distillation); 0: ``seq_len``."""
+    answer_len: int = 0
+    """Supervised (answer) tokens of the training example with the most, read with ``seq_len`` from the data;
+    0: unknown, answer-only SFT's logits are counted at every position (an upper bound)."""
 
     def dtype_of(self, role: str) -> str:
         return dtype_name(self.dtype.get(role, "fp32"))
@@ -92,7 +98,8 @@ class Options:
         d = {r: self.dtype_of(r) for r in self.dtype}
         return {"dtype": d["slm"] if len(set(d.values())) == 1 else d, "load_in_4bit": list(self.load_in_4bit),
                 "gradient_checkpointing": self.gradient_checkpointing, "seq_len": self.seq_len,
-                "seq_len_source": self.seq_len_source, "aux_seq_len": self.aux_seq_len or self.seq_len}
+                "seq_len_source": self.seq_len_source, "aux_seq_len": self.aux_seq_len or self.seq_len,
+                "answer_len": self.answer_len}
 
     @classmethod
     def from_config(cls, cfg, dtype: str | None = None, load_in_4bit: bool | None = None,
@@ -122,14 +129,17 @@ def weight_bytes(m, opts: Options) -> int:
     return m.params * b
 
 
-def activation_bytes(arch: Arch, tokens: int, act_bytes: int, checkpointing: bool, logit_copies: int) -> int:
-    """Training activations of ``tokens`` tokens (batch × sequence) through a frozen base with LoRA."""
+def activation_bytes(arch: Arch, tokens: int, act_bytes: int, checkpointing: bool, logit_copies: int,
+                     logit_tokens: int | None = None) -> int:
+    """Training activations of ``tokens`` tokens (batch × sequence) through a frozen base with LoRA; the LM
+    head's logits at ``logit_tokens`` positions (None: every token)."""
     per_layer = 10 * arch.hidden + 3 * arch.intermediate + 2 * arch.kv_dim
     if checkpointing:
         layers = arch.layers * arch.hidden + per_layer
     else:
         layers = arch.layers * per_layer
-    logits = tokens * arch.vocab * (4 * logit_copies + (act_bytes if act_bytes < 4 else 0))
+    logits = (tokens if logit_tokens is None else logit_tokens) * arch.vocab * (4 * logit_copies
+                                                                                + (act_bytes if act_bytes < 4 else 0))
     return tokens * layers * act_bytes + logits
 
 

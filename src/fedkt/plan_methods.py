@@ -88,9 +88,11 @@ class _Ctx:
         return dtype_bytes(self.opts.dtype_of(m.role))
 
     def train_act(self, m: ModelFacts, batch: int, copies: int = SFT_LOGIT_COPIES, seqs: int = 1,
-                  seq_len: int = 0) -> int:
+                  seq_len: int = 0, answers: bool = False) -> int:
+        """``answers``: answer-only SFT (``train.answer_loss``), the LM head on the supervised positions only."""
+        at = batch * self.opts.answer_len if answers and self.opts.answer_len else None
         return activation_bytes(m.arch, batch * (seq_len or self.S) * seqs, self.act(m),
-                                self.opts.gradient_checkpointing, copies)
+                                self.opts.gradient_checkpointing, copies, at)
 
     def eval_act(self, m: ModelFacts) -> int:
         return inference_bytes(m.arch, self.cfg.eval.batch_size, self.S, self.act(m))
@@ -99,7 +101,8 @@ class _Ctx:
         return SECAGG_BYTES_PER_VALUE * m.trainable if self.cfg.federation.secure_aggregation else m.adapter_bytes
 
     def client_fit(self, extra_copies: int = 0, epochs: float | None = None, per_round: bool = True,
-                   exchange: bool = True) -> Row:
+                   exchange: bool = True, answers: bool = True) -> Row:
+        """``answers``: the clients train by ``train.sft`` (answer-only logits); FedProx's loss takes full logits."""
         t, R = self.cfg.train, self.cfg.federation.rounds
         e = t.epochs if epochs is None else epochs
         steps = [sft_steps(n, t, e) for n in self.sizes]
@@ -107,7 +110,8 @@ class _Ctx:
                    sum(steps) * (R if per_round else 1),
                    self.slm.adapter_bytes if exchange else 0, self.adapter_up(self.slm) if exchange else 0,
                    {"weights": weight_bytes(self.slm, self.opts), "states": states(self.slm, extra_copies),
-                    "activations": max(self.train_act(self.slm, t.batch_size), self.eval_act(self.slm))},
+                    "activations": max(self.train_act(self.slm, t.batch_size, answers=answers),
+                                       self.eval_act(self.slm))},
                    per_client_steps=steps)
 
     def server_eval(self, m: ModelFacts, buffers: int = 0) -> Row:
@@ -117,10 +121,11 @@ class _Ctx:
                     "activations": self.eval_act(m)})
 
     def server_train(self, m: ModelFacts, steps: int, batch: int, copies: int, per_round: int | str = "–",
-                     seq_len: int = 0) -> Row:
+                     seq_len: int = 0, answers: bool = False) -> Row:
         return Row(f"server {m.role.upper()}", "server", per_round, steps, 0, 0,
                    {"weights": weight_bytes(m, self.opts), "states": states(m),
-                    "activations": max(self.train_act(m, batch, copies, seq_len=seq_len), self.eval_act(m))})
+                    "activations": max(self.train_act(m, batch, copies, seq_len=seq_len, answers=answers),
+                                       self.eval_act(m))})
 
     def server_generate(self, m: ModelFacts, batch: int, length: int) -> Row:
         if m.served:
@@ -143,13 +148,14 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
     elif name == "standalone":
         rows = [c.client_fit(epochs=t.epochs * R, per_round=False, exchange=False)]
     elif name in ("fedavg", "fedprox"):
-        rows = [c.client_fit(extra_copies=1 if name == "fedprox" else 0), c.server_eval(c.slm, buffers=K + 1)]
+        rows = [c.client_fit(extra_copies=1 if name == "fedprox" else 0, answers=name == "fedavg"),
+                c.server_eval(c.slm, buffers=K + 1)]
     elif name == "fedcollm":
         kd = cfg.section(FedCoLLMConfig)
         rows = [c.client_fit()]
         for m in (c.slm, c.llm):
             r = c.server_train(m, kd.kd_steps * R, kd.batch_size, KD_LOGIT_COPIES, per_round=kd.kd_steps,
-                               seq_len=opts.aux_seq_len)
+                               seq_len=opts.aux_seq_len, answers=kd.kd_tokens == "answer")  # logits_of's positions
             r.peak["states"] += 4 * m.trainable * (K + 1 if m is c.slm else 0)
             rows.append(r)
         if kd.update == "simultaneous":
@@ -196,10 +202,11 @@ def method_rows(name: str, cfg, models: dict[str, ModelFacts], sizes: list[int],
             rows.append(c.server_eval(c.slm))
     elif name == "centralized":
         pooled = sum(sizes)
-        rows = [c.server_train(c.slm, sft_steps(pooled, t, t.epochs * R), t.batch_size, SFT_LOGIT_COPIES)]
+        rows = [c.server_train(c.slm, sft_steps(pooled, t, t.epochs * R), t.batch_size, SFT_LOGIT_COPIES,
+                               answers=True)]
         if c.llm and not c.llm.served:
             rows.append(c.server_train(c.llm, sft_steps(pooled + aux, t, t.epochs * R), t.batch_size,
-                                       SFT_LOGIT_COPIES))
+                                       SFT_LOGIT_COPIES, answers=True))
     else:  # a method registered after this table: a round-based one is planned as FedAvg (said in the notes)
         # deferred: opacus (through dp_sgd) and the algorithm registry load only for the methods a plan names
         from fedkt import registry
