@@ -43,7 +43,8 @@ def test_cli_run_all_baselines(tmp_path, model_dirs, data_dir):
         a = m["slm"]["arc_easy"]
         assert set(a) >= {"acc", "acc_norm", "n"} and a["n"] == 12 and 0 <= a["acc"] <= 1
     # 64 train rows, 8 aux -> 56 over 3 clients
-    assert results["data"] == {"clients": [19, 19, 18], "aux": 8, "eval": {"arc_easy": 12}}
+    assert results["data"] == {"clients": [19, 19, 18], "aux": 8, "eval": {"arc_easy": 12},
+                               "format": {"arc_easy": "harness"}}
     # FedAvg moves exactly the serialised adapter each way, per client per round
     comm = methods["fedavg"]["comm"]
     assert len(comm["per_round"]) == 2 and set(comm["per_round"][0]["clients"]) == {"client0", "client1", "client2"}
@@ -67,6 +68,8 @@ def test_cli_run_all_baselines(tmp_path, model_dirs, data_dir):
     assert (out / "clients" / "client1" / "standalone" / "slm" / "adapter_model.safetensors").is_file()
     report = (out / "report.md").read_text()
     assert "## Communication" in report and "## Accuracy per round" in report
+    assert results["models"]["slm"]["device"] == "cpu" and results["models"]["slm"]["dtype"] == "float32"
+    assert "Evaluated on arc_easy (12 questions, harness format). SLM on cpu in float32." in report
     assert (out / "accuracy_per_round.png").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for x in lines if x["method"] == "fedavg") == 2

@@ -250,7 +250,9 @@ class LoadedModel:
         adapter = adapter_nbytes(self.init_adapter)
         return {"spec": self.spec, "params": self.base_params, "model_bytes": self.base_nbytes,
                 "adapter_params": sum(v.numel() for v in self.init_adapter.values()),
-                "adapter_bytes": adapter, "adapter_fraction": adapter / self.base_nbytes}
+                "adapter_bytes": adapter, "adapter_fraction": adapter / self.base_nbytes,
+                "device": str(devices.input_device(self.model)),
+                "dtype": str(devices.compute_dtype(self.model)).removeprefix("torch.")}
 
 
 def load_lora_model(spec: str, placement: Placement | str, lora: LoraSettings, seed: int,

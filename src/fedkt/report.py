@@ -187,6 +187,21 @@ def plot_rounds(results: RunResults, out: Path) -> str | None:
     return path.name
 
 
+def _setup_line(results: RunResults) -> str:
+    """How the numbers were produced: questions and prompt format per task (``eval.format``), and each
+    role's device and precision (results of fedkt versions that did not record them: what is known)."""
+    data, bits = results.data or {}, []
+    if data.get("eval"):
+        fmt = data.get("format") or {}
+        bits.append("Evaluated on " + ", ".join(f"{t} ({n} questions" + (f", {fmt[t]} format)" if t in fmt else ")")
+                                                 for t, n in data["eval"].items()))
+    roles = [f"{role.upper()} on {m['device']} in {m['dtype']}" for role, m in (results.models or {}).items()
+             if m.get("device") and m.get("dtype")]
+    if roles:
+        bits.append("; ".join(roles))
+    return ". ".join(bits) + "." if bits else ""
+
+
 def render(results: RunResults | dict[str, Any], out: Path | None = None) -> str:
     if isinstance(results, dict):
         results = RunResults.from_dict(results)
@@ -195,6 +210,9 @@ def render(results: RunResults | dict[str, Any], out: Path | None = None) -> str
     if data:
         parts += [f"Clients: {len(data['clients'])} with {data['clients']} training examples; server "
                   f"auxiliary set: {data['aux']} examples.", ""]
+    setup = _setup_line(results)
+    if setup:
+        parts += [setup, ""]
     llm = accuracy_table(results, "llm")
     if llm:
         parts += ["## Server LLM", "", llm, ""]

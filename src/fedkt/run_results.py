@@ -96,7 +96,7 @@ class RunResults:
     fedkt_version: str
     methods: dict[str, MethodResult] = field(default_factory=dict)
     data: dict[str, Any] | None = None
-    """{"clients": [examples per client], "aux": n, "eval": {task: n}}"""
+    """{"clients": [examples per client], "aux": n, "eval": {task: n}, "format": {task: eval.format}}"""
     models: dict[str, dict[str, Any]] | None = None
     """role -> LoadedModel.describe()"""
     questions: dict[str, list[str]] | None = None

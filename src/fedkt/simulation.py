@@ -122,4 +122,5 @@ class Simulation:
 
     def data_summary(self) -> dict:
         return {"clients": [len(c) for c in self.clients_data], "aux": len(self.aux),
-                "eval": {t: len(e) for t, e in self.eval_sets.items()}}
+                "eval": {t: len(e) for t, e in self.eval_sets.items()},
+                "format": {t: self.cfg.eval.format_of(t) for t in self.eval_sets}}
