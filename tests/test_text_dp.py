@@ -210,6 +210,28 @@ def test_audit_recovery_falls_with_epsilon(tok, tkit):
     assert table.count("\n") == 6 and "| ∞ | ∞ | 100.0% |" in table
 
 
+def test_audit_of_framed_prompts_scores_the_private_tokens_only(tok, tkit):
+    """FedCoT's prompts are framed: the audit perturbs and charges the question and choice texts (what the
+    client perturbs), not the template that is sent verbatim; a plain string stays private as a whole."""
+    from fedkt.algorithms.fedcot_prompts import question_segments, render_question
+    from fedkt.data.tasks import Example
+
+    _, kit = tkit
+    exs = [Example(task="arc_easy", id="q1", question="Which planet is closest to the Sun?", choices=("Mercury", "Venus"), answer=0),
+           Example(task="arc_easy", id="q2", question="What force pulls objects toward Earth?", choices=("gravity", "wind", "heat"), answer=0)]
+    framed = [question_segments(e.question, e.choices) for e in exs]
+    private = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for f in framed for s, p in f if p)
+    public = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for f in framed for s, p in f if not p)
+    assert public >= 2 * 5  # "Question:", "\nChoices:" and a label per choice
+    rows = text_dp_audit(framed, kit, tok, epsilons=(3, math.inf), seed=0, top_k=4)
+    assert rows[0]["n_tokens"] == private and rows[0]["mean_eps_per_prompt"] == pytest.approx(3 * private / 2)
+    whole = text_dp_audit([render_question(e) for e in exs], kit, tok, epsilons=(3,), seed=0, top_k=4)
+    assert whole[0]["n_tokens"] == sum(len(tok(render_question(e), add_special_tokens=False)["input_ids"])
+                                       for e in exs) > private
+    with pytest.raises(TypeError):
+        text_dp_audit("one string", kit, tok, epsilons=(3,), top_k=4)
+
+
 def test_canary_scanner_finds_the_planted_canary_only():
     payloads = {"client_0": {"prompts": ["what is 2+2?", "my code is zx-4417-QUOKKA, keep it"]},
                 "client_1": {"prompts": ["nothing here", 12], "meta": {"n": 3}}}

@@ -165,14 +165,15 @@ def audit_text_dp(model: str = typer.Option("builtin:smollm2-135m", help="The se
     """Audit token-level text DP: what a server-side embedding-inversion attacker recovers at each ε (the
     per-token attacks only; ``fedkt audit`` runs these and the contextual ones)."""
     # deferred: a command imports what it runs; `fedkt --help` loads no torch
-    from fedkt.algorithms.fedcot import render_question
+    from fedkt.algorithms.fedcot_prompts import question_segments
     from fedkt.privacy.audit import render_audit_table, text_dp_audit
 
     eps = [float(e) for e in epsilons.split(",") if e.strip()]
     progress.enable()
     try:
         _, tok, kit, exs = _audit_inputs(model, task, split, data_dir, limit, neighbors, seed)
-        rows = text_dp_audit([render_question(e) for e in exs], kit, tok, eps, seed=seed, top_k=min(10, neighbors))
+        rows = text_dp_audit([question_segments(e.question, e.choices) for e in exs], kit, tok, eps, seed=seed,
+                             top_k=min(10, neighbors))
     finally:
         progress.disable()
     typer.echo(f"{len(exs)} {task} {split} prompts, kit N={neighbors} ({model})\n")

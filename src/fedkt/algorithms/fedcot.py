@@ -281,14 +281,15 @@ class FedCoT(FedAvgRound):
         self.kit_sha256 = kit_sha256(self.kit_path) if self.kit_path else ""
 
     def audit(self, server, fed) -> list[dict]:
-        """The text-DP audit on the server's own public prompts (aux set, same format as the clients'): what
-        a server-side embedding-inversion attacker recovers at the run's ε values and the standard ones."""
+        """The text-DP audit on the server's own public prompts (aux set, framed as the clients' prompts): what
+        a server-side embedding-inversion attacker recovers of the private segments (question and choice
+        texts; the frame is sent verbatim) at the run's ε values and the standard ones."""
         if not self.kit_path or not server.aux:
             return []
         kit = EmbeddingKit.load(self.kit_path)
         tok = server.slm.tokenizer
         eps = sorted({*self.epsilons(fed).values(), *AUDIT_EPSILONS})
-        return text_dp_audit([render_question(e) for e in server.aux[:AUDIT_PROMPTS]], kit, tok, eps,
+        return text_dp_audit([question_segments(e.question, e.choices) for e in server.aux[:AUDIT_PROMPTS]], kit, tok, eps,
                              seed=server.cfg.seed, top_k=min(10, kit.n_neighbors))
 
     def attack(self, server, fed) -> list[dict]:

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from fedkt.privacy.text_dp import EmbeddingKit, _tokenize, neighbour_log_weights, sample_replacements
+from fedkt.privacy.text_dp import EmbeddingKit, neighbour_log_weights, sample_replacements
+from fedkt.privacy.text_dp_frame import Segment, private_token_ids
 
 
 def map_attack(kit: EmbeddingKit, observed: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -65,12 +66,18 @@ def map_attack(kit: EmbeddingKit, observed: torch.Tensor, epsilon: float) -> tor
     return torch.where(use_rev, best_src[observed], far_tok[k_obs])
 
 
-def text_dp_audit(texts: Sequence[str], kit: EmbeddingKit, tok, epsilons: Iterable[float] = (1, 3, 6, 10, math.inf),
-                  seed: int = 0, top_k: int = 10) -> list[dict[str, Any]]:
-    """One row per ε: recovery rates of the attackers above, unchanged fraction, mean ε per prompt."""
+def text_dp_audit(texts: Sequence[str | Sequence[Segment]], kit: EmbeddingKit, tok,
+                  epsilons: Iterable[float] = (1, 3, 6, 10, math.inf), seed: int = 0, top_k: int = 10) -> list[dict[str, Any]]:
+    """One row per ε: recovery rates of the attackers above, unchanged fraction, mean ε per prompt.
+
+    ``texts``: plain strings (every token private) or FedCoT's framed prompts (segment lists: only the
+    private segments' tokens are perturbed, scored and charged, as the client perturbs them; the public
+    frame is sent verbatim and is not a secret to recover)."""
+    if isinstance(texts, str):
+        raise TypeError("text_dp_audit takes a list of prompts")
     if not 1 <= top_k <= kit.n_neighbors:
         raise ValueError(f"top_k must be in [1, {kit.n_neighbors}] (the kit's N), got {top_k}")
-    ids = _tokenize(tok, texts)
+    ids = private_token_ids(texts, tok)
     flat = torch.tensor([i for x in ids for i in x], dtype=torch.long)
     n_tok = [len(x) for x in ids]
     rows = []

@@ -70,10 +70,9 @@ def token_epsilons(n_private: Sequence[int], epsilon: float, mechanism: str = "e
     return [epsilon * mean / n if n > 0 else epsilon for n in n_private]
 
 
-def perturb_framed(prompts: Sequence[Sequence[Segment]], kit: EmbeddingKit | None, tok, epsilon: float,
-                   seed, mechanism: str = "exponential") -> list[FramedResult]:
-    """Perturb the private segments of every prompt (one vectorised draw for the batch); public segments
-    pass verbatim. ε = ∞ returns every prompt verbatim (``kit`` may then be None)."""
+def tokenize_segments(prompts: Sequence[Sequence[Segment]], tok) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each prompt's token ids and, per token, whether it is private: every segment tokenised on its own
+    (so the frame's tokens are the same in every prompt), as :func:`perturb_framed` perturbs them."""
     texts = [s for p in prompts for s, _ in p]
     enc = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
     ids: list[list[int]] = []
@@ -87,6 +86,22 @@ def perturb_framed(prompts: Sequence[Sequence[Segment]], kit: EmbeddingKit | Non
             i += 1
         ids.append(row)
         private.append(mask)
+    return ids, private
+
+
+def private_token_ids(prompts: Sequence[str | Sequence[Segment]], tok) -> list[list[int]]:
+    """The tokens text DP perturbs and charges, per prompt: a plain string is private as a whole; a
+    segment list keeps its private segments' tokens only (the frame passes verbatim)."""
+    framed = [[(p, True)] if isinstance(p, str) else list(p) for p in prompts]
+    ids, private = tokenize_segments(framed, tok)
+    return [[t for t, pv in zip(r, m) if pv] for r, m in zip(ids, private)]
+
+
+def perturb_framed(prompts: Sequence[Sequence[Segment]], kit: EmbeddingKit | None, tok, epsilon: float,
+                   seed, mechanism: str = "exponential") -> list[FramedResult]:
+    """Perturb the private segments of every prompt (one vectorised draw for the batch); public segments
+    pass verbatim. ε = ∞ returns every prompt verbatim (``kit`` may then be None)."""
+    ids, private = tokenize_segments(prompts, tok)
     n_priv = [sum(m) for m in private]
     eps = token_epsilons(n_priv, epsilon, mechanism)
     if math.isinf(_check_epsilon(epsilon)):
