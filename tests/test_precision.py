@@ -58,6 +58,27 @@ def test_unavailable_device_and_dtype_errors_name_the_key():
         devices.load_kwargs(Placement("cuda", "auto"), "llm")
 
 
+def test_bf16_on_a_cpu_without_bf16_hardware_warns_once(monkeypatch):
+    """bf16 is several times faster than fp32 on a CPU with AMX/AVX512-BF16 and many times slower where torch
+    emulates it: a bf16 placement on such a CPU warns (once per process), naming the key and the fix."""
+    import warnings
+
+    monkeypatch.setattr(devices, "_warned_bf16", False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert devices.cpu_has_native_bf16() is False
+    with pytest.warns(UserWarning, match=r'model.llm_dtype \(or model.dtype\) = bf16 on a CPU without bf16 '
+                                         r'hardware .* set model.llm_dtype \(or model.dtype\) = "fp32"'):
+        devices.load_kwargs(Placement("cpu", "bf16"), "llm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        devices.load_kwargs(Placement("cpu", "bf16"), "slm")  # once per process
+        monkeypatch.setattr(devices, "_warned_bf16", False)
+        devices.load_kwargs(Placement("cpu", "fp32"), "slm")  # fp32: nothing to say
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+        devices.load_kwargs(Placement("cpu", "bf16"), "slm")  # AMX: bf16 is the fast path
+
+
 def test_gradient_checkpointing_trains_the_same_adapter(model_dirs, tok):
     """Recomputing activations in backward is an exact memory/compute trade (dropout's RNG is replayed)."""
     from fedkt.config import LoraSettings, TrainConfig
