@@ -324,3 +324,25 @@ def test_growing_cache_writes_in_place_and_changes_nothing(model, tok):
             assert lg._kbuf.shape[-2] == n + 1 + GROW_COLUMNS  # one buffer since the first step
         assert len(ptrs) == 1  # every step wrote into the same buffer
     assert isinstance(plain, DynamicCache)
+
+
+def test_done_rows_leave_in_bulk_with_refill(model, tok, free_run):
+    """With refill, a finished row rides along (its output ignored, its position frozen) until a quarter of the
+    batch is done: fewer cache compactions, the same tokens. Fixed batches drop every finished row at once."""
+    x = _eos_candidate(free_run)
+    eos = [tok.eos_token_id, x]
+    refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        rows = {}
+        for refill in (False, True):
+            with CountingForward(model) as c:
+                g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=8, refill=refill)
+            assert g.token_ids == refs, refill
+            rows[refill] = sum(c.rows)
+        made = sum(len(r) for r in refs)
+        assert rows[False] == made  # each row in exactly as many forwards as it made tokens
+        assert rows[True] > made  # some done rows rode along in later steps
+    finally:
+        model.generation_config.eos_token_id = old

@@ -179,8 +179,9 @@ def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max
     """Generate for ``queue`` ((prompt index, token ids), in the order to start them), at most ``batch_size``
     rows at a time. Returns ({prompt index: new ids}, forwards, decode steps per batch).
 
-    Continuous batching (``refill``): when rows finish they leave the batch and KV cache, and once a quarter
-    of the batch (or all of it) is free, the next prompts of the queue are prefilled, in length groups cut
+    Continuous batching (``refill``): finished rows leave the batch and KV cache in bulk (once a quarter of
+    the rows are done, or when new prompts join; until then a done row rides along, its output ignored), and
+    once a quarter of the batch (or all of it) is free, the next prompts of the queue are prefilled, in length groups cut
     by ``_prefill_groups``, and join the running batch (their cache padded to the batch's width, masked);
     leading columns no live row uses are trimmed. The cache grows in place (``generate_cache.grow``).
     Without ``refill`` (or with a cache whose layers cannot be merged), batches run one after another to
@@ -192,8 +193,9 @@ def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max
     window = max((len(s) for s in stop), default=0) + _STOP_WINDOW_SLACK
     q = 0  # next queue entry to start
     cache = attn = next_pos = logits = None
-    live: list[int] = []  # prompt indices of the rows in cache order
+    live: list[int] = []  # prompt indices of the rows in cache order (finished ones too, until compacted)
     made: list[list[int]] = []  # their new ids so far
+    gone: list[bool] = []  # finished rows still in the batch (refill only: they leave in bulk)
     batch_steps = total = 0
     threshold = max(1, batch_size // 4)
     while q < len(queue) or live:
@@ -222,40 +224,49 @@ def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max
                 logits = torch.cat([logits] + [l2 for _, _, _, l2 in parts])
             live += [i for i, _ in take]
             made += [[] for _ in take]
+            gone += [False] * len(take)
         nxt = sampler(logits)
-        done = torch.isin(nxt, eos)
         nxt_list = nxt.tolist()
-        for j, t in enumerate(nxt_list):
-            made[j].append(t)
-        total += len(nxt_list)
+        eos_hit = torch.isin(nxt, eos).tolist()
+        fresh = [j for j in range(len(live)) if not gone[j]]
+        for j in fresh:
+            made[j].append(nxt_list[j])
+        total += len(fresh)
         if stop:
-            tails = tok.batch_decode([m[-window:] for m in made], skip_special_tokens=True)
-            for j, tail in enumerate(tails):  # a loop over rows; the text check has no tensor form
-                if not done[j] and _has_stop(tail, stop):
-                    done[j] = _has_stop(tok.decode(made[j], skip_special_tokens=True), stop)
-        full = torch.tensor([len(m) >= max_new_tokens for m in made], dtype=torch.bool, device=dev)
-        done = done | full
-        n_done = int(done.sum())
-        if n_done:
-            on_finish(n_done, total)
-            for j in done.nonzero().squeeze(1).tolist():
+            tails = tok.batch_decode([made[j][-window:] for j in fresh], skip_special_tokens=True)
+            for j, tail in zip(fresh, tails):  # a loop over rows; the text check has no tensor form
+                if not eos_hit[j] and _has_stop(tail, stop):
+                    eos_hit[j] = _has_stop(tok.decode(made[j], skip_special_tokens=True), stop)
+        finished = [j for j in fresh if eos_hit[j] or len(made[j]) >= max_new_tokens]
+        if finished:
+            on_finish(len(finished), total)
+            for j in finished:
                 done_ids[live[j]] = made[j]
-        if n_done == len(live):
-            live, made = [], []
+                gone[j] = True
+        if len(finished) == len(fresh):
+            live, made, gone = [], [], []
             continue
         attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
-        if n_done:
-            keep = (~done).nonzero().squeeze(1)
+        n_gone = sum(gone)
+        # finished rows leave the batch and cache at once (fixed batches: what sampled runs' draws rely on), or,
+        # with refill, in bulk: once a quarter of the rows are done or new prompts are to join (a compaction
+        # copies the cache; a done row riding along costs only its share of a step)
+        if n_gone and (not refill or n_gone >= max(1, len(live) // 4) or not mergeable(cache)
+                       or (q < len(queue) and batch_size - (len(live) - n_gone) >= threshold)):
+            kept = [j for j in range(len(live)) if not gone[j]]
+            keep = torch.tensor(kept, dtype=torch.long, device=dev)
             attn = compact(cache, attn, keep, trim=refill and mergeable(cache))
-            kept = keep.tolist()
-            live, made = [live[j] for j in kept], [made[j] for j in kept]
+            live, made, gone = [live[j] for j in kept], [made[j] for j in kept], [False] * len(kept)
             nxt, next_pos = nxt[keep], next_pos[keep]
         out = _forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
         forwards += 1
         batch_steps += 1
         logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
+        if any(gone):  # a done row riding along keeps its position (no position past the row's end)
+            next_pos = next_pos + torch.tensor([not g for g in gone], dtype=next_pos.dtype, device=dev)
+        else:
+            next_pos = next_pos + 1
     if cache is not None:
         steps.append(batch_steps)
     return done_ids, forwards, steps
