@@ -14,9 +14,11 @@ first stop string. The method, and why:
   decodes only the last ``max(len(stop)) + 4`` tokens of every live row, and a hit is confirmed on the
   row's full decoded text. The loop ends when every row is finished, not at ``max_new_tokens``.
 * **Finished rows leave the batch.** When rows finish, they are dropped from the batch and the KV cache
-  (``Cache.batch_select_indices``), so the remaining rows run at the cost of a smaller batch. Prompts
-  are bucketed by token length (sorted, then cut into batches) so little compute goes to padding;
-  outputs come back in the input order.
+  (with continuous batching in bulk, once a quarter of the rows are done or new prompts join; a done row
+  rides along until then, its output ignored), so the remaining rows run at the cost of a smaller batch.
+  Prompts are bucketed by token length (sorted, then cut into batches; joining prompts are prefilled in
+  length groups) so little compute goes to padding; outputs come back in the input order. The KV cache
+  grows in place (``fedkt.generate_cache``), not by concatenating the whole cache every step.
 * **A shared prompt prefix is computed once.** When all prompts start with the same tokens (a system
   prompt, few-shot examples: FedCoT's rationale prompts), that prefix runs once with batch 1 and its KV
   cache is copied into every batch; each row then holds ``[prefix][left padding][own suffix]``, the
