@@ -346,3 +346,24 @@ def test_done_rows_leave_in_bulk_with_refill(model, tok, free_run):
         assert rows[True] > made  # some done rows rode along in later steps
     finally:
         model.generation_config.eos_token_id = old
+
+
+def test_sliding_window_cache_cannot_merge_and_still_matches(tok):
+    """A sliding-window model's cache layers cannot be padded and merged: no refill, no growth, no length
+    groups after the first batch; batched tokens still equal transformers' one at a time."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from fedkt.generate_cache import mergeable
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, initializer_range=0.3,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                        tie_word_embeddings=False)
+    m = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        assert not mergeable(m(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values)
+    refs = [one_at_a_time(m, tok, p, [tok.eos_token_id]) for p in PROMPTS]
+    assert max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS) + N_NEW > 6  # the window slides
+    for bs in (1, 3, 8):
+        assert generate_ex(m, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs).token_ids == refs, bs

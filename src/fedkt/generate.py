@@ -200,15 +200,17 @@ def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max
     gone: list[bool] = []  # finished rows still in the batch (refill only: they leave in bulk)
     batch_steps = total = 0
     threshold = max(1, batch_size // 4)
+    merge_ok = None  # whether this model's cache rows can be merged (known after the first prefill)
     while q < len(queue) or live:
         free = batch_size - len(live)
         if q < len(queue) and (not live or (refill and free >= threshold and mergeable(cache))):
             take = queue[q:q + free]
             # continuous batching: joining prompts are prefilled in length groups (little padding), then merged
-            sizes = _prefill_groups([len(r) for _, r in take]) if refill else [len(take)]
+            sizes = _prefill_groups([len(r) for _, r in take]) if refill and merge_ok is not False else [len(take)]
             parts, g0 = [], 0
             for size in sizes:
-                if parts and not mergeable(parts[0][0]):  # cannot merge: the rest waits for the next batch
+                if parts and not mergeable(parts[0][0]):  # cannot merge (sliding-window cache...): the rest of
+                    merge_ok = False                      # this first batch waits; later batches are not cut
                     break
                 parts.append(_prefill(model, [r for _, r in take[g0:g0 + size]], pad_id, prefix))
                 grow(parts[-1][0])
