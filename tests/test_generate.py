@@ -151,21 +151,26 @@ class CountingForward:
 
 
 def test_generation_stops_early_and_drops_finished_rows(model, tok, free_run):
+    from fedkt.generate import _prefill_groups
+
     x = _eos_candidate(free_run)
     old = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [tok.eos_token_id, x]
     limit = 200
+    lengths = sorted((len(r) for r in tok(PROMPTS[:4], add_special_tokens=False)["input_ids"]), reverse=True)
     try:
-        with CountingForward(model) as c:
-            g = generate_ex(model, tok, PROMPTS[:4], max_new_tokens=limit, batch_size=4)
+        for refill, groups in ((False, 1), (True, len(_prefill_groups(lengths)))):
+            with CountingForward(model) as c:
+                g = generate_ex(model, tok, PROMPTS[:4], max_new_tokens=limit, batch_size=4, refill=refill)
+            assert max(g.new_tokens) < limit and len(set(g.new_tokens)) >= 3  # all rows hit an EOS, at different steps
+            # the prefill(s) + one forward per further step of the longest row, not `limit` forwards
+            assert len(c.rows) == g.forward_calls == groups + max(g.new_tokens) - 1
+            # a row that made n tokens took part in exactly n forwards (prefill + n-1 steps): finished rows leave
+            assert sum(c.rows) == sum(g.new_tokens) < len(g.new_tokens) * max(g.new_tokens)
+            assert sum(c.rows[:groups]) == 4 and c.rows[groups] == 4 and c.rows[-1] == 1
     finally:
         model.generation_config.eos_token_id = old
-    assert max(g.new_tokens) < limit and len(set(g.new_tokens)) >= 3  # all rows hit an EOS, at different steps
-    # one prefill + one forward per further step of the longest row, not `limit` forwards
-    assert len(c.rows) == g.forward_calls == max(g.new_tokens)
-    # a row that made n tokens took part in exactly n forwards (prefill + n-1 steps): finished rows leave
-    assert sum(c.rows) == sum(g.new_tokens) < len(g.new_tokens) * max(g.new_tokens)
-    assert c.rows[0] == 4 and c.rows[-1] == 1
+    assert groups == 2  # these 4 prompts (2 to 11 tokens) are prefilled in two length groups
 
 
 def test_stop_string_ends_the_loop(model, tok, free_run):
@@ -278,3 +283,87 @@ def test_sampling_keeps_fixed_batches(model, tok):
     outputs do not depend on when rows finish (and equal earlier fedkt versions' for a seed)."""
     kw = dict(max_new_tokens=16, batch_size=3, do_sample=True, temperature=1.0, top_p=0.95, seed=7)
     assert generate(model, tok, PROMPTS, **kw) == generate(model, tok, PROMPTS, refill=False, **kw)
+
+
+def test_prefill_groups_minimise_padding_plus_calls():
+    from fedkt.generate import _prefill_groups
+
+    # cost = sum(call + rows x width): [10,9,8,2,1] with call 4 -> {10,9,8} 30+4, {2,1} 4+4 = 42
+    # (one group: 50+4 = 54; three groups {10,9,8},{2},{1}: 30+2+1+12 = 45)
+    assert _prefill_groups([10, 9, 8, 2, 1], call_tokens=4) == [3, 2]
+    assert _prefill_groups([10, 9, 8, 2, 1], call_tokens=100) == [5]  # calls dear: one group
+    assert _prefill_groups([10, 9, 8, 2, 1], call_tokens=0) == [1, 1, 1, 1, 1]  # calls free: no padding
+    assert _prefill_groups([5, 5, 5, 5], call_tokens=1) == [4]
+    assert _prefill_groups([], call_tokens=4) == []
+
+
+def test_growing_cache_writes_in_place_and_changes_nothing(model, tok):
+    """The decode loop's KV cache grows into spare columns (no copy of the whole cache per step) and gives
+    the same keys/values, logits and texts as transformers' own concatenating cache."""
+    from transformers import DynamicCache
+
+    from fedkt.generate_cache import GROW_COLUMNS, GrowingLayer, grow
+
+    ids = tok(PROMPTS[4], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    n = ids.shape[1]
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=True).past_key_values
+        grown = model(input_ids=ids, use_cache=True).past_key_values
+        grow(grown)
+        assert all(type(layer) is GrowingLayer for layer in grown.layers)
+        ptrs = set()
+        for step in range(5):
+            nxt = torch.tensor([[7 + step]])
+            a = model(input_ids=nxt, past_key_values=plain, use_cache=True).logits
+            b = model(input_ids=nxt, past_key_values=grown, use_cache=True).logits
+            assert torch.equal(a, b)
+            ptrs.add(grown.layers[0].keys.data_ptr())
+            assert grown.layers[0].keys.shape[-2] == n + step + 1
+        for lp, lg in zip(plain.layers, grown.layers):
+            assert torch.equal(lp.keys, lg.keys) and torch.equal(lp.values, lg.values)
+            assert lg._kbuf.shape[-2] == n + 1 + GROW_COLUMNS  # one buffer since the first step
+        assert len(ptrs) == 1  # every step wrote into the same buffer
+    assert isinstance(plain, DynamicCache)
+
+
+def test_done_rows_leave_in_bulk_with_refill(model, tok, free_run):
+    """With refill, a finished row rides along (its output ignored, its position frozen) until a quarter of the
+    batch is done: fewer cache compactions, the same tokens. Fixed batches drop every finished row at once."""
+    x = _eos_candidate(free_run)
+    eos = [tok.eos_token_id, x]
+    refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        rows = {}
+        for refill in (False, True):
+            with CountingForward(model) as c:
+                g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=8, refill=refill)
+            assert g.token_ids == refs, refill
+            rows[refill] = sum(c.rows)
+        made = sum(len(r) for r in refs)
+        assert rows[False] == made  # each row in exactly as many forwards as it made tokens
+        assert rows[True] > made  # some done rows rode along in later steps
+    finally:
+        model.generation_config.eos_token_id = old
+
+
+def test_sliding_window_cache_cannot_merge_and_still_matches(tok):
+    """A sliding-window model's cache layers cannot be padded and merged: no refill, no growth, no length
+    groups after the first batch; batched tokens still equal transformers' one at a time."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from fedkt.generate_cache import mergeable
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, initializer_range=0.3,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                        tie_word_embeddings=False)
+    m = MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        assert not mergeable(m(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values)
+    refs = [one_at_a_time(m, tok, p, [tok.eos_token_id]) for p in PROMPTS]
+    assert max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS) + N_NEW > 6  # the window slides
+    for bs in (1, 3, 8):
+        assert generate_ex(m, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs).token_ids == refs, bs

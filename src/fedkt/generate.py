@@ -14,9 +14,11 @@ first stop string. The method, and why:
   decodes only the last ``max(len(stop)) + 4`` tokens of every live row, and a hit is confirmed on the
   row's full decoded text. The loop ends when every row is finished, not at ``max_new_tokens``.
 * **Finished rows leave the batch.** When rows finish, they are dropped from the batch and the KV cache
-  (``Cache.batch_select_indices``), so the remaining rows run at the cost of a smaller batch. Prompts
-  are bucketed by token length (sorted, then cut into batches) so little compute goes to padding;
-  outputs come back in the input order.
+  (with continuous batching in bulk, once a quarter of the rows are done or new prompts join; a done row
+  rides along until then, its output ignored), so the remaining rows run at the cost of a smaller batch.
+  Prompts are bucketed by token length (sorted, then cut into batches; joining prompts are prefilled in
+  length groups) so little compute goes to padding; outputs come back in the input order. The KV cache
+  grows in place (``fedkt.generate_cache``), not by concatenating the whole cache every step.
 * **A shared prompt prefix is computed once.** When all prompts start with the same tokens (a system
   prompt, few-shot examples: FedCoT's rationale prompts), that prefix runs once with batch 1 and its KV
   cache is copied into every batch; each row then holds ``[prefix][left padding][own suffix]``, the
@@ -40,9 +42,13 @@ from typing import Sequence
 import torch
 
 from fedkt import progress
+from fedkt.generate_cache import compact, grow, merge, mergeable
 
 _STOP_WINDOW_SLACK = 4  # tokens decoded beyond the longest stop string's length when looking for it
 MIN_SHARED_PREFIX = 8  # shared prompt prefixes at least this long (tokens) are computed once per call
+# what one prefill call costs beyond its tokens, in padded tokens (one CPU thread, SmolLM2-135M: ~70 ms for
+# the call vs ~1.75 ms a token; docs/generation.md): joining prompts are cut into length groups by it
+PREFILL_CALL_TOKENS = 40
 
 
 @dataclass
@@ -148,36 +154,25 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _mergeable(cache) -> bool:
-    """Whether rows can join ``cache``: plain dynamic layers (full attention), whose tensors fedkt can pad
-    and concatenate along the batch. Sliding-window, static, quantised or linear-attention caches cannot."""
-    from transformers.cache_utils import DynamicLayer
+def _prefill_groups(lengths: Sequence[int], call_tokens: int = None) -> list[int]:
+    """Cut prompts of non-increasing ``lengths`` (tokens) into consecutive prefill groups: the sizes.
 
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-
-
-def _merge(cache, attn, other, other_attn):
-    """Append the rows of (``other``, ``other_attn``) to (``cache``, ``attn``): the shorter side is padded on
-    the left with masked zero keys/values (positions are explicit, so column order carries no meaning)."""
-    ta, tb = attn.shape[1], other_attn.shape[1]
-    t = max(ta, tb)
-    pad = torch.nn.functional.pad
-    for la, lb in zip(cache.layers, other.layers):
-        la.keys = torch.cat([pad(la.keys, (0, 0, t - ta, 0)), pad(lb.keys, (0, 0, t - tb, 0))], dim=0)
-        la.values = torch.cat([pad(la.values, (0, 0, t - ta, 0)), pad(lb.values, (0, 0, t - tb, 0))], dim=0)
-    return torch.cat([pad(attn, (t - ta, 0)), pad(other_attn, (t - tb, 0))], dim=0)
-
-
-def _trim(cache, attn):
-    """Drop leading columns that no live row attends to (padding left behind by rows that finished)."""
-    used = attn.any(0).nonzero()
-    c0 = int(used[0]) if len(used) else 0
-    if c0 == 0:
-        return attn
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, c0:], layer.values[:, :, c0:]
-    return attn[:, c0:]
+    Each group is left-padded to its first (longest) prompt, and a prefill call costs about as much as
+    ``call_tokens`` padded tokens of its own, so the cut minimises ``sum(call_tokens + rows x width)`` over
+    the groups (an exact O(n^2) dynamic programme; n is at most the batch size)."""
+    c = PREFILL_CALL_TOKENS if call_tokens is None else call_tokens
+    n = len(lengths)
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + c + (j - i) * lengths[i]
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    sizes, j = [], n
+    while j:
+        sizes.append(j - cut[j])
+        j = cut[j]
+    return sizes[::-1]
 
 
 def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max_new_tokens: int, pad_id: int,
@@ -186,9 +181,11 @@ def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max
     """Generate for ``queue`` ((prompt index, token ids), in the order to start them), at most ``batch_size``
     rows at a time. Returns ({prompt index: new ids}, forwards, decode steps per batch).
 
-    Continuous batching (``refill``): when rows finish they leave the batch and KV cache, and once a quarter
-    of the batch (or all of it) is free, the next prompts of the queue are prefilled and join the running
-    batch (their cache padded to the batch's width, masked); leading columns no live row uses are trimmed.
+    Continuous batching (``refill``): finished rows leave the batch and KV cache in bulk (once a quarter of
+    the rows are done, or when new prompts join; until then a done row rides along, its output ignored), and
+    once a quarter of the batch (or all of it) is free, the next prompts of the queue are prefilled, in length groups cut
+    by ``_prefill_groups``, and join the running batch (their cache padded to the batch's width, masked);
+    leading columns no live row uses are trimmed. The cache grows in place (``generate_cache.grow``).
     Without ``refill`` (or with a cache whose layers cannot be merged), batches run one after another to
     their last row, as ``batch_size`` cuts the queue.
     """
@@ -198,62 +195,82 @@ def _decode(model, tok, queue: list[tuple[int, list[int]]], batch_size: int, max
     window = max((len(s) for s in stop), default=0) + _STOP_WINDOW_SLACK
     q = 0  # next queue entry to start
     cache = attn = next_pos = logits = None
-    live: list[int] = []  # prompt indices of the rows in cache order
+    live: list[int] = []  # prompt indices of the rows in cache order (finished ones too, until compacted)
     made: list[list[int]] = []  # their new ids so far
+    gone: list[bool] = []  # finished rows still in the batch (refill only: they leave in bulk)
     batch_steps = total = 0
     threshold = max(1, batch_size // 4)
+    merge_ok = None  # whether this model's cache rows can be merged (known after the first prefill)
     while q < len(queue) or live:
         free = batch_size - len(live)
-        if q < len(queue) and (not live or (refill and free >= threshold and _mergeable(cache))):
+        if q < len(queue) and (not live or (refill and free >= threshold and mergeable(cache))):
             take = queue[q:q + free]
+            # continuous batching: joining prompts are prefilled in length groups (little padding), then merged
+            sizes = _prefill_groups([len(r) for _, r in take]) if refill and merge_ok is not False else [len(take)]
+            parts, g0 = [], 0
+            for size in sizes:
+                if parts and not mergeable(parts[0][0]):  # cannot merge (sliding-window cache...): the rest of
+                    merge_ok = False                      # this first batch waits; later batches are not cut
+                    break
+                parts.append(_prefill(model, [r for _, r in take[g0:g0 + size]], pad_id, prefix))
+                grow(parts[-1][0])
+                forwards += 1
+                g0 += size
+            take = take[:g0]
             q += len(take)
-            c2, a2, p2, l2 = _prefill(model, [r for _, r in take], pad_id, prefix)
-            forwards += 1
             if not live:
                 if cache is not None:
                     steps.append(batch_steps)
-                cache, attn, next_pos, logits, batch_steps = c2, a2, p2, l2, 0
-            else:
-                attn = _merge(cache, attn, c2, a2)
-                next_pos, logits = torch.cat([next_pos, p2]), torch.cat([logits, l2])
+                (cache, attn, next_pos, logits), parts, batch_steps = parts[0], parts[1:], 0
+            if parts:
+                attn = merge(cache, attn, [(c2, a2) for c2, a2, _, _ in parts])
+                next_pos = torch.cat([next_pos] + [p2 for _, _, p2, _ in parts])
+                logits = torch.cat([logits] + [l2 for _, _, _, l2 in parts])
             live += [i for i, _ in take]
             made += [[] for _ in take]
+            gone += [False] * len(take)
         nxt = sampler(logits)
-        done = torch.isin(nxt, eos)
         nxt_list = nxt.tolist()
-        for j, t in enumerate(nxt_list):
-            made[j].append(t)
-        total += len(nxt_list)
+        eos_hit = torch.isin(nxt, eos).tolist()
+        fresh = [j for j in range(len(live)) if not gone[j]]
+        for j in fresh:
+            made[j].append(nxt_list[j])
+        total += len(fresh)
         if stop:
-            tails = tok.batch_decode([m[-window:] for m in made], skip_special_tokens=True)
-            for j, tail in enumerate(tails):  # a loop over rows; the text check has no tensor form
-                if not done[j] and _has_stop(tail, stop):
-                    done[j] = _has_stop(tok.decode(made[j], skip_special_tokens=True), stop)
-        full = torch.tensor([len(m) >= max_new_tokens for m in made], dtype=torch.bool, device=dev)
-        done = done | full
-        n_done = int(done.sum())
-        if n_done:
-            on_finish(n_done, total)
-            for j in done.nonzero().squeeze(1).tolist():
+            tails = tok.batch_decode([made[j][-window:] for j in fresh], skip_special_tokens=True)
+            for j, tail in zip(fresh, tails):  # a loop over rows; the text check has no tensor form
+                if not eos_hit[j] and _has_stop(tail, stop):
+                    eos_hit[j] = _has_stop(tok.decode(made[j], skip_special_tokens=True), stop)
+        finished = [j for j in fresh if eos_hit[j] or len(made[j]) >= max_new_tokens]
+        if finished:
+            on_finish(len(finished), total)
+            for j in finished:
                 done_ids[live[j]] = made[j]
-        if n_done == len(live):
-            live, made = [], []
+                gone[j] = True
+        if len(finished) == len(fresh):
+            live, made, gone = [], [], []
             continue
         attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
-        if n_done:
-            keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            kept = keep.tolist()
-            live, made = [live[j] for j in kept], [made[j] for j in kept]
-            nxt, attn, next_pos = nxt[keep], attn[keep], next_pos[keep]
-            if refill and _mergeable(cache):
-                attn = _trim(cache, attn)
+        n_gone = sum(gone)
+        # finished rows leave the batch and cache at once (fixed batches: what sampled runs' draws rely on), or,
+        # with refill, in bulk: once a quarter of the rows are done or new prompts are to join (a compaction
+        # copies the cache; a done row riding along costs only its share of a step)
+        if n_gone and (not refill or n_gone >= max(1, len(live) // 4) or not mergeable(cache)
+                       or (q < len(queue) and batch_size - (len(live) - n_gone) >= threshold)):
+            kept = [j for j in range(len(live)) if not gone[j]]
+            keep = torch.tensor(kept, dtype=torch.long, device=dev)
+            attn = compact(cache, attn, keep, trim=refill and mergeable(cache))
+            live, made, gone = [live[j] for j in kept], [made[j] for j in kept], [False] * len(kept)
+            nxt, next_pos = nxt[keep], next_pos[keep]
         out = _forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
         forwards += 1
         batch_steps += 1
         logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
+        if any(gone):  # a done row riding along keeps its position (no position past the row's end)
+            next_pos = next_pos + torch.tensor([not g for g in gone], dtype=next_pos.dtype, device=dev)
+        else:
+            next_pos = next_pos + 1
     if cache is not None:
         steps.append(batch_steps)
     return done_ids, forwards, steps
