@@ -8,7 +8,8 @@ import torch
 
 from conftest import make_llama, make_tokenizer
 from fedkt import generate as G
-from fedkt.algorithms.fdkt.template_fill import FillStats, fill_mc_template_cached
+from fedkt.algorithms.fdkt import template_fill
+from fedkt.algorithms.fdkt.template_fill import FillStats, fill_mc_template_cached, sample as nucleus_sample
 from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
 from fedkt.seeds import derive_seed
 
@@ -110,7 +111,7 @@ def test_cached_sampling_equals_the_reference_drawing_from_one_generator_per_fie
 
     def sample(tag, logits):
         g = gens.setdefault(tag, torch.Generator().manual_seed(seed_for(tag)))
-        return G._sample(logits, 0.9, 0, 0.95, g)
+        return nucleus_sample(logits, 0.9, 0, 0.95, g)
 
     ref, ref_counts = reference(model, tok, PROMPTS, [None] * 5, 4, 10, 5, sample=sample)
     got = fill_mc_template_cached(model, tok, PROMPTS, None, n_choices=4, question_tokens=10, choice_tokens=5,
@@ -152,3 +153,32 @@ def test_the_prompt_is_prefilled_once_instead_of_once_per_field():
     # and the labels: at most (1 rest + 3 label) tokens per row and boundary
     assert prompt_tokens + st.new_tokens - 5 * 6 <= st.input_tokens <= prompt_tokens + st.new_tokens + 5 * 5 * 4
     assert st.input_tokens < uncached_prefill / 2
+
+
+def test_nucleus_sampling_without_a_full_sort_keeps_the_same_nucleus(monkeypatch):
+    """Draws of ``sample`` lie in the nucleus ``fedkt.generate._sample`` keeps (found by sorting the whole
+    vocabulary), for a peaked row (nucleus among the top tokens) and a flat one (the sorted fallback);
+    frequencies follow the renormalised probabilities; the fallback is taken only for the flat row."""
+    torch.manual_seed(0)
+    v = 3000
+    peaked = torch.randn(v) * 0.5 - 6.0
+    peaked[:5] = torch.tensor([6.0, 5.5, 5.0, 3.0, 2.0])
+    logits = torch.stack([peaked, torch.zeros(v)])  # row 1: uniform, its 0.9-nucleus holds 2,700 tokens
+    probs = logits.softmax(-1)
+    s, order = probs.sort(-1, descending=True)
+    before = s.cumsum(-1) - s
+    nucleus = [set(order[r][before[r] < 0.9].tolist()) for r in range(2)]
+    assert len(nucleus[1]) == 2700 and len(nucleus[0]) < template_fill.NUCLEUS_TOP
+    fallback_rows = []
+    orig = G._sample
+    monkeypatch.setattr(G, "_sample", lambda lg, *a: fallback_rows.append(lg.shape[0]) or orig(lg, *a))
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(v)
+    for _ in range(400):
+        t = nucleus_sample(logits, 1.0, 0, 0.9, g)
+        assert int(t[0]) in nucleus[0] and int(t[1]) in nucleus[1]
+        counts[int(t[0])] += 1
+    assert fallback_rows == [1] * 400  # the flat row only
+    want = probs[0] * torch.tensor([i in nucleus[0] for i in range(v)])
+    want = want / want.sum()
+    assert (counts / 400 - want).abs().max() < 0.08  # 400 draws: 4 standard errors at p = 0.5

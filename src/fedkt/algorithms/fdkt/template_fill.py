@@ -24,7 +24,7 @@ token ids, not the normalised text re-tokenised with the prompt (tokens cannot m
 boundary, and whitespace inside a field is not collapsed). The returned texts are built exactly as
 ``fill_mc_template`` builds them (each field normalised), so parsing is unchanged.
 
-Sampling draws from one ``torch.Generator`` per field tag (seeded by ``seed_for(tag)``, as the uncached
+Sampling (:func:`sample`: top-p without sorting the vocabulary) draws from one ``torch.Generator`` per field tag (seeded by ``seed_for(tag)``, as the uncached
 path seeds one generation call per tag), so a call is reproducible given its seeds, prompts and
 ``batch_size``. Greedy decoding for the tags in ``greedy``.
 """
@@ -61,6 +61,35 @@ class _Rows:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     attn: torch.Tensor
     pos: torch.Tensor
+
+
+NUCLEUS_TOP = 512
+"""Tokens ``sample`` looks at before sorting the whole vocabulary: a row whose ``NUCLEUS_TOP`` most likely
+tokens already hold ``top_p`` of the mass has its nucleus among them."""
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from ``logits`` at ``temperature`` within the top-p nucleus (``fedkt.generate``'s
+    rule: the most likely tokens until the mass before a token reaches ``top_p``), without sorting the
+    vocabulary: the nucleus is found among the ``NUCLEUS_TOP`` most likely tokens (``topk``) and the draw is
+    made among them; rows whose nucleus is larger, and any ``top_k``, go through ``fedkt.generate``'s
+    sampler. Sorting 49,152 logits per row and step was a quarter of a client's sampling time."""
+    if top_k or top_p >= 1.0:
+        return G._sample(logits, temperature, top_k, top_p, gen)
+    probs = (logits.float() / max(temperature, 1e-6)).softmax(-1)
+    vals, idx = probs.topk(min(NUCLEUS_TOP, probs.shape[-1]), dim=-1)  # sorted, most likely first
+    cum = vals.cumsum(-1)
+    covered = cum[:, -1] >= top_p
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    if bool(covered.any()):
+        v, c = vals[covered], cum[covered]
+        drop = c - v >= top_p  # mass before this token already reaches top_p
+        drop[:, 0] = False
+        pick = torch.multinomial(v.masked_fill(drop, 0.0), 1, generator=gen)
+        out[covered] = idx[covered].gather(1, pick).squeeze(1)
+    if not bool(covered.all()):
+        out[~covered] = G._sample(logits[~covered], temperature, 0, top_p, gen)
+    return out
 
 
 def _take(cache, attn, pos, idx: list[int], ids: list[int]) -> _Rows:
@@ -144,7 +173,7 @@ def fill_mc_template_cached(model, tok, prompts: Sequence[str], answers: Sequenc
     dev = G._device(model)
     gens = {tag: torch.Generator(device=dev).manual_seed(int(seed_for(tag))) for tag, _, _ in fields}
     samplers = {tag: (lambda lg: lg.argmax(-1)) if tag in greedy or temperature <= 0 else
-                (lambda lg, g=gens[tag]: G._sample(lg, temperature, top_k, top_p, g)) for tag, _, _ in fields}
+                (lambda lg, g=gens[tag]: sample(lg, temperature, top_k, top_p, g)) for tag, _, _ in fields}
     eos = torch.tensor(G.eos_token_ids(model, tok), dtype=torch.long, device=dev)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else int(eos[0])
     ids = tok(prompts, add_special_tokens=False)["input_ids"]
