@@ -182,3 +182,26 @@ def test_nucleus_sampling_without_a_full_sort_keeps_the_same_nucleus(monkeypatch
     want = probs[0] * torch.tensor([i in nucleus[0] for i in range(v)])
     want = want / want.sum()
     assert (counts / 400 - want).abs().max() < 0.08  # 400 draws: 4 standard errors at p = 0.5
+
+
+@torch.no_grad()
+def test_a_sliding_window_cache_takes_the_uncached_path():
+    """Mistral with a sliding window keeps DynamicSlidingWindowLayer caches, whose rows the filler cannot
+    park and rejoin: it falls back to ``fill_mc_template`` over ``fedkt.generate`` (same greedy texts)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=4, pad_token_id=tok.pad_token_id,
+                                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
+
+    def complete(ps, max_new, stop, tag):
+        return G.generate(model, tok, ps, max_new_tokens=max_new, batch_size=2, stop=stop)
+
+    st = FillStats()
+    got = fill_mc_template_cached(model, tok, PROMPTS[:3], None, n_choices=3, question_tokens=6, choice_tokens=4,
+                                  batch_size=2, temperature=0.0, stats=st)
+    assert got == fill_mc_template(complete, PROMPTS[:3], None, n_choices=3, question_tokens=6, choice_tokens=4)
+    assert st.prefill_calls == 0  # nothing ran through the cached path

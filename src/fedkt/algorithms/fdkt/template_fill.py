@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 from fedkt import generate as G
-from fedkt.data.synthetic import LETTERS, normalize
+from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
 
 STOP = "\n"
 
@@ -147,6 +147,18 @@ def _field_end(tok, made: list[int]) -> tuple[str, str]:
     return text, text[len(seen):] if text.startswith(seen) else ""
 
 
+def _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens, batch_size, temperature,
+              top_p, top_k, seed_for, greedy) -> list[str]:
+    """The same fields through ``fill_mc_template`` and ``fedkt.generate`` (each field prefills again), for
+    models whose KV cache rows cannot be moved between batches."""
+    def complete(ps, max_new, stop, tag):
+        sampled = tag not in greedy and temperature > 0
+        return G.generate(model, tok, ps, max_new_tokens=max_new, batch_size=batch_size, do_sample=sampled,
+                          temperature=temperature if sampled else 1.0, top_p=top_p, top_k=top_k,
+                          seed=int(seed_for(tag)), stop=stop, desc=f"template {tag}")
+    return fill_mc_template(complete, prompts, answers, n_choices, question_tokens, choice_tokens)
+
+
 @torch.no_grad()
 def fill_mc_template_cached(model, tok, prompts: Sequence[str], answers: Sequence[str | None] | None = None,
                             n_choices: int = 4, question_tokens: int = 64, choice_tokens: int = 24,
@@ -156,7 +168,8 @@ def fill_mc_template_cached(model, tok, prompts: Sequence[str], answers: Sequenc
     """``fill_mc_template`` on a local model with one prefill per prompt (module docstring). Fields and
     tags as there (``"question"``, ``"choice-A"``, ..., ``"answer"``, the answer only for rows whose
     ``answers[i]`` is None; 3 tokens); sampled at ``temperature``/``top_p``/``top_k`` except the tags in
-    ``greedy`` (every tag when ``temperature <= 0``). Returns each filled template without its leading ``Question:``."""
+    ``greedy`` (every tag when ``temperature <= 0``). A model whose KV cache is not plain full-attention
+layers (sliding window, static, quantised) takes the uncached path. Returns each filled template without its leading ``Question:``."""
     if not 1 <= n_choices <= len(LETTERS):
         raise ValueError(f"n_choices must be in 1..{len(LETTERS)}, got {n_choices}")
     prompts = list(prompts)
@@ -192,6 +205,9 @@ def fill_mc_template_cached(model, tok, prompts: Sequence[str], answers: Sequenc
         for b0 in range(0, len(order), batch_size):
             members = order[b0:b0 + batch_size]  # batch-local row j is prompt members[j]
             cache, attn, pos, logits = G._prefill(model, [ids[i] for i in members], pad_id)
+            if not G._mergeable(cache):  # sliding-window, static or quantised caches: rows cannot be parked
+                return _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens,
+                                 batch_size, temperature, top_p, top_k, seed_for, greedy)
             stats.forward_calls += 1
             stats.prefill_calls += 1
             stats.input_tokens += sum(len(ids[i]) for i in members)
@@ -234,7 +250,8 @@ def fill_mc_template_cached(model, tok, prompts: Sequence[str], answers: Sequenc
                             texts[members[r]].append(text)
                             stats.field_tokens[members[r]].append(len(made[j]))
                         parked_groups.append(_take(cache, attn, pos, fin, live))
-                        keep = [j for j in range(len(live)) if j not in set(fin)]
+                        gone = set(fin)
+                        keep = [j for j in range(len(live)) if j not in gone]
                         if not keep:
                             break
                         t = torch.tensor(keep, dtype=torch.long, device=dev)
