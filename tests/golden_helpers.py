@@ -115,6 +115,7 @@ def texts_fingerprint(outputs: list[list[str]]) -> dict:
 
 def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
     """Run the golden experiment for ``method`` (``extra_sets``: --set overrides); return its outcome."""
+    import fedkt.algorithms.fdkt.template_fill as F
     import fedkt.generate as G
     import fedkt.privacy.text_dp as D
     import fedkt.train as T
@@ -137,6 +138,13 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
         generated.append(list(res.texts))
         return res
 
+    orig_fill = F.fill_mc_template_cached
+
+    def recording_fill(*a, **k):  # FDKT's template filling on a local model (one KV cache per prompt)
+        out = orig_fill(*a, **k)
+        generated.append(list(out))
+        return out
+
     orig_replace = D.sample_replacements
 
     def recording_replace(*a, **k):
@@ -146,6 +154,7 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
 
     T.train_loop = recording
     G.generate_ex = recording_generate
+    F.fill_mc_template_cached = recording_fill
     D.sample_replacements = recording_replace
     try:
         sets = METHOD_SETS.get(method, []) + list(extra_sets)
@@ -155,6 +164,7 @@ def run_golden(root: Path, dirs, data, method: str, extra_sets=()) -> dict:
     finally:
         T.train_loop = orig
         G.generate_ex = orig_generate
+        F.fill_mc_template_cached = orig_fill
         D.sample_replacements = orig_replace
     if method not in ("fedavg", "fedcollm"):
         out = _golden_v2(root, method, res)

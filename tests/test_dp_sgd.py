@@ -311,3 +311,20 @@ def test_client_randomness_sources_for_dp_sgd(tok):
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.003
     z = SecureRandom().normal((200_000,), std=2.0, dtype=torch.float64)
     assert z.std().item() == pytest.approx(2.0, rel=0.01) and abs(z.mean().item()) < 0.02
+
+
+def test_length_chunks_minimise_padding_plus_a_cost_per_chunk():
+    from fedkt.privacy.dp_sgd import length_chunks
+
+    # one long outlier: alone it costs 127 + 64; with the others 16 x 127 + 64 = 2096
+    lens = [57, 59, 60, 62, 62, 64, 64, 66, 69, 70, 71, 73, 75, 77, 80, 127]
+    got = length_chunks(lens, 16)
+    assert got[-1] == (15, 16) and got[0][0] == 0 and all(a < b for a, b in got)
+    assert all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1))
+    cost = lambda cs: sum((b - a) * lens[b - 1] + 64 for a, b in cs)  # noqa: E731
+    assert cost(got) <= cost([(0, 15), (15, 16)]) < cost([(0, 16)])
+    assert length_chunks([10, 10, 10, 10], 16) == [(0, 4)]  # equal lengths: one chunk
+    assert length_chunks([10, 10, 10, 10], 3) == [(0, 1), (1, 4)]  # at most max_size (ties: the first cut found)
+    assert length_chunks([1, 100], 2, overhead=0) == [(0, 1), (1, 2)]
+    assert length_chunks([1, 100], 2, overhead=200) == [(0, 2)]
+    assert length_chunks([], 4) == []

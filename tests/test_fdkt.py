@@ -364,20 +364,23 @@ def test_template_sampling_end_to_end(tmp_path, model_dirs, data_dir, recorded, 
     """Template sampling through the registry: the clients' DP model is asked field by field (its outputs
     scripted here: a random tiny model writes invalid UTF-8), each sample carries the answer letter of the
     sampling plan, the seeds differ per client and field, and only the samples leave a client."""
-    import fedkt.generate
+    from fedkt.algorithms.fdkt import template_fill
 
     plant_canary(data_dir)
     calls = []
 
-    def scripted(model, tok, prompts, max_new_tokens=128, batch_size=16, do_sample=False, temperature=1.0,
-                 top_p=1.0, top_k=0, seed=0, stop=(), desc=""):
-        calls.append((desc, seed, max_new_tokens, tuple(stop)))
-        tag = desc.split()[-1]
-        if tag == "question":
-            return [f" Which thing {desc.split()[0]} {i} is a gas?" for i in range(len(prompts))]
-        return [f" {tag[-1].lower()}{i}" for i in range(len(prompts))]
+    def scripted(model, tok, prompts, answers=None, n_choices=4, question_tokens=64, choice_tokens=24,
+                 batch_size=16, temperature=1.0, top_p=1.0, top_k=0, seed_for=None, greedy=(), stats=None):
+        who = f"c{len(calls) // 5}"
 
-    monkeypatch.setattr(fedkt.generate, "generate", scripted)
+        def complete(ps, max_new, stop, tag):
+            calls.append((tag, seed_for(tag), max_new, tuple(stop)))
+            if tag == "question":
+                return [f" Which thing {who} {i} is a gas?" for i in range(len(ps))]
+            return [f" {tag[-1].lower()}{i}" for i in range(len(ps))]
+        return fill_mc_template(complete, prompts, answers, n_choices, question_tokens, choice_tokens)
+
+    monkeypatch.setattr(template_fill, "fill_mc_template_cached", scripted)
     cfg = fdkt_config(tmp_path, model_dirs, data_dir, **{
         "fdkt.sampling": '"template"', "fdkt.question_tokens": 6, "fdkt.choice_tokens": 3,
         "fdkt.filter": '"none"', "fdkt.augment_per_kept": 0})

@@ -197,17 +197,19 @@ def test_each_task_keeps_its_own_number_of_choices(monkeypatch):
     assert [l for _, l in sampling_plan(["commonsense_qa", "arc_easy"], 12, {"commonsense_qa": 5, "arc_easy": 4})] == [
         "A", "A", "B", "B", "C", "C", "D", "D", "E", "A", "A", "B"]
     # the client's DP model fills 5 choices for a 5-choice task, 4 for a 4-choice one (one call group each)
-    import fedkt.generate
+    from fedkt.algorithms.fdkt import template_fill
+    from fedkt.data.synthetic import fill_mc_template
 
     calls = []
 
-    def scripted(model, tok, prompts, max_new_tokens=128, batch_size=16, do_sample=False, temperature=1.0,
-                 top_p=1.0, top_k=0, seed=0, stop=(), desc=""):
-        calls.append((desc.split()[-1], len(prompts), seed))
-        tag = desc.split()[-1]
-        return [" Where is it?" if tag == "question" else f" {tag[-1].lower()}{i}" for i in range(len(prompts))]
+    def scripted(model, tok, prompts, answers=None, n_choices=4, question_tokens=64, choice_tokens=24,
+                 batch_size=16, temperature=1.0, top_p=1.0, top_k=0, seed_for=None, greedy=(), stats=None):
+        def complete(ps, max_new, stop, tag):
+            calls.append((tag, len(ps), seed_for(tag)))
+            return [" Where is it?" if tag == "question" else f" {tag[-1].lower()}{i}" for i in range(len(ps))]
+        return fill_mc_template(complete, prompts, answers, n_choices, question_tokens, choice_tokens)
 
-    monkeypatch.setattr(fedkt.generate, "generate", scripted)
+    monkeypatch.setattr(template_fill, "fill_mc_template_cached", scripted)
     plan = sampling_plan(["commonsense_qa", "arc_easy"], 4, {"commonsense_qa": 5, "arc_easy": 4})
     meta = {"sampling": "template", "letters": [l for _, l in plan], "n_choices": [5, 4, 5, 4], "gen_batch_size": 4,
             "temperature": 1.0, "top_p": 1.0, "question_tokens": 8, "choice_tokens": 4}

@@ -61,10 +61,10 @@ from fedkt.data.collate import IGNORE, SFTExample, collate_sft
 from fedkt.devices import compute_dtype, input_device
 from fedkt.losses import shift
 from fedkt.privacy.dp_accounting import calibrate_noise, effective_delta, epsilon_for, planned_steps, sample_rate
-from fedkt.train import Updater, place, run_loop, seed_everything, trainable_parameters
+from fedkt.train import Updater, logits_at, place, run_loop, seed_everything, trainable_parameters
 
 __all__ = ["DPConfig", "DPStats", "batch_loss", "dp_train_loop", "effective_delta", "epsilon_for",
-           "per_sample_answer_ce", "per_sample_grads", "planned_steps", "sample_rate", "calibrate_noise"]
+           "length_chunks", "per_sample_answer_ce", "per_sample_grads", "planned_steps", "sample_rate", "calibrate_noise"]
 
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("adamw", "sgd")
@@ -173,10 +173,42 @@ def per_sample_answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return tok.sum(1) / count
 
 
+CHUNK_OVERHEAD = 64
+"""Padded positions one more physical batch is assumed to cost (fixed per-forward costs), for ``length_chunks``."""
+
+
+def length_chunks(lengths: Sequence[int], max_size: int, overhead: int = CHUNK_OVERHEAD) -> list[tuple[int, int]]:
+    """Cut ascending ``lengths`` into consecutive runs [a, b) of at most ``max_size`` that minimise the
+    padded positions (each run padded to its longest) plus ``overhead`` per run (dynamic programming)."""
+    n = len(lengths)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(max(0, b - max_size), b):
+            c = best[a] + (b - a) * lengths[b - 1] + overhead
+            if c < best[b]:
+                best[b], cut[b] = c, a
+    out, b = [], n
+    while b > 0:
+        out.append((cut[b], b))
+        b = cut[b]
+    return out[::-1]
+
+
 def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sample losses [B] of a right-padded batch from ``collate_sft``."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return per_sample_answer_ce(out.logits, batch["labels"])
+    """Per-sample losses [B] of a right-padded batch from ``collate_sft``: ``per_sample_answer_ce`` with the
+    LM head run only at the positions that predict a supervised token (``fedkt.train.logits_at``, as plain
+    training does), not at the prompt and padding positions; equal to the full-logits loss up to float
+    rounding. Each row's loss still depends on that row alone (the gather never mixes rows)."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    target = labels[:, 1:]
+    rows, cols = (target != IGNORE).nonzero(as_tuple=True)  # position t predicts token t + 1
+    logits = logits_at(model, rows, cols, input_ids=ids, attention_mask=mask)
+    if logits is None:
+        return per_sample_answer_ce(model(input_ids=ids, attention_mask=mask).logits, labels)
+    tok = F.cross_entropy(logits.float(), target[rows, cols], reduction="none")
+    b = ids.shape[0]
+    total = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    return total / torch.bincount(rows, minlength=b).clamp_min(1).to(tok.dtype)
 
 
 _OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad")
@@ -346,7 +378,11 @@ def dp_train_loop(model, data: Sequence[SFTExample], cfg: DPConfig, seed: int, p
                     _empty_step(upd, params)
                     return {"empty": 1.0, "batch": 0.0}
                 total = 0.0
-                parts = [idx[i:i + chunk] for i in range(0, len(idx), chunk)]
+                # physical batches of similar lengths (less padding); per-sample gradients do not depend on
+                # which examples share a forward, so the clipped sum and the noise are those of one batch
+                idx = sorted(idx, key=lambda i: len(data[i].input_ids))
+                parts = length_chunks([len(data[i].input_ids) for i in idx], chunk)
+                parts = [idx[a:b] for a, b in parts]
                 for j, part in enumerate(parts):
                     loss = batch_loss(model, place(collate_sft([data[i] for i in part], pad_id), device))
                     upd.backward(loss.mean())

@@ -9,10 +9,11 @@ import time
 from fedkt import generate as generation
 from fedkt import progress
 from fedkt.algorithms.baselines import train_and_evaluate_locally
+from fedkt.algorithms.fdkt import template_fill
 from fedkt.algorithms.fdkt.samples import generation_text, question_key, read_synthetic, sampling_plan, synth_prefix
 from fedkt.clients import ClientContext
 from fedkt.data.collate import make_sft_example
-from fedkt.data.synthetic import LETTERS, MAX_CHOICES, MIN_CHOICES, ParseStats, fill_mc_template, parse_mc, render_mc
+from fedkt.data.synthetic import LETTERS, MAX_CHOICES, MIN_CHOICES, ParseStats, parse_mc, render_mc
 from fedkt.federation.base import Message
 from fedkt.models import get_adapter_state
 from fedkt.privacy.dp_sgd import DPConfig, dp_train_loop
@@ -26,14 +27,9 @@ PUBLIC_DP_FIELDS = ("epsilon_spent", "target_epsilon", "delta", "noise_multiplie
 
 def sample_generations(model, tok, prompts: list[str], meta: dict, seed: int, desc: str) -> list[str]:
     """Step 1b: sample continuations of the prefixes from the DP model: the template filled field by field
-    (answer = the letter of the sampling plan, ``meta["letters"]``), or free continuations."""
-    def completer(group_seed: int):
-        def complete(ps: list[str], max_new_tokens: int, stop: list[str], tag: str) -> list[str]:
-            return generation.generate(model, tok, ps, max_new_tokens=max_new_tokens, batch_size=meta["gen_batch_size"],
-                                       do_sample=True, temperature=meta["temperature"], top_p=meta["top_p"],
-                                       seed=derive_seed(group_seed, tag), stop=stop, desc=f"{desc} {tag}")
-        return complete
-
+    (answer = the letter of the sampling plan, ``meta["letters"]``; one KV cache per prompt from field to
+    field, :mod:`fedkt.algorithms.fdkt.template_fill`; each field's draws seeded by its tag), or free
+    continuations."""
     if meta.get("sampling", "free") == "template":
         # each task's own number of choices (meta["n_choices"] per prompt; 4 if absent): one group per count
         ns = meta.get("n_choices") or [4] * len(prompts)
@@ -42,10 +38,12 @@ def sample_generations(model, tok, prompts: list[str], meta: dict, seed: int, de
             groups.setdefault(int(n), []).append(j)
         out = [""] * len(prompts)
         for n, idx in sorted(groups.items()):
-            complete = completer(seed if len(groups) == 1 else derive_seed(seed, "choices", n))
-            filled = fill_mc_template(complete, [prompts[j] for j in idx], [meta["letters"][j] for j in idx],
-                                      n_choices=n, question_tokens=meta["question_tokens"],
-                                      choice_tokens=meta["choice_tokens"])
+            group_seed = seed if len(groups) == 1 else derive_seed(seed, "choices", n)
+            filled = template_fill.fill_mc_template_cached(
+                model, tok, [prompts[j] for j in idx], [meta["letters"][j] for j in idx], n_choices=n,
+                question_tokens=meta["question_tokens"], choice_tokens=meta["choice_tokens"],
+                batch_size=meta["gen_batch_size"], temperature=meta["temperature"], top_p=meta["top_p"],
+                seed_for=lambda tag, g=group_seed: derive_seed(g, tag))
             for j, o in zip(idx, filled):
                 out[j] = o
         return out

@@ -28,8 +28,9 @@ class FDKTConfig:
     """Synthetic samples each client draws from its DP model."""
     sampling: Literal["template", "free"] = "template"
     """How the DP model writes a sample: ``"template"`` fills the template field by field (question line,
-    then each choice after its label, the answer letter from the sampling plan:
-    ``fedkt.data.synthetic.fill_mc_template``); ``"free"``: one free continuation of the prefix, parsed."""
+    then each choice after its label, the answer letter from the sampling plan; one KV cache per prompt
+    from field to field: ``fedkt.algorithms.fdkt.template_fill``); ``"free"``: one free continuation of the
+    prefix, parsed."""
     question_tokens: int = 64
     """Template sampling: at most this many tokens for the question line."""
     choice_tokens: int = 24
@@ -78,7 +79,8 @@ class FDKTConfig:
     augment_temperature: float = 0.7
     augment_sampling: Literal["template", "free"] = "template"
     """How the LLM writes a new example: field by field in the template (question, choices, then the
-    answer letter it picks), or one free continuation, parsed."""
+    answer letter it picks; a local LLM keeps each prompt's KV cache from field to field), or one free
+    continuation, parsed."""
     synthetic_set: Literal["augmented", "kept+augmented", "private+augmented", "private+synthetic"] = "augmented"
     """What each client trains its SLM on in step 4: ``"augmented"``: the LLM's new examples only, as the paper
     and FATE-LLM return them; ``"kept+augmented"``: the filtered DP samples too; ``"private+augmented"``

@@ -34,11 +34,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from fedkt.algorithms.fdkt import template_fill
 from fedkt.algorithms.fdkt.samples import question_key, topic
 from fedkt.data.synthetic import ParseStats, fill_mc_template, parse_mc, read_indices, render_mc
 from fedkt.data.tasks import Example
 from fedkt.evaluate import loglikelihoods
 from fedkt.seeds import derive_seed
+from fedkt.text_generators import HFGenerator
 
 FILTER_SYSTEM = ("You are a strict exam editor. You check candidate multiple-choice questions and keep only "
                  "the good ones.")
@@ -224,6 +226,16 @@ def augment(gen, kept: Sequence[Example], tasks: Sequence[str], per_kept: float,
         for j, (task, chosen) in enumerate(plan):
             by_n.setdefault((choices or {}).get(task) or max(len(e.choices) for e in chosen), []).append(j)
         for n, idx in sorted(by_n.items()):
+            if isinstance(gen, HFGenerator):  # a local LLM: one prefill per prompt, fields continue its KV cache
+                filled = template_fill.fill_mc_template_cached(
+                    gen.model, gen.tok, [prompts[j] for j in idx], n_choices=n, question_tokens=question_tokens,
+                    choice_tokens=choice_tokens, batch_size=gen.batch_size, temperature=temperature,
+                    top_p=gen.top_p, top_k=gen.top_k, greedy=("answer",),
+                    seed_for=lambda tag, n=n: derive_seed(seed, "fdkt-augment", n, tag))
+                for j, o in zip(idx, filled):
+                    outs[j] = o
+                continue
+
             def complete(ps, max_new, stop, tag, n=n):
                 return gen.generate(ps, max_new_tokens=max_new, stop=stop, temperature=0.0 if tag == "answer" else temperature,
                                     seed=derive_seed(seed, "fdkt-augment", n, tag))

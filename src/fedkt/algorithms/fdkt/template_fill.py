@@ -1,0 +1,281 @@
+"""Template filling with one KV cache per prompt: the model writes each field of ``render_mc``'s template
+(the question, each choice, the answer) in turn, and each field *continues from the cache* of the previous
+one instead of prefilling the prompt and every field so far again.
+
+:func:`fedkt.data.synthetic.fill_mc_template` asks a ``complete`` function once per field, and a local
+model then prefills ``prompt + fields so far`` on every call: a 3-shot augmentation prompt of a few hundred
+tokens is prefilled 6 times for a 4-choice question. :func:`fill_mc_template_cached` writes the same
+template with one prefill per prompt:
+
+* Prompts are sorted by token length and cut into batches of ``batch_size`` (as ``fedkt.generate``).
+  A batch is prefilled once (left padding, masked; explicit position ids).
+* A field is decoded token by token with the KV cache. A row is finished with the field when its field
+  text contains the stop string (``"\\n"``), it emits EOS, or it reaches the field's token limit. A
+  finished row's cache rows are *parked* (copied out of the batch cache), so the rows still writing run at
+  the cost of a smaller batch.
+* When every row has finished the field, the parked rows are put back into one cache (each padded on the
+  left with masked zero keys/values to the widest), and one forward feeds each row the rest of its field's
+  last token up to the stop (the sampled token itself is never fed: it holds the stop) followed by the
+  template's next label (``"\\nB."``, ``"\\nAnswer:"``), left-padded and masked. The next field continues
+  from that forward's logits.
+
+What the model is conditioned on differs from the uncached path in one way: the fields are the generated
+token ids, not the normalised text re-tokenised with the prompt (tokens cannot merge across a field
+boundary, and whitespace inside a field is not collapsed). The returned texts are built exactly as
+``fill_mc_template`` builds them (each field normalised), so parsing is unchanged.
+
+Sampling (:func:`sample`: top-p without sorting the vocabulary) draws from one ``torch.Generator`` per field tag (seeded by ``seed_for(tag)``, as the uncached
+path seeds one generation call per tag), so a call is reproducible given its seeds, prompts and
+``batch_size``. Greedy decoding for the tags in ``greedy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from fedkt import generate as G
+from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
+
+STOP = "\n"
+
+
+@dataclass
+class FillStats:
+    """What a cached template fill cost: forwards, the multi-token ones among them, tokens fed."""
+
+    forward_calls: int = 0  # all model forwards (prefills, field boundaries, decode steps)
+    prefill_calls: int = 0  # forwards of more than one token per row (prompt prefills, field boundaries)
+    input_tokens: int = 0  # non-padding tokens fed to the model over all forwards
+    new_tokens: int = 0  # tokens sampled over all fields (each row's last one per field included)
+    field_tokens: list[list[int]] = field(default_factory=list)  # per prompt: tokens sampled per field
+
+
+@dataclass
+class _Rows:
+    """Rows of a batch with their cache: ids (batch-local), per-layer keys/values, mask, next positions."""
+
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    attn: torch.Tensor
+    pos: torch.Tensor
+
+
+NUCLEUS_TOP = 512
+"""Tokens ``sample`` looks at before sorting the whole vocabulary: a row whose ``NUCLEUS_TOP`` most likely
+tokens already hold ``top_p`` of the mass has its nucleus among them."""
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from ``logits`` at ``temperature`` within the top-p nucleus (``fedkt.generate``'s
+    rule: the most likely tokens until the mass before a token reaches ``top_p``), without sorting the
+    vocabulary: the nucleus is found among the ``NUCLEUS_TOP`` most likely tokens (``topk``) and the draw is
+    made among them; rows whose nucleus is larger, and any ``top_k``, go through ``fedkt.generate``'s
+    sampler. Sorting 49,152 logits per row and step was a quarter of a client's sampling time."""
+    if top_k or top_p >= 1.0:
+        return G._sample(logits, temperature, top_k, top_p, gen)
+    probs = (logits.float() / max(temperature, 1e-6)).softmax(-1)
+    vals, idx = probs.topk(min(NUCLEUS_TOP, probs.shape[-1]), dim=-1)  # sorted, most likely first
+    cum = vals.cumsum(-1)
+    covered = cum[:, -1] >= top_p
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    if bool(covered.any()):
+        v, c = vals[covered], cum[covered]
+        drop = c - v >= top_p  # mass before this token already reaches top_p
+        drop[:, 0] = False
+        pick = torch.multinomial(v.masked_fill(drop, 0.0), 1, generator=gen)
+        out[covered] = idx[covered].gather(1, pick).squeeze(1)
+    if not bool(covered.all()):
+        out[~covered] = G._sample(logits[~covered], temperature, 0, top_p, gen)
+    return out
+
+
+def _take(cache, attn, pos, idx: list[int], ids: list[int]) -> _Rows:
+    t = torch.tensor(idx, dtype=torch.long, device=attn.device)
+    return _Rows([ids[j] for j in idx], [(layer.keys[t], layer.values[t]) for layer in cache.layers], attn[t], pos[t])
+
+
+def _join(groups: list[_Rows]) -> _Rows:
+    """One set of rows from parked groups, in ascending row id: the narrower caches padded on the left."""
+    width = max(g.attn.shape[1] for g in groups)
+    pad = torch.nn.functional.pad
+    kv = [(torch.cat([pad(g.kv[i][0], (0, 0, width - g.attn.shape[1], 0)) for g in groups]),
+           torch.cat([pad(g.kv[i][1], (0, 0, width - g.attn.shape[1], 0)) for g in groups]))
+          for i in range(len(groups[0].kv))]
+    attn = torch.cat([pad(g.attn, (width - g.attn.shape[1], 0)) for g in groups])
+    pos = torch.cat([g.pos for g in groups])
+    ids = [i for g in groups for i in g.ids]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    t = torch.tensor(order, dtype=torch.long, device=attn.device)
+    return _Rows([ids[j] for j in order], [(k[t], v[t]) for k, v in kv], attn[t], pos[t])
+
+
+def _trim(rows: _Rows) -> _Rows:
+    used = rows.attn.any(0).nonzero()
+    c0 = int(used[0]) if len(used) else 0
+    if c0:
+        rows.kv = [(k[:, :, c0:], v[:, :, c0:]) for k, v in rows.kv]
+        rows.attn = rows.attn[:, c0:]
+    return rows
+
+
+def _feed(model, cache, rows: _Rows, chunks: list[list[int]], pad_id: int, stats: FillStats):
+    """Put ``rows`` back into ``cache`` and feed each row its token chunk (left-padded, masked) in one
+    forward; returns (attention mask, next positions, last logits)."""
+    dev = rows.attn.device
+    width = max(len(c) for c in chunks)
+    ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in chunks], dtype=torch.long, device=dev)
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], dtype=torch.long, device=dev)
+    pos = (rows.pos[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
+    for layer, (k, v) in zip(cache.layers, rows.kv):
+        layer.keys, layer.values = k, v
+    attn = torch.cat([rows.attn, mask], dim=1)
+    out = G._forward(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                     logits_to_keep=1, past_key_values=cache)
+    stats.forward_calls += 1
+    stats.prefill_calls += width > 1
+    stats.input_tokens += int(mask.sum())
+    return attn, rows.pos + mask.sum(-1), out.logits[:, -1, :]
+
+
+def _field_end(tok, made: list[int]) -> tuple[str, str]:
+    """(the field's text up to the stop, the part of it the cache has not seen: the last token's share)."""
+    text = G.cut_at_stop(tok.decode(made, skip_special_tokens=True), [STOP])
+    seen = tok.decode(made[:-1], skip_special_tokens=True)
+    return text, text[len(seen):] if text.startswith(seen) else ""
+
+
+def _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens, batch_size, temperature,
+              top_p, top_k, seed_for, greedy) -> list[str]:
+    """The same fields through ``fill_mc_template`` and ``fedkt.generate`` (each field prefills again), for
+    models whose KV cache rows cannot be moved between batches."""
+    def complete(ps, max_new, stop, tag):
+        sampled = tag not in greedy and temperature > 0
+        return G.generate(model, tok, ps, max_new_tokens=max_new, batch_size=batch_size, do_sample=sampled,
+                          temperature=temperature if sampled else 1.0, top_p=top_p, top_k=top_k,
+                          seed=int(seed_for(tag)), stop=stop, desc=f"template {tag}")
+    return fill_mc_template(complete, prompts, answers, n_choices, question_tokens, choice_tokens)
+
+
+@torch.no_grad()
+def fill_mc_template_cached(model, tok, prompts: Sequence[str], answers: Sequence[str | None] | None = None,
+                            n_choices: int = 4, question_tokens: int = 64, choice_tokens: int = 24,
+                            batch_size: int = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                            seed_for: Callable[[str], int] = lambda tag: 0, greedy: Sequence[str] = (),
+                            stats: FillStats | None = None) -> list[str]:
+    """``fill_mc_template`` on a local model with one prefill per prompt (module docstring). Fields and
+    tags as there (``"question"``, ``"choice-A"``, ..., ``"answer"``, the answer only for rows whose
+    ``answers[i]`` is None; 3 tokens); sampled at ``temperature``/``top_p``/``top_k`` except the tags in
+    ``greedy`` (every tag when ``temperature <= 0``). A model whose KV cache is not plain full-attention
+layers (sliding window, static, quantised) takes the uncached path. Returns each filled template without its leading ``Question:``."""
+    if not 1 <= n_choices <= len(LETTERS):
+        raise ValueError(f"n_choices must be in 1..{len(LETTERS)}, got {n_choices}")
+    prompts = list(prompts)
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stats = stats if stats is not None else FillStats()
+    if not prompts:
+        return []
+    given = [None if answers is None else answers[j] for j in range(len(prompts))]
+    fields = [("question", "", question_tokens)] + [(f"choice-{LETTERS[i]}", f"\n{LETTERS[i]}.", choice_tokens)
+                                                     for i in range(n_choices)] + [("answer", "\nAnswer:", 3)]
+    dev = G._device(model)
+    gens = {tag: torch.Generator(device=dev).manual_seed(int(seed_for(tag))) for tag, _, _ in fields}
+    samplers = {tag: (lambda lg: lg.argmax(-1)) if tag in greedy or temperature <= 0 else
+                (lambda lg, g=gens[tag]: sample(lg, temperature, top_k, top_p, g)) for tag, _, _ in fields}
+    eos = torch.tensor(G.eos_token_ids(model, tok), dtype=torch.long, device=dev)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else int(eos[0])
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    for i, r in enumerate(ids):
+        if not r:
+            if tok.bos_token_id is None:
+                raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS token to start from")
+            ids[i] = [tok.bos_token_id]
+    texts: list[list[str]] = [[] for _ in prompts]
+    stats.field_tokens = [[] for _ in prompts]
+    window = len(STOP) + G._STOP_WINDOW_SLACK
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        for b0 in range(0, len(order), batch_size):
+            members = order[b0:b0 + batch_size]  # batch-local row j is prompt members[j]
+            cache, attn, pos, logits = G._prefill(model, [ids[i] for i in members], pad_id)
+            if not G._mergeable(cache):  # sliding-window, static or quantised caches: rows cannot be parked
+                return _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens,
+                                 batch_size, temperature, top_p, top_k, seed_for, greedy)
+            stats.forward_calls += 1
+            stats.prefill_calls += 1
+            stats.input_tokens += sum(len(ids[i]) for i in members)
+            rows = list(range(len(members)))
+            tails: dict[int, str] = {}  # row -> the unseen end of its last field
+            parked_groups: list[_Rows] = []
+            for f, (tag, lead, limit) in enumerate(fields):
+                if f > 0:  # every row has finished the previous field: put them back, feed the next label
+                    cur = [r for r in rows if tag != "answer" or given[members[r]] is None]
+                    if not cur:  # only the answer is left, and every row's letter is given
+                        break
+                    parked = _join(parked_groups) if len(parked_groups) > 1 else parked_groups[0]
+                    if len(cur) < len(parked.ids):
+                        sel = [parked.ids.index(r) for r in cur]
+                        t = torch.tensor(sel, dtype=torch.long, device=dev)
+                        parked = _Rows(cur, [(k[t], v[t]) for k, v in parked.kv], parked.attn[t], parked.pos[t])
+                    parked = _trim(parked)
+                    chunks = [tok(tails[r] + lead, add_special_tokens=False)["input_ids"] for r in parked.ids]
+                    attn, pos, logits = _feed(model, cache, parked, chunks, pad_id, stats)
+                    rows = parked.ids
+                live, made = list(rows), [[] for _ in rows]
+                parked_groups = []
+                while live:
+                    nxt = samplers[tag](logits)
+                    done = torch.isin(nxt, eos)
+                    for j, t in enumerate(nxt.tolist()):
+                        made[j].append(t)
+                    stats.new_tokens += len(live)
+                    ends = tok.batch_decode([m[-window:] for m in made], skip_special_tokens=True)
+                    for j, tail in enumerate(ends):
+                        if not done[j] and STOP in tail:
+                            done[j] = STOP in tok.decode(made[j], skip_special_tokens=True)
+                        if len(made[j]) >= limit:
+                            done[j] = True
+                    fin = done.nonzero().squeeze(1).tolist()
+                    if fin:
+                        for j in fin:
+                            r = live[j]
+                            text, tails[r] = _field_end(tok, made[j])
+                            texts[members[r]].append(text)
+                            stats.field_tokens[members[r]].append(len(made[j]))
+                        parked_groups.append(_take(cache, attn, pos, fin, live))
+                        gone = set(fin)
+                        keep = [j for j in range(len(live)) if j not in gone]
+                        if not keep:
+                            break
+                        t = torch.tensor(keep, dtype=torch.long, device=dev)
+                        cache.batch_select_indices(t)
+                        live, made = [live[j] for j in keep], [made[j] for j in keep]
+                        nxt, attn, pos = nxt[t], attn[t], pos[t]
+                        used = attn.any(0).nonzero()
+                        if len(used) and int(used[0]):
+                            c0 = int(used[0])
+                            for layer in cache.layers:
+                                layer.keys, layer.values = layer.keys[:, :, c0:], layer.values[:, :, c0:]
+                            attn = attn[:, c0:]
+                    attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
+                    out = G._forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    stats.forward_calls += 1
+                    stats.input_tokens += len(live)
+                    logits, pos = out.logits[:, -1, :], pos + 1
+    finally:
+        model.train(was_training)
+    out_texts = []
+    for j, fs in enumerate(texts):
+        body = " " + normalize(fs[0])
+        for i in range(n_choices):
+            body += f"\n{LETTERS[i]}. " + normalize(fs[1 + i])
+        out_texts.append(body + "\nAnswer: " + (normalize(fs[-1]) if given[j] is None else str(given[j])))
+    return out_texts
