@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 from fedkt import generate as G
+from fedkt.generate_cache import mergeable
 from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
 
 STOP = "\n"
@@ -205,7 +206,7 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
         for b0 in range(0, len(order), batch_size):
             members = order[b0:b0 + batch_size]  # batch-local row j is prompt members[j]
             cache, attn, pos, logits = G._prefill(model, [ids[i] for i in members], pad_id)
-            if not G._mergeable(cache):  # sliding-window, static or quantised caches: rows cannot be parked
+            if not mergeable(cache):  # sliding-window, static or quantised caches: rows cannot be parked
                 return _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens,
                                  batch_size, temperature, top_p, top_k, seed_for, greedy)
             stats.forward_calls += 1
