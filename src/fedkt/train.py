@@ -183,13 +183,22 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     projection, its log-softmax and their backward shrink by the prompt share of the batch. The model's
     body runs as before (same shapes, same dropout draws); the loss equals ``answer_ce`` on full logits up
     to float rounding. Models without an output embedding module take the full path."""
+    at = answer_logits(model, batch)
+    if at is None:
+        return answer_ce(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch["labels"])
+    logits, target, _ = at
+    return torch.nn.functional.cross_entropy(logits.float(), target)
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The logits [N, V] of a ``collate_sft`` batch's N supervised positions only (``logits_at``), their target
+    tokens [N] and the row [N] each belongs to; None for a model without an output embedding module."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     target = labels[:, 1:]
     rows, cols = (target != IGNORE).nonzero(as_tuple=True)  # position t predicts token t + 1
     logits = logits_at(model, rows, cols, input_ids=ids, attention_mask=mask)
-    if logits is None:
-        return answer_ce(model(input_ids=ids, attention_mask=mask).logits, labels)
-    return torch.nn.functional.cross_entropy(logits.float(), target[rows, cols])
+    return None if logits is None else (logits, target[rows, cols], rows)
 
 
 def logits_at(model, rows: torch.Tensor, cols: torch.Tensor, **inputs) -> torch.Tensor | None:

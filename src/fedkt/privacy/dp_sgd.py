@@ -61,7 +61,7 @@ from fedkt.data.collate import IGNORE, SFTExample, collate_sft
 from fedkt.devices import compute_dtype, input_device
 from fedkt.losses import shift
 from fedkt.privacy.dp_accounting import calibrate_noise, effective_delta, epsilon_for, planned_steps, sample_rate
-from fedkt.train import Updater, logits_at, place, run_loop, seed_everything, trainable_parameters
+from fedkt.train import Updater, answer_logits, place, run_loop, seed_everything, trainable_parameters
 
 __all__ = ["DPConfig", "DPStats", "batch_loss", "dp_train_loop", "effective_delta", "epsilon_for",
            "length_chunks", "per_sample_answer_ce", "per_sample_grads", "planned_steps", "sample_rate", "calibrate_noise"]
@@ -199,14 +199,13 @@ def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     LM head run only at the positions that predict a supervised token (``fedkt.train.logits_at``, as plain
     training does), not at the prompt and padding positions; equal to the full-logits loss up to float
     rounding. Each row's loss still depends on that row alone (the gather never mixes rows)."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    target = labels[:, 1:]
-    rows, cols = (target != IGNORE).nonzero(as_tuple=True)  # position t predicts token t + 1
-    logits = logits_at(model, rows, cols, input_ids=ids, attention_mask=mask)
-    if logits is None:
-        return per_sample_answer_ce(model(input_ids=ids, attention_mask=mask).logits, labels)
-    tok = F.cross_entropy(logits.float(), target[rows, cols], reduction="none")
-    b = ids.shape[0]
+    at = answer_logits(model, batch)
+    if at is None:
+        return per_sample_answer_ce(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                    batch["labels"])
+    logits, target, rows = at
+    tok = F.cross_entropy(logits.float(), target, reduction="none")
+    b = batch["input_ids"].shape[0]
     total = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
     return total / torch.bincount(rows, minlength=b).clamp_min(1).to(tok.dtype)
 
