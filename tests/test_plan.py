@@ -168,25 +168,20 @@ def test_cli_plan_json(tmp_path, model_dirs, data_dir):
     assert "| fedcollm | server LLM | 5 | 15 |" in r.output
 
 
-def test_activation_formula_tracks_what_autograd_saves(tok):
-    """The per-token, per-layer count of the memory model against the bytes autograd really saves for a LoRA
-    SFT step of a tiny Llama (weights and the log-softmax taken out), within 15%."""
+def _saved_bytes(model, step) -> tuple[int, object]:
+    """Freeze ``model``, wrap it in a rank-4 LoRA adapter (train mode) and run ``step(lora_model)`` under a
+    saved-tensor hook: the bytes autograd saves for the backward, weights (base and adapter) left out, and
+    what ``step`` returned."""
     import torch
 
-    from conftest import make_llama
-    from fedkt.losses import answer_ce
     from fedkt.models import add_lora
-    from fedkt.plan_memory import Arch, activation_bytes
 
-    model = make_llama(tok, layers=3, hidden=64)
     for p in model.parameters():
         p.requires_grad_(False)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     model = add_lora(model, LoraSettings(r=4))
     model.train()
     weights |= {p.untyped_storage().data_ptr() for p in model.parameters()}
-    B, S = 4, 40
-    ids = torch.randint(0, len(tok), (B, S))
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -195,10 +190,30 @@ def test_activation_formula_tracks_what_autograd_saves(tok):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        lsm_bytes = B * (S - 1) * logits.shape[-1] * 4
+        out = step(model)
+    return sum(saved.values()), out
+
+
+def test_activation_formula_tracks_what_autograd_saves(tok):
+    """The per-token, per-layer count of the memory model against the bytes autograd really saves for a LoRA
+    SFT step of a tiny Llama (weights and the log-softmax taken out), within 15%."""
+    import torch
+
+    from conftest import make_llama
+    from fedkt.losses import answer_ce
+    from fedkt.plan_memory import Arch, activation_bytes
+
+    B, S = 4, 40
+    ids = torch.randint(0, len(tok), (B, S))
+
+    def step(m):
+        logits = m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         answer_ce(logits, ids)
-    measured = sum(saved.values()) - lsm_bytes
+        return B * (S - 1) * logits.shape[-1] * 4  # the log-softmax's saved copy, taken out below
+
+    model = make_llama(tok, layers=3, hidden=64)
+    total, lsm_bytes = _saved_bytes(model, step)
+    measured = total - lsm_bytes
     arch = Arch.from_hf(model.config)
     formula = activation_bytes(arch, B * S, 4, False, 0)
     print(f"saved {measured} B, formula {formula} B, ratio {measured / formula:.3f}")
@@ -213,33 +228,18 @@ def test_answer_only_sft_logits_are_planned_at_the_supervised_positions(tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedkt.data.collate import IGNORE
-    from fedkt.models import add_lora
     from fedkt.plan_memory import Arch, activation_bytes
     from fedkt.train import answer_loss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    model = add_lora(model, LoraSettings(r=4))
-    model.train()
-    weights |= {p.untyped_storage().data_ptr() for p in model.parameters()}
     B, S, A = 4, 40, 3
     ids = torch.randint(0, 8192, (B, S))
     labels = torch.full((B, S), IGNORE)
     labels[:, -A:] = ids[:, -A:]  # A supervised tokens per row: A positions of labels[:, 1:] each
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        answer_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    measured = sum(saved.values())
+    measured, _ = _saved_bytes(model, lambda m: answer_loss(
+        m, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}))
     arch = Arch.from_hf(model.config)
     answers, every = activation_bytes(arch, B * S, 4, False, 1, B * A), activation_bytes(arch, B * S, 4, False, 1)
     print(f"saved {measured} B, answer positions {answers} B, every token {every} B")
