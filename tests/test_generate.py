@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -80,22 +81,29 @@ def _eos_candidate(free_run) -> int:
     return best
 
 
-def test_eos_at_different_steps_per_row(model, tok, free_run):
-    x = _eos_candidate(free_run)
-    eos = [tok.eos_token_id, x]
-    refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
-    lengths = [len(r) for r in refs]
-    assert len(set(lengths)) >= 3 and N_NEW in lengths  # rows stop at several steps, one never stops
+@contextlib.contextmanager
+def second_eos(model, tok, free_run):
+    """The model's generation config gets a second EOS id (as chat models have: <|im_end|>, <|endoftext|>), a
+    token the rows first emit at different steps (``_eos_candidate``), restored afterwards; yields the ids."""
+    eos = [tok.eos_token_id, _eos_candidate(free_run)]
     old = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = eos  # a second EOS id, as chat models have (<|im_end|>, <|endoftext|>)
+    model.generation_config.eos_token_id = eos
     try:
+        yield eos
+    finally:
+        model.generation_config.eos_token_id = old
+
+
+def test_eos_at_different_steps_per_row(model, tok, free_run):
+    with second_eos(model, tok, free_run) as eos:
+        refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
+        lengths = [len(r) for r in refs]
+        assert len(set(lengths)) >= 3 and N_NEW in lengths  # rows stop at several steps, one never stops
         assert eos_token_ids(model, tok) == sorted(eos)
         for bs in (1, 3, 8):
             g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs)
             assert g.token_ids == refs, bs
             assert g.new_tokens == lengths
-    finally:
-        model.generation_config.eos_token_id = old
 
 
 def _stop_candidate(tok, texts: list[str]) -> str:
@@ -153,12 +161,9 @@ class CountingForward:
 def test_generation_stops_early_and_drops_finished_rows(model, tok, free_run):
     from fedkt.generate import _prefill_groups
 
-    x = _eos_candidate(free_run)
-    old = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = [tok.eos_token_id, x]
     limit = 200
     lengths = sorted((len(r) for r in tok(PROMPTS[:4], add_special_tokens=False)["input_ids"]), reverse=True)
-    try:
+    with second_eos(model, tok, free_run):
         for refill, groups in ((False, 1), (True, len(_prefill_groups(lengths)))):
             with CountingForward(model) as c:
                 g = generate_ex(model, tok, PROMPTS[:4], max_new_tokens=limit, batch_size=4, refill=refill)
@@ -168,8 +173,6 @@ def test_generation_stops_early_and_drops_finished_rows(model, tok, free_run):
             # a row that made n tokens took part in exactly n forwards (prefill + n-1 steps): finished rows leave
             assert sum(c.rows) == sum(g.new_tokens) < len(g.new_tokens) * max(g.new_tokens)
             assert sum(c.rows[:groups]) == 4 and c.rows[groups] == 4 and c.rows[-1] == 1
-    finally:
-        model.generation_config.eos_token_id = old
     assert groups == 2  # these 4 prompts (2 to 11 tokens) are prefilled in two length groups
 
 
@@ -255,12 +258,8 @@ def test_continuous_batching_refills_finished_rows(model, tok, free_run):
     """With fewer slots than prompts, a finished row's slot goes to the next prompt of the queue while the
     others keep decoding (a prefill forward in the middle of the run): same tokens as one at a time, fewer
     forwards than fixed batches run to their last row."""
-    x = _eos_candidate(free_run)
-    eos = [tok.eos_token_id, x]
-    refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
-    old = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = eos
-    try:
+    with second_eos(model, tok, free_run) as eos:
+        refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
         for bs in (2, 3, 4):
             with CountingForward(model) as c:
                 g = generate_ex(model, tok, PROMPTS, max_new_tokens=N_NEW, batch_size=bs)
@@ -274,8 +273,6 @@ def test_continuous_batching_refills_finished_rows(model, tok, free_run):
             assert static.token_ids == refs
             assert g.forward_calls - len(prefills) < static.forward_calls - len(static.per_batch_steps)
             assert sum(g.per_batch_steps) < sum(static.per_batch_steps)
-    finally:
-        model.generation_config.eos_token_id = old
 
 
 def test_sampling_keeps_fixed_batches(model, tok):
@@ -329,12 +326,8 @@ def test_growing_cache_writes_in_place_and_changes_nothing(model, tok):
 def test_done_rows_leave_in_bulk_with_refill(model, tok, free_run):
     """With refill, a finished row rides along (its output ignored, its position frozen) until a quarter of the
     batch is done: fewer cache compactions, the same tokens. Fixed batches drop every finished row at once."""
-    x = _eos_candidate(free_run)
-    eos = [tok.eos_token_id, x]
-    refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
-    old = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = eos
-    try:
+    with second_eos(model, tok, free_run) as eos:
+        refs = [one_at_a_time(model, tok, p, eos) for p in PROMPTS]
         rows = {}
         for refill in (False, True):
             with CountingForward(model) as c:
@@ -344,8 +337,6 @@ def test_done_rows_leave_in_bulk_with_refill(model, tok, free_run):
         made = sum(len(r) for r in refs)
         assert rows[False] == made  # each row in exactly as many forwards as it made tokens
         assert rows[True] > made  # some done rows rode along in later steps
-    finally:
-        model.generation_config.eos_token_id = old
 
 
 def test_sliding_window_cache_cannot_merge_and_still_matches(tok):
