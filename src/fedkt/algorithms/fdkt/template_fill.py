@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 from fedkt import generate as G
-from fedkt.generate_cache import mergeable
+from fedkt.generate_cache import compact, mergeable
 from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
 
 STOP = "\n"
@@ -256,15 +256,9 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
                         if not keep:
                             break
                         t = torch.tensor(keep, dtype=torch.long, device=dev)
-                        cache.batch_select_indices(t)
+                        attn = compact(cache, attn, t, trim=True)  # the rows left, leading unused columns cut
                         live, made = [live[j] for j in keep], [made[j] for j in keep]
-                        nxt, attn, pos = nxt[t], attn[t], pos[t]
-                        used = attn.any(0).nonzero()
-                        if len(used) and int(used[0]):
-                            c0 = int(used[0])
-                            for layer in cache.layers:
-                                layer.keys, layer.values = layer.keys[:, :, c0:], layer.values[:, :, c0:]
-                            attn = attn[:, c0:]
+                        nxt, pos = nxt[t], pos[t]
                     attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
                     out = G._forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
                                      past_key_values=cache, use_cache=True, logits_to_keep=1)
