@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from fedkt.algorithms import fedcollm as fedcollm_mod
 from fedkt.algorithms import fedcollm_select
 from fedkt.algorithms.fedcollm import FedCoLLMConfig, mutual_distill
-from fedkt.algorithms.fedcollm_select import Score, checkpoints, score_from_lls, split_validation
+from fedkt.algorithms.fedcollm_select import Score, checkpoints, round_slices, score_from_lls, split_validation
 from fedkt.config import ConfigError
 from fedkt.data.tasks import Example
 from fedkt.experiment import run_experiment
@@ -53,6 +54,20 @@ def test_generation_questions_cannot_be_validated():
     gen = [Example("gsm8k", str(i), f"What is {i} + 1?", target=f"#### {i + 1}", label=str(i + 1)) for i in range(8)]
     with pytest.raises(ValueError, match="task\\(s\\) gsm8k are not multiple choice"):
         split_validation(gen, 0.5, seed=0)
+
+
+def test_fresh_slices_partition_the_distillation_part():
+    aux = aux_examples(14)
+    slices = round_slices(aux, 3, seed=0)
+    assert [len(s) for s in slices] == [5, 5, 4]
+    ids = [[int(e.id) for e in s] for s in slices]
+    assert sorted(sum(ids, [])) == list(range(14))                  # disjoint, and together all of Dᵃ
+    assert all(s == sorted(s) for s in ids)                          # each in Dᵃ's order
+    assert round_slices(aux, 3, seed=0) == slices                    # seeded
+    assert any(round_slices(aux, 3, seed=s) != slices for s in (1, 2, 3))
+    assert round_slices(aux, 1, seed=0) == [aux]
+    with pytest.raises(ValueError, match="14 distillation examples into 15 rounds' slices.*raise partition.aux_size"):
+        round_slices(aux, 15, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- score
@@ -173,3 +188,35 @@ def test_selected_run_resumes_bit_identical(tmp_path, model_dirs, data_dir, monk
         b = load_adapter_state(tmp_path / "cut" / "adapters" / "fedcollm" / role)
         assert same(a, b), role
     assert json.dumps(full["methods"]["fedcollm"]["per_round"]) == json.dumps(resumed["methods"]["fedcollm"]["per_round"])
+
+
+def test_fresh_schedule_distils_each_round_on_its_own_slice(tmp_path, model_dirs, data_dir, monkeypatch):
+    """aux_schedule = "fresh": round t's distillation gets exactly slice t of Dᵃ less its validation part;
+    "whole" gives every round all of it."""
+    seen: dict[str, list[list[str]]] = {"fresh": [], "whole": []}
+    real = fedcollm_mod.mutual_distill
+    schedule = ["whole"]
+
+    def spy(slm, llm, tok, aux, cfg, *a, **kw):
+        seen[schedule[0]].append([e.id for e in aux])
+        return real(slm, llm, tok, aux, cfg, *a, **kw)
+
+    monkeypatch.setattr(fedcollm_mod, "mutual_distill", spy)
+    extra = {"federation.rounds": 3, "partition.aux_size": 12, "fedcollm.validation_fraction": 0.25,
+             "fedcollm.select": '"best"', "fedcollm.kd_steps": 1, "eval.every_round": "false"}
+    for sched in ("whole", "fresh"):
+        schedule[0] = sched
+        cfg, _ = tiny_config(tmp_path, model_dirs, data_dir, ["fedcollm"], **extra,
+                             **{"fedcollm.aux_schedule": f'"{sched}"'})
+        run_experiment(cfg, tmp_path / sched)
+    whole, fresh = seen["whole"], seen["fresh"]
+    assert len(whole) == len(fresh) == 3 and len(whole[0]) == 9           # 12 less 3 for validation
+    assert whole[0] == whole[1] == whole[2]
+    assert [len(s) for s in fresh] == [3, 3, 3]
+    assert sorted(sum(fresh, [])) == sorted(whole[0])                     # the same 9, cut in three
+    assert len(set(sum(fresh, []))) == 9
+
+
+def test_aux_schedule_is_validated():
+    with pytest.raises(ConfigError, match="aux_schedule"):
+        load_config(None, ['fedcollm.aux_schedule="latest"'])

@@ -48,7 +48,7 @@ import torch
 from fedkt import progress
 from fedkt.algorithms import fdkt
 from fedkt.algorithms.fedavg import HANDLERS as FEDAVG_HANDLERS
-from fedkt.algorithms.fedcollm_select import Selector, checkpoints, split_validation
+from fedkt.algorithms.fedcollm_select import Selector, checkpoints, round_slices, split_validation
 from fedkt.config import check, check_positive
 from fedkt.data.collate import IGNORE, collate_sft
 from fedkt.data.prompts import with_format
@@ -115,6 +115,10 @@ class FedCoLLMConfig:
     select_every: int = 0
     """Score the models every this many distillation steps (and after the last); 0: at the start and after the
     last step only."""
+    aux_schedule: Literal["whole", "fresh"] = "whole"
+    """Which of Dᵃ's distillation examples each round distils on: "whole" = all of them every round (the
+    paper's); "fresh" = Dᵃ (less the validation part) cut once into T disjoint seeded slices, round t distils
+    on the t-th only, so later rounds do not fit answers earlier rounds have memorised (docs/fedcollm.md)."""
 
     def __post_init__(self):
         check_positive(self, "kd_steps", "batch_size", "temperature", "lr_slm", "lr_llm")
@@ -349,6 +353,16 @@ class FedCoLLM(FedAvgRound):
         if self.val:
             progress.log(f"fedcollm: {len(self.val)} of the auxiliary set's {len(self.aux) + len(self.val)} "
                          f"examples held out for validation (select = {kd.select!r})")
+        self.slices = None
+        if kd.aux_schedule == "fresh":
+            rounds = server.cfg.federation.rounds
+            self.slices = round_slices(self.aux, rounds, server.cfg.seed)
+            progress.log(f"fedcollm: the {len(self.aux)} distillation examples cut into {rounds} fresh "
+                         f"slices of {min(map(len, self.slices))}-{max(map(len, self.slices))}, one per round")
+
+    def aux_of_round(self, rnd: int):
+        """The distillation examples of round ``rnd`` (1-based): all of them, or that round's fresh slice."""
+        return self.aux if self.slices is None else self.slices[rnd - 1]
 
     def weight_key(self, server):  # 1–3: FedAvg, sample-weighted or 1/K (the paper's Algorithm 1)
         return "" if server.cfg.section(FedCoLLMConfig).aggregation == "uniform" else "num_examples"
@@ -358,7 +372,7 @@ class FedCoLLM(FedAvgRound):
         cfg, kd = server.cfg, server.cfg.section(FedCoLLMConfig)
         t1 = time.perf_counter()
         slm, llm = server.slm.use(theta), server.llm.use(state["llm"])
-        stats = mutual_distill(slm, llm, server.slm.tokenizer, self.aux, kd, cfg.train.max_length,
+        stats = mutual_distill(slm, llm, server.slm.tokenizer, self.aux_of_round(rnd), kd, cfg.train.max_length,
                                cfg.train.max_grad_norm, seed=derive_seed(cfg.seed, "kd", rnd),
                                desc=f"round {rnd} server distill", val=self.val,
                                val_batch_size=cfg.eval.batch_size)

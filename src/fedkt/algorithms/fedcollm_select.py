@@ -54,6 +54,20 @@ def split_validation(aux: Sequence[Example], fraction: float, seed: int) -> tupl
     return [e for i, e in enumerate(aux) if i not in held], val
 
 
+def round_slices(aux: Sequence[Example], rounds: int, seed: int) -> list[list[Example]]:
+    """``aux_schedule = "fresh"``: the distillation part of Dᵃ cut into ``rounds`` disjoint slices by a shuffle
+    seeded from ``seed`` alone (sizes differ by at most one; each slice in Dᵃ's order); round t distils on
+    slice t − 1 only, so no round distils on examples an earlier round has already fitted."""
+    if len(aux) < rounds:
+        raise ValueError(
+            f"fedcollm.aux_schedule = 'fresh' cuts the auxiliary set's {len(aux)} distillation examples into "
+            f"{rounds} rounds' slices, fewer than one example per round: raise partition.aux_size, lower "
+            f"federation.rounds or set fedcollm.aux_schedule = 'whole'")
+    order = list(range(len(aux)))
+    random.Random(derive_seed(seed, "fedcollm_aux_slices")).shuffle(order)
+    return [[aux[i] for i in sorted(order[r::rounds])] for r in range(rounds)]
+
+
 @dataclass(frozen=True, order=True)
 class Score:
     """A model's validation score; compares (acc, loglik) lexicographically."""
