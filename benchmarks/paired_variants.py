@@ -29,6 +29,15 @@ def labels(run_dir: Path) -> dict[str, str]:
     cfg = tomllib.loads((run_dir / "config.toml").read_text())
     out = {}
     for m in cfg.get("methods", []):
+        if m == "fedcollm":
+            fc = cfg.get("fedcollm", {})
+            lab = "fedcollm"
+            if fc.get("select", "last") != "last":
+                lab += f", select={fc['select']}"
+            if fc.get("aux_schedule", "whole") != "whole":
+                lab += f", {fc['aux_schedule']} Dᵃ"
+            out[lab] = m
+            continue
         if m != "fedcot":
             out[m.replace("_", "-")] = m
             continue
@@ -50,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seed-dir", action="append", required=True)
     ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[])
     ap.add_argument("--role", default="slm")
+    ap.add_argument("--per-task", action="store_true", help="also a row per task for each pair")
     a = ap.parse_args()
     seeds = []  # per seed: label -> (results, method)
     for d in a.seed_dir:
@@ -62,21 +72,26 @@ def main() -> None:
         seeds.append(found)
     common = [lab for lab in seeds[0] if all(lab in s for s in seeds)]
     print(f"{len(seeds)} seeds; variants in every seed: {', '.join(common)}\n")
-    print("| variant | acc % per seed | mean |\n|---|---|---|")
+    tasks = sorted({t for s in seeds for lab in common for t in s[lab][0].methods[s[lab][1]].metrics.get(a.role, {})})
+    head = "".join(f" {t} (mean) |" for t in tasks) if a.per_task else ""
+    print(f"| variant | acc % per seed |{head} mean |\n|---|---|{'---|' * (len(tasks) if a.per_task else 0)}---|")
     for lab in common:
-        accs = []
+        accs, by_task = [], {t: [] for t in tasks}
         for s in seeds:
             res, m = s[lab]
             r = res.methods[m].metrics.get(a.role, {})
             accs.append(sum(t["acc"] for t in r.values()) / max(1, len(r)))
-        print(f"| {lab} | {' / '.join(f'{100 * x:.1f}' for x in accs)} | {100 * sum(accs) / len(accs):.2f} |")
+            for t, v in r.items():
+                by_task[t].append(v["acc"])
+        cols = "".join(f" {100 * sum(v) / len(v):.1f} |" if v else " – |" for v in by_task.values()) if a.per_task else ""
+        print(f"| {lab} | {' / '.join(f'{100 * x:.1f}' for x in accs)} |{cols} {100 * sum(accs) / len(accs):.2f} |")
     base = ("zero-shot", "standalone")
     pairs = a.compare or ([(x, b) for x in common for b in base if b in common and x != b
                            and not (x in base and base.index(x) < base.index(b))]
                           + [p for p in itertools.combinations([c for c in common if c.startswith("fedcot")], 2)])
     print("\n| A − B | pooled over seeds and tasks: diff [95% CI] p | questions | A only / B only |\n|---|---|---|---|")
     for x, y in pairs:
-        strata = []
+        strata: dict[str, list] = {}
         for s in seeds:
             (ra, ma), (rb, mb) = s[x], s[y]
             qa, qb = per_question(ra, ma, a.role), per_question(rb, mb, a.role)
@@ -86,10 +101,14 @@ def main() -> None:
                 if t in qb:
                     pair = _align(qa[t], qb[t])
                     if pair[0]:
-                        strata.append(pair)
-        d = pool(strata, n_boot=4000) if strata else None
-        extra = f"{d.n} | {d.a_only} / {d.b_only}" if d else "– | –"
-        print(f"| {x} − {y} | {cell(d)} | {extra} |")
+                        strata.setdefault(t, []).append(pair)
+        rows = [("", sum(strata.values(), []))]
+        if a.per_task and len(strata) > 1:
+            rows += [(f" ({t})", strata[t]) for t in strata]
+        for suffix, st in rows:
+            d = pool(st, n_boot=4000) if st else None
+            extra = f"{d.n} | {d.a_only} / {d.b_only}" if d else "– | –"
+            print(f"| {x} − {y}{suffix} | {cell(d)} | {extra} |")
 
 
 if __name__ == "__main__":
