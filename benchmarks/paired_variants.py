@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[])
     ap.add_argument("--role", default="slm")
     ap.add_argument("--per-task", action="store_true", help="also a row per task for each pair")
+    ap.add_argument("--round", type=int, default=None,
+                    help="pair round N's evaluations (both sides; needs eval.every_round) instead of the final ones")
     a = ap.parse_args()
     seeds = []  # per seed: label -> (results, method)
     for d in a.seed_dir:
@@ -89,12 +91,13 @@ def main() -> None:
     pairs = a.compare or ([(x, b) for x in common for b in base if b in common and x != b
                            and not (x in base and base.index(x) < base.index(b))]
                           + [p for p in itertools.combinations([c for c in common if c.startswith("fedcot")], 2)])
+    print(f"\n{'Round ' + str(a.round) if a.round else 'Final'} evaluations paired.")
     print("\n| A − B | pooled over seeds and tasks: diff [95% CI] p | questions | A only / B only |\n|---|---|---|---|")
     for x, y in pairs:
         strata: dict[str, list] = {}
         for s in seeds:
             (ra, ma), (rb, mb) = s[x], s[y]
-            qa, qb = per_question(ra, ma, a.role), per_question(rb, mb, a.role)
+            qa, qb = per_question(ra, ma, a.role, a.round), per_question(rb, mb, a.role, a.round)
             if not qa or not qb:
                 continue
             for t in qa:
