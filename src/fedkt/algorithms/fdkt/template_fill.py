@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 from fedkt import generate as G
-from fedkt.generate_cache import compact, mergeable
+from fedkt.generate_cache import compact, grow, merge, mergeable
 from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
 
 STOP = "\n"
@@ -63,6 +63,10 @@ class _Rows:
     attn: torch.Tensor
     pos: torch.Tensor
 
+
+RIDE_FRACTION = 4
+"""Rows done with a field ride along in the batch (masked, no draw) until ``1 / RIDE_FRACTION`` of the live
+rows are done; then they are parked together (one cache copy instead of one per finishing step)."""
 
 NUCLEUS_TOP = 512
 """Tokens ``sample`` looks at before sorting the whole vocabulary: a row whose ``NUCLEUS_TOP`` most likely
@@ -91,6 +95,27 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
     if not bool(covered.all()):
         out[~covered] = G._sample(logits[~covered], temperature, 0, top_p, gen)
     return out
+
+
+def _prefill_batch(model, rows: list[list[int]], pad_id: int, stats: FillStats):
+    """Prefill a batch's prompts (longest first) in length groups (``fedkt.generate._prefill_groups``: little
+    padding) merged into one growing cache (``generate_cache``); None if the cache's rows cannot be merged."""
+    parts, g0 = [], 0
+    for size in G._prefill_groups([len(r) for r in rows]):
+        parts.append(G._prefill(model, rows[g0:g0 + size], pad_id))
+        if not mergeable(parts[-1][0]):
+            return None
+        stats.forward_calls += 1
+        stats.prefill_calls += 1
+        stats.input_tokens += sum(len(r) for r in rows[g0:g0 + size])
+        g0 += size
+    cache, attn, pos, logits = parts[0]
+    if len(parts) > 1:
+        attn = merge(cache, attn, [(c, a) for c, a, _, _ in parts[1:]])
+        pos = torch.cat([p for _, _, p, _ in parts])
+        logits = torch.cat([lg for _, _, _, lg in parts])
+    grow(cache)  # decode steps write into spare columns instead of copying the cache (generate_cache)
+    return cache, attn, pos, logits
 
 
 def _take(cache, attn, pos, idx: list[int], ids: list[int]) -> _Rows:
@@ -205,13 +230,11 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
     try:
         for b0 in range(0, len(order), batch_size):
             members = order[b0:b0 + batch_size]  # batch-local row j is prompt members[j]
-            cache, attn, pos, logits = G._prefill(model, [ids[i] for i in members], pad_id)
-            if not mergeable(cache):  # sliding-window, static or quantised caches: rows cannot be parked
+            first = _prefill_batch(model, [ids[i] for i in members], pad_id, stats)
+            if first is None:  # sliding-window, static or quantised caches: rows cannot be parked
                 return _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens,
                                  batch_size, temperature, top_p, top_k, seed_for, greedy)
-            stats.forward_calls += 1
-            stats.prefill_calls += 1
-            stats.input_tokens += sum(len(ids[i]) for i in members)
+            cache, attn, pos, logits = first
             rows = list(range(len(members)))
             tails: dict[int, str] = {}  # row -> the unseen end of its last field
             parked_groups: list[_Rows] = []
@@ -229,42 +252,50 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
                     chunks = [tok(tails[r] + lead, add_special_tokens=False)["input_ids"] for r in parked.ids]
                     attn, pos, logits = _feed(model, cache, parked, chunks, pad_id, stats)
                     rows = parked.ids
-                live, made = list(rows), [[] for _ in rows]
+                live, made, gone = list(rows), [[] for _ in rows], [False] * len(rows)
                 parked_groups = []
-                while live:
-                    nxt = samplers[tag](logits)
-                    done = torch.isin(nxt, eos)
-                    for j, t in enumerate(nxt.tolist()):
-                        made[j].append(t)
-                    stats.new_tokens += len(live)
-                    ends = tok.batch_decode([m[-window:] for m in made], skip_special_tokens=True)
-                    for j, tail in enumerate(ends):
-                        if not done[j] and STOP in tail:
-                            done[j] = STOP in tok.decode(made[j], skip_special_tokens=True)
+                while True:
+                    # rows done with the field ride along (masked, no draw) until a quarter of the batch is done
+                    fresh = [j for j in range(len(live)) if not gone[j]]
+                    sel = None if len(fresh) == len(live) else torch.tensor(fresh, dtype=torch.long, device=dev)
+                    nxt = samplers[tag](logits if sel is None else logits[sel])
+                    done = torch.isin(nxt, eos).tolist()
+                    toks = nxt.tolist()
+                    for k, j in enumerate(fresh):
+                        made[j].append(toks[k])
+                    stats.new_tokens += len(fresh)
+                    ends = tok.batch_decode([made[j][-window:] for j in fresh], skip_special_tokens=True)
+                    for k, (j, tail) in enumerate(zip(fresh, ends)):
+                        if not done[k] and STOP in tail:
+                            done[k] = STOP in tok.decode(made[j], skip_special_tokens=True)
                         if len(made[j]) >= limit:
-                            done[j] = True
-                    fin = done.nonzero().squeeze(1).tolist()
-                    if fin:
-                        for j in fin:
+                            done[k] = True
+                        if done[k]:
                             r = live[j]
                             text, tails[r] = _field_end(tok, made[j])
                             texts[members[r]].append(text)
                             stats.field_tokens[members[r]].append(len(made[j]))
-                        parked_groups.append(_take(cache, attn, pos, fin, live))
-                        gone = set(fin)
-                        keep = [j for j in range(len(live)) if j not in gone]
-                        if not keep:
-                            break
+                            gone[j] = True
+                    n_gone = sum(gone)
+                    if n_gone == len(live):
+                        parked_groups.append(_take(cache, attn, pos, list(range(len(live))), live))
+                        break
+                    step = torch.full((len(live),), pad_id, dtype=torch.long, device=dev)
+                    step[torch.tensor(fresh, dtype=torch.long, device=dev)] = nxt
+                    if n_gone >= max(1, len(live) // RIDE_FRACTION):  # park the done rows; the cache keeps the others
+                        parked_groups.append(_take(cache, attn, pos, [j for j in range(len(live)) if gone[j]], live))
+                        keep = [j for j in range(len(live)) if not gone[j]]
                         t = torch.tensor(keep, dtype=torch.long, device=dev)
                         attn = compact(cache, attn, t, trim=True)  # the rows left, leading unused columns cut
-                        live, made = [live[j] for j in keep], [made[j] for j in keep]
-                        nxt, pos = nxt[t], pos[t]
-                    attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
-                    out = G._forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
+                        live, made, gone = [live[j] for j in keep], [made[j] for j in keep], [False] * len(keep)
+                        step, pos = step[t], pos[t]
+                    col = torch.tensor([[not g] for g in gone], dtype=torch.long, device=dev)
+                    attn = torch.cat([attn, col], dim=1)  # a riding row's column is masked
+                    out = G._forward(model, input_ids=step[:, None], attention_mask=attn, position_ids=pos[:, None],
                                      past_key_values=cache, use_cache=True, logits_to_keep=1)
                     stats.forward_calls += 1
-                    stats.input_tokens += len(live)
-                    logits, pos = out.logits[:, -1, :], pos + 1
+                    stats.input_tokens += len(live) - sum(gone)
+                    logits, pos = out.logits[:, -1, :], pos + col[:, 0]  # a riding row keeps its position
     finally:
         model.train(was_training)
     out_texts = []
