@@ -246,3 +246,25 @@ def test_rows_riding_along_and_a_growing_cache_change_no_text(monkeypatch):
     assert st_once.field_tokens == st.field_tokens and st_once.new_tokens == st.new_tokens
     assert st_once.forward_calls == st.forward_calls  # the same steps: a field lasts as long as its slowest row
     assert len(parks) > riding_parks  # a park (cache copy) per finishing step instead of per group
+
+
+@torch.no_grad()
+def test_a_prefix_all_prompts_share_is_computed_once():
+    """Prompts that start alike (a system turn and instruction before the shots) share one prefix
+    computation: the same greedy texts as the row-by-row reference in batches of 1, 3 and 8, the prefix's
+    tokens fed once for the call."""
+    tok = make_tokenizer()
+    model = biased_model(tok)
+    head = "You are an exam writer. Here are example questions from a science test, write one more:\n"
+    prompts = [head + p for p in PROMPTS] + [head + "Question:"]
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    plen = len(head_ids := tok(head, add_special_tokens=False)["input_ids"])
+    assert all(r[:plen] == head_ids for r in ids) and plen >= G.MIN_SHARED_PREFIX
+    ref, _ = reference(model, tok, prompts, [None] * 6, 3, 10, 5)
+    for bs in (1, 3, 8):
+        st = FillStats()
+        got = fill_mc_template_cached(model, tok, prompts, None, n_choices=3, question_tokens=10, choice_tokens=5,
+                                      batch_size=bs, temperature=0.0, stats=st)
+        assert got == ref, bs
+        assert st.shared_prefix_tokens >= plen
+        assert st.input_tokens <= sum(len(r) for r in ids) - 5 * st.shared_prefix_tokens + st.new_tokens + 6 * 4 * 4

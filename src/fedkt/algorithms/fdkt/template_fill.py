@@ -8,11 +8,15 @@ tokens is prefilled 6 times for a 4-choice question. :func:`fill_mc_template_cac
 template with one prefill per prompt:
 
 * Prompts are sorted by token length and cut into batches of ``batch_size`` (as ``fedkt.generate``).
-  A batch is prefilled once (left padding, masked; explicit position ids).
+  A batch is prefilled once (left padding, masked; explicit position ids), in length groups
+  (``fedkt.generate._prefill_groups``) merged into one cache that grows in place
+  (``fedkt.generate_cache``). A prefix every prompt shares (the augmentation prompts' system turn and
+  instruction) is computed once per call and its KV cache copied into every batch.
 * A field is decoded token by token with the KV cache. A row is finished with the field when its field
   text contains the stop string (``"\\n"``), it emits EOS, or it reaches the field's token limit. A
-  finished row's cache rows are *parked* (copied out of the batch cache), so the rows still writing run at
-  the cost of a smaller batch.
+  finished row rides along (its column masked, no draw) until a quarter of the batch has finished; then
+  the finished rows' cache rows are *parked* together (copied out of the batch cache), so the rows still
+  writing run at the cost of a smaller batch.
 * When every row has finished the field, the parked rows are put back into one cache (each padded on the
   left with masked zero keys/values to the widest), and one forward feeds each row the rest of its field's
   last token up to the stop (the sampled token itself is never fed: it holds the stop) followed by the
@@ -31,6 +35,7 @@ path seeds one generation call per tag), so a call is reproducible given its see
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -52,6 +57,7 @@ class FillStats:
     input_tokens: int = 0  # non-padding tokens fed to the model over all forwards
     new_tokens: int = 0  # tokens sampled over all fields (each row's last one per field included)
     field_tokens: list[list[int]] = field(default_factory=list)  # per prompt: tokens sampled per field
+    shared_prefix_tokens: int = 0  # length of the prompt prefix computed once for all prompts
 
 
 @dataclass
@@ -97,12 +103,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
     return out
 
 
-def _prefill_batch(model, rows: list[list[int]], pad_id: int, stats: FillStats):
+def _prefill_batch(model, rows: list[list[int]], pad_id: int, stats: FillStats, prefix=None):
     """Prefill a batch's prompts (longest first) in length groups (``fedkt.generate._prefill_groups``: little
-    padding) merged into one growing cache (``generate_cache``); None if the cache's rows cannot be merged."""
+    padding) merged into one growing cache (``generate_cache``); None if the cache's rows cannot be merged.
+    ``prefix``: (KV cache, P) of the P tokens every prompt starts with, computed once; ``rows`` are then the
+    rest of each prompt (``fedkt.generate._prefill``'s layout ``[prefix][left padding][rest]``)."""
     parts, g0 = [], 0
     for size in G._prefill_groups([len(r) for r in rows]):
-        parts.append(G._prefill(model, rows[g0:g0 + size], pad_id))
+        parts.append(G._prefill(model, rows[g0:g0 + size], pad_id, prefix))
         if not mergeable(parts[-1][0]):
             return None
         stats.forward_calls += 1
@@ -225,12 +233,24 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
     stats.field_tokens = [[] for _ in prompts]
     window = len(STOP) + G._STOP_WINDOW_SLACK
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    # a prefix every prompt shares (the augmentation prompts' system turn and instruction) runs once
+    plen = min(len(os.path.commonprefix(ids)), min(len(r) for r in ids) - 1) if len(ids) > 1 else 0
+    prefix = None
     was_training = model.training
     model.eval()
     try:
+        if plen >= G.MIN_SHARED_PREFIX:
+            out = G._forward(model, input_ids=torch.tensor([ids[0][:plen]], dtype=torch.long, device=dev),
+                             use_cache=True, logits_to_keep=1)
+            prefix = (out.past_key_values, plen)
+            ids = [r[plen:] for r in ids]
+            stats.forward_calls += 1
+            stats.prefill_calls += 1
+            stats.input_tokens += plen
+            stats.shared_prefix_tokens = plen
         for b0 in range(0, len(order), batch_size):
             members = order[b0:b0 + batch_size]  # batch-local row j is prompt members[j]
-            first = _prefill_batch(model, [ids[i] for i in members], pad_id, stats)
+            first = _prefill_batch(model, [ids[i] for i in members], pad_id, stats, prefix)
             if first is None:  # sliding-window, static or quantised caches: rows cannot be parked
                 return _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens,
                                  batch_size, temperature, top_p, top_k, seed_for, greedy)
