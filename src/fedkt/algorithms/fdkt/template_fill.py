@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import torch
 
 from fedkt import generate as G
-from fedkt.generate_cache import compact, grow, merge, mergeable
+from fedkt.generate_cache import GROW_COLUMNS, GrowingLayer, compact, grow, merge, mergeable
 from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
 
 STOP = "\n"
@@ -68,6 +68,7 @@ class _Rows:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     attn: torch.Tensor
     pos: torch.Tensor
+    bufs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: buffers ``kv`` are the first columns of
 
 
 RIDE_FRACTION = 4
@@ -132,18 +133,31 @@ def _take(cache, attn, pos, idx: list[int], ids: list[int]) -> _Rows:
 
 
 def _join(groups: list[_Rows]) -> _Rows:
-    """One set of rows from parked groups, in ascending row id: the narrower caches padded on the left."""
+    """One set of rows from parked groups, in ascending row id, written once into fresh key/value buffers
+    with ``GROW_COLUMNS`` spare columns (the narrower caches padded on the left with masked zeros), so the
+    next forward appends in place (``_feed``)."""
     width = max(g.attn.shape[1] for g in groups)
-    pad = torch.nn.functional.pad
-    kv = [(torch.cat([pad(g.kv[i][0], (0, 0, width - g.attn.shape[1], 0)) for g in groups]),
-           torch.cat([pad(g.kv[i][1], (0, 0, width - g.attn.shape[1], 0)) for g in groups]))
-          for i in range(len(groups[0].kv))]
-    attn = torch.cat([pad(g.attn, (width - g.attn.shape[1], 0)) for g in groups])
-    pos = torch.cat([g.pos for g in groups])
-    ids = [i for g in groups for i in g.ids]
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    t = torch.tensor(order, dtype=torch.long, device=attn.device)
-    return _Rows([ids[j] for j in order], [(k[t], v[t]) for k, v in kv], attn[t], pos[t])
+    ids = sorted(i for g in groups for i in g.ids)
+    at = {r: j for j, r in enumerate(ids)}
+    dev = groups[0].attn.device
+    dest = [torch.tensor([at[r] for r in g.ids], dtype=torch.long, device=dev) for g in groups]
+    kv, bufs = [], []
+    for i in range(len(groups[0].kv)):
+        pair = []
+        for t in (0, 1):
+            x = groups[0].kv[i][t]
+            buf = x.new_zeros((len(ids), x.shape[1], width + GROW_COLUMNS, x.shape[3]))
+            for g, d in zip(groups, dest):
+                buf[:, :, width - g.attn.shape[1]:width].index_copy_(0, d, g.kv[i][t])
+            pair.append(buf)
+        bufs.append((pair[0], pair[1]))
+        kv.append((pair[0][:, :, :width], pair[1][:, :, :width]))
+    attn = groups[0].attn.new_zeros((len(ids), width))
+    pos = groups[0].pos.new_zeros(len(ids))
+    for g, d in zip(groups, dest):
+        attn[:, width - g.attn.shape[1]:].index_copy_(0, d, g.attn)
+        pos.index_copy_(0, d, g.pos)
+    return _Rows(ids, kv, attn, pos, bufs)
 
 
 def _trim(rows: _Rows) -> _Rows:
@@ -151,6 +165,7 @@ def _trim(rows: _Rows) -> _Rows:
     c0 = int(used[0]) if len(used) else 0
     if c0:
         rows.kv = [(k[:, :, c0:], v[:, :, c0:]) for k, v in rows.kv]
+        rows.bufs = [(k[:, :, c0:], v[:, :, c0:]) for k, v in rows.bufs] if rows.bufs else None
         rows.attn = rows.attn[:, c0:]
     return rows
 
@@ -160,11 +175,16 @@ def _feed(model, cache, rows: _Rows, chunks: list[list[int]], pad_id: int, stats
     forward; returns (attention mask, next positions, last logits)."""
     dev = rows.attn.device
     width = max(len(c) for c in chunks)
+    if rows.bufs and width > GROW_COLUMNS:
+        rows.bufs = None  # (a chunk never is: the rest of a token and a label)
     ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in chunks], dtype=torch.long, device=dev)
     mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], dtype=torch.long, device=dev)
     pos = (rows.pos[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
-    for layer, (k, v) in zip(cache.layers, rows.kv):
+    for i, (layer, (k, v)) in enumerate(zip(cache.layers, rows.kv)):
         layer.keys, layer.values = k, v
+        if rows.bufs and isinstance(layer, GrowingLayer):  # the forward appends into the joined buffers
+            layer._kbuf, layer._vbuf = rows.bufs[i]
+            layer._kview = layer.keys
     attn = torch.cat([rows.attn, mask], dim=1)
     out = G._forward(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                      logits_to_keep=1, past_key_values=cache)
@@ -263,11 +283,15 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
                     cur = [r for r in rows if tag != "answer" or given[members[r]] is None]
                     if not cur:  # only the answer is left, and every row's letter is given
                         break
-                    parked = _join(parked_groups) if len(parked_groups) > 1 else parked_groups[0]
-                    if len(cur) < len(parked.ids):
-                        sel = [parked.ids.index(r) for r in cur]
-                        t = torch.tensor(sel, dtype=torch.long, device=dev)
-                        parked = _Rows(cur, [(k[t], v[t]) for k, v in parked.kv], parked.attn[t], parked.pos[t])
+                    if len(cur) < len(rows):  # the answer, for the rows whose letter is not given
+                        keep_r = set(cur)
+                        for g in parked_groups:
+                            sel = [j for j, r in enumerate(g.ids) if r in keep_r]
+                            t = torch.tensor(sel, dtype=torch.long, device=dev)
+                            g.ids, g.kv = [g.ids[j] for j in sel], [(k[t], v[t]) for k, v in g.kv]
+                            g.attn, g.pos = g.attn[t], g.pos[t]
+                        parked_groups = [g for g in parked_groups if g.ids]
+                    parked = _join(parked_groups)
                     parked = _trim(parked)
                     chunks = [tok(tails[r] + lead, add_special_tokens=False)["input_ids"] for r in parked.ids]
                     attn, pos, logits = _feed(model, cache, parked, chunks, pad_id, stats)
