@@ -6,6 +6,8 @@ temperature 1 / top-p 0.95 and token limits) and the server LLM's 3-shot augment
 the heavy-job queue with one thread; to compare code versions run it with another checkout on PYTHONPATH:
 
   OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/fdkt_fill_batch.py DATA_DIR sample:64:16,32,64 augment:48:16,48
+
+(``augment6:64:64``: 64 six-shot prompts at batch 64.)
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ def main(data_dir: str, specs: list[str]) -> None:
             model, tok = slm, stok
             kw = dict(answers=letters, n_choices=4, question_tokens=64, choice_tokens=24, temperature=1.0,
                       top_p=0.95, seed_for=lambda tag: derive_seed(1, tag))
-        else:
+        else:  # "augment" (3 shots) or "augmentK" (K shots: longer prompts, as DP samples' long fields make them)
+            shots = int(kind[len("augment"):] or 3)
             gen = HFGenerator(llm, ltok)
             pools = {t: load_task(t, "train", data_dir)[:200] for t in ("arc_easy", "openbookqa")}
             prompts = []
             for j in range(n):
                 task = ("arc_easy", "openbookqa")[j % 2]
-                prompts.append(augment_prompt(gen, random.Random(j).sample(pools[task], 3), 4))
+                prompts.append(augment_prompt(gen, random.Random(j).sample(pools[task], shots), 4))
             model, tok = llm, ltok
             kw = dict(n_choices=4, question_tokens=64, choice_tokens=24, temperature=0.7, top_p=1.0,
                       greedy=("answer",), seed_for=lambda tag: derive_seed(2, tag))
