@@ -68,7 +68,7 @@ class _Rows:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     attn: torch.Tensor
     pos: torch.Tensor
-    bufs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: buffers ``kv`` are the first columns of
+    bufs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: the buffers ``kv`` are views of (``_join``)
 
 
 RIDE_FRACTION = 4
