@@ -139,6 +139,51 @@ def test_scored_filter_keeps_each_clusters_best_margins(model_dirs):
         filter_scored(gen, model, tok, pool, clusters, keep=0)
 
 
+def test_scored_filter_computes_the_shared_prompt_prefix_once(model_dirs, monkeypatch):
+    """The scoring prompts share their system turn and instruction: when both answers are one token,
+    ``yes_no_margins`` runs that prefix once and prefills each prompt's rest after it; the margins equal
+    ``loglikelihoods``' (which it then does not call) in any batch size. Multi-token answers (" Yes" in the
+    tiny tokenizer) and prompts without a shared prefix go through ``loglikelihoods``."""
+    import os
+
+    import fedkt.algorithms.fdkt.filter_augment as fa
+    from fedkt.algorithms.fdkt.filter_augment import score_prompt, yes_no_margins
+    from fedkt.data.collate import encode_pairs
+    from fedkt.evaluate import loglikelihoods
+    from fedkt.text_generators import HFGenerator
+
+    model, tok = load_model(str(model_dirs["llm"]))
+    gen = HFGenerator(model, tok)
+    prompts = [score_prompt(gen, e) for e in POOL]
+    single = ("so", "to")  # one token each after a space in the tiny tokenizer
+    pairs = encode_pairs(tok, [(p, " " + c) for p in prompts for c in single])
+    assert len(os.path.commonprefix([c for c, _ in pairs])) >= 8 and all(len(k) == 1 for _, k in pairs)
+
+    def direct(ps, answers):
+        lls = loglikelihoods(model, tok, [(p, " " + c) for p in ps for c in answers])
+        return [lls[2 * i] - lls[2 * i + 1] for i in range(len(ps))]
+
+    want = direct(prompts, single)
+    assert len({round(m, 4) for m in want}) > 5  # distinct margins (1e-3 apart: tolerance 1e-4 below)
+    called = []
+    monkeypatch.setattr(fa, "loglikelihoods", lambda *a, **k: called.append(1) or loglikelihoods(*a, **k))
+    for bs in (1, 3, 16):
+        assert yes_no_margins(model, tok, prompts, bs, answers=single) == pytest.approx(want, abs=1e-4)
+    assert not called  # the prefix path
+    # a prompt ending in a newline: it leads both continuations ("\nY", "\nN": 2 tokens each) and cancels
+    nl = [p.removesuffix("\nAssistant:") + "\n" for p in prompts]
+    assert all(len(k) == 2 for _, k in encode_pairs(tok, [(p, c) for p in nl for c in ("Y", "N")]))
+    lls = loglikelihoods(model, tok, [(p, c) for p in nl for c in ("Y", "N")])
+    assert yes_no_margins(model, tok, nl, 4, answers=("Y", "N")) == pytest.approx(
+        [lls[2 * i] - lls[2 * i + 1] for i in range(len(nl))], abs=1e-4)
+    assert not called
+    assert yes_no_margins(model, tok, prompts[:3], 2) == pytest.approx(direct(prompts[:3], ("Yes", "No")), abs=1e-5)
+    assert len(called) == 1  # " Yes" and " No" differ in 2 of their 3 tokens here: loglikelihoods
+    alone = ["Is water wet? Reply\nAssistant:", "Plants need light.\nAssistant:"]
+    assert yes_no_margins(model, tok, alone, 4, answers=single) == pytest.approx(direct(alone, single), abs=1e-5)
+    assert len(called) == 2  # no shared prefix: loglikelihoods
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_filter_fuzz_no_exception_and_nothing_unreadable_passes(seed):
     rng = random.Random(seed)

@@ -93,10 +93,14 @@ def test_cached_greedy_equals_the_uncached_reference_in_any_batch():
         assert got == ref, bs
         assert st.field_tokens == ref_counts
         assert [o.rsplit("\nAnswer: ", 1)[1] for o in got][1::2] == ["B", "C"]
-        # one prefill per batch plus one feed per field boundary (3 choices; the answer for 3 rows only)
-        batches = [sorted(range(5), key=lambda i: -len(tok(PROMPTS[i])["input_ids"]))[b:b + bs] for b in range(0, 5, bs)]
+        # a batch's prompts are prefilled in length groups, then one feed per field boundary (3 choices; the
+        # answer for 3 rows only)
+        lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+        batches = [sorted(range(5), key=lambda i: -lengths[i])[b:b + bs] for b in range(0, 5, bs)]
+        groups = [len(G._prefill_groups([lengths[i] for i in b])) for b in batches]
         boundaries = sum(3 + any(answers[i] is None for i in b) for b in batches)
-        assert st.prefill_calls == len(batches) + boundaries
+        assert st.prefill_calls == sum(groups) + boundaries
+        assert bs < 16 or groups == [2]  # one batch, two groups: prompts of 72 and 45 tokens; 18, 16 and 2
         assert st.new_tokens == sum(ends)
 
 
@@ -148,7 +152,8 @@ def test_the_prompt_is_prefilled_once_instead_of_once_per_field():
     assert len(fed) == 6 and fed[0][0] == prompt_tokens
     uncached_prefill = sum(n for n, _ in fed)  # prompt tokens fed again by every one of the 6 calls
     assert uncached_prefill > 6 * prompt_tokens
-    assert st.prefill_calls == 6  # 1 prefill + 5 field boundaries, one batch
+    lengths = sorted((len(r) for r in tok(PROMPTS, add_special_tokens=False)["input_ids"]), reverse=True)
+    assert st.prefill_calls == 2 + 5 == len(G._prefill_groups(lengths)) + 5  # 2 length groups + 5 field boundaries
     # each prompt token once, each sampled token once (the last of each field only as its unseen rest),
     # and the labels: at most (1 rest + 3 label) tokens per row and boundary
     assert prompt_tokens + st.new_tokens - 5 * 6 <= st.input_tokens <= prompt_tokens + st.new_tokens + 5 * 5 * 4
@@ -205,3 +210,61 @@ def test_a_sliding_window_cache_takes_the_uncached_path():
                                   batch_size=2, temperature=0.0, stats=st)
     assert got == fill_mc_template(complete, PROMPTS[:3], None, n_choices=3, question_tokens=6, choice_tokens=4)
     assert st.prefill_calls == 0  # nothing ran through the cached path
+
+
+@torch.no_grad()
+def test_rows_riding_along_and_a_growing_cache_change_no_text(monkeypatch):
+    """Rows done with a field ride along (masked, no draw) until a quarter of the batch is done, and the
+    cache grows in place: the same sampled and greedy texts as parking every row the step it finishes with
+    a cache that copies itself every step (the earlier filler), on 20 prompts in one batch of 24 (rows end
+    fields at many different steps, so rows ride and park in groups)."""
+    from fedkt.generate_cache import GrowingLayer
+
+    tok = make_tokenizer()
+    model = biased_model(tok, newline=1.5)
+    prompts = [p + " " * (i % 3) for i in range(4) for p in PROMPTS]  # 20 prompts of several lengths
+    kw = dict(n_choices=4, question_tokens=12, choice_tokens=6, batch_size=24, temperature=0.9, top_p=0.95,
+              seed_for=lambda tag: derive_seed(3, tag))
+    parks, grown = [], []
+    orig_take, orig_rebuffer = template_fill._take, GrowingLayer._rebuffer
+    monkeypatch.setattr(template_fill, "_take", lambda c, a, p, idx, ids: parks.append(len(idx)) or
+                        orig_take(c, a, p, idx, ids))
+    monkeypatch.setattr(GrowingLayer, "_rebuffer", lambda self, need: grown.append(need) or orig_rebuffer(self, need))
+    st = FillStats()
+    riding = fill_mc_template_cached(model, tok, prompts, **kw, stats=st)
+    greedy = fill_mc_template_cached(model, tok, prompts, **{**kw, "temperature": 0.0})
+    steps = st.forward_calls - st.prefill_calls
+    assert max(parks) > 1 and len(parks) < sum(len(f) for f in st.field_tokens)  # parked in groups
+    assert 0 < len(grown) < steps * 2  # two layers: buffers re-made at parks and boundaries, not every step
+    riding_parks = len(parks)
+    parks.clear()
+    monkeypatch.setattr(template_fill, "RIDE_FRACTION", 10 ** 9)  # park every row the step it finishes
+    monkeypatch.setattr(template_fill, "grow", lambda cache: None)  # the cache copies itself every step
+    st_once = FillStats()
+    assert fill_mc_template_cached(model, tok, prompts, **kw, stats=st_once) == riding
+    assert fill_mc_template_cached(model, tok, prompts, **{**kw, "temperature": 0.0}) == greedy
+    assert st_once.field_tokens == st.field_tokens and st_once.new_tokens == st.new_tokens
+    assert st_once.forward_calls == st.forward_calls  # the same steps: a field lasts as long as its slowest row
+    assert len(parks) > riding_parks  # a park (cache copy) per finishing step instead of per group
+
+
+@torch.no_grad()
+def test_a_prefix_all_prompts_share_is_computed_once():
+    """Prompts that start alike (a system turn and instruction before the shots) share one prefix
+    computation: the same greedy texts as the row-by-row reference in batches of 1, 3 and 8, the prefix's
+    tokens fed once for the call."""
+    tok = make_tokenizer()
+    model = biased_model(tok)
+    head = "You are an exam writer. Here are example questions from a science test, write one more:\n"
+    prompts = [head + p for p in PROMPTS] + [head + "Question:"]
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    plen = len(head_ids := tok(head, add_special_tokens=False)["input_ids"])
+    assert all(r[:plen] == head_ids for r in ids) and plen >= G.MIN_SHARED_PREFIX
+    ref, _ = reference(model, tok, prompts, [None] * 6, 3, 10, 5)
+    for bs in (1, 3, 8):
+        st = FillStats()
+        got = fill_mc_template_cached(model, tok, prompts, None, n_choices=3, question_tokens=10, choice_tokens=5,
+                                      batch_size=bs, temperature=0.0, stats=st)
+        assert got == ref, bs
+        assert st.shared_prefix_tokens >= plen
+        assert st.input_tokens <= sum(len(r) for r in ids) - 5 * st.shared_prefix_tokens + st.new_tokens + 6 * 4 * 4

@@ -323,6 +323,46 @@ def test_growing_cache_writes_in_place_and_changes_nothing(model, tok):
     assert isinstance(plain, DynamicCache)
 
 
+def test_compacting_a_growing_cache_copies_once_and_changes_nothing(model, tok, monkeypatch):
+    """``compact`` on growing layers takes the kept rows' buffers (spare columns included) in one copy, so
+    the next step writes in place (no re-buffering); keys/values and logits equal a plain cache compacted
+    the same way (rows 0 and 2 of 3, two leading columns no kept row attends to cut)."""
+    from fedkt.generate_cache import GrowingLayer, compact, grow
+
+    ids = tok([PROMPTS[4]] * 3, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    attn = torch.ones_like(ids)
+    attn[[0, 2], :2] = 0  # the kept rows do not attend to the first two columns
+    keep = torch.tensor([0, 2])
+    rebuffers = []
+    orig = GrowingLayer._rebuffer
+    monkeypatch.setattr(GrowingLayer, "_rebuffer", lambda self, need: rebuffers.append(need) or orig(self, need))
+    with torch.no_grad():
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        plain = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True).past_key_values
+        grown = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True).past_key_values
+        grow(grown)
+        nxt = torch.tensor([[7], [8], [9]])
+        a2 = torch.cat([attn, torch.ones((3, 1), dtype=torch.long)], 1)
+        p2 = pos[:, -1:] + 1
+        model(input_ids=nxt, attention_mask=a2, position_ids=p2, past_key_values=plain, use_cache=True)
+        model(input_ids=nxt, attention_mask=a2, position_ids=p2, past_key_values=grown, use_cache=True)
+        assert len(rebuffers) == len(grown.layers)  # the first step made the buffers
+        m_plain = compact(plain, a2, keep, trim=True)
+        m_grown = compact(grown, a2, keep, trim=True)
+        assert torch.equal(m_plain, m_grown) and m_grown.shape == (2, ids.shape[1] - 1)
+        for step in range(3):
+            nxt = torch.tensor([[11 + step], [12 + step]])
+            m_plain = torch.cat([m_plain, torch.ones((2, 1), dtype=torch.long)], 1)
+            m_grown = torch.cat([m_grown, torch.ones((2, 1), dtype=torch.long)], 1)
+            p3 = p2[keep] + 1 + step
+            a = model(input_ids=nxt, attention_mask=m_plain, position_ids=p3, past_key_values=plain, use_cache=True)
+            b = model(input_ids=nxt, attention_mask=m_grown, position_ids=p3, past_key_values=grown, use_cache=True)
+            assert torch.equal(a.logits, b.logits)
+        for lp, lg in zip(plain.layers, grown.layers):
+            assert torch.equal(lp.keys, lg.keys) and torch.equal(lp.values, lg.values)
+        assert len(rebuffers) == len(grown.layers)  # no copy after the compaction: the steps wrote in place
+
+
 def test_done_rows_leave_in_bulk_with_refill(model, tok, free_run):
     """With refill, a finished row rides along (its output ignored, its position frozen) until a quarter of the
     batch is done: fewer cache compactions, the same tokens. Fixed batches drop every finished row at once."""

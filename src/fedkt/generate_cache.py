@@ -10,7 +10,8 @@
 * **Merging** (:func:`merge`): rows prefilled later join a running batch; every side is padded on the left
   with masked zero columns to a common width (positions are explicit, so column order carries no meaning).
 * **Compaction** (:func:`compact`): finished rows leave, and leading columns no live row attends to any
-  more are dropped, in one copy.
+  more are dropped, in one copy (for a growing layer, of its buffers with their spare columns, so the next
+  step writes in place instead of copying the compacted cache again).
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ def compact(cache, attn: torch.Tensor, keep: torch.Tensor, trim: bool) -> torch.
         return attn
     for layer in cache.layers:
         if not layer.is_initialized or layer.keys.numel() == 0:
+            continue
+        if isinstance(layer, GrowingLayer) and layer._kbuf is not None and layer.keys is layer._kview \
+                and layer._kbuf.shape[0] == layer.keys.shape[0]:
+            # the rows' buffers, spare columns included, in one copy: the next step writes into them
+            n = layer.keys.shape[-2] - c0
+            layer._kbuf = layer._kbuf.index_select(0, keep)[:, :, c0:]
+            layer._vbuf = layer._vbuf.index_select(0, keep)[:, :, c0:]
+            layer.keys, layer.values = layer._kbuf[:, :, :n], layer._vbuf[:, :, :n]
+            layer._kview = layer.keys
             continue
         layer.keys = layer.keys.index_select(0, keep)[:, :, c0:]
         layer.values = layer.values.index_select(0, keep)[:, :, c0:]

@@ -87,6 +87,9 @@ class FDKTConfig:
     and ``"private+synthetic"`` (kept + augmented): the client's private data as well (``"private+synthetic"``
     was the default before issue 22). FedCoLLM's ``aux_source = "fdkt"`` uses the synthetic part."""
     gen_batch_size: int = 16
+    """Prompts per batch of the clients' DP sampling and the LLM's augmentation (template filling: a field
+    costs one forward per token of its slowest row, so larger batches need fewer forwards; sampled texts
+    depend on the batch, their distribution does not), and of the filter's embedding and scoring."""
     samples_in_report: int = 3
 
     def __post_init__(self):

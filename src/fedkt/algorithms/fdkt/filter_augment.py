@@ -30,13 +30,18 @@ DP-trained adapters), so the outputs carry the clients' (ε, δ).
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
+
+from fedkt import generate as G
 from fedkt.algorithms.fdkt import template_fill
 from fedkt.algorithms.fdkt.samples import question_key, topic
 from fedkt.data.synthetic import ParseStats, fill_mc_template, parse_mc, read_indices, render_mc
+from fedkt.data.collate import encode_pairs
 from fedkt.data.tasks import Example
 from fedkt.evaluate import loglikelihoods
 from fedkt.seeds import derive_seed
@@ -125,11 +130,7 @@ def filter_scored(gen, model, tok, examples: Sequence[Example], clusters: Sequen
     stats = FilterStats(candidates=len(examples), clusters=len(clusters), prompts=len(examples))
     if not examples:
         return [], stats
-    prompts = [score_prompt(gen, e) for e in examples]
-    # a chat template ends the prompt with the assistant header (a newline); plain "Assistant:" wants a space
-    lls = loglikelihoods(model, tok, [(p, c if p[-1:].isspace() else " " + c) for p in prompts for c in ("Yes", "No")],
-                         batch_size=batch_size, desc="fdkt filter (scored)")
-    margins = [lls[2 * i] - lls[2 * i + 1] for i in range(len(examples))]
+    margins = yes_no_margins(model, tok, [score_prompt(gen, e) for e in examples], batch_size)
     kept: list[int] = []
     for c in clusters:
         ranked = sorted(c, key=lambda i: (-margins[i], i))
@@ -141,6 +142,57 @@ def filter_scored(gen, model, tok, examples: Sequence[Example], clusters: Sequen
                      "min": min(margins), "max": max(margins),
                      "kept_mean": sum(margins[i] for i in kept) / max(1, len(kept))}
     return kept, stats
+
+
+def yes_no_margins(model, tok, prompts: Sequence[str], batch_size: int = 16,
+                   answers: tuple[str, str] = ("Yes", "No")) -> list[float]:
+    """log p(Yes) − log p(No) (``answers``) after each prompt, the continuations split from the prompt as
+    ``fedkt.evaluate.loglikelihoods`` splits them (a chat template ends the prompt with the assistant header,
+    whose newline then leads both continuations; plain "Assistant:" wants a space).
+
+    When the two continuations of every prompt differ in their last token only (a shared lead such as that
+    newline has the same log-probability in both and cancels), the margin is read at one position: the
+    context plus the lead. If those share a prefix of at least ``fedkt.generate.MIN_SHARED_PREFIX`` tokens
+    (the scoring prompts' system turn and instruction: ~44 of ~130 tokens), the prefix runs once and each
+    prompt's rest is prefilled after it, left-padded, in batches of ``batch_size`` (``fedkt.generate._prefill``):
+    the margins ``loglikelihoods`` gives, up to float rounding. Otherwise (or with no local model) through
+    ``loglikelihoods``."""
+    reqs = [(p, c if p[-1:].isspace() else " " + c) for p in prompts for c in answers]
+    pairs = encode_pairs(tok, reqs) if model is not None and tok is not None else []
+    ctxs, yes, no = [], [], []
+    for (c, ky), (c2, kn) in zip(pairs[::2], pairs[1::2]):
+        if c != c2 or len(ky) != len(kn) or ky[:-1] != kn[:-1]:
+            break
+        ctxs.append(c + ky[:-1])
+        yes.append(ky[-1])
+        no.append(kn[-1])
+    plen = min(len(os.path.commonprefix(ctxs)), min(map(len, ctxs)) - 1) if len(ctxs) > 1 else 0
+    if len(ctxs) < len(prompts) or plen < G.MIN_SHARED_PREFIX or max(map(len, ctxs)) >= 1024:
+        # (loglikelihoods cuts inputs over its max_length of 1024 from the left)
+        lls = loglikelihoods(model, tok, reqs, batch_size=batch_size, desc="fdkt filter (scored)")
+        return [lls[2 * i] - lls[2 * i + 1] for i in range(len(prompts))]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else G.eos_token_ids(model, tok)[0]
+    order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
+    margins = [0.0] * len(ctxs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            dev = G._device(model)
+            out = G._forward(model, input_ids=torch.tensor([ctxs[0][:plen]], dtype=torch.long, device=dev),
+                             use_cache=True, logits_to_keep=1)
+            for b0 in range(0, len(order), batch_size):
+                idx = order[b0:b0 + batch_size]
+                logits = G._prefill(model, [ctxs[i][plen:] for i in idx], pad, (out.past_key_values, plen))[3]
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                rows = torch.arange(len(idx), device=dev)
+                m = logp[rows, torch.tensor([yes[i] for i in idx], device=dev)] - \
+                    logp[rows, torch.tensor([no[i] for i in idx], device=dev)]
+                for i, v in zip(idx, m.tolist()):
+                    margins[i] = v
+    finally:
+        model.train(was_training)
+    return margins
 
 
 # ---------------------------------------------------------------------------------------------- augment

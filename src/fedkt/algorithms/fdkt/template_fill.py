@@ -8,11 +8,15 @@ tokens is prefilled 6 times for a 4-choice question. :func:`fill_mc_template_cac
 template with one prefill per prompt:
 
 * Prompts are sorted by token length and cut into batches of ``batch_size`` (as ``fedkt.generate``).
-  A batch is prefilled once (left padding, masked; explicit position ids).
+  A batch is prefilled once (left padding, masked; explicit position ids), in length groups
+  (``fedkt.generate._prefill_groups``) merged into one cache that grows in place
+  (``fedkt.generate_cache``). A prefix every prompt shares (the augmentation prompts' system turn and
+  instruction) is computed once per call and its KV cache copied into every batch.
 * A field is decoded token by token with the KV cache. A row is finished with the field when its field
   text contains the stop string (``"\\n"``), it emits EOS, or it reaches the field's token limit. A
-  finished row's cache rows are *parked* (copied out of the batch cache), so the rows still writing run at
-  the cost of a smaller batch.
+  finished row rides along (its column masked, no draw) until a quarter of the batch has finished; then
+  the finished rows' cache rows are *parked* together (copied out of the batch cache), so the rows still
+  writing run at the cost of a smaller batch.
 * When every row has finished the field, the parked rows are put back into one cache (each padded on the
   left with masked zero keys/values to the widest), and one forward feeds each row the rest of its field's
   last token up to the stop (the sampled token itself is never fed: it holds the stop) followed by the
@@ -31,13 +35,14 @@ path seeds one generation call per tag), so a call is reproducible given its see
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from fedkt import generate as G
-from fedkt.generate_cache import compact, mergeable
+from fedkt.generate_cache import GROW_COLUMNS, GrowingLayer, compact, grow, merge, mergeable
 from fedkt.data.synthetic import LETTERS, fill_mc_template, normalize
 
 STOP = "\n"
@@ -52,6 +57,7 @@ class FillStats:
     input_tokens: int = 0  # non-padding tokens fed to the model over all forwards
     new_tokens: int = 0  # tokens sampled over all fields (each row's last one per field included)
     field_tokens: list[list[int]] = field(default_factory=list)  # per prompt: tokens sampled per field
+    shared_prefix_tokens: int = 0  # length of the prompt prefix computed once for all prompts
 
 
 @dataclass
@@ -62,7 +68,12 @@ class _Rows:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     attn: torch.Tensor
     pos: torch.Tensor
+    bufs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer: the buffers ``kv`` are views of (``_join``)
 
+
+RIDE_FRACTION = 4
+"""Rows done with a field ride along in the batch (masked, no draw) until ``1 / RIDE_FRACTION`` of the live
+rows are done; then they are parked together (one cache copy instead of one per finishing step)."""
 
 NUCLEUS_TOP = 512
 """Tokens ``sample`` looks at before sorting the whole vocabulary: a row whose ``NUCLEUS_TOP`` most likely
@@ -93,24 +104,60 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
     return out
 
 
+def _prefill_batch(model, rows: list[list[int]], pad_id: int, stats: FillStats, prefix=None):
+    """Prefill a batch's prompts (longest first) in length groups (``fedkt.generate._prefill_groups``: little
+    padding) merged into one growing cache (``generate_cache``); None if the cache's rows cannot be merged.
+    ``prefix``: (KV cache, P) of the P tokens every prompt starts with, computed once; ``rows`` are then the
+    rest of each prompt (``fedkt.generate._prefill``'s layout ``[prefix][left padding][rest]``)."""
+    parts, g0 = [], 0
+    for size in G._prefill_groups([len(r) for r in rows]):
+        parts.append(G._prefill(model, rows[g0:g0 + size], pad_id, prefix))
+        if not mergeable(parts[-1][0]):
+            return None
+        stats.forward_calls += 1
+        stats.prefill_calls += 1
+        stats.input_tokens += sum(len(r) for r in rows[g0:g0 + size])
+        g0 += size
+    cache, attn, pos, logits = parts[0]
+    if len(parts) > 1:
+        attn = merge(cache, attn, [(c, a) for c, a, _, _ in parts[1:]])
+        pos = torch.cat([p for _, _, p, _ in parts])
+        logits = torch.cat([lg for _, _, _, lg in parts])
+    grow(cache)  # decode steps write into spare columns instead of copying the cache (generate_cache)
+    return cache, attn, pos, logits
+
+
 def _take(cache, attn, pos, idx: list[int], ids: list[int]) -> _Rows:
     t = torch.tensor(idx, dtype=torch.long, device=attn.device)
     return _Rows([ids[j] for j in idx], [(layer.keys[t], layer.values[t]) for layer in cache.layers], attn[t], pos[t])
 
 
 def _join(groups: list[_Rows]) -> _Rows:
-    """One set of rows from parked groups, in ascending row id: the narrower caches padded on the left."""
+    """One set of rows from parked groups, in ascending row id, written once into fresh key/value buffers
+    with ``GROW_COLUMNS`` spare columns (the narrower caches padded on the left with masked zeros), so the
+    next forward appends in place (``_feed``)."""
     width = max(g.attn.shape[1] for g in groups)
-    pad = torch.nn.functional.pad
-    kv = [(torch.cat([pad(g.kv[i][0], (0, 0, width - g.attn.shape[1], 0)) for g in groups]),
-           torch.cat([pad(g.kv[i][1], (0, 0, width - g.attn.shape[1], 0)) for g in groups]))
-          for i in range(len(groups[0].kv))]
-    attn = torch.cat([pad(g.attn, (width - g.attn.shape[1], 0)) for g in groups])
-    pos = torch.cat([g.pos for g in groups])
-    ids = [i for g in groups for i in g.ids]
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    t = torch.tensor(order, dtype=torch.long, device=attn.device)
-    return _Rows([ids[j] for j in order], [(k[t], v[t]) for k, v in kv], attn[t], pos[t])
+    ids = sorted(i for g in groups for i in g.ids)
+    at = {r: j for j, r in enumerate(ids)}
+    dev = groups[0].attn.device
+    dest = [torch.tensor([at[r] for r in g.ids], dtype=torch.long, device=dev) for g in groups]
+    kv, bufs = [], []
+    for i in range(len(groups[0].kv)):
+        pair = []
+        for t in (0, 1):
+            x = groups[0].kv[i][t]
+            buf = x.new_zeros((len(ids), x.shape[1], width + GROW_COLUMNS, x.shape[3]))
+            for g, d in zip(groups, dest):
+                buf[:, :, width - g.attn.shape[1]:width].index_copy_(0, d, g.kv[i][t])
+            pair.append(buf)
+        bufs.append((pair[0], pair[1]))
+        kv.append((pair[0][:, :, :width], pair[1][:, :, :width]))
+    attn = groups[0].attn.new_zeros((len(ids), width))
+    pos = groups[0].pos.new_zeros(len(ids))
+    for g, d in zip(groups, dest):
+        attn[:, width - g.attn.shape[1]:].index_copy_(0, d, g.attn)
+        pos.index_copy_(0, d, g.pos)
+    return _Rows(ids, kv, attn, pos, bufs)
 
 
 def _trim(rows: _Rows) -> _Rows:
@@ -118,6 +165,7 @@ def _trim(rows: _Rows) -> _Rows:
     c0 = int(used[0]) if len(used) else 0
     if c0:
         rows.kv = [(k[:, :, c0:], v[:, :, c0:]) for k, v in rows.kv]
+        rows.bufs = [(k[:, :, c0:], v[:, :, c0:]) for k, v in rows.bufs] if rows.bufs else None
         rows.attn = rows.attn[:, c0:]
     return rows
 
@@ -127,11 +175,16 @@ def _feed(model, cache, rows: _Rows, chunks: list[list[int]], pad_id: int, stats
     forward; returns (attention mask, next positions, last logits)."""
     dev = rows.attn.device
     width = max(len(c) for c in chunks)
+    if rows.bufs and width > GROW_COLUMNS:
+        rows.bufs = None  # (a chunk never is: the rest of a token and a label)
     ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in chunks], dtype=torch.long, device=dev)
     mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], dtype=torch.long, device=dev)
     pos = (rows.pos[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
-    for layer, (k, v) in zip(cache.layers, rows.kv):
+    for i, (layer, (k, v)) in enumerate(zip(cache.layers, rows.kv)):
         layer.keys, layer.values = k, v
+        if rows.bufs and isinstance(layer, GrowingLayer):  # the forward appends into the joined buffers
+            layer._kbuf, layer._vbuf = rows.bufs[i]
+            layer._kview = layer.keys
     attn = torch.cat([rows.attn, mask], dim=1)
     out = G._forward(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                      logits_to_keep=1, past_key_values=cache)
@@ -200,18 +253,28 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
     stats.field_tokens = [[] for _ in prompts]
     window = len(STOP) + G._STOP_WINDOW_SLACK
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    # a prefix every prompt shares (the augmentation prompts' system turn and instruction) runs once
+    plen = min(len(os.path.commonprefix(ids)), min(len(r) for r in ids) - 1) if len(ids) > 1 else 0
+    prefix = None
     was_training = model.training
     model.eval()
     try:
-        for b0 in range(0, len(order), batch_size):
-            members = order[b0:b0 + batch_size]  # batch-local row j is prompt members[j]
-            cache, attn, pos, logits = G._prefill(model, [ids[i] for i in members], pad_id)
-            if not mergeable(cache):  # sliding-window, static or quantised caches: rows cannot be parked
-                return _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens,
-                                 batch_size, temperature, top_p, top_k, seed_for, greedy)
+        if plen >= G.MIN_SHARED_PREFIX:
+            out = G._forward(model, input_ids=torch.tensor([ids[0][:plen]], dtype=torch.long, device=dev),
+                             use_cache=True, logits_to_keep=1)
+            prefix = (out.past_key_values, plen)
+            ids = [r[plen:] for r in ids]
             stats.forward_calls += 1
             stats.prefill_calls += 1
-            stats.input_tokens += sum(len(ids[i]) for i in members)
+            stats.input_tokens += plen
+            stats.shared_prefix_tokens = plen
+        for b0 in range(0, len(order), batch_size):
+            members = order[b0:b0 + batch_size]  # batch-local row j is prompt members[j]
+            first = _prefill_batch(model, [ids[i] for i in members], pad_id, stats, prefix)
+            if first is None:  # sliding-window, static or quantised caches: rows cannot be parked
+                return _uncached(model, tok, prompts, answers, n_choices, question_tokens, choice_tokens,
+                                 batch_size, temperature, top_p, top_k, seed_for, greedy)
+            cache, attn, pos, logits = first
             rows = list(range(len(members)))
             tails: dict[int, str] = {}  # row -> the unseen end of its last field
             parked_groups: list[_Rows] = []
@@ -220,51 +283,63 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
                     cur = [r for r in rows if tag != "answer" or given[members[r]] is None]
                     if not cur:  # only the answer is left, and every row's letter is given
                         break
-                    parked = _join(parked_groups) if len(parked_groups) > 1 else parked_groups[0]
-                    if len(cur) < len(parked.ids):
-                        sel = [parked.ids.index(r) for r in cur]
-                        t = torch.tensor(sel, dtype=torch.long, device=dev)
-                        parked = _Rows(cur, [(k[t], v[t]) for k, v in parked.kv], parked.attn[t], parked.pos[t])
+                    if len(cur) < len(rows):  # the answer, for the rows whose letter is not given
+                        keep_r = set(cur)
+                        for g in parked_groups:
+                            sel = [j for j, r in enumerate(g.ids) if r in keep_r]
+                            t = torch.tensor(sel, dtype=torch.long, device=dev)
+                            g.ids, g.kv = [g.ids[j] for j in sel], [(k[t], v[t]) for k, v in g.kv]
+                            g.attn, g.pos = g.attn[t], g.pos[t]
+                        parked_groups = [g for g in parked_groups if g.ids]
+                    parked = _join(parked_groups)
                     parked = _trim(parked)
                     chunks = [tok(tails[r] + lead, add_special_tokens=False)["input_ids"] for r in parked.ids]
                     attn, pos, logits = _feed(model, cache, parked, chunks, pad_id, stats)
                     rows = parked.ids
-                live, made = list(rows), [[] for _ in rows]
+                live, made, gone = list(rows), [[] for _ in rows], [False] * len(rows)
                 parked_groups = []
-                while live:
-                    nxt = samplers[tag](logits)
-                    done = torch.isin(nxt, eos)
-                    for j, t in enumerate(nxt.tolist()):
-                        made[j].append(t)
-                    stats.new_tokens += len(live)
-                    ends = tok.batch_decode([m[-window:] for m in made], skip_special_tokens=True)
-                    for j, tail in enumerate(ends):
-                        if not done[j] and STOP in tail:
-                            done[j] = STOP in tok.decode(made[j], skip_special_tokens=True)
+                while True:
+                    # rows done with the field ride along (masked, no draw) until a quarter of the batch is done
+                    fresh = [j for j in range(len(live)) if not gone[j]]
+                    sel = None if len(fresh) == len(live) else torch.tensor(fresh, dtype=torch.long, device=dev)
+                    nxt = samplers[tag](logits if sel is None else logits[sel])
+                    done = torch.isin(nxt, eos).tolist()
+                    toks = nxt.tolist()
+                    for k, j in enumerate(fresh):
+                        made[j].append(toks[k])
+                    stats.new_tokens += len(fresh)
+                    ends = tok.batch_decode([made[j][-window:] for j in fresh], skip_special_tokens=True)
+                    for k, (j, tail) in enumerate(zip(fresh, ends)):
+                        if not done[k] and STOP in tail:
+                            done[k] = STOP in tok.decode(made[j], skip_special_tokens=True)
                         if len(made[j]) >= limit:
-                            done[j] = True
-                    fin = done.nonzero().squeeze(1).tolist()
-                    if fin:
-                        for j in fin:
+                            done[k] = True
+                        if done[k]:
                             r = live[j]
                             text, tails[r] = _field_end(tok, made[j])
                             texts[members[r]].append(text)
                             stats.field_tokens[members[r]].append(len(made[j]))
-                        parked_groups.append(_take(cache, attn, pos, fin, live))
-                        gone = set(fin)
-                        keep = [j for j in range(len(live)) if j not in gone]
-                        if not keep:
-                            break
+                            gone[j] = True
+                    n_gone = sum(gone)
+                    if n_gone == len(live):
+                        parked_groups.append(_take(cache, attn, pos, list(range(len(live))), live))
+                        break
+                    step = torch.full((len(live),), pad_id, dtype=torch.long, device=dev)
+                    step[torch.tensor(fresh, dtype=torch.long, device=dev)] = nxt
+                    if n_gone >= max(1, len(live) // RIDE_FRACTION):  # park the done rows; the cache keeps the others
+                        parked_groups.append(_take(cache, attn, pos, [j for j in range(len(live)) if gone[j]], live))
+                        keep = [j for j in range(len(live)) if not gone[j]]
                         t = torch.tensor(keep, dtype=torch.long, device=dev)
                         attn = compact(cache, attn, t, trim=True)  # the rows left, leading unused columns cut
-                        live, made = [live[j] for j in keep], [made[j] for j in keep]
-                        nxt, pos = nxt[t], pos[t]
-                    attn = torch.cat([attn, torch.ones((len(live), 1), dtype=torch.long, device=dev)], dim=1)
-                    out = G._forward(model, input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
+                        live, made, gone = [live[j] for j in keep], [made[j] for j in keep], [False] * len(keep)
+                        step, pos = step[t], pos[t]
+                    col = torch.tensor([[not g] for g in gone], dtype=torch.long, device=dev)
+                    attn = torch.cat([attn, col], dim=1)  # a riding row's column is masked
+                    out = G._forward(model, input_ids=step[:, None], attention_mask=attn, position_ids=pos[:, None],
                                      past_key_values=cache, use_cache=True, logits_to_keep=1)
                     stats.forward_calls += 1
-                    stats.input_tokens += len(live)
-                    logits, pos = out.logits[:, -1, :], pos + 1
+                    stats.input_tokens += len(live) - sum(gone)
+                    logits, pos = out.logits[:, -1, :], pos + col[:, 0]  # a riding row keeps its position
     finally:
         model.train(was_training)
     out_texts = []
