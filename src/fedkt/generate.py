@@ -94,6 +94,18 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
+def shared_prefix_len(ids: Sequence[Sequence[int]]) -> int:
+    """Tokens every row of ``ids`` starts with, leaving each row at least one token of its own (0 for one row):
+    the prefix a batch of prompts (system turn, instruction, few-shot examples) can compute once."""
+    return min(len(os.path.commonprefix(ids)), min(len(r) for r in ids) - 1) if len(ids) > 1 else 0
+
+
+def prefix_cache(model, row: Sequence[int], plen: int, device):
+    """The KV cache of ``row``'s first ``plen`` tokens (one forward, last position's logits only)."""
+    return _forward(model, input_ids=torch.tensor([list(row[:plen])], dtype=torch.long, device=device),
+                    use_cache=True, logits_to_keep=1).past_key_values
+
+
 def _forward(model, **kw):
     try:
         return model(**kw)
@@ -315,7 +327,7 @@ def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, b
     else:
         sampler = lambda logits: logits.argmax(-1)  # noqa: E731
     # a prefix all prompts share (system prompt, few-shot examples) is computed once, its KV cache reused
-    plen = min(len(os.path.commonprefix(ids)), min(len(r) for r in ids) - 1) if n > 1 else 0
+    plen = shared_prefix_len(ids)
     texts: list[str] = [""] * n
     counts: list[int] = [0] * n
     res = Generation(texts, counts, [[] for _ in range(n)])
@@ -323,8 +335,7 @@ def generate_ex(model, tok, prompts: Sequence[str], max_new_tokens: int = 128, b
     try:
         prefix = None
         if plen >= MIN_SHARED_PREFIX:
-            out = _forward(model, input_ids=torch.tensor([ids[0][:plen]], dtype=torch.long, device=dev), use_cache=True, logits_to_keep=1)
-            prefix = (out.past_key_values, plen)
+            prefix = (prefix_cache(model, ids[0], plen, dev), plen)
             ids = [r[plen:] for r in ids]
             res.forward_calls += 1
             res.shared_prefix_tokens = plen

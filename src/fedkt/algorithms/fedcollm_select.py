@@ -31,6 +31,13 @@ from fedkt.models import get_adapter_state, set_adapter_state
 from fedkt.seeds import derive_seed
 
 
+def _seeded_order(n: int, seed: int, stream: str) -> list[int]:
+    """A permutation of ``range(n)`` drawn from ``seed`` and the named stream alone."""
+    order = list(range(n))
+    random.Random(derive_seed(seed, stream)).shuffle(order)
+    return order
+
+
 def split_validation(aux: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(distillation examples, validation examples): ``round(fraction · |Dᵃ|)`` of ``aux`` held out by a
     shuffle seeded from ``seed`` alone, both parts in Dᵃ's order. ``fraction = 0``: all of Dᵃ distils."""
@@ -42,9 +49,7 @@ def split_validation(aux: Sequence[Example], fraction: float, seed: int) -> tupl
             f"fedcollm.validation_fraction = {fraction} of the auxiliary set's {len(aux)} examples holds out "
             f"{n_val}; it must leave at least one example for validation and one for distillation: raise "
             f"partition.aux_size or change fedcollm.validation_fraction")
-    order = list(range(len(aux)))
-    random.Random(derive_seed(seed, "fedcollm_validation")).shuffle(order)
-    held = set(order[:n_val])
+    held = set(_seeded_order(len(aux), seed, "fedcollm_validation")[:n_val])
     val = [e for i, e in enumerate(aux) if i in held]
     not_mc = sorted({e.task for e in val if not e.is_mc})
     if not_mc:
@@ -63,8 +68,7 @@ def round_slices(aux: Sequence[Example], rounds: int, seed: int) -> list[list[Ex
             f"fedcollm.aux_schedule = 'fresh' cuts the auxiliary set's {len(aux)} distillation examples into "
             f"{rounds} rounds' slices, fewer than one example per round: raise partition.aux_size, lower "
             f"federation.rounds or set fedcollm.aux_schedule = 'whole'")
-    order = list(range(len(aux)))
-    random.Random(derive_seed(seed, "fedcollm_aux_slices")).shuffle(order)
+    order = _seeded_order(len(aux), seed, "fedcollm_aux_slices")
     return [[aux[i] for i in sorted(order[r::rounds])] for r in range(rounds)]
 
 

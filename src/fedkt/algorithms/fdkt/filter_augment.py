@@ -30,7 +30,6 @@ DP-trained adapters), so the outputs carry the clients' (ε, δ).
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -166,7 +165,7 @@ def yes_no_margins(model, tok, prompts: Sequence[str], batch_size: int = 16,
         ctxs.append(c + ky[:-1])
         yes.append(ky[-1])
         no.append(kn[-1])
-    plen = min(len(os.path.commonprefix(ctxs)), min(map(len, ctxs)) - 1) if len(ctxs) > 1 else 0
+    plen = G.shared_prefix_len(ctxs)
     if len(ctxs) < len(prompts) or plen < G.MIN_SHARED_PREFIX or max(map(len, ctxs)) >= 1024:
         # (loglikelihoods cuts inputs over its max_length of 1024 from the left)
         lls = loglikelihoods(model, tok, reqs, batch_size=batch_size, desc="fdkt filter (scored)")
@@ -179,11 +178,10 @@ def yes_no_margins(model, tok, prompts: Sequence[str], batch_size: int = 16,
     try:
         with torch.no_grad():
             dev = G._device(model)
-            out = G._forward(model, input_ids=torch.tensor([ctxs[0][:plen]], dtype=torch.long, device=dev),
-                             use_cache=True, logits_to_keep=1)
+            prefix = (G.prefix_cache(model, ctxs[0], plen, dev), plen)
             for b0 in range(0, len(order), batch_size):
                 idx = order[b0:b0 + batch_size]
-                logits = G._prefill(model, [ctxs[i][plen:] for i in idx], pad, (out.past_key_values, plen))[3]
+                logits = G._prefill(model, [ctxs[i][plen:] for i in idx], pad, prefix)[3]
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 rows = torch.arange(len(idx), device=dev)
                 m = logp[rows, torch.tensor([yes[i] for i in idx], device=dev)] - \

@@ -35,7 +35,6 @@ path seeds one generation call per tag), so a call is reproducible given its see
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -254,15 +253,13 @@ layers (sliding window, static, quantised) takes the uncached path. Returns each
     window = len(STOP) + G._STOP_WINDOW_SLACK
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     # a prefix every prompt shares (the augmentation prompts' system turn and instruction) runs once
-    plen = min(len(os.path.commonprefix(ids)), min(len(r) for r in ids) - 1) if len(ids) > 1 else 0
+    plen = G.shared_prefix_len(ids)
     prefix = None
     was_training = model.training
     model.eval()
     try:
         if plen >= G.MIN_SHARED_PREFIX:
-            out = G._forward(model, input_ids=torch.tensor([ids[0][:plen]], dtype=torch.long, device=dev),
-                             use_cache=True, logits_to_keep=1)
-            prefix = (out.past_key_values, plen)
+            prefix = (G.prefix_cache(model, ids[0], plen, dev), plen)
             ids = [r[plen:] for r in ids]
             stats.forward_calls += 1
             stats.prefill_calls += 1
