@@ -24,6 +24,7 @@ has no local data here (its test split has no labels; use ``--split validation``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass, both sides")
     ap.add_argument("--block", type=int, default=50,
                     help="documents per interleaved block (harness, then fedkt, then the next block)")
+    ap.add_argument("--precision", default="model", choices=["model", "bf16-checked"],
+                    help="fedkt's scoring arithmetic (eval.precision); the harness always scores in fp32")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -164,6 +167,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from fedkt.data.prompts import context, continuations
+    from fedkt.eval_checked import CheckStats
     from fedkt.evaluate import choice_loglikelihoods, predictions
     from fedkt.models import load_model
 
@@ -174,7 +178,7 @@ def main() -> None:
     model, tok = load_model(a.model)
     lm = HFLM(pretrained=a.model, dtype="float32", batch_size=a.batch_size, device="cpu")
     print(f"model {a.model}, split {a.split}, limit {a.limit or 'all'}, batch {a.batch_size}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+          f"threads {torch.get_num_threads()}, torch {torch.__version__}, fedkt precision {a.precision}")
     header = (f"{'task':<14} {'n':>5} | {'acc fedkt':>9} {'harness':>8} | {'acc_norm fedkt':>14} {'harness':>8} | "
               f"{'diff prompt':>11} {'pred':>4} {'norm':>4} {'max|dll|':>9} | {'fedkt s':>8} {'harness lls s':>13} "
               f"{'total s':>8} {'speed-up':>8}")
@@ -187,9 +191,15 @@ def main() -> None:
         for t in tasks:
             exs = load_examples(t, a.data_dir, a.split, a.limit)
             choice_loglikelihoods(model, tok, exs[:2], batch_size=a.batch_size)  # warm-up
+            if a.precision != "model":  # and of the bf16 kernels
+                choice_loglikelihoods(copy.deepcopy(model).to(torch.bfloat16), tok, exs[:2], batch_size=a.batch_size)
 
-            def score_fedkt(ids, exs=exs):
-                return choice_loglikelihoods(model, tok, [exs[i] for i in ids], batch_size=a.batch_size)
+            checks: list[CheckStats] = []
+
+            def score_fedkt(ids, exs=exs, checks=checks):
+                checks.append(CheckStats())
+                return choice_loglikelihoods(model, tok, [exs[i] for i in ids], batch_size=a.batch_size,
+                                             precision=a.precision, stats=checks[-1])
 
             h_metrics, samples, lls, h_lls, f_time, h_total = run_interleaved(
                 lm, names[t], tm, a.limit, score_fedkt, len(exs), a.block)
@@ -214,6 +224,12 @@ def main() -> None:
                     f"{h_total:>8.1f} {h_lls / f_time:>7.2f}x")
             lines.append(line)
             print(header if len(lines) == 1 else "", line, sep="\n" if len(lines) == 1 else "", flush=True)
+            if a.precision != "model":
+                for c in checks:
+                    how = (f"{c.rescored} re-scored in fp32" if c.checked else
+                           "too close for bf16: the rest scored in fp32" if c.calibration else "scored in fp32")
+                    print(f"  {t} bf16-checked: {c.n} questions, {c.calibration} in the sample ({c.close} under "
+                          f"the bar {c.bar:.3g} = 4 x largest shift {c.shift:.3g}), {how}", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,21 @@ def test_lettered_choices_score_from_one_pass_per_question(model_dirs, tok):
     for share in (True, False):
         got = loglikelihoods(model, tok, mixed, batch_size=4, share_context=share)
         assert torch.allclose(torch.tensor(got), ref, atol=1e-4), share
+
+
+def test_batches_stop_before_they_become_mostly_padding(model_dirs, tok):
+    """One long context and short ones, batch size 8: the long one runs alone (with it, the short rows
+    would make the batch under MIN_FILL real tokens), the short ones together; scores unchanged."""
+    from fedkt import evaluate as ev
+
+    model, _ = load_model(str(model_dirs["llm"]))
+    long_ctx = "Question: " + " ".join(["which planet is closest to the Sun"] * 6) + "\nAnswer:"
+    requests = [(long_ctx, " is")] + [(f"Question: q{i}?\nAnswer:", " so") for i in range(5)]
+    lengths = [len(encode_pair(tok, *r)[0]) for r in requests]
+    assert lengths[0] > 4 * max(lengths[1:])
+    with CountingForward(model) as c:
+        got = loglikelihoods(model, tok, requests, batch_size=8)
+    assert [b for b, _ in c.shapes] == [1, 5] and c.shapes[0][1] == lengths[0]
+    assert sum(lengths[1:]) >= ev.MIN_FILL * 5 * c.shapes[1][1]
+    naive = torch.tensor([naive_loglikelihood(model, tok, *r) for r in requests])
+    assert torch.allclose(torch.tensor(got), naive, atol=1e-4)

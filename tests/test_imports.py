@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core",                    ("fedkt", "fedkt.seeds", "fedkt.progress", "fedkt.toml_config", "fedkt.config",
                                  "fedkt.run_results", "fedkt.derive_delta", "fedkt.message", "fedkt.reply_schemas", "fedkt.plan_archs", "fedkt.plan_memory", "fedkt.metrics_export")),
     ("data, models, learning",  ("fedkt.data", "fedkt.data.*", "fedkt.models", "fedkt.devices", "fedkt.builtin_models",
-                                 "fedkt.derived_model", "fedkt.derive", "fedkt.losses", "fedkt.train", "fedkt.evaluate", "fedkt.harness_eval",
+                                 "fedkt.derived_model", "fedkt.derive", "fedkt.losses", "fedkt.train", "fedkt.eval_checked", "fedkt.evaluate", "fedkt.harness_eval",
                                  "fedkt.generate", "fedkt.generate_cache", "fedkt.text_generators", "fedkt.clustering")),
     ("privacy, federation",     ("fedkt.privacy", "fedkt.privacy.*", "fedkt.federation", "fedkt.federation.*",
                                  "fedkt.clients", "fedkt.server")),

@@ -91,10 +91,16 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
                                             help="Multiple-choice prompt format: harness or cloze (as eval.format)."),
           device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N or mps (as model.device)."),
           dtype: str = typer.Option("fp32", help="auto, fp32, bf16 or fp16 (as model.dtype; fp16 needs a GPU)."),
+          precision: str = typer.Option("model", help="Multiple-choice arithmetic: model (the model's dtype) or "
+                                        "bf16-checked (bf16 scores, close calls re-scored: same predictions; "
+                                        "as eval.precision)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here.")):
     """Score a model (optionally with a LoRA adapter) on tasks: fedkt's own scorer, or lm-evaluation-harness
     itself with --harness (docs/evaluation.md)."""
     if harness is not None:
+        if precision != "model":
+            raise typer.BadParameter("--precision is fedkt's own scorer's; lm-evaluation-harness (--harness) "
+                                     "scores in the model's dtype")
         _eval_harness(model, adapter, harness, data_dir, limit, batch_size, seed, include_path, num_fewshot,
                       json_out, device, dtype)
         return
@@ -108,7 +114,7 @@ def eval_(model: str = typer.Option("builtin:smollm2-135m", help="Model spec (bu
     try:
         scores = evaluate_model(model, names, adapter=adapter, split=split, data_dir=data_dir, limit=limit,
                                 batch_size=batch_size, seed=seed, prompt_format=prompt_format, device=device,
-                                dtype=dtype)
+                                dtype=dtype, precision=precision)
     finally:
         progress.disable()
     for t, s in scores.items():

@@ -39,6 +39,8 @@ GENERATION_TASKS = ("gsm8k",)
 PromptFormat = Literal["harness", "cloze"]
 """How a multiple-choice task is prompted and scored (``eval.format``; :mod:`fedkt.data.prompts`)."""
 PROMPT_FORMATS: tuple[str, ...] = typing.get_args(PromptFormat)
+EvalPrecision = Literal["model", "bf16-checked"]
+EVAL_PRECISIONS: tuple[str, ...] = typing.get_args(EvalPrecision)
 
 
 @dataclass
@@ -222,9 +224,21 @@ class EvalConfig:
     every task, or a table per task (``{commonsense_qa = "cloze"}``; tasks it does not name: "harness").
     GSM8K (generation) has no choices: a single value leaves it alone, a table must not name it
     "cloze". See docs/evaluation.md."""
+    precision: EvalPrecision = "model"
+    """Arithmetic of multiple-choice scoring. "model": the model's own dtype (fp32 on a CPU: the harness's
+    numbers to ~1e-5). "bf16-checked": a copy of an fp32 model whose matmuls run in bf16 (residual stream,
+    norms and LM head in fp32) scores the questions; a sample of 32 is scored in fp32 too to measure how far
+    bf16 moves a choice margin, and every question whose bf16 margin is below 4x the largest shift seen is
+    re-scored in fp32: the same predictions, accuracies and per-question correctness (recorded
+    log-likelihoods of the others are bf16's). Lettered questions (CommonsenseQA) score ~1.9x faster where
+    bf16 is cheap (a GPU, or a CPU with AMX/AVX512-BF16; elsewhere it scores in fp32 with a warning); where
+    over a quarter of the sample is too close to call (small models on choice texts) the rest is scored in
+    fp32. See docs/evaluation.md."""
 
     def __post_init__(self):
         check_positive(self, "batch_size", "max_new_tokens")
+        check(self.precision in EVAL_PRECISIONS, f"precision = {self.precision!r} is not allowed; allowed values: "
+              f"{', '.join(map(repr, EVAL_PRECISIONS))}")
         allowed = ", ".join(map(repr, PROMPT_FORMATS))
         if not isinstance(self.format, dict):
             check(self.format in PROMPT_FORMATS, f"format = {self.format!r} is not allowed; allowed values: {allowed}")

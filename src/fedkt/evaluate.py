@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from fedkt import progress
+from fedkt import eval_checked, progress
 from fedkt.config import TASKS, ConfigError, EvalConfig, Placement
 from fedkt.data.collate import encode, encode_pairs
 from fedkt.data.partition import subsample
@@ -44,6 +44,10 @@ def _prefix_token(tok) -> int:
     """The harness's ``prefix_token_id``: the context of a request whose context is empty."""
     return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
+
+MIN_FILL = 0.75
+"""A batch stops growing where another row would leave less than this share of its padded area real tokens
+(a small, scattered set of questions: a few short batches instead of one mostly padding)."""
 
 PACKABLE_ATTENTION = {"sdpa", "eager"}
 """Attention implementations that take a custom 4D additive mask (needed to pack choices in one row)."""
@@ -96,18 +100,23 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
         list(groups.values())
     # length bucketing: neighbours in this order have similar lengths, so batches carry little padding
     size = (lambda g: len(g[0]) + sum(len(k) for _, k in g[1])) if method == "packed" else (lambda g: len(g[0]))
-    passes = [(sorted(last, key=lambda g: len(g[0]), reverse=True), _score_last, lambda g: 1),
+    passes = [(sorted(last, key=lambda g: len(g[0]), reverse=True), _score_last, lambda g: 1, lambda g: len(g[0])),
               (sorted(rest, key=size, reverse=True), _score_packed if method == "packed" else _score_chunk,
-               lambda g: len(g[1]))]
+               lambda g: len(g[1]), size)]
     out = [0.0] * len(requests)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with progress.bar(desc, len(requests)) as pb:
-        for ordered, score, cost in passes:
+        for ordered, score, cost, length in passes:
             start = 0
             while start < len(ordered):
                 chunk, rows, done = [], 0, 0
+                width, filled = 0, 0  # padded row width (the first row is the longest) and real tokens
                 while start < len(ordered) and (not chunk or rows + cost(ordered[start]) <= batch_size):
+                    n = length(ordered[start])
+                    if chunk and (filled + n) < MIN_FILL * width * (len(chunk) + 1):
+                        break  # a row this short would make the batch mostly padding: start the next one
+                    width, filled = max(width, n), filled + n
                     chunk.append(ordered[start])
                     rows += cost(ordered[start])
                     done += len(ordered[start][1])
@@ -250,8 +259,18 @@ def _score_chunk(model, chunk, pad: int, out: list[float]) -> None:
 
 
 def choice_loglikelihoods(model, tok, examples: Sequence[Example], batch_size: int = 32,
-                          desc: str = "eval") -> list[list[float]]:
-    """Per question, the summed log-likelihood of each choice's continuation (the harness's ``lls``)."""
+                          desc: str = "eval", precision: str = "model", stats=None) -> list[list[float]]:
+    """Per question, the summed log-likelihood of each choice's continuation (the harness's ``lls``).
+    ``precision="bf16-checked"``: a bf16 copy scores, questions too close to call are re-scored in the
+    model's precision (same predictions, :mod:`fedkt.eval_checked`; ``stats`` receives its
+    :class:`~fedkt.eval_checked.CheckStats`)."""
+    if precision == "bf16-checked":
+        return eval_checked.checked_choice_loglikelihoods(
+            model, tok, examples, lambda m, t, exs, label: choice_loglikelihoods(
+                m, t, exs, batch_size, f"{desc} {label}".strip()),
+            stats=stats)
+    if precision != "model":
+        raise ValueError(f"precision must be 'model' or 'bf16-checked', not {precision!r}")
     requests, sizes = [], []
     for ex in examples:
         if not ex.is_mc:
@@ -288,10 +307,12 @@ def predictions(ex: Example, lls: Sequence[float]) -> tuple[int, int]:
 
 
 def score_multiple_choice(model, tok, examples: Sequence[Example], batch_size: int = 32,
-                          desc: str = "eval", per_question: dict | None = None) -> dict[str, float]:
+                          desc: str = "eval", per_question: dict | None = None, precision: str = "model"
+                          ) -> dict[str, float]:
     """``acc`` and ``acc_norm`` exactly as lm-evaluation-harness computes them for ``examples``; a
-    ``per_question`` dict receives each question's correctness as bit-strings ``{"acc", "acc_norm"}``."""
-    per_q = choice_loglikelihoods(model, tok, examples, batch_size, desc)
+    ``per_question`` dict receives each question's correctness as bit-strings ``{"acc", "acc_norm"}``
+    (``precision``: as :func:`choice_loglikelihoods`)."""
+    per_q = choice_loglikelihoods(model, tok, examples, batch_size, desc, precision)
     acc, acc_norm = [], []
     for ex, lls in zip(examples, per_q):
         pred, pred_norm = predictions(ex, lls)
@@ -319,24 +340,25 @@ def score_generation(model, tok, examples: Sequence[Example], batch_size: int = 
 
 
 def evaluate(model, tok, examples: Sequence[Example], batch_size: int = 32, max_new_tokens: int = 256,
-             desc: str = "eval", per_question: dict | None = None) -> dict[str, float]:
+             desc: str = "eval", per_question: dict | None = None, precision: str = "model") -> dict[str, float]:
     if examples and examples[0].is_mc:
-        r = score_multiple_choice(model, tok, examples, batch_size, desc, per_question)
+        r = score_multiple_choice(model, tok, examples, batch_size, desc, per_question, precision)
     else:
         r = score_generation(model, tok, examples, max(1, batch_size // 2), max_new_tokens, desc, per_question)
     return r
 
 
 def evaluate_tasks(model, tok, eval_sets: dict[str, Sequence[Example]], batch_size: int = 32,
-                   max_new_tokens: int = 256, desc: str = "eval", correct: dict | None = None
-                   ) -> dict[str, dict[str, float]]:
+                   max_new_tokens: int = 256, desc: str = "eval", correct: dict | None = None,
+                   precision: str = "model") -> dict[str, dict[str, float]]:
     """``evaluate`` on every task of ``eval_sets`` ({task: examples}) -> {task: metrics}. A ``correct`` dict
     receives the per-question correctness, ``{task: {"ids": fingerprint of the question ids, "acc": bits,
-    ...}}`` (:data:`fedkt.run_results.Correct`)."""
+    ...}}`` (:data:`fedkt.run_results.Correct`); ``precision``: ``eval.precision``."""
     out = {}
     for t, exs in eval_sets.items():
         pq = {"ids": ids_fingerprint(question_ids(exs))} if correct is not None else None
-        out[t] = evaluate(model, tok, exs, batch_size, max_new_tokens, desc=f"{desc} {t}", per_question=pq)
+        out[t] = evaluate(model, tok, exs, batch_size, max_new_tokens, desc=f"{desc} {t}", per_question=pq,
+                          precision=precision)
         if correct is not None:
             correct[t] = pq
     return out
@@ -344,16 +366,17 @@ def evaluate_tasks(model, tok, eval_sets: dict[str, Sequence[Example]], batch_si
 
 def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "test", data_dir: str = "",
                    limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: str = "float32",
-                   prompt_format: str = "harness", device: str = "cpu") -> dict[str, dict[str, float]]:
+                   prompt_format: str = "harness", device: str = "cpu", precision: str = "model"
+                   ) -> dict[str, dict[str, float]]:
     """Load model ``spec`` (plus a peft ``adapter`` directory) on ``device`` in ``dtype`` (as
     ``model.device``/``model.dtype``) and score it on ``tasks``' ``split``, each a seeded subsample of
-    ``limit`` questions (0 = all), in ``prompt_format`` ("harness" or "cloze", as ``eval.format``): what
-    ``fedkt eval`` runs."""
+    ``limit`` questions (0 = all), in ``prompt_format`` ("harness" or "cloze", as ``eval.format``), multiple
+    choice at ``precision`` (as ``eval.precision``): what ``fedkt eval`` runs."""
     for t in tasks:
         if t not in TASKS:
             raise ConfigError(f"--tasks: {t!r} is not a task; allowed values: {', '.join(TASKS)}")
     try:
-        formats = EvalConfig(format=prompt_format)
+        formats = EvalConfig(format=prompt_format, precision=precision)
     except ConfigError as e:
         raise ConfigError(f"--{e}") from None
     model, tok = load_model(spec, placement=Placement(device=device, dtype=dtype))
@@ -363,4 +386,4 @@ def evaluate_model(spec: str, tasks: Sequence[str], adapter=None, split: str = "
         model = PeftModel.from_pretrained(model, str(adapter))
     sets = {t: with_format(subsample(load_task(t, split, data_dir), limit, derive_seed(seed, "eval", t)), formats)
             for t in tasks}
-    return {t: evaluate(model, tok, exs, batch_size, desc=f"eval {t}") for t, exs in sets.items()}
+    return {t: evaluate(model, tok, exs, batch_size, desc=f"eval {t}", precision=precision) for t, exs in sets.items()}

@@ -107,7 +107,8 @@ class ServerContext:
         m = self.model(role)
         correct: Correct | None = {} if self.cfg.eval.per_question else None
         metrics = evaluate_tasks(m.use(state), m.tokenizer, self.eval_sets, self.cfg.eval.batch_size,
-                                 self.cfg.eval.max_new_tokens, desc=f"{desc} {role}", correct=correct)
+                                 self.cfg.eval.max_new_tokens, desc=f"{desc} {role}", correct=correct,
+                                 precision=self.cfg.eval.precision)
         return metrics, correct
 
     def questions(self) -> dict[str, list[str]] | None:

@@ -54,7 +54,7 @@ def train_and_evaluate_locally(ctx: ClientContext, data: list, epochs: float, la
     t1 = time.perf_counter()
     correct = {} if ctx.eval.per_question else None
     metrics = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
-                             desc=f"{label} {ctx.cid}", correct=correct)
+                             desc=f"{label} {ctx.cid}", correct=correct, precision=ctx.eval.precision)
     # the times depend on the private data's size and lengths: logged locally, never sent
     progress.log(f"{label} {ctx.cid}: trained on {len(data)} examples in {t1 - t0:.1f} s, evaluated in "
                  f"{time.perf_counter() - t1:.1f} s (local; not sent)")

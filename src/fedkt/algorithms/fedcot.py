@@ -253,7 +253,8 @@ def client_decode_train(ctx: ClientContext, msg: Message) -> Message:
             save_adapter(model, None, ctx.workdir / "slm")
         correct = {} if ctx.eval.per_question else None
         meta["metrics"] = evaluate_tasks(model, tok, ctx.eval_sets, ctx.eval.batch_size, ctx.eval.max_new_tokens,
-                                         desc=f"fedcot {ctx.cid} r{rnd}", correct=correct)
+                                         desc=f"fedcot {ctx.cid} r{rnd}", correct=correct,
+                                         precision=ctx.eval.precision)
         if correct is not None:
             meta["correct"] = correct
     return Message(meta=meta)
