@@ -135,6 +135,9 @@ def test_real_model_same_predictions_as_fp32(model_dirs, tok):
     assert layer.mlp.up_proj.weight.dtype == layer.self_attn.q_proj.weight.dtype == torch.bfloat16
     assert fast.lm_head.weight.dtype == fast.model.embed_tokens.weight.dtype == torch.float32
     assert layer.input_layernorm.weight.dtype == torch.float32
+    # what stays fp32 is shared with the model, not copied
+    assert layer.input_layernorm.weight is model.model.layers[0].input_layernorm.weight
+    assert fast.model.embed_tokens.weight is model.model.embed_tokens.weight
     for lettered in (False, True):
         exs = _questions(48, lettered)
         exact = choice_loglikelihoods(model, tok, exs, batch_size=8)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedkt.config import ConfigError, LoraSettings
 from fedkt.registry import load_config
@@ -131,6 +132,25 @@ def test_dtype_4bit_and_checkpointing_shrink_the_plan(tmp_path, model_dirs, data
     assert q4["models"]["slm"]["weights_bytes"] == bf16["models"]["slm"]["weights_bytes"]  # 4-bit: the server LLM only
     act = lambda p: p["methods"]["fedavg"][0]["peak_parts"]["activations"]  # noqa: E731
     assert act(ck) < act(base)
+
+
+
+def test_bf16_checked_eval_plans_its_bf16_copy(tmp_path, model_dirs, data_dir):
+    """eval.precision = "bf16-checked" holds a bf16 copy of the decoder's linear layers while it scores: the
+    server rows that only evaluate grow by exactly 2 bytes per such parameter; a bf16 model makes no copy."""
+    cfg = load_config(write_cfg(tmp_path, model_dirs, data_dir))
+    checked = load_config(write_cfg(tmp_path, model_dirs, data_dir), overrides=["eval.precision=bf16-checked"])
+    rows = lambda c, **kw: {(m, r["role"]): r["peak_parts"] for m, rs in plan(c, Options.from_config(c, **kw))[  # noqa: E731
+        "methods"].items() for r in rs}
+    base, more = rows(cfg), rows(checked)
+    zs = ("zero_shot", "server SLM")
+    from fedkt.models import load_model
+
+    m, _ = load_model(str(model_dirs["slm"]))
+    linears = sum(x.weight.numel() + (x.bias.numel() if x.bias is not None else 0) for x in m.model.modules()
+                  if isinstance(x, torch.nn.Linear))
+    assert more[zs]["activations"] - base[zs]["activations"] == 2 * linears > 0
+    assert rows(checked, dtype="bf16")[zs] == rows(cfg, dtype="bf16")[zs]
 
 
 @pytest.mark.parametrize("path", PAPER, ids=[p.name for p in PAPER])

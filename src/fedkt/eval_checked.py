@@ -114,7 +114,13 @@ def _cast_out(_m, _args, out):
 
 
 def _to_bf16(mod: torch.nn.Module) -> None:
-    mod.to(torch.bfloat16)
+    """Give ``mod`` (of the copy) bf16 parameters of its own, then cast its input to bf16 and output to fp32.
+    New Parameters, not ``mod.to()``: the copy shares the model's fp32 tensors, which ``to()`` would convert
+    in place under the model's feet."""
+    for sub in mod.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if p.dtype == torch.float32:
+                setattr(sub, name, torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))
     mod.register_forward_pre_hook(_cast_in, with_kwargs=True)
     mod.register_forward_hook(_cast_out)
 
@@ -125,15 +131,16 @@ def bf16_copy(model):
     every other ``nn.Linear`` but the output embedding (LM head) holds bf16 weights; each takes its input
     cast to bf16 and returns fp32. Embeddings, norms, residual adds, attention scores and the LM head stay
     fp32 (on SmolLM2-135M: half of pure bf16's margin shifts at ~80% of its speed, docs/evaluation.md).
-    ``model`` itself is untouched."""
-    fast = copy.deepcopy(model)
+    The copy shares every parameter it keeps in fp32 with ``model`` (no second copy of the embeddings,
+    norms, head); its bf16 weights are new, about half the model's fp32 bytes. ``model`` is untouched."""
+    fast = copy.deepcopy(model, {id(p): p for p in model.parameters()})
     head = fast.get_output_embeddings() if hasattr(fast, "get_output_embeddings") else None
     blocks = [m for m in fast.modules() if type(m).__name__.endswith("MLP")]
-    inside = {id(p) for b in blocks for p in b.parameters()}
+    inside = {id(m) for b in blocks for m in b.modules()}
     for b in blocks:
         _to_bf16(b)
     for mod in fast.modules():
-        if type(mod) is torch.nn.Linear and mod is not head and id(mod.weight) not in inside \
+        if type(mod) is torch.nn.Linear and mod is not head and id(mod) not in inside \
                 and mod.weight.dtype == torch.float32:
             _to_bf16(mod)
     return fast

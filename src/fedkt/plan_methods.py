@@ -95,7 +95,11 @@ class _Ctx:
                                 self.opts.gradient_checkpointing, copies, at)
 
     def eval_act(self, m: ModelFacts) -> int:
-        return inference_bytes(m.arch, self.cfg.eval.batch_size, self.S, self.act(m))
+        """Evaluation's transient bytes: its activations, plus with ``eval.precision = "bf16-checked"`` on an
+        fp32 model the bf16 copy of the decoder's linear layers (``fedkt.eval_checked.bf16_copy``)."""
+        copy = 2 * m.quantizable if self.cfg.eval.precision == "bf16-checked" and self.act(m) == 4 \
+            and not self.opts.four_bit(m.role) else 0
+        return inference_bytes(m.arch, self.cfg.eval.batch_size, self.S, self.act(m)) + copy
 
     def adapter_up(self, m: ModelFacts) -> int:
         return SECAGG_BYTES_PER_VALUE * m.trainable if self.cfg.federation.secure_aggregation else m.adapter_bytes
