@@ -271,7 +271,6 @@ def test_plan_reads_the_answer_length_and_counts_sft_logits_there(tmp_path, mode
     """The plan's answer length is the most supervised positions of one training example (what answer_loss
     reads, from collate_sft's labels); FedAvg's client row counts the logits at batch × that, FedProx's (full
     logits) at every token, and ``--seq-len`` without the data leaves every token counted."""
-    import torch
     from transformers import AutoTokenizer
 
     from fedkt.data.collate import IGNORE, collate_sft
