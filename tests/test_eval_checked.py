@@ -8,6 +8,7 @@ import torch
 
 from fedkt import eval_checked as ec
 from fedkt.config import ConfigError, EvalConfig
+from fedkt.data.prompts import per_char
 from fedkt.data.tasks import parse_row
 from fedkt.evaluate import choice_loglikelihoods, evaluate_tasks, predictions
 from fedkt.models import load_model
@@ -89,7 +90,7 @@ def test_close_calls_are_rescored_and_flips_caught():
     assert st.shift == pytest.approx(max(ec.shift(low[i], exact[i]) for i in cal))
     assert st.bar == pytest.approx(4 * st.shift)
     again = [i for i in range(40) if i not in cal and not (
-        ec.margin(low[i]) >= st.bar and ec.margin(ec._norm(exs[i], low[i])) >= st.bar_norm)]
+        ec.margin(low[i]) >= st.bar and ec.margin(per_char(exs[i], low[i])) >= st.bar_norm)]
     assert st.rescored == len(again) and 0 < len(again) < 40 - 32
     for i in range(40):  # fp32 scores where checked or sampled, bf16's elsewhere
         assert got[i] == (exact[i] if i in cal or i in again else low[i])

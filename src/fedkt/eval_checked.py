@@ -4,9 +4,8 @@ A question's prediction depends only on the *margin* between its best choice and
 the log-likelihoods, ``acc_norm``: of the log-likelihoods per character). A copy of an fp32 model whose
 feed-forward blocks and linear layers multiply in bf16 (inputs cast to bf16, outputs back to fp32, so the
 residual stream, the norms, attention scores and the LM head stay fp32: :func:`bf16_copy`) scores the
-questions. A
-sample of 32 questions is scored by both, which measures how far bf16 moves a margin on this model, data
-and machine; every question whose bf16 margin is below ``factor`` (4) times the largest shift seen there is
+questions. A sample of 32 questions is scored by both, which measures how far bf16 moves a margin on this
+model, data and machine; every question whose bf16 margin is below ``factor`` (4) times the largest shift seen there is
 scored again in fp32. Where the bf16 margin clears that bar the bf16 argmax is the fp32 argmax unless
 bf16 moved that question's margin more than 4x the worst case of the sample, so ``acc``, ``acc_norm``
 and the per-question correctness equal full precision's; the log-likelihoods of the questions not
@@ -16,8 +15,8 @@ per-character margins are small), the rest is scored in fp32 straight away, so t
 more than fp32 scoring where it cannot help.
 
 Worth it where bf16 is cheap: a GPU, or a CPU with AMX/AVX512-BF16 (there SmolLM2-135M scores lettered
-questions ~1.9x faster this way than in fp32, checks included). On a CPU without bf16 hardware, or for a model that does
-not compute in fp32, it is plain scoring in the model's own precision. Measured against lm-eval 0.4.13:
+questions ~1.9x faster this way than in fp32, checks included). On a CPU without bf16 hardware, or for a
+model that does not compute in fp32, it is plain scoring in the model's own precision. Measured against lm-eval 0.4.13:
 docs/evaluation.md.
 """
 
@@ -32,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fedkt.data.prompts import choices as choice_texts
+from fedkt.data.prompts import per_char
 from fedkt.data.tasks import Example
 from fedkt.devices import compute_dtype, cpu_has_native_bf16, input_device
 
@@ -64,14 +63,9 @@ class CheckStats:
     calls in the sample)."""
 
 
-def _norm(ex: Example, lls: Sequence[float]) -> list[float]:
-    """``lls`` per character of each choice (the harness's ``acc_norm``; see :func:`fedkt.evaluate.predictions`)."""
-    return [ll / n if n else math.copysign(math.inf, ll) if ll else math.nan
-            for ll, n in zip(lls, (len(c) for c in choice_texts(ex)))]
-
-
 def margin(values: Sequence[float]) -> float:
-    """Best value minus the runner-up (0 with a tie or a single value; NaN where a value is not finite)."""
+    """Best value minus the runner-up (0 with a tie, infinity for a single value, NaN where a value is not
+    finite)."""
     if any(not math.isfinite(v) for v in values):
         return math.nan
     if len(values) < 2:
@@ -152,7 +146,7 @@ _warned = False
 def _close(ex: Example, lls: Sequence[float], st: CheckStats) -> bool:
     """Whether bf16 scores ``lls`` leave the question too close to call: a margin (acc or acc_norm) under
     its bar, or a score that is not finite."""
-    return not (margin(lls) >= st.bar and margin(_norm(ex, lls)) >= st.bar_norm)
+    return not (margin(lls) >= st.bar and margin(per_char(ex, lls)) >= st.bar_norm)
 
 
 def checked_choice_loglikelihoods(model, tok, examples: Sequence[Example], score: Callable,
@@ -171,9 +165,10 @@ def checked_choice_loglikelihoods(model, tok, examples: Sequence[Example], score
     st.n = len(examples)
     if factor < 1:
         raise ValueError(f"factor = {factor}: the bar must be at least the largest shift measured (factor >= 1)")
-    eligible = compute_dtype(model) == torch.float32 and (not require_hardware or worth_checking(model))
+    fp32 = compute_dtype(model) == torch.float32
+    eligible = fp32 and (not require_hardware or worth_checking(model))
     if not eligible or len(examples) <= calibration:
-        if not eligible and compute_dtype(model) == torch.float32 and not _warned:
+        if fp32 and not eligible and not _warned:
             _warned = True
             warnings.warn("eval.precision = \"bf16-checked\" on a CPU without bf16 hardware (no AMX or "
                           "AVX512-BF16): scoring in fp32 instead (bf16 would be slower here)", stacklevel=3)
@@ -187,7 +182,7 @@ def checked_choice_loglikelihoods(model, tok, examples: Sequence[Example], score
     ref = dict(zip(cal, score(model, tok, sample, "fp32 sample")))
     st.calibration = len(cal)
     st.shift = max(shift(low[i], ref[i]) for i in cal)
-    st.shift_norm = max(shift(_norm(examples[i], low[i]), _norm(examples[i], ref[i])) for i in cal)
+    st.shift_norm = max(shift(per_char(examples[i], low[i]), per_char(examples[i], ref[i])) for i in cal)
     st.bar, st.bar_norm = factor * st.shift, factor * st.shift_norm
     st.close = sum(_close(examples[i], low[i], st) for i in cal)
     if st.close > worth * len(cal) or not (math.isfinite(st.bar) and math.isfinite(st.bar_norm)):

@@ -23,7 +23,6 @@ by context length (length bucketing keeps padding small), tokenised in one batch
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -32,7 +31,7 @@ from fedkt import eval_checked, progress
 from fedkt.config import TASKS, ConfigError, EvalConfig, Placement
 from fedkt.data.collate import encode, encode_pairs
 from fedkt.data.partition import subsample
-from fedkt.data.prompts import choices as choice_texts, context, continuations, with_format
+from fedkt.data.prompts import context, continuations, per_char, with_format
 from fedkt.data.tasks import Example, final_number, load_task
 from fedkt.generate import generate
 from fedkt.models import load_model
@@ -99,15 +98,16 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
     rest = [g for g in groups.values() if not all(len(k) == 1 for _, k in g[1])] if fast_single else \
         list(groups.values())
     # length bucketing: neighbours in this order have similar lengths, so batches carry little padding
+    # (groups, scorer, rows a group takes, its padded row length: the sort key and the fill count)
     size = (lambda g: len(g[0]) + sum(len(k) for _, k in g[1])) if method == "packed" else (lambda g: len(g[0]))
-    passes = [(sorted(last, key=lambda g: len(g[0]), reverse=True), _score_last, lambda g: 1, lambda g: len(g[0])),
-              (sorted(rest, key=size, reverse=True), _score_packed if method == "packed" else _score_chunk,
-               lambda g: len(g[1]), size)]
+    passes = [(last, _score_last, lambda g: 1, lambda g: len(g[0])),
+              (rest, _score_packed if method == "packed" else _score_chunk, lambda g: len(g[1]), size)]
     out = [0.0] * len(requests)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with progress.bar(desc, len(requests)) as pb:
-        for ordered, score, cost, length in passes:
+        for groups_of_pass, score, cost, length in passes:
+            ordered = sorted(groups_of_pass, key=length, reverse=True)
             start = 0
             while start < len(ordered):
                 chunk, rows, done = [], 0, 0
@@ -301,9 +301,7 @@ def _argmax(values: Sequence[float]) -> int:
 def predictions(ex: Example, lls: Sequence[float]) -> tuple[int, int]:
     """(pred, pred_norm) of one question from its choices' log-likelihoods, as the harness picks them:
     argmax of ``lls`` and of ``lls / len(choice)`` (characters of the choice, delimiter excluded)."""
-    lengths = [len(c) for c in choice_texts(ex)]
-    norm = [ll / n if n else math.copysign(math.inf, ll) if ll else math.nan for ll, n in zip(lls, lengths)]
-    return _argmax(lls), _argmax(norm)
+    return _argmax(lls), _argmax(per_char(ex, lls))
 
 
 def score_multiple_choice(model, tok, examples: Sequence[Example], batch_size: int = 32,

@@ -31,6 +31,8 @@ format, with the answer's text).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -113,6 +115,14 @@ def context(ex: Example) -> str:
 def choices(ex: Example) -> tuple[str, ...]:
     """What each choice's continuation says after the delimiter (the harness's ``doc_to_choice``)."""
     return template(ex).choices(ex)
+
+
+def per_char(ex: Example, lls) -> list[float]:
+    """Each choice's score per character of the choice string (delimiter excluded): what the harness's
+    ``acc_norm`` takes the argmax of (``completion_len`` in its ``process_results``); an empty choice gives
+    an infinity of its score's sign (NaN for a zero score)."""
+    return [ll / n if n else math.copysign(math.inf, ll) if ll else math.nan
+            for ll, n in zip(lls, (len(c) for c in choices(ex)))]
 
 
 def continuation(text: str, ex: Example | None = None) -> str:
