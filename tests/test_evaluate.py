@@ -131,3 +131,42 @@ def test_batches_stop_before_they_become_mostly_padding(model_dirs, tok):
     assert sum(lengths[1:]) >= ev.MIN_FILL * 5 * c.shapes[1][1]
     naive = torch.tensor([naive_loglikelihood(model, tok, *r) for r in requests])
     assert torch.allclose(torch.tensor(got), naive, atol=1e-4)
+
+
+def test_packed_rows_hold_each_token_once_and_batches_as_many_as_the_harness_rows(model_dirs, tok):
+    """A packed row is the context plus each choice but its last token (a target only); the LM head sees
+    the context's last position once per question and each choice's other positions; a batch holds as many
+    questions as fit in the padded tokens of ``batch_size`` single (context, choice) rows as wide as its
+    widest one; scores equal the naive per-choice loop."""
+    model, _ = load_model(str(model_dirs["llm"]))
+    exs = _examples()[:len(MC_ROWS)]  # distinct questions (a repeated one would share its context)
+    requests = [(context(e), c) for e in exs for c in continuations(e)]
+    enc = [encode_pair(tok, *r) for r in requests]
+    per_q, i = [], 0
+    for e in exs:
+        pairs = enc[i:i + len(e.choices)]
+        i += len(e.choices)
+        assert all(c == pairs[0][0] for c, _ in pairs) and any(len(k) > 1 for _, k in pairs)
+        per_q.append((len(pairs[0][0]) + sum(len(k) - 1 for _, k in pairs),  # packed row
+                      max(len(pairs[0][0]) + len(k) for _, k in pairs),  # widest single row
+                      1 + sum(len(k) - 1 for _, k in pairs)))  # LM head positions
+    naive = torch.tensor([naive_loglikelihood(model, tok, *r) for r in requests])
+    head = model.get_output_embeddings()
+    for bs in (1, 3, 8):
+        seen = []
+        hook = head.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[0]))
+        try:
+            with CountingForward(model) as c:
+                got = loglikelihoods(model, tok, requests, batch_size=bs, method="packed")
+        finally:
+            hook.remove()
+        assert torch.allclose(torch.tensor(got), naive, atol=1e-4), bs
+        assert sum(seen) == sum(h for _, _, h in per_q)
+        assert sum(b for b, _ in c.shapes) == len(exs)  # one row per question
+        assert max(w for _, w in c.shapes) == max(p for p, _, _ in per_q)
+        for b, w in c.shapes:
+            assert b == 1 or b * w <= bs * max(s for _, s, _ in per_q)
+    # at batch size 8 a batch holds more questions than 8 continuation rows would (2 of 3-4 choices)
+    with CountingForward(model) as c:
+        loglikelihoods(model, tok, requests, batch_size=8, method="packed")
+    assert max(b for b, _ in c.shapes) > 8 // min(len(e.choices) for e in exs)

@@ -70,7 +70,8 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
     so each context token and each choice token runs exactly once in a single forward pass.
     ``method="cache"`` runs the contexts of a batch once, left-padded, and fans their KV cache out to the
     continuations, which run in a second pass (any attention implementation). ``batch_size`` bounds
-    the continuation rows per batch. ``share_context=False`` gives every request its own copy of the
+    the continuation rows per batch (packed: the padded tokens of a batch, to those of ``batch_size``
+    separate (context, continuation) rows as wide as its widest request). ``share_context=False`` gives every request its own copy of the
     context (same scores, more compute). Inputs longer than ``max_length`` lose context tokens from the
     left, as in the harness. Questions whose continuations are all one token long (lettered choices)
     take a third path whatever ``method`` says (``fast_single=False`` turns it off): one right-padded row
@@ -98,31 +99,33 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
     rest = [g for g in groups.values() if not all(len(k) == 1 for _, k in g[1])] if fast_single else \
         list(groups.values())
     # length bucketing: neighbours in this order have similar lengths, so batches carry little padding
-    # (groups, scorer, rows a group takes, its padded row length: the sort key and the fill count)
-    size = (lambda g: len(g[0]) + sum(len(k) for _, k in g[1])) if method == "packed" else (lambda g: len(g[0]))
-    passes = [(last, _score_last, lambda g: 1, lambda g: len(g[0])),
-              (rest, _score_packed if method == "packed" else _score_chunk, lambda g: len(g[1]), size)]
+    # (per pass: its groups, scorer, a group's padded row length, and whether a group would overfill a batch)
+    def rows(chunk):  # continuation rows
+        return sum(len(g[1]) for g in chunk)
+
+    passes = [(last, _score_last, lambda g: len(g[0]), lambda chunk: len(chunk) > batch_size),
+              (rest, _score_packed, _packed_len, lambda chunk: _packed_area(chunk) > batch_size * _widest(chunk))
+              if method == "packed" else
+              (rest, _score_chunk, lambda g: len(g[0]), lambda chunk: rows(chunk) > batch_size)]
     out = [0.0] * len(requests)
     model.eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with progress.bar(desc, len(requests)) as pb:
-        for groups_of_pass, score, cost, length in passes:
+        for groups_of_pass, score, length, overfull in passes:
             ordered = sorted(groups_of_pass, key=length, reverse=True)
             start = 0
             while start < len(ordered):
-                chunk, rows, done = [], 0, 0
-                width, filled = 0, 0  # padded row width (the first row is the longest) and real tokens
-                while start < len(ordered) and (not chunk or rows + cost(ordered[start]) <= batch_size):
+                chunk, filled = [ordered[start]], length(ordered[start])  # the first row is the widest
+                start += 1
+                while start < len(ordered) and not overfull(chunk + [ordered[start]]):
                     n = length(ordered[start])
-                    if chunk and (filled + n) < MIN_FILL * width * (len(chunk) + 1):
+                    if filled + n < MIN_FILL * length(chunk[0]) * (len(chunk) + 1):
                         break  # a row this short would make the batch mostly padding: start the next one
-                    width, filled = max(width, n), filled + n
                     chunk.append(ordered[start])
-                    rows += cost(ordered[start])
-                    done += len(ordered[start][1])
+                    filled += n
                     start += 1
                 score(model, chunk, pad, out)
-                pb.advance(done)
+                pb.advance(rows(chunk))
     return out
 
 
@@ -169,18 +172,38 @@ def _score_last(model, chunk, pad: int, out: list[float]) -> None:
         out[i] = v
 
 
+def _packed_len(group) -> int:
+    """Tokens of a question's packed row: its context and each choice but the choice's last token."""
+    return len(group[0]) + sum(len(k) - 1 for _, k in group[1])
+
+
+def _packed_area(chunk) -> int:
+    """Padded tokens of a packed batch (its rows as wide as its widest)."""
+    return len(chunk) * max(_packed_len(g) for g in chunk)
+
+
+def _widest(chunk) -> int:
+    """Tokens of the widest single (context, choice) request of ``chunk``: a packed batch holds at most
+    ``batch_size`` times this, the padded tokens of ``batch_size`` such rows (the harness's batch)."""
+    return max(len(c) + len(k) for c, g in chunk for _, k in g)
+
+
 def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
     """Score one batch, one question per row: ``[context | choice 1 | choice 2 | ...]`` right-padded.
 
     Segment ids (0 context, s for choice s, -1 padding) give the mask: a query attends to an earlier
     key of the context or of its own segment. Choice tokens take positions ``len(context) + t``, as if
-    each followed the context alone, so every score equals a separate (context, choice) pass. The LM
-    head runs only on the trailing positions that predict continuation tokens."""
-    lengths = [len(c) + sum(len(k) for _, k in g) for c, g in chunk]
+    each followed the context alone, so every score equals a separate (context, choice) pass. A choice's
+    last token predicts nothing that is scored, so it is left out of the row (as the harness leaves it
+    out of its inputs): a choice of m tokens takes m - 1 positions. The LM head runs only on the
+    positions that predict continuation tokens, once on the context's last (every choice's first)."""
+    lengths = [_packed_len(g) for g in chunk]
     width = max(lengths)
     flat_ids, flat_seg, flat_pos = [], [], []
     q_row, q_col, targets, member = [], [], [], []
     members = []
+    at_head = []  # per target token, its position among the LM head's positions (q_row, q_col)
+    first_at = []  # per row, the index of its context's last position among the LM head's positions
     for r, (c, group) in enumerate(chunk):
         n = len(c)
         flat_ids += c
@@ -189,16 +212,21 @@ def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
         at = n
         for s, (i, k) in enumerate(group, 1):
             m = len(k)
-            flat_ids += k
-            flat_seg += [s] * m
-            flat_pos += range(n, n + m)
-            q_row += [r] * m
-            q_col.append(n - 1)  # the context's last token predicts the choice's first
+            flat_ids += k[:-1]  # the last token is a target only
+            flat_seg += [s] * (m - 1)
+            flat_pos += range(n, n + m - 1)
+            if s == 1:  # the context's last token predicts every choice's first: one LM head position
+                first_at.append(len(q_col))
+                q_row.append(r)
+                q_col.append(n - 1)
+            at_head.append(first_at[r])
+            at_head += range(len(q_col), len(q_col) + m - 1)
+            q_row += [r] * (m - 1)
             q_col += range(at, at + m - 1)
             targets += k
             member += [len(members)] * m
             members.append(i)
-            at += m
+            at += m - 1
         pad_n = width - lengths[r]
         flat_ids += [pad] * pad_n
         flat_seg += [-1] * pad_n
@@ -215,8 +243,8 @@ def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     sel = _logits_at(model, torch.tensor(q_row, device=dev), torch.tensor(q_col, device=dev), width - min(q_col),
                      input_ids=ids, attention_mask=mask, position_ids=pos)
-    logp = torch.log_softmax(sel.float(), dim=-1).gather(
-        -1, torch.tensor(targets, dtype=torch.long, device=dev)[:, None]).squeeze(-1)
+    logp = torch.log_softmax(sel.float(), dim=-1)[torch.tensor(at_head, dtype=torch.long, device=dev),
+                                                   torch.tensor(targets, dtype=torch.long, device=dev)]
     scores = torch.zeros(len(members), dtype=logp.dtype, device=dev).index_add_(
         0, torch.tensor(member, dtype=torch.long, device=dev), logp)
     for i, v in zip(members, scores.tolist()):
