@@ -186,6 +186,11 @@ def test_no_bf16_hardware_scores_in_fp32(model_dirs, tok, monkeypatch):
     assert got == choice_loglikelihoods(model, tok, exs, batch_size=8) and not st.checked
     with pytest.raises(ValueError, match="'model' or 'bf16-checked'"):
         choice_loglikelihoods(model, tok, exs, precision="bf16")
+    # an Apple GPU (mps) is not a CPU: the warning names the device it ran on
+    monkeypatch.setattr(ec, "input_device", lambda m: torch.device("mps"))
+    monkeypatch.setattr(ec, "_warned", False)
+    with pytest.warns(UserWarning, match="on a mps device .checked scoring runs on CUDA or a CPU with bf16"):
+        ec.checked_choice_loglikelihoods(model, tok, exs, lambda *a: [[0.0]] * len(exs))
 
 
 def test_config_validates_precision():

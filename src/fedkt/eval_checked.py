@@ -170,8 +170,11 @@ def checked_choice_loglikelihoods(model, tok, examples: Sequence[Example], score
     if not eligible or len(examples) <= calibration:
         if fp32 and not eligible and not _warned:
             _warned = True
-            warnings.warn("eval.precision = \"bf16-checked\" on a CPU without bf16 hardware (no AMX or "
-                          "AVX512-BF16): scoring in fp32 instead (bf16 would be slower here)", stacklevel=3)
+            dev = input_device(model)
+            where = "a CPU without bf16 hardware (no AMX or AVX512-BF16)" if dev.type == "cpu" else \
+                f"a {dev.type} device (checked scoring runs on CUDA or a CPU with bf16 hardware)"
+            warnings.warn(f"eval.precision = \"bf16-checked\" on {where}: scoring in fp32 instead (bf16 would be "
+                          "no faster here)", stacklevel=3)
         return score(model, tok, examples, "")
     fast = bf16_copy(model)
     cal = calibration_indices(len(examples), calibration)
