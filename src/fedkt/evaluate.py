@@ -67,16 +67,17 @@ def loglikelihoods(model, tok, requests: Sequence[tuple[str, str]], batch_size: 
     ``method="packed"`` (the default where the model's attention takes a 4D mask: sdpa, eager) lays
     each question out as one row, ``context + choice 1 + choice 2 + ...``, with an attention mask that
     lets every choice see the context and itself only and position ids that restart after the context,
-    so each context token and each choice token runs exactly once in a single forward pass.
+    so each context token and each choice token runs exactly once in a single forward pass (a choice's
+    last token not at all: it is only a target).
     ``method="cache"`` runs the contexts of a batch once, left-padded, and fans their KV cache out to the
     continuations, which run in a second pass (any attention implementation). ``batch_size`` bounds
     the continuation rows per batch (packed: the padded tokens of a batch, to those of ``batch_size``
-    separate (context, continuation) rows as wide as its widest request). ``share_context=False`` gives every request its own copy of the
-    context (same scores, more compute). Inputs longer than ``max_length`` lose context tokens from the
-    left, as in the harness. Questions whose continuations are all one token long (lettered choices)
-    take a third path whatever ``method`` says (``fast_single=False`` turns it off): one right-padded row
-    per context and one log-softmax at its last position give all its choices' scores; ``batch_size``
-    then bounds the contexts per batch.
+    separate (context, continuation) rows as wide as its widest request). ``share_context=False`` gives
+    every request its own copy of the context (same scores, more compute). Inputs longer than
+    ``max_length`` lose context tokens from the left, as in the harness. Questions whose continuations
+    are all one token long (lettered choices) take a third path whatever ``method`` says
+    (``fast_single=False`` turns it off): one right-padded row per context and one log-softmax at its
+    last position give all its choices' scores; ``batch_size`` then bounds the contexts per batch.
     """
     if method == "auto":
         method = "packed" if _packable(model) else "cache"
