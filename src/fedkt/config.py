@@ -204,7 +204,9 @@ class EvalConfig:
     limit: int = 0
     """Seeded subsample of each eval split (0 = all)."""
     batch_size: int = 32
-    """Sequences per forward pass (a multiple-choice question contributes one per choice)."""
+    """Sequences per forward pass: a multiple-choice question counts one per choice (packed, as many questions
+    as fit in the padded tokens of this many single (question, choice) rows; lettered: one per question);
+    generation (GSM8K) runs half as many prompts at once."""
     every_round: bool = True
     """Evaluate after every round (else only after the last)."""
     max_new_tokens: int = 256
