@@ -204,23 +204,21 @@ def _score_packed(model, chunk, pad: int, out: list[float]) -> None:
     q_row, q_col, targets, member = [], [], [], []
     members = []
     at_head = []  # per target token, its position among the LM head's positions (q_row, q_col)
-    first_at = []  # per row, the index of its context's last position among the LM head's positions
     for r, (c, group) in enumerate(chunk):
         n = len(c)
         flat_ids += c
         flat_seg += [0] * n
         flat_pos += range(n)
         at = n
+        first = len(q_col)  # the context's last token predicts every choice's first: one LM head position
+        q_row.append(r)
+        q_col.append(n - 1)
         for s, (i, k) in enumerate(group, 1):
             m = len(k)
             flat_ids += k[:-1]  # the last token is a target only
             flat_seg += [s] * (m - 1)
             flat_pos += range(n, n + m - 1)
-            if s == 1:  # the context's last token predicts every choice's first: one LM head position
-                first_at.append(len(q_col))
-                q_row.append(r)
-                q_col.append(n - 1)
-            at_head.append(first_at[r])
+            at_head.append(first)
             at_head += range(len(q_col), len(q_col) + m - 1)
             q_row += [r] * (m - 1)
             q_col += range(at, at + m - 1)
